@@ -1,0 +1,122 @@
+"""The `azure-local-ai-proxy` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from inference import cli as inference_cli
+
+from . import config as cfg
+from . import logs
+from .server import ProxyServer
+from .upstream import Upstream
+
+log = logging.getLogger("azure_local_ai_proxy")
+
+
+def _version() -> str:
+    try:
+        return version("azure-local-ai-proxy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=None, help="TOML configuration file (see config.example.toml)")
+    parser = argparse.ArgumentParser(
+        prog="azure-local-ai-proxy",
+        description="A PostgreSQL wire-protocol proxy that answers azure_local_ai.* calls with local "
+        "embeddings and passes everything else to the real server.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="run the proxy",
+        description="Run the proxy. With no upstream, an embedded PostgreSQL with pgvector is started in the "
+        "data directory. Every option can also be set in the config file or the environment.",
+    )
+    cfg.add_flags(serve)
+    serve.set_defaults(func=_serve)
+    data_dir_parent = argparse.ArgumentParser(add_help=False, parents=[common])
+    data_dir_parent.add_argument("--data-dir", dest="data_dir", default=None, metavar="DATA_DIR",
+                                 help=f"data directory (env {cfg.ENV_PREFIX}DATA_DIR)")
+    inference_cli.register(sub, data_dir_parent)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = cfg.load(args.config, args)
+    except cfg.ConfigError as exc:
+        print(f"azure-local-ai-proxy: {exc}", file=sys.stderr)
+        return 2
+    args.data_dir = config.data_path
+    logs.configure(config.log_level, config.log_format)
+    return int(args.func(args, config) if args.command == "serve" else args.func(args))
+
+
+def _serve(args: argparse.Namespace, config: cfg.Config) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return asyncio.run(_serve_async(config))
+    return uvloop.run(_serve_async(config))
+
+
+async def _serve_async(config: cfg.Config) -> int:
+    embedded = None
+    if config.upstream:
+        try:
+            upstream = Upstream.from_url(config.upstream, config.connect_timeout)
+        except ValueError as exc:
+            print(f"azure-local-ai-proxy: {exc}", file=sys.stderr)
+            return 2
+    else:
+        from .embedded import start_embedded
+
+        config.data_path.mkdir(parents=True, exist_ok=True)
+        upstream, embedded = await asyncio.to_thread(start_embedded, config.data_path, config.connect_timeout)
+    server = ProxyServer(config, upstream)
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"azure-local-ai-proxy: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+        return 1
+    if embedded is not None:
+        print(
+            f"Embedded PostgreSQL is running. Connect through the proxy with:\n"
+            f"  psql 'postgresql://postgres@{_url_host(config.listen_host)}:{server.port}/postgres'",
+            file=sys.stderr,
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.shutdown(config.shutdown_grace)
+    if embedded is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(embedded.cleanup)  # type: ignore[attr-defined]
+    log.info("stopped", extra={"event": "stopped"})
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The proxy's options: one table drives the TOML file, the environment variables and the flags, so
+that the three can never disagree. Precedence: flag > environment > file > default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "AZURE_LOCAL_AI_PROXY_"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it lives in the TOML file, its type, its default and what it means."""
+
+    section: str
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "azure-local-ai-proxy")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("proxy", "listen", str, "127.0.0.1:6432", "address the proxy accepts clients on, HOST:PORT"),
+    Option(
+        "proxy",
+        "upstream",
+        str,
+        "",
+        "the real server, as a postgresql:// URL (host, port, sslmode, sslrootcert, connect_timeout are "
+        "used; user and database come from each client); empty starts an embedded PostgreSQL in the data "
+        "directory",
+    ),
+    Option("proxy", "data_dir", str, _default_data_dir(), "directory for the catalog, models and embedded server"),
+    Option("proxy", "tls_cert", str, "", "PEM certificate offered to clients that ask for TLS (with tls_key)"),
+    Option("proxy", "tls_key", str, "", "PEM private key of tls_cert"),
+    Option("proxy", "connect_timeout", float, 10.0, "seconds to wait for the upstream server to accept"),
+    Option("proxy", "startup_timeout", float, 60.0, "seconds a client has to finish start-up and authentication"),
+    Option("proxy", "idle_timeout", float, 0.0, "close sessions idle outside a query this many seconds; 0 never"),
+    Option("proxy", "max_message_size", int, 0x3FFFFFFF, "largest client message accepted, in bytes"),
+    Option("proxy", "shutdown_grace", float, 30.0, "on SIGTERM, seconds sessions get to finish before closing"),
+    Option("proxy", "log_level", str, "info", "debug, info, warning or error"),
+    Option("proxy", "log_format", str, "text", "text (key=value) or json"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str
+    upstream: str
+    data_dir: str
+    tls_cert: str
+    tls_key: str
+    connect_timeout: float
+    startup_timeout: float
+    idle_timeout: float
+    max_message_size: int
+    shutdown_grace: float
+    log_level: str
+    log_format: str
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+assert [f.name for f in fields(Config)] == [o.name for o in OPTIONS], "Config and OPTIONS must match"
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or of the wrong type."""
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """'127.0.0.1:6432' or '[::1]:6432' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen address {value!r} must be HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; unset flags stay None so that lower layers show through."""
+    for option in OPTIONS:
+        kwargs: dict[str, Any] = {"default": None, "help": f"{option.help} (env {option.env})"}
+        kwargs["type"] = option.type if option.type is not bool else _parse_bool
+        parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(), **kwargs)
+
+
+def load(config_file: Path | None, flags: argparse.Namespace | None = None) -> Config:
+    """Merge defaults, the TOML file, the environment and the flags."""
+    values = {o.name: o.default for o in OPTIONS}
+    if config_file is not None:
+        values.update(_read_file(config_file))
+    for option in OPTIONS:
+        if option.env in os.environ:
+            values[option.name] = _convert(option, os.environ[option.env], option.env)
+        flag_value = getattr(flags, option.name, None) if flags is not None else None
+        if flag_value is not None:
+            values[option.name] = flag_value
+    config = Config(**values)
+    split_host_port(config.listen)
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key must be given together")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError("log_format must be 'text' or 'json'")
+    return config
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    known = {(o.section, o.name): o for o in OPTIONS}
+    sections = {o.section for o in OPTIONS}
+    out: dict[str, Any] = {}
+    for section, table in document.items():
+        if section not in sections or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for name, value in table.items():
+            option = known.get((section, name))
+            if option is None:
+                raise ConfigError(f"{path}: unknown option {name!r} in [{section}]")
+            out[name] = _convert(option, value, f"{path}: {section}.{name}")
+    return out
+
+
+def _convert(option: Option, value: Any, where: str) -> Any:
+    try:
+        if option.type is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if option.type is float and isinstance(value, int | float | str):
+            return float(value)
+        if option.type is int and isinstance(value, int | str) and not isinstance(value, bool):
+            return int(value)
+        if option.type is str and isinstance(value, str):
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(f"{where}: expected {option.type.__name__}, got {value!r}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")

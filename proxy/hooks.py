@@ -1,0 +1,64 @@
+"""The seam through which a session's SQL can be inspected, rewritten or answered by the proxy.
+
+A hook sees the client messages it asks for (types in `message_types`) before they go upstream.
+`wants` is called synchronously on the relay's path and must be cheap; only when it returns True is
+the session held (later client messages wait, in order) while `handle` runs. `handle` decides what
+happens to the message through the `SessionControl`: forward it, send something else upstream,
+answer the client, and/or watch the server's replies. With no hook, or a hook that never wants a
+message, the session stays a byte relay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .upstream import Upstream
+
+#: A watcher gets each server message (type, body) and returns the bytes to send to the client
+#: instead (b"" drops it), or None to relay the message unchanged.
+ServerWatcher = Callable[[int, bytes], bytes | None]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a hook may know about its session."""
+
+    session_id: str
+    user: str
+    database: str
+    parameters: dict[str, str]
+    upstream: Upstream
+
+
+class SessionControl(Protocol):
+    """What a hook may do to its session."""
+
+    info: SessionInfo
+
+    def send_upstream(self, data: bytes) -> None: ...
+
+    def send_client(self, data: bytes) -> None: ...
+
+    def watch_server(self, watcher: ServerWatcher) -> None: ...
+
+    def stop_watching(self) -> None: ...
+
+
+class SessionHook(Protocol):
+    """Per-session interception logic (see the module docstring)."""
+
+    message_types: frozenset[int]
+
+    def wants(self, msg_type: int, body: bytes) -> bool: ...
+
+    async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None: ...
+
+    def cancel(self) -> None:
+        """The client sent a CancelRequest for this session: stop local work."""
+
+    def close(self) -> None:
+        """The session ended: release what the hook holds."""
+
+
+HookFactory = Callable[[SessionInfo], SessionHook | None]

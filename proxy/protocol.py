@@ -1,0 +1,300 @@
+"""PostgreSQL frontend/backend protocol 3.x: framing, start-up packets and the few messages the proxy
+builds itself. Pure code over bytes (sans-I/O): nothing here touches a socket."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+
+_I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
+_HEADER = struct.Struct("!cI")
+
+PROTOCOL_3_0 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+#: PostgreSQL itself refuses start-up packets longer than this (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET = 10000
+#: PostgreSQL's own ceiling for one message (MaxAllocSize - 1).
+DEFAULT_MAX_MESSAGE = 0x3FFFFFFF
+
+#: Message types a client may send after start-up (protocol 3.0 and 3.2).
+FRONTEND_TYPES = frozenset(b"QPBDECSHXdcfFp")
+
+QUERY, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, FLUSH, TERMINATE = b"QPBDECSHX"
+COPY_DATA, COPY_DONE, COPY_FAIL, FUNCTION_CALL, PASSWORD = b"dcfFp"
+AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY = b"RKEZ"
+NEGOTIATE_PROTOCOL_VERSION, PARAMETER_STATUS, NOTICE_RESPONSE = b"vSN"
+
+AUTH_OK = 0
+AUTH_SASL = 10
+AUTH_SASL_FINAL = 12
+#: Authentication requests that the client must answer with a PasswordMessage-family message.
+AUTH_NEEDS_RESPONSE = frozenset({2, 3, 5, 7, 8, 9, 10, 11})
+
+SCRAM_PLUS = b"SCRAM-SHA-256-PLUS"
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol; the session answers with 08P01 and closes."""
+
+
+# --------------------------------------------------------------------------- start-up packets
+
+
+class StartupKind(Enum):
+    STARTUP = "startup"
+    SSL = "ssl"
+    GSSENC = "gssenc"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class StartupPacket:
+    """One decoded start-up packet: a StartupMessage, SSLRequest, GSSENCRequest or CancelRequest."""
+
+    kind: StartupKind
+    version: int = 0
+    parameters: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""
+    cancel_pid: int = 0
+    cancel_secret: bytes = b""
+
+
+def startup_length(header: bytes) -> int:
+    """Length of the start-up packet whose first four bytes are `header`, validated."""
+    (length,) = _I32.unpack(header)
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise ProtocolViolation("invalid length of startup packet")
+    return length
+
+
+def parse_startup(packet: bytes) -> StartupPacket:
+    """Decode a whole start-up packet (length word included)."""
+    code = _I32.unpack_from(packet, 4)[0]
+    if code == SSL_REQUEST:
+        return StartupPacket(StartupKind.SSL, raw=packet)
+    if code == GSSENC_REQUEST:
+        return StartupPacket(StartupKind.GSSENC, raw=packet)
+    if code == CANCEL_REQUEST:
+        if len(packet) < 16:
+            raise ProtocolViolation("invalid length of cancel request packet")
+        pid = _I32.unpack_from(packet, 8)[0]
+        return StartupPacket(StartupKind.CANCEL, raw=packet, cancel_pid=pid, cancel_secret=packet[12:])
+    if code >> 16 != 3:
+        raise ProtocolViolation(
+            f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0 to 3.2"
+        )
+    return StartupPacket(StartupKind.STARTUP, version=code, parameters=_parse_parameters(packet), raw=packet)
+
+
+def _parse_parameters(packet: bytes) -> dict[str, str]:
+    parts = packet[8:].split(b"\0")
+    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    names_values = parts[:-2]
+    if len(names_values) % 2:
+        raise ProtocolViolation("invalid startup packet layout: a parameter has no value")
+    try:
+        decoded = [p.decode() for p in names_values]
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("invalid startup packet: parameters are not valid UTF-8") from exc
+    params = dict(zip(decoded[::2], decoded[1::2], strict=True))
+    if "user" not in params:
+        raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
+    return params
+
+
+def cancel_request(pid: int, secret: bytes) -> bytes:
+    """A CancelRequest packet naming backend `pid` with key `secret`."""
+    return _I32.pack(12 + len(secret)) + _I32.pack(CANCEL_REQUEST) + _I32.pack(pid) + secret
+
+
+def ssl_request() -> bytes:
+    return _I32.pack(8) + _I32.pack(SSL_REQUEST)
+
+
+# --------------------------------------------------------------------------- regular messages
+
+
+def message(msg_type: int, body: bytes = b"") -> bytes:
+    """Frame one message: type byte, length word, body."""
+    return _HEADER.pack(bytes((msg_type,)), len(body) + 4) + body
+
+
+def error_response(
+    sqlstate: str, text: str, *, severity: str = "FATAL", detail: str | None = None, hint: str | None = None
+) -> bytes:
+    """An ErrorResponse as PostgreSQL sends it (both the localised and the plain severity)."""
+    fields = [b"S" + severity.encode(), b"V" + severity.encode(), b"C" + sqlstate.encode(), b"M" + text.encode()]
+    if detail:
+        fields.append(b"D" + detail.encode())
+    if hint:
+        fields.append(b"H" + hint.encode())
+    return message(ERROR_RESPONSE, b"\0".join(fields) + b"\0\0")
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse or NoticeResponse body, keyed by their one-letter codes."""
+    out: dict[str, str] = {}
+    for part in body.split(b"\0"):
+        if part:
+            out[chr(part[0])] = part[1:].decode(errors="replace")
+    return out
+
+
+def backend_key_data(pid: int, secret: bytes) -> bytes:
+    return message(BACKEND_KEY_DATA, _I32.pack(pid) + secret)
+
+
+def parse_backend_key_data(body: bytes) -> tuple[int, bytes]:
+    if len(body) < 8:
+        raise ProtocolViolation("BackendKeyData too short")
+    return _I32.unpack_from(body, 0)[0], bytes(body[4:])
+
+
+def auth_code(body: bytes) -> int:
+    return _I32.unpack_from(body, 0)[0]
+
+
+def strip_channel_binding(body: bytes) -> bytes:
+    """Remove SCRAM-SHA-256-PLUS from an AuthenticationSASL body: channel binding ties the client's
+    TLS session to the server's, and the proxy stands between two different TLS sessions."""
+    mechanisms = [m for m in body[4:].split(b"\0") if m and m != SCRAM_PLUS]
+    return body[:4] + b"".join(m + b"\0" for m in mechanisms) + b"\0"
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A whole message the reader asked to see: its type byte and its body (length word stripped)."""
+
+    type: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return message(self.type, self.body)
+
+
+Piece = bytes | memoryview | Message
+
+
+class Framer:
+    """Splits one direction of a session's byte stream into messages.
+
+    Messages whose type is in `inspect` come out whole, as `Message`; everything else comes out as
+    runs of raw bytes to relay as they are, including the body of a long message in pieces, so that
+    a 100 MB value streams through without being held. `valid_types`, when given, is the set of types
+    the peer may send; anything else is a protocol violation."""
+
+    __slots__ = ("_held", "_hold_total", "_skip", "inspect", "last_type", "max_length", "valid_types")
+
+    def __init__(
+        self, *, valid_types: frozenset[int] | None = None, max_length: int = DEFAULT_MAX_MESSAGE
+    ) -> None:
+        self.valid_types = valid_types
+        self.max_length = max_length
+        self.inspect: frozenset[int] = frozenset()
+        self.last_type = 0
+        self._skip = 0
+        self._held = bytearray()
+        self._hold_total = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no message is partly received."""
+        return not self._skip and not self._held
+
+    def feed(self, data: bytes) -> list[Piece]:
+        """Consume `data`; return raw runs and whole inspected messages, in stream order."""
+        out: list[Piece] = []
+        view = memoryview(data)
+        pos = 0
+        end = len(view)
+        if self._skip:
+            pos = min(self._skip, end)
+            self._skip -= pos
+            out.append(view[:pos])
+            if self._skip:
+                return out
+        if self._held:
+            pos = self._continue_held(view, pos, out)
+            if self._held:
+                return out
+        start = pos
+        unpack = _HEADER.unpack_from
+        inspect = self.inspect
+        valid = self.valid_types
+        while end - pos >= 5:
+            raw_type, length = unpack(view, pos)
+            msg_type = raw_type[0]
+            if valid is not None and msg_type not in valid:
+                raise ProtocolViolation(f"invalid frontend message type {msg_type}")
+            if length < 4:
+                raise ProtocolViolation(f"invalid message length {length}")
+            if length > self.max_length:
+                raise ProtocolViolation(f"message of {length} bytes exceeds the maximum of {self.max_length}")
+            self.last_type = msg_type
+            total = length + 1
+            if msg_type in inspect:
+                if pos > start:
+                    out.append(view[start:pos])
+                if end - pos >= total:
+                    out.append(Message(msg_type, bytes(view[pos + 5 : pos + total])))
+                    pos += total
+                    start = pos
+                    continue
+                self._hold_total = total
+                self._held = bytearray(view[pos:])
+                return out
+            if end - pos < total:
+                self._skip = total - (end - pos)
+                pos = end
+                break
+            pos += total
+        if end > pos and not self._skip:
+            # A partial header: keep it as the start of a held message of unknown length.
+            if pos > start:
+                out.append(view[start:pos])
+            self._held = bytearray(view[pos:])
+            self._hold_total = 0
+            return out
+        if pos > start:
+            out.append(view[start:pos])
+        return out
+
+    def _continue_held(self, view: memoryview, pos: int, out: list[Piece]) -> int:
+        """Extend the held bytes (a partial header or a partial inspected message)."""
+        if not self._hold_total:
+            need = 5 - len(self._held)
+            self._held += view[pos : pos + need]
+            pos += min(need, len(view) - pos)
+            if len(self._held) < 5:
+                return pos
+            # The header is whole: re-frame it together with the rest of this chunk.
+            header = bytes(self._held)
+            self._held = bytearray()
+            for piece in self.feed(header):
+                out.append(piece)
+            if self._skip:
+                take = min(self._skip, len(view) - pos)
+                self._skip -= take
+                out.append(view[pos : pos + take])
+                return pos + take
+            if not self._held:
+                return pos
+        need = self._hold_total - len(self._held)
+        chunk = view[pos : pos + need]
+        self._held += chunk
+        pos += len(chunk)
+        if len(self._held) == self._hold_total:
+            held = self._held
+            self._held = bytearray()
+            self._hold_total = 0
+            out.append(Message(held[0], bytes(held[5:])))
+        return pos

@@ -1,0 +1,298 @@
+"""The established session: bytes in both directions between a client and its upstream connection.
+
+Client-to-server traffic is framed (type and length) so that bad input is caught and hooked
+messages can be held; everything else is forwarded in the runs the framer returns. Server-to-client
+traffic is framed only to know where messages begin, and decoded only while a hook watches it.
+Backpressure: when one side's write buffer fills, reading from the other side pauses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from . import protocol as pg
+from .hooks import ServerWatcher, SessionHook, SessionInfo
+
+ALL_TYPES = frozenset(range(256))
+WRITE_HIGH_WATER = 1 << 20
+
+
+class _Side(asyncio.Protocol):
+    """Routes one transport's events to the relay."""
+
+    def __init__(self, on_data: Callable[[bytes], None], on_eof: Callable[[], None],
+                 on_lost: Callable[[Exception | None], None], on_pause: Callable[[bool], None]) -> None:
+        self.data_received = on_data  # type: ignore[method-assign]
+        self._on_eof = on_eof
+        self._on_lost = on_lost
+        self._on_pause = on_pause
+
+    def eof_received(self) -> bool:
+        self._on_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._on_pause(True)
+
+    def resume_writing(self) -> None:
+        self._on_pause(False)
+
+
+class Relay:
+    """One client connection joined to one upstream connection."""
+
+    def __init__(
+        self,
+        info: SessionInfo,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+        *,
+        hook: SessionHook | None,
+        max_message_size: int,
+        idle_timeout: float,
+        log: logging.LoggerAdapter,
+    ) -> None:
+        self.info = info
+        self.client = client
+        self.server = server
+        self.hook = hook
+        self.log = log
+        self.closed = asyncio.get_running_loop().create_future()
+        self._client_framer = pg.Framer(valid_types=pg.FRONTEND_TYPES, max_length=max_message_size)
+        self._server_framer = pg.Framer()
+        if hook is not None:
+            self._client_framer.inspect = hook.message_types
+        self._watcher: ServerWatcher | None = None
+        self._held: deque[pg.Piece] | None = None
+        self._hook_task: asyncio.Task[None] | None = None
+        self._client_pauses: set[str] = set()
+        self._server_paused = False
+        self._closing = False
+        self._idle_timeout = idle_timeout
+        self._last_activity = asyncio.get_running_loop().time()
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ wiring
+
+    def start(self, client_leftover: bytes, server_leftover: bytes) -> None:
+        """Take over both transports, then process bytes read before the hand-over."""
+        for transport in (self.client, self.server):
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.client.set_protocol(_Side(self._from_client, self._client_eof, self._client_lost, self._client_paused))
+        self.server.set_protocol(_Side(self._from_server, self._server_eof, self._server_lost, self._server_paused_cb))
+        if self._idle_timeout > 0:
+            self._schedule_idle_check(self._idle_timeout)
+        if server_leftover:
+            self._from_server(server_leftover)
+        if client_leftover:
+            self._from_client(client_leftover)
+
+    # ------------------------------------------------------------------ client -> server
+
+    def _from_client(self, data: bytes) -> None:
+        self._last_activity = asyncio.get_running_loop().time()
+        try:
+            pieces = self._client_framer.feed(data)
+        except pg.ProtocolViolation as exc:
+            self.log.warning("client protocol violation", extra={"event": "protocol_violation", "reason": str(exc)})
+            self.fail("08P01", str(exc))
+            return
+        if self._held is not None:
+            self._held.extend(pieces)
+            return
+        self._dispatch_client(deque(pieces) if self.hook else pieces)
+
+    def _dispatch_client(self, pieces: deque[pg.Piece] | list[pg.Piece]) -> None:
+        hook = self.hook
+        write = self.server.write
+        if hook is None:
+            for piece in pieces:
+                write(piece)  # type: ignore[arg-type]
+            return
+        assert isinstance(pieces, deque)
+        while pieces:
+            piece = pieces.popleft()
+            if type(piece) is not pg.Message:
+                write(piece)  # type: ignore[arg-type]
+                continue
+            assert isinstance(piece, pg.Message)
+            if not hook.wants(piece.type, piece.body):
+                write(piece.encode())
+                continue
+            self._held = pieces
+            self._pause_client("hook")
+            self._hook_task = asyncio.get_running_loop().create_task(self._run_hook(piece))
+            return
+
+    async def _run_hook(self, msg: pg.Message) -> None:
+        assert self.hook is not None
+        try:
+            await self.hook.handle(msg.type, msg.body, self)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            self.log.exception("hook failed", extra={"event": "hook_error"})
+            self.fail("XX000", "internal error in azure-local-ai-proxy while handling this statement")
+            return
+        if self._closing:
+            return
+        held, self._held = self._held, None
+        self._resume_client("hook")
+        if held:
+            self._dispatch_client(held)
+
+    def _client_eof(self) -> None:
+        if self._client_framer.at_boundary and not self._closing:
+            self.server.write(pg.message(pg.TERMINATE))
+        self.close()
+
+    def _client_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def _client_paused(self, paused: bool) -> None:
+        """The client's write buffer is full (or drained): stop (resume) reading the server."""
+        if self._closing:
+            return
+        self._server_paused = paused
+        if paused:
+            self.server.pause_reading()
+        else:
+            self.server.resume_reading()
+
+    def _pause_client(self, reason: str) -> None:
+        if not self._client_pauses and not self._closing:
+            self.client.pause_reading()
+        self._client_pauses.add(reason)
+
+    def _resume_client(self, reason: str) -> None:
+        self._client_pauses.discard(reason)
+        if not self._client_pauses and not self._closing:
+            self.client.resume_reading()
+
+    # ------------------------------------------------------------------ server -> client
+
+    def _from_server(self, data: bytes) -> None:
+        self._last_activity = asyncio.get_running_loop().time()
+        pieces = self._server_framer.feed(data)
+        write = self.client.write
+        if self._watcher is None:  # nothing is inspected: every piece is a raw run
+            for piece in pieces:
+                write(piece)  # type: ignore[arg-type]
+            return
+        for piece in pieces:
+            if type(piece) is not pg.Message:
+                write(piece)  # type: ignore[arg-type]
+                continue
+            assert isinstance(piece, pg.Message)
+            watcher = self._watcher
+            replacement = watcher(piece.type, piece.body) if watcher is not None else None
+            write(piece.encode() if replacement is None else replacement)
+
+    def _server_eof(self) -> None:
+        self._server_gone()
+
+    def _server_lost(self, exc: Exception | None) -> None:
+        self._server_gone()
+
+    def _server_gone(self) -> None:
+        if self._closing:
+            return
+        if self._server_framer.last_type != pg.ERROR_RESPONSE and self._client_framer.last_type != pg.TERMINATE:
+            self.log.warning("upstream connection lost", extra={"event": "upstream_lost"})
+            self.fail("08006", "connection to the upstream server was lost")
+        else:
+            self.close()
+
+    def _server_paused_cb(self, paused: bool) -> None:
+        """The server's write buffer is full (or drained): stop (resume) reading the client."""
+        if paused:
+            self._pause_client("backpressure")
+        else:
+            self._resume_client("backpressure")
+
+    # ------------------------------------------------------------------ SessionControl
+
+    def send_upstream(self, data: bytes) -> None:
+        if not self._closing:
+            self.server.write(data)
+
+    def send_client(self, data: bytes) -> None:
+        if not self._closing:
+            self.client.write(data)
+
+    def watch_server(self, watcher: ServerWatcher) -> None:
+        self._watcher = watcher
+        self._server_framer.inspect = ALL_TYPES
+
+    def stop_watching(self) -> None:
+        self._watcher = None
+        self._server_framer.inspect = frozenset()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def cancel(self) -> None:
+        """A CancelRequest named this session: tell the hook (the upstream gets its own request)."""
+        if self.hook is not None:
+            self.hook.cancel()
+
+    @property
+    def idle(self) -> bool:
+        """No query in progress: the server's last word was ReadyForQuery and nothing is pending."""
+        return (
+            self._server_framer.last_type == pg.READY_FOR_QUERY
+            and self._client_framer.at_boundary
+            and self._held is None
+        )
+
+    def _schedule_idle_check(self, delay: float) -> None:
+        self._idle_handle = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._closing:
+            return
+        quiet = asyncio.get_running_loop().time() - self._last_activity
+        if quiet >= self._idle_timeout and self.idle:
+            self.log.info("idle timeout", extra={"event": "idle_timeout"})
+            self.terminate("57P05", "terminating connection due to idle-session timeout")
+            return
+        self._schedule_idle_check(max(self._idle_timeout - quiet, 0.05) if self.idle else self._idle_timeout)
+
+    def terminate(self, sqlstate: str, text: str) -> None:
+        """End the session from the proxy's side: tell the client why, say goodbye to the server."""
+        if self._closing:
+            return
+        if self._client_framer.at_boundary:
+            self.server.write(pg.message(pg.TERMINATE))
+        self.fail(sqlstate, text)
+
+    def fail(self, sqlstate: str, text: str) -> None:
+        """Send the client a FATAL error and close both connections."""
+        if self._closing:
+            return
+        self.client.write(pg.error_response(sqlstate, text))
+        self.close()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if self._hook_task is not None and not self._hook_task.done():
+            self._hook_task.cancel()
+        if self.hook is not None:
+            try:
+                self.hook.close()
+            except Exception:
+                self.log.exception("hook close failed", extra={"event": "hook_error"})
+        if self._server_paused:
+            self.server.resume_reading()
+        self.client.close()
+        self.server.close()
+        if not self.closed.done():
+            self.closed.set_result(None)

@@ -1,0 +1,236 @@
+"""Establishing a session: the start-up packet, TLS, the upstream connection and the relayed
+authentication exchange, up to the server's first ReadyForQuery. Then the relay takes over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+
+from . import protocol as pg
+from .hooks import HookFactory, SessionInfo
+from .logs import ContextLogger
+from .relay import Relay
+from .upstream import Upstream, UpstreamError
+from .wire import ConnectionClosed, HandshakeProtocol
+
+log = logging.getLogger("azure_local_ai_proxy.session")
+
+_TRUE_REPLICATION = ("true", "on", "yes", "1", "database")
+
+
+class SessionRejected(Exception):
+    """Start-up cannot go on; the client is told `sqlstate` and `text`."""
+
+    def __init__(self, sqlstate: str, text: str) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+
+
+@dataclass
+class Registry:
+    """The live sessions, and the same sessions by the cancel key the proxy gave each client."""
+
+    live: set[Session] = field(default_factory=set)
+    by_key: dict[tuple[int, bytes], Session] = field(default_factory=dict)
+
+    def allocate_key(self, secret_length: int) -> tuple[int, bytes]:
+        while True:
+            key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(secret_length))
+            if key not in self.by_key:
+                return key
+
+
+@dataclass(eq=False)
+class Session:
+    """One client's session, from start-up to close."""
+
+    session_id: str
+    log: logging.LoggerAdapter
+    proxy_key: tuple[int, bytes] | None = None
+    upstream_key: tuple[int, bytes] | None = None
+    relay: Relay | None = None
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What `establish` needs from the proxy's configuration."""
+
+    upstream: Upstream
+    tls: ssl.SSLContext | None
+    max_message_size: int
+    idle_timeout: float
+    hook_factory: HookFactory | None
+
+
+async def read_startup(client: HandshakeProtocol, tls: ssl.SSLContext | None) -> pg.StartupPacket:
+    """Read start-up packets, answering SSL and GSSAPI encryption requests, until a
+    StartupMessage or a CancelRequest arrives."""
+    encrypted = False
+    while True:
+        length = pg.startup_length(await client.read_exactly(4))
+        packet = pg.parse_startup(length.to_bytes(4, "big") + await client.read_exactly(length - 4))
+        if packet.kind is pg.StartupKind.SSL:
+            if encrypted:
+                raise pg.ProtocolViolation("SSL request received on an encrypted connection")
+            if tls is None:
+                client.write(b"N")
+                continue
+            client.write(b"S")
+            await client.start_tls(tls, server_side=True, server_hostname=None)
+            encrypted = True
+        elif packet.kind is pg.StartupKind.GSSENC:
+            client.write(b"N")
+        else:
+            return packet
+
+
+def check_parameters(params: dict[str, str]) -> None:
+    """Refuse what a proxy cannot carry."""
+    if params.get("replication", "false").lower() in _TRUE_REPLICATION:
+        raise SessionRejected(
+            "0A000",
+            "replication connections are not supported by azure-local-ai-proxy; connect to the server directly",
+        )
+
+
+async def establish(
+    session: Session, client: HandshakeProtocol, startup: pg.StartupPacket, settings: SessionSettings,
+    registry: Registry,
+) -> Relay:
+    """Connect upstream, relay authentication, and return the running relay."""
+    check_parameters(startup.parameters)
+    try:
+        server = await settings.upstream.connect()
+    except UpstreamError as exc:
+        raise SessionRejected(exc.sqlstate, str(exc)) from exc
+    try:
+        server.write(startup.raw)
+        await _relay_authentication(session, client, server, settings.max_message_size, registry)
+    except BaseException:
+        server.close()
+        raise
+    params = startup.parameters
+    info = SessionInfo(
+        session_id=session.session_id,
+        user=params["user"],
+        database=params.get("database", params["user"]),
+        parameters=dict(params),
+        upstream=settings.upstream,
+    )
+    hook = settings.hook_factory(info) if settings.hook_factory else None
+    assert client.transport is not None and server.transport is not None
+    relay = Relay(
+        info, client.transport, server.transport, hook=hook, max_message_size=settings.max_message_size,
+        idle_timeout=settings.idle_timeout, log=session.log,
+    )
+    relay.start(client.detach(), server.detach())
+    return relay
+
+
+async def _relay_authentication(
+    session: Session, client: HandshakeProtocol, server: HandshakeProtocol, max_size: int, registry: Registry
+) -> None:
+    """Pass the authentication exchange through, up to and including ReadyForQuery.
+
+    The proxy changes two things only: SCRAM-SHA-256-PLUS leaves the mechanism list (channel
+    binding cannot span two TLS sessions), and the client gets a cancel key of the proxy's own so
+    that cancel requests come to the proxy, which knows the session they belong to."""
+    while True:
+        try:
+            msg = await server.read_message()
+        except ConnectionClosed as exc:
+            raise SessionRejected("08006", "the upstream server closed the connection during start-up") from exc
+        if msg.type == pg.AUTHENTICATION:
+            code = pg.auth_code(msg.body)
+            body = pg.strip_channel_binding(msg.body) if code == pg.AUTH_SASL else msg.body
+            client.write(pg.message(pg.AUTHENTICATION, body))
+            if code in pg.AUTH_NEEDS_RESPONSE:
+                reply = await client.read_message(max_size)
+                if reply.type != pg.PASSWORD:
+                    raise pg.ProtocolViolation(f"expected password response, got message type {reply.type}")
+                server.write(reply.encode())
+        elif msg.type == pg.BACKEND_KEY_DATA:
+            session.upstream_key = pg.parse_backend_key_data(msg.body)
+            session.proxy_key = registry.allocate_key(len(session.upstream_key[1]))
+            registry.by_key[session.proxy_key] = session
+            client.write(pg.backend_key_data(*session.proxy_key))
+        elif msg.type == pg.ERROR_RESPONSE:
+            client.write(msg.encode())
+            raise ConnectionClosed("the upstream server refused the session")
+        else:
+            client.write(msg.encode())
+            if msg.type == pg.READY_FOR_QUERY:
+                return
+
+
+async def deliver_cancel(packet: pg.StartupPacket, upstream: Upstream, registry: Registry) -> None:
+    """Forward a CancelRequest to the upstream backend of the session it names; ignore unknown keys."""
+    session = registry.by_key.get((packet.cancel_pid, packet.cancel_secret))
+    if session is None or session.upstream_key is None:
+        log.info("cancel request with unknown key ignored", extra={"event": "cancel_unknown"})
+        return
+    session.log.info("cancel request", extra={"event": "cancel"})
+    if session.relay is not None:
+        session.relay.cancel()
+    try:
+        await upstream.send_cancel(*session.upstream_key)
+    except OSError as exc:
+        session.log.warning("cancel could not reach upstream", extra={"event": "cancel_failed", "reason": str(exc)})
+
+
+def new_session() -> Session:
+    session_id = secrets.token_hex(4)
+    return Session(session_id, ContextLogger(log, {"session": session_id}))
+
+
+async def handle_client(
+    client: HandshakeProtocol, settings: SessionSettings, registry: Registry, startup_timeout: float
+) -> None:
+    """Drive one accepted connection through start-up, then wait for its relay to end."""
+    session = new_session()
+    try:
+        async with asyncio.timeout(startup_timeout):
+            startup = await read_startup(client, settings.tls)
+            if startup.kind is pg.StartupKind.CANCEL:
+                client.close()
+                await deliver_cancel(startup, settings.upstream, registry)
+                return
+            session.log.info(
+                "session start",
+                extra={"event": "connect", "user": startup.parameters.get("user"),
+                       "database": startup.parameters.get("database", startup.parameters.get("user")),
+                       "application_name": startup.parameters.get("application_name", "")},
+            )
+            relay = await establish(session, client, startup, settings, registry)
+    except pg.ProtocolViolation as exc:
+        _refuse(client, session, "08P01", str(exc))
+    except SessionRejected as exc:
+        _refuse(client, session, exc.sqlstate, str(exc))
+    except TimeoutError:
+        _refuse(client, session, "08P01", f"start-up did not complete within {startup_timeout:g} seconds")
+    except ConnectionClosed:
+        client.close()
+    except ssl.SSLError as exc:
+        session.log.info("TLS handshake failed", extra={"event": "tls_failed", "reason": str(exc)})
+        client.close()
+    else:
+        session.relay = relay
+        registry.live.add(session)
+        try:
+            await asyncio.shield(relay.closed)
+        finally:
+            relay.close()
+            registry.live.discard(session)
+            session.log.info("session end", extra={"event": "disconnect"})
+    finally:
+        if session.proxy_key is not None:
+            registry.by_key.pop(session.proxy_key, None)
+
+
+def _refuse(client: HandshakeProtocol, session: Session, sqlstate: str, text: str) -> None:
+    session.log.info("session refused", extra={"event": "refused", "sqlstate": sqlstate, "reason": text})
+    client.write(pg.error_response(sqlstate, text))
+    client.close()

@@ -1,0 +1,52 @@
+"""Session-wide fixtures: a real PostgreSQL with pgvector and the proxy in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from .pgcluster import PgCluster, make_workdir, start_cluster
+from .proxyproc import ProxyProcess, start_proxy
+
+SCRAM_PASSWORD = "scram-secret"
+MD5_PASSWORD = "md5-secret"
+
+
+@pytest.fixture(scope="session")
+def tls_files() -> Iterator[dict[str, Path]]:
+    """A test CA and a certificate for 127.0.0.1/localhost, used by the proxy and by PostgreSQL."""
+    directory = make_workdir("alp-tls-")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": directory / "ca.pem", "cert": directory / "cert.pem", "key": directory / "key.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    yield files
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgCluster]:
+    cluster = start_cluster()
+    cluster.psql(
+        f"CREATE EXTENSION vector;"
+        f"CREATE ROLE scram_user LOGIN PASSWORD '{SCRAM_PASSWORD}';"
+        f"SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN PASSWORD '{MD5_PASSWORD}';"
+    )
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def proxy(pg: PgCluster, tls_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """The proxy, as a user runs it, in front of `pg`, offering TLS to clients."""
+    running = start_proxy(
+        tmp_path_factory.mktemp("proxy-data"),
+        "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"]),
+        upstream=pg.url(),
+    )
+    yield running
+    running.stop()
