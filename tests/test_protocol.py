@@ -1,0 +1,143 @@
+"""Sans-I/O protocol code, tested over bytes alone."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import protocol as pg
+
+
+def frame(msg_type: bytes, body: bytes) -> bytes:
+    """Built by hand here rather than with pg.message, so the two check each other."""
+    return msg_type + struct.pack("!I", len(body) + 4) + body
+
+
+messages = st.lists(
+    st.tuples(st.sampled_from(list(b"QPBDESdc")), st.binary(max_size=300)), min_size=1, max_size=20
+)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages, st.lists(st.integers(min_value=0, max_value=10_000), max_size=15),
+       st.sets(st.sampled_from(list(b"QPBDESdc"))))
+def test_framer_reassembles_any_chunking(msgs: list[tuple[int, bytes]], cuts: list[int], inspect: set[int]) -> None:
+    stream = b"".join(frame(bytes([t]), body) for t, body in msgs)
+    framer = pg.Framer(valid_types=pg.FRONTEND_TYPES)
+    framer.inspect = frozenset(inspect)
+    relayed = bytearray()
+    seen: list[tuple[int, bytes]] = []
+    for chunk in chunked(stream, cuts):
+        for piece in framer.feed(chunk):
+            if isinstance(piece, pg.Message):
+                seen.append((piece.type, piece.body))
+                relayed += frame(bytes([piece.type]), piece.body)
+            else:
+                relayed += bytes(piece)
+    assert bytes(relayed) == stream
+    assert seen == [(t, b) for t, b in msgs if t in inspect]
+    assert framer.at_boundary
+    assert framer.last_type == msgs[-1][0]
+
+
+def test_framer_streams_long_bodies_without_holding_them() -> None:
+    body = b"x" * 1_000_000
+    framer = pg.Framer()
+    data = frame(b"d", body)
+    out = [bytes(p) for p in framer.feed(data[:1000])]
+    assert b"".join(out) == data[:1000]
+    assert not framer.at_boundary
+    out = [bytes(p) for p in framer.feed(data[1000:])]
+    assert b"".join(out) == data[1000:]
+    assert framer.at_boundary
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"Z\x00\x00\x00\x04", "invalid frontend message type"),
+        (b"Q\x00\x00\x00\x03", "invalid message length"),
+        (b"Q\x7f\xff\xff\xf0", "exceeds the maximum"),
+    ],
+)
+def test_framer_rejects_bad_input(data: bytes, reason: str) -> None:
+    with pytest.raises(pg.ProtocolViolation, match=reason):
+        pg.Framer(valid_types=pg.FRONTEND_TYPES).feed(data)
+
+
+def test_framer_max_length_is_configurable() -> None:
+    framer = pg.Framer(valid_types=pg.FRONTEND_TYPES, max_length=100)
+    assert framer.feed(frame(b"Q", b"a" * 95))
+    with pytest.raises(pg.ProtocolViolation):
+        framer.feed(frame(b"Q", b"a" * 97))
+
+
+def startup(version: int, **params: str) -> bytes:
+    body = struct.pack("!i", version) + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def test_parse_startup_message() -> None:
+    packet = pg.parse_startup(startup(196608, user="alice", database="db", application_name="x y"))
+    assert packet.kind is pg.StartupKind.STARTUP
+    assert packet.parameters == {"user": "alice", "database": "db", "application_name": "x y"}
+    assert packet.version == 3 << 16
+
+
+def test_parse_startup_newer_minor_is_passed_on() -> None:
+    assert pg.parse_startup(startup((3 << 16) | 2, user="u")).version == (3 << 16) | 2
+
+
+@pytest.mark.parametrize(
+    ("packet", "reason"),
+    [
+        (startup(2 << 16, user="u"), "unsupported frontend protocol"),
+        (startup(196608, database="d"), "no PostgreSQL user name"),
+        (struct.pack("!ii", 13, 196608) + b"user\0", "invalid startup packet layout"),
+    ],
+)
+def test_parse_startup_rejects(packet: bytes, reason: str) -> None:
+    with pytest.raises(pg.ProtocolViolation, match=reason):
+        pg.parse_startup(packet)
+
+
+@pytest.mark.parametrize("header", [struct.pack("!i", 4), struct.pack("!i", 10_001), b"GET "])
+def test_startup_length_bounds(header: bytes) -> None:
+    with pytest.raises(pg.ProtocolViolation):
+        pg.startup_length(header)
+
+
+def test_special_startup_packets() -> None:
+    assert pg.parse_startup(struct.pack("!ii", 8, 80877103)).kind is pg.StartupKind.SSL
+    assert pg.parse_startup(struct.pack("!ii", 8, 80877104)).kind is pg.StartupKind.GSSENC
+    cancel = pg.parse_startup(pg.cancel_request(1234, b"\x01\x02\x03\x04"))
+    assert (cancel.kind, cancel.cancel_pid, cancel.cancel_secret) == (pg.StartupKind.CANCEL, 1234, b"\x01\x02\x03\x04")
+    long_key = pg.parse_startup(pg.cancel_request(7, bytes(range(32))))
+    assert long_key.cancel_secret == bytes(range(32))
+
+
+def test_strip_channel_binding() -> None:
+    body = struct.pack("!i", 10) + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+    assert pg.strip_channel_binding(body) == struct.pack("!i", 10) + b"SCRAM-SHA-256\0\0"
+
+
+def test_error_response_fields() -> None:
+    data = pg.error_response("08P01", "bad thing", hint="do better")
+    assert data[:1] == b"E"
+    assert struct.unpack("!I", data[1:5])[0] == len(data) - 1
+    fields = pg.parse_fields(data[5:])
+    assert fields == {"S": "FATAL", "V": "FATAL", "C": "08P01", "M": "bad thing", "H": "do better"}
+
+
+def test_backend_key_data_round_trip() -> None:
+    data = pg.backend_key_data(42, b"secretkey-of-3.2-length")
+    assert pg.parse_backend_key_data(data[5:]) == (42, b"secretkey-of-3.2-length")
