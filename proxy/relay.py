@@ -65,6 +65,7 @@ class Relay:
         self.closed = asyncio.get_running_loop().create_future()
         self._client_framer = pg.Framer(valid_types=pg.FRONTEND_TYPES, max_length=max_message_size)
         self._server_framer = pg.Framer()
+        self._in_query = False  # start-up ended with the server's first ReadyForQuery
         if hook is not None:
             self._client_framer.inspect = hook.message_types
         self._watcher: ServerWatcher | None = None
@@ -96,6 +97,7 @@ class Relay:
 
     def _from_client(self, data: bytes) -> None:
         self._last_activity = asyncio.get_running_loop().time()
+        self._in_query = True
         try:
             pieces = self._client_framer.feed(data)
         except pg.ProtocolViolation as exc:
@@ -179,6 +181,8 @@ class Relay:
     def _from_server(self, data: bytes) -> None:
         self._last_activity = asyncio.get_running_loop().time()
         pieces = self._server_framer.feed(data)
+        if self._server_framer.last_type == pg.READY_FOR_QUERY:
+            self._in_query = False
         write = self.client.write
         if self._watcher is None:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
@@ -242,12 +246,9 @@ class Relay:
 
     @property
     def idle(self) -> bool:
-        """No query in progress: the server's last word was ReadyForQuery and nothing is pending."""
-        return (
-            self._server_framer.last_type == pg.READY_FOR_QUERY
-            and self._client_framer.at_boundary
-            and self._held is None
-        )
+        """No query in progress: the server's last word was ReadyForQuery and the client has sent
+        nothing since."""
+        return not self._in_query and self._held is None
 
     def _schedule_idle_check(self, delay: float) -> None:
         self._idle_handle = asyncio.get_running_loop().call_later(delay, self._check_idle)
