@@ -41,7 +41,9 @@ def pg() -> Iterator[PgCluster]:
 
 
 @pytest.fixture(scope="session")
-def proxy(pg: PgCluster, tls_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def proxy(
+    pg: PgCluster, tls_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     """The proxy, as a user runs it, in front of `pg`, offering TLS to clients."""
     running = start_proxy(
         tmp_path_factory.mktemp("proxy-data"),

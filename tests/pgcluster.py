@@ -125,7 +125,9 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster(cert: Path | None = None, key: Path | None = None, bin_dir: Path = POSTGRES_BIN_PATH) -> PgCluster:
+def start_cluster(
+    cert: Path | None = None, key: Path | None = None, bin_dir: Path = POSTGRES_BIN_PATH
+) -> PgCluster:
     cluster = PgCluster(make_workdir("alp-pg-"), free_port(), cert, key, bin_dir)
     cluster.init()
     cluster.start()

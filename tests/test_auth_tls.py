@@ -63,7 +63,7 @@ def test_proxy_without_certificate_declines_tls(pg, tmp_path: Path) -> None:
     try:
         with psycopg.connect(plain.dsn(sslmode="prefer")) as conn:
             assert not conn.pgconn.ssl_in_use
-        with pytest.raises(psycopg.OperationalError, match="(?i)ssl"):
+        with pytest.raises(psycopg.OperationalError, match=r"(?i)ssl"):
             psycopg.connect(plain.dsn(sslmode="require"))
     finally:
         plain.stop()
