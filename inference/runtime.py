@@ -1,0 +1,92 @@
+"""One loaded model: its tokenizer and ONNX Runtime session, and a synchronous embed step.
+
+Thread safety: ``tokenize`` and ``run`` may be called from several threads (both the
+``tokenizers`` Tokenizer and an ORT InferenceSession allow concurrent calls).  Settings are
+fixed per session; the engine makes a new runtime session when they change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .errors import ModelFilesError
+from .model_dir import POOLED_OUTPUT, ModelFiles, pick_output
+from .settings import EngineSettings
+
+
+def default_session_settings() -> EngineSettings:
+    return EngineSettings.default()
+
+
+def load_tokenizer(files: ModelFiles) -> Tokenizer:
+    """The model's tokenizer, truncating to its maximum length (special tokens included), unpadded."""
+    try:
+        tokenizer = Tokenizer.from_file(str(files.tokenizer_path))
+    except Exception as exc:  # tokenizers raises plain Exception
+        raise ModelFilesError(f"{files.tokenizer_path} is not a usable tokenizer.json: {exc}") from None
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=files.max_seq_length)
+    return tokenizer
+
+
+class ModelRuntime:
+    """Tokenizer + session for one model; ``run`` embeds already tokenised inputs."""
+
+    def __init__(self, files: ModelFiles, settings: EngineSettings, tokenizer: Tokenizer | None = None) -> None:
+        self.files = files
+        self.settings = settings
+        self.tokenizer = tokenizer or load_tokenizer(files)
+        started = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(
+                str(files.onnx_path), sess_options=settings.session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types for invalid models
+            raise ModelFilesError(f"ONNX Runtime cannot load {files.onnx_path}: {exc}") from None
+        self.load_seconds = time.perf_counter() - started
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = self.session.get_outputs()
+        output = pick_output([o.name for o in outputs], [len(o.shape) for o in outputs])
+        if output is None:
+            raise ModelFilesError(f"{files.onnx_path} has no usable output")
+        self.output_name = output
+        self.pooled_in_graph = output == POOLED_OUTPUT
+
+    def with_settings(self, settings: EngineSettings) -> ModelRuntime:
+        """A runtime with a new session under other settings, sharing the tokenizer."""
+        return ModelRuntime(self.files, settings, self.tokenizer)
+
+    def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(list(texts))]
+
+    def run(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings (n, dim) float32, L2-normalised, of token id sequences (any lengths)."""
+        width = max(len(s) for s in sequences)
+        ids = np.zeros((len(sequences), width), np.int64)
+        mask = np.zeros((len(sequences), width), np.int64)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = sequence
+            mask[row, : len(sequence)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        (out,) = self.session.run([self.output_name], feed)
+        if self.pooled_in_graph:
+            return np.ascontiguousarray(out, dtype=np.float32)
+        return mean_pool_normalize(out, mask)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.run(self.tokenize(texts))
+
+
+def mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of token states over the attention mask, L2-normalised, float32 (n, dim)."""
+    weights = mask.astype(np.float32)[:, :, None]
+    mean = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+    norms = np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return (mean / norms).astype(np.float32)
