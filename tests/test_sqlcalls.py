@@ -1,0 +1,148 @@
+"""Finding azure_local_ai calls, reading their arguments and choosing overloads: pure code over SQL text."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.intercept.arrays import ArrayLiteralError, format_text_array, parse_text_array
+from proxy.intercept.sqlcalls import BindRef, Const, Dependent, Position, SqlError, find_calls, mentions_schema
+
+M = "'multilingual-e5-small:v1'"
+
+
+def only_call(sql: str, **kw):
+    statements = find_calls(sql, **kw)
+    calls = [c for s in statements for c in s.calls]
+    assert len(calls) == 1, calls
+    return calls[0]
+
+
+def test_prefilter_is_case_insensitive() -> None:
+    assert mentions_schema(b"select AZURE_LOCAL_AI.get_setting('x')")
+    assert not mentions_schema(b"select 1")
+
+
+def test_scalar_overload_with_literal() -> None:
+    call = only_call(f"SELECT azure_local_ai.create_embeddings({M}, 'query: hello')")
+    assert call.binding.overload.returns == "real[]" and not call.binding.overload.set_returning
+    assert call.argument("input").value == Const("query: hello")
+    assert call.argument("timeout_ms") is None
+    assert call.position is Position.TARGET and not call.has_alias
+
+
+@pytest.mark.parametrize(
+    "arg", ["ARRAY['a','b']", "'{a,b}'::text[]", "ARRAY['a','b']::varchar[]", "'{a,b}'::text []"]
+)
+def test_array_overload(arg: str) -> None:
+    call = only_call(f"select azure_local_ai.create_embeddings({M}, {arg})")
+    assert call.binding.overload.columns == (("embedding", "real[]"),)
+    assert call.argument("inputs").value == Const(["a", "b"])
+
+
+def test_ids_overload_and_batch_size() -> None:
+    call = only_call(f"select * from azure_local_ai.create_embeddings({M}, ARRAY['a','b'], ARRAY[7,8], 7) e")
+    assert [c for c, _ in call.binding.overload.columns] == ["id", "embedding"]
+    assert call.argument("ids").text == "ARRAY[7,8]"
+    assert call.argument("batch_size").value == Const(7)
+    assert call.position is Position.FROM and call.has_alias
+
+
+def test_named_arguments_in_any_order() -> None:
+    call = only_call(f"select azure_local_ai.create_embeddings(input => 'x' || 'y', model_uri => {M})")
+    assert call.argument("input").value == Const("xy")
+    assert call.argument("model_uri").value == Const("multilingual-e5-small:v1")
+
+
+def test_unknown_literal_prefers_text_and_cast_decides() -> None:
+    assert only_call("select azure_local_ai.get_setting('intra_op_parallelism')").binding.overload.returns == "text"
+    assert only_call("select azure_local_ai.get_setting('{a}'::text[])").binding.overload.returns == "jsonb"
+    assert only_call("select azure_local_ai.get_setting()").binding.overload.returns == "jsonb"
+
+
+def test_bind_parameters_typed_and_untyped() -> None:
+    untyped = only_call("select azure_local_ai.create_embeddings($1, $2)")
+    assert untyped.argument("input").value == BindRef(2)
+    typed = only_call("select azure_local_ai.create_embeddings($1, $2)", param_types={2: 1009})
+    assert typed.binding.overload.set_returning
+    cast = only_call("select azure_local_ai.create_embeddings($1, $2::text[])")
+    assert cast.argument("inputs").value == BindRef(2)
+
+
+def test_nulls_are_constants() -> None:
+    call = only_call("select azure_local_ai.create_embeddings(NULL, NULL::text)")
+    assert call.argument("model_uri").value == Const(None)
+    assert call.argument("input").value == Const(None)
+
+
+def test_column_arguments_are_dependent() -> None:
+    call = only_call(f"update docs set v = azure_local_ai.create_embeddings({M}, body)::vector")
+    assert isinstance(call.argument("input").value, Dependent)
+    assert call.position is Position.NESTED
+
+
+def test_calls_everywhere_in_every_statement() -> None:
+    sql = (
+        f"select 1; with q as (select azure_local_ai.create_embeddings({M}, 'a') e) select * from q;"
+        f"select id from docs order by v <=> azure_local_ai.create_embeddings({M}, 'b')::vector limit 3;"
+        f"insert into t values (azure_local_ai.create_embeddings({M}, 'c')) returning "
+        f"azure_local_ai.get_setting('spin_control')"
+    )
+    statements = find_calls(sql)
+    assert [len(s.calls) for s in statements] == [0, 1, 1, 2]
+    for statement in statements:
+        for call in statement.calls:
+            assert sql[call.start : call.end].startswith("azure_local_ai.")
+            assert sql[call.end - 1] == ")"
+    assert statements[3].calls[1].position is Position.TARGET
+
+
+def test_spans_with_multibyte_text() -> None:
+    sql = f"select 'é', azure_local_ai.create_embeddings({M}, 'naïve (café)') as x"
+    call = only_call(sql)
+    assert sql[call.start : call.end] == f"azure_local_ai.create_embeddings({M}, 'naïve (café)')"
+    assert call.has_alias
+
+
+@pytest.mark.parametrize(
+    ("sql", "sqlstate"),
+    [
+        ("select azure_local_ai.no_such_function()", "42883"),
+        ("select azure_local_ai.create_embeddings('m')", "42883"),
+        ("select azure_local_ai.create_embeddings('m', 'x', bogus => 1)", "42883"),
+        ("select azure_local_ai.create_embeddings('m', '{a,{b}}'::text[])", "22P02"),
+        ("select azure_local_ai.create_embeddings('m', ARRAY['a'], batch_size => 'x'::int)", "22P02"),
+    ],
+)
+def test_errors(sql: str, sqlstate: str) -> None:
+    with pytest.raises(SqlError) as info:
+        find_calls(sql)
+    assert info.value.sqlstate == sqlstate
+
+
+def test_syntax_errors_are_left_to_the_server() -> None:
+    assert find_calls("selec azure_local_ai.get_setting('x')") == []
+
+
+def test_other_schemas_and_quoted_names_are_ignored() -> None:
+    assert find_calls("select other.create_embeddings('m', 'x'), \"AZURE_LOCAL_AI\".x()")[0].calls == []
+
+
+@pytest.mark.parametrize(
+    ("literal", "values"),
+    [
+        ("{}", []),
+        ("{a,b}", ["a", "b"]),
+        ('{"a b","c,d",NULL,"NULL", e }', ["a b", "c,d", None, "NULL", "e"]),
+        ('{"quote \\" and \\\\ backslash"}', ['quote " and \\ backslash']),
+        ("[1:2]={x,y}", ["x", "y"]),
+    ],
+)
+def test_array_literals(literal: str, values: list) -> None:
+    assert parse_text_array(literal) == values
+    assert parse_text_array(format_text_array(values)) == values
+
+
+@pytest.mark.parametrize("bad", ["a,b", "{a", "{a,,b}", '{"a}', "{{a}}"])
+def test_bad_array_literals(bad: str) -> None:
+    with pytest.raises(ArrayLiteralError):
+        parse_text_array(bad)
