@@ -1,0 +1,333 @@
+"""The embedding engine: one per process, shared by every client session.
+
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig())
+    vectors = await engine.embed(files, ["query: ..."], timeout=5.0)   # float32 (n, dim)
+
+* Never blocks the event loop: tokenising runs in a small thread pool, model runs in one
+  dispatcher thread (ONNX Runtime parallelises inside each run with its own threads).
+* Dynamic batching: inputs queued by any caller within ``max_wait_ms`` of each other are
+  merged, sorted by length and cut into runs bounded in rows and tokens (``batching.py``).
+  ``stats`` counts runs, so the merging is observable.
+* Cancelling the awaiting task or passing its ``timeout`` drops the request's queued inputs;
+  the caller gets ``CancelledError`` / ``EmbeddingTimeout``.
+* Models load lazily on first use, or explicitly with ``load``; ``unload`` frees them.
+  ``apply_settings`` takes effect for later runs: sessions are rebuilt lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .batching import BatchingConfig, plan_runs
+from .errors import EmbeddingTimeout, EngineClosed
+from .model_dir import ModelFiles
+from .runtime import ModelRuntime
+from .settings import EngineSettings
+
+SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A loaded model, as ``model_metadata`` describes it."""
+
+    uri: str
+    dimensions: int
+    max_seq_length: int
+    onnx_path: Path
+    tokenizer_path: Path
+    onnx_bytes: int
+    pooled_in_graph: bool
+    load_seconds: float
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (read them, don't write them)."""
+
+    runs: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    dropped: int = 0
+    session_builds: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    model: ModelFiles
+    size: int
+    cap: int
+    future: concurrent.futures.Future[np.ndarray] = field(default_factory=concurrent.futures.Future)
+    out: np.ndarray | None = None
+    remaining: int = 0
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()
+
+
+@dataclass(eq=False)
+class _Item:
+    request: _Request
+    index: int
+    ids: np.ndarray
+    arrived: float
+
+
+class EmbeddingEngine:
+    """Thread-safe embedding service; see the module docstring."""
+
+    def __init__(self, settings: EngineSettings | None = None, batching: BatchingConfig | None = None) -> None:
+        self.settings = settings or EngineSettings.default()
+        self.batching = batching or BatchingConfig()
+        self.stats = EngineStats()
+        self._runtimes: dict[str, ModelRuntime] = {}
+        self._load_lock = threading.Lock()
+        self._queue: deque[_Item] = deque()
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._tokenizers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embed-tokenize")
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="embed-dispatch", daemon=True)
+        self._dispatcher.start()
+
+    # ---- models -----------------------------------------------------------------------
+
+    def load(self, model: ModelFiles) -> ModelInfo:
+        """Load (if needed) and describe a model. Blocking: call it via asyncio.to_thread."""
+        runtime = self._runtime(model)
+        return ModelInfo(
+            uri=model.uri,
+            dimensions=model.dimensions,
+            max_seq_length=model.max_seq_length,
+            onnx_path=model.onnx_path,
+            tokenizer_path=model.tokenizer_path,
+            onnx_bytes=model.onnx_path.stat().st_size,
+            pooled_in_graph=runtime.pooled_in_graph,
+            load_seconds=runtime.load_seconds,
+        )
+
+    def unload(self, model: ModelFiles | str) -> bool:
+        """Drop a model's session and tokenizer; True if it was loaded."""
+        uri = model if isinstance(model, str) else model.uri
+        with self._load_lock:
+            runtime = self._runtimes.pop(uri, None)
+        if runtime is None:
+            return False
+        del runtime
+        _return_freed_memory()
+        return True
+
+    def is_loaded(self, model: ModelFiles | str) -> bool:
+        uri = model if isinstance(model, str) else model.uri
+        with self._load_lock:
+            return uri in self._runtimes
+
+    def apply_settings(self, settings: EngineSettings) -> None:
+        """Use new thread settings from the next model run on (sessions are rebuilt lazily)."""
+        self.settings = settings
+
+    def _runtime(self, model: ModelFiles) -> ModelRuntime:
+        """The model's runtime under the current settings, loading or rebuilding as needed."""
+        with self._load_lock:
+            runtime = self._runtimes.get(model.uri)
+            settings = self.settings
+            if runtime is not None and runtime.files == model and runtime.settings == settings:
+                return runtime
+            if runtime is not None and runtime.files == model:
+                self._runtimes.pop(model.uri)
+                fresh = runtime.with_settings(settings)
+            else:
+                self._runtimes.pop(model.uri, None)
+                fresh = ModelRuntime(model, settings)
+            del runtime
+            self.stats.session_builds += 1
+            self._runtimes[model.uri] = fresh
+            return fresh
+
+    # ---- requests ---------------------------------------------------------------------
+
+    async def embed(
+        self,
+        model: ModelFiles,
+        texts: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """L2-normalised embeddings, float32 (len(texts), dim), in input order.
+
+        ``batch_size`` caps how many of these texts share one model run; ``timeout`` (seconds)
+        bounds the whole call and raises EmbeddingTimeout, dropping the queued work.
+        """
+        if not texts:
+            return np.zeros((0, model.dimensions), np.float32)
+        request = self._new_request(model, len(texts), batch_size)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.run_in_executor(self._tokenizers, self._submit, request, list(texts))
+                return await asyncio.wrap_future(request.future)
+        except TimeoutError:
+            raise EmbeddingTimeout(f"embedding {len(texts)} input(s) took longer than {timeout} s") from None
+        finally:
+            self._abandon(request)
+
+    def embed_sync(
+        self,
+        model: ModelFiles,
+        texts: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """``embed`` for threads without an event loop (CLI, benchmarks)."""
+        if not texts:
+            return np.zeros((0, model.dimensions), np.float32)
+        request = self._new_request(model, len(texts), batch_size)
+        try:
+            self._submit(request, list(texts))
+            return request.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise EmbeddingTimeout(f"embedding {len(texts)} input(s) took longer than {timeout} s") from None
+        finally:
+            self._abandon(request)
+
+    def _new_request(self, model: ModelFiles, size: int, batch_size: int | None) -> _Request:
+        if self._closed:
+            raise EngineClosed("the embedding engine is shut down")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        return _Request(model=model, size=size, cap=batch_size or self.batching.max_batch_size, remaining=size)
+
+    def _submit(self, request: _Request, texts: list[str]) -> None:
+        """Tokenise and queue (in a worker thread); the request's future will get the result."""
+        sequences = self._runtime(request.model).tokenize(texts)
+        now = time.monotonic()
+        items = [_Item(request, i, ids, now) for i, ids in enumerate(sequences)]
+        with self._wakeup:
+            if self._closed:
+                raise EngineClosed("the embedding engine is shut down")
+            if request.abandoned:  # cancelled while tokenising
+                return
+            self._queue.extend(items)
+            self._wakeup.notify()
+
+    def _abandon(self, request: _Request) -> None:
+        """Drop whatever a cancelled or timed-out request still has queued."""
+        if not request.future.cancel():  # it finished: nothing of it is queued
+            return
+        with self._wakeup:
+            before = len(self._queue)
+            self._queue = deque(item for item in self._queue if item.request is not request)
+            self.stats.dropped += before - len(self._queue)
+
+    # ---- dispatcher thread ------------------------------------------------------------
+
+    def _take_snapshot(self) -> list[_Item] | None:
+        """Wait for queued work and the batching window; take one model's share of it."""
+        with self._wakeup:
+            while not self._queue and not self._closed:
+                self._wakeup.wait()
+            if self._closed:
+                return None
+            window = self.batching.max_wait_ms / 1000.0
+            budget = self.batching.max_batch_tokens
+            while not self._closed:
+                first = self._queue[0]
+                left = first.arrived + window - time.monotonic()
+                if left <= 0 or sum(len(item.ids) for item in self._queue) >= budget:
+                    break
+                self._wakeup.wait(left)
+            if self._closed or not self._queue:
+                return None
+            uri = self._queue[0].request.model.uri
+            taken: list[_Item] = []
+            kept: deque[_Item] = deque()
+            tokens = 0
+            for item in self._queue:
+                if item.request.model.uri == uri and tokens < SNAPSHOT_RUNS * budget:
+                    taken.append(item)
+                    tokens += len(item.ids)
+                else:
+                    kept.append(item)
+            self._queue = kept
+            return taken
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            snapshot = self._take_snapshot()
+            if snapshot is None:
+                if self._closed:
+                    return
+                continue
+            model = snapshot[0].request.model
+            runs = plan_runs([len(i.ids) for i in snapshot], [i.request.cap for i in snapshot], self.batching)
+            for run in runs:
+                items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
+                if items:
+                    self._run(model, items)
+
+    def _run(self, model: ModelFiles, items: list[_Item]) -> None:
+        try:
+            runtime = self._runtime(model)
+            vectors = runtime.run([item.ids for item in items])
+        except Exception as exc:  # deliver any failure to the callers, keep serving others
+            for request in {id(i.request): i.request for i in items}.values():
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        width = max(len(item.ids) for item in items)
+        self.stats.runs += 1
+        self.stats.sequences += len(items)
+        self.stats.tokens += sum(len(item.ids) for item in items)
+        self.stats.padded_tokens += width * len(items)
+        for item, vector in zip(items, vectors, strict=True):
+            request = item.request
+            if request.abandoned:
+                continue
+            if request.out is None:
+                request.out = np.empty((request.size, vectors.shape[1]), np.float32)
+            request.out[item.index] = vector
+            request.remaining -= 1
+            if request.remaining == 0:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    request.future.set_result(request.out)
+
+    # ---- shutdown ---------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop accepting work, fail queued requests with EngineClosed, free all models."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close_sync)
+
+    def close_sync(self) -> None:
+        with self._wakeup:
+            self._closed = True
+            queued, self._queue = self._queue, deque()
+            self._wakeup.notify_all()
+        for item in queued:
+            if not item.request.future.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    item.request.future.set_exception(EngineClosed("the embedding engine is shut down"))
+        self._dispatcher.join()
+        self._tokenizers.shutdown(wait=True)
+        with self._load_lock:
+            self._runtimes.clear()
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed arenas back to the OS, so unloading shows in resident memory."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
