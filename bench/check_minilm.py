@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from bench import ours
-from bench.common import load_corpus, machine_header, row_cosines, table
+from bench.common import cos6, load_corpus, machine_header, row_cosines, table
 
 TARGET = 0.9999
 
@@ -50,7 +50,7 @@ def main() -> int:
         for name, sel in (("all", lengths > 0), (f"<= {default_len} tokens", lengths <= default_len),
                           (f"> {default_len} tokens", lengths > default_len)):  # fmt: skip
             if sel.any():
-                rows.append((label, name, int(sel.sum()), float(cos[sel].mean()), float(cos[sel].min())))
+                rows.append((label, name, int(sel.sum()), cos6(cos[sel].mean()), cos6(cos[sel].min())))
         if label.endswith(str(default_len)):
             ok = bool(cos.min() >= TARGET)
     print(table(("reference", "texts", "n", "mean cos", "min cos"), rows))

