@@ -36,6 +36,19 @@ class SessionControl(Protocol):
 
     info: SessionInfo
 
+    @property
+    def transaction_status(self) -> str:
+        """I, T or E, as of the server's last ReadyForQuery."""
+        ...
+
+    def forward(self, msg_type: int, body: bytes) -> None:
+        """Send the client's message (possibly rewritten) upstream."""
+
+    async def query(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run the proxy's own query on the session's connection (after everything before it is
+        answered) and return its rows as text; raises relay.QueryFailed on an error."""
+        ...
+
     def send_upstream(self, data: bytes) -> None: ...
 
     def send_client(self, data: bytes) -> None: ...

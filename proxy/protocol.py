@@ -192,7 +192,10 @@ class Framer:
     a 100 MB value streams through without being held. `valid_types`, when given, is the set of types
     the peer may send; anything else is a protocol violation."""
 
-    __slots__ = ("_held", "_hold_total", "_skip", "inspect", "last_type", "max_length", "valid_types")
+    __slots__ = (
+        "_held", "_hold_total", "_skip", "inspect", "last_type", "max_length", "ready_count", "tx_status",
+        "valid_types",
+    )
 
     def __init__(
         self, *, valid_types: frozenset[int] | None = None, max_length: int = DEFAULT_MAX_MESSAGE
@@ -201,6 +204,10 @@ class Framer:
         self.max_length = max_length
         self.inspect: frozenset[int] = frozenset()
         self.last_type = 0
+        #: ReadyForQuery messages seen, and the transaction status byte of the last one (I, T or E);
+        #: meaningful on the server's stream, where they mark the ends of the client's requests.
+        self.ready_count = 0
+        self.tx_status = ord("I")
         self._skip = 0
         self._held = bytearray()
         self._hold_total = 0
@@ -241,6 +248,10 @@ class Framer:
                 raise ProtocolViolation(f"message of {length} bytes exceeds the maximum of {self.max_length}")
             self.last_type = msg_type
             total = length + 1
+            if msg_type == READY_FOR_QUERY:
+                self.ready_count += 1
+                if end - pos > 5:
+                    self.tx_status = view[pos + 5]
             if msg_type in inspect:
                 if pos > start:
                     out.append(view[start:pos])

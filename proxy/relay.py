@@ -16,7 +16,57 @@ from . import protocol as pg
 from .hooks import ServerWatcher, SessionHook, SessionInfo
 
 ALL_TYPES = frozenset(range(256))
+SYNC_POINTS = frozenset({pg.QUERY, pg.SYNC})
+#: Server messages that belong to no request: they reach the client even while the proxy runs its own query.
+ASYNCHRONOUS = frozenset(b"ANS")
 WRITE_HIGH_WATER = 1 << 20
+
+
+class QueryFailed(Exception):
+    """The proxy's own query on a session's connection got an ErrorResponse."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", "query failed"))
+        self.fields = fields
+
+
+class _Capture:
+    """Collects the answer to a query the proxy itself sent, so the client never sees it."""
+
+    def __init__(self, done: asyncio.Future[list[tuple[str | None, ...]]]) -> None:
+        self.done = done
+        self.rows: list[tuple[str | None, ...]] = []
+        self.error: dict[str, str] | None = None
+
+    def feed(self, msg_type: int, body: bytes) -> bool:
+        """Take one server message; True when the answer is complete (ReadyForQuery)."""
+        if msg_type == ord("D"):
+            self.rows.append(_decode_row(body))
+        elif msg_type == pg.ERROR_RESPONSE:
+            self.error = pg.parse_fields(body)
+        elif msg_type == pg.READY_FOR_QUERY:
+            if not self.done.done():
+                if self.error is not None:
+                    self.done.set_exception(QueryFailed(self.error))
+                else:
+                    self.done.set_result(self.rows)
+            return True
+        return False
+
+
+def _decode_row(body: bytes) -> tuple[str | None, ...]:
+    count = int.from_bytes(body[:2], "big")
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + length].decode())
+            pos += length
+    return tuple(values)
 
 
 class _Side(asyncio.Protocol):
@@ -67,7 +117,11 @@ class Relay:
         self._server_framer = pg.Framer()
         self._in_query = False  # start-up ended with the server's first ReadyForQuery
         if hook is not None:
-            self._client_framer.inspect = hook.message_types
+            # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
+            self._client_framer.inspect = hook.message_types | SYNC_POINTS
+        self._syncs_sent = 0
+        self._answered: asyncio.Future[None] | None = None
+        self._capture: _Capture | None = None
         self._watcher: ServerWatcher | None = None
         self._held: deque[pg.Piece] | None = None
         self._hook_task: asyncio.Task[None] | None = None
@@ -123,7 +177,9 @@ class Relay:
                 write(piece)  # type: ignore[arg-type]
                 continue
             assert isinstance(piece, pg.Message)
-            if not hook.wants(piece.type, piece.body):
+            if piece.type not in hook.message_types or not hook.wants(piece.type, piece.body):
+                if piece.type in SYNC_POINTS:
+                    self._syncs_sent += 1
                 write(piece.encode())
                 continue
             self._held = pieces
@@ -180,11 +236,14 @@ class Relay:
 
     def _from_server(self, data: bytes) -> None:
         self._last_activity = asyncio.get_running_loop().time()
-        pieces = self._server_framer.feed(data)
-        if self._server_framer.last_type == pg.READY_FOR_QUERY:
+        framer = self._server_framer
+        pieces = framer.feed(data)
+        if framer.last_type == pg.READY_FOR_QUERY:
             self._in_query = False
+            if self._answered is not None and not self._answered.done() and self.outstanding <= 0:
+                self._answered.set_result(None)
         write = self.client.write
-        if self._watcher is None:  # nothing is inspected: every piece is a raw run
+        if not framer.inspect:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
                 write(piece)  # type: ignore[arg-type]
             return
@@ -193,6 +252,12 @@ class Relay:
                 write(piece)  # type: ignore[arg-type]
                 continue
             assert isinstance(piece, pg.Message)
+            capture = self._capture
+            if capture is not None and piece.type not in ASYNCHRONOUS:
+                if capture.feed(piece.type, piece.body):
+                    self._capture = None
+                    self._update_server_inspection()
+                continue
             watcher = self._watcher
             replacement = watcher(piece.type, piece.body) if watcher is not None else None
             write(piece.encode() if replacement is None else replacement)
@@ -229,13 +294,49 @@ class Relay:
         if not self._closing:
             self.client.write(data)
 
+    def forward(self, msg_type: int, body: bytes) -> None:
+        """Send a client message (as it came, or rewritten) upstream, counting it if it asks for an answer."""
+        if msg_type in SYNC_POINTS:
+            self._syncs_sent += 1
+        self.send_upstream(pg.message(msg_type, body))
+
     def watch_server(self, watcher: ServerWatcher) -> None:
         self._watcher = watcher
-        self._server_framer.inspect = ALL_TYPES
+        self._update_server_inspection()
 
     def stop_watching(self) -> None:
         self._watcher = None
-        self._server_framer.inspect = frozenset()
+        self._update_server_inspection()
+
+    def _update_server_inspection(self) -> None:
+        busy = self._watcher is not None or self._capture is not None
+        self._server_framer.inspect = ALL_TYPES if busy else frozenset()
+
+    @property
+    def outstanding(self) -> int:
+        """Requests (Query or Sync) sent upstream that the server has not yet answered with ReadyForQuery."""
+        return self._syncs_sent - self._server_framer.ready_count
+
+    @property
+    def transaction_status(self) -> str:
+        """The server's transaction status as of its last ReadyForQuery: I (idle), T (in a block), E (failed)."""
+        return chr(self._server_framer.tx_status)
+
+    async def query(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run a query of the proxy's own on this session's connection, once the server has answered
+        everything before it, and return its rows as text; the client sees nothing of it."""
+        loop = asyncio.get_running_loop()
+        while self.outstanding > 0:
+            self._answered = loop.create_future()
+            await self._answered
+        if self._closing:
+            raise QueryFailed({"C": "08006", "M": "the session is closing"})
+        done: asyncio.Future[list[tuple[str | None, ...]]] = loop.create_future()
+        self._capture = _Capture(done)
+        self._update_server_inspection()
+        self._syncs_sent += 1
+        self.server.write(pg.message(pg.QUERY, sql.encode() + b"\0"))
+        return await done
 
     # ------------------------------------------------------------------ life cycle
 
@@ -286,6 +387,9 @@ class Relay:
             self._idle_handle.cancel()
         if self._hook_task is not None and not self._hook_task.done():
             self._hook_task.cancel()
+        for future in (self._answered, self._capture.done if self._capture else None):
+            if future is not None and not future.done():
+                future.cancel()
         if self.hook is not None:
             try:
                 self.hook.close()

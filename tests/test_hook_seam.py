@@ -47,6 +47,10 @@ class DemoHook:
             await asyncio.sleep(0.05)  # local work, while later messages wait their turn
             control.send_client(text_result("answer", f"from the proxy for {self.info.user}")
                                 + pg.message(pg.READY_FOR_QUERY, b"I"))
+        elif b"hook_whoami" in body:
+            (row,) = await control.query("select current_user, current_setting('application_name')")
+            control.send_client(text_result("whoami", f"{row[0]}/{row[1]}/{control.transaction_status}")
+                                + pg.message(pg.READY_FOR_QUERY, control.transaction_status.encode()))
         elif b"hook_wait_for_cancel" in body:
             await self.cancelled.wait()
             control.send_client(pg.error_response("57014", "canceling statement due to user request",
@@ -137,6 +141,21 @@ async def test_hook_watches_server_replies(hooked) -> None:
         return rows(client.read_until(b"Z") + client.read_until(b"Z"))
 
     assert await asyncio.to_thread(run) == ["HOOK_WATCH", "after"]
+
+
+async def test_hook_runs_its_own_query_on_the_session(hooked) -> None:
+    server, _ = hooked
+
+    def run() -> list[str]:
+        client = RawClient(server.port)
+        client.login(application_name="seam")
+        # The hook's query waits for the answers the server still owes, and its own answer is not relayed.
+        client.send(query("select pg_sleep(0.2), 'first'") + query("begin") + query("select 'hook_whoami'")
+                    + query("select 'last'"))
+        return rows(client.read_until(b"Z") + client.read_until(b"Z") + client.read_until(b"Z")
+                    + client.read_until(b"Z"))
+
+    assert await asyncio.to_thread(run) == ["", "postgres/seam/T", "last"]
 
 
 async def test_cancel_request_reaches_the_hook(hooked) -> None:
