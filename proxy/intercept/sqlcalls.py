@@ -75,6 +75,7 @@ class CallSite:
     has_alias: bool = False  # a FROM function with its own alias, or a target with AS
     with_ordinality: bool = False
     statement: int = 0
+    in_target: bool = False  # somewhere inside a select-list (or RETURNING) entry, where names matter
 
     def argument(self, param_name: str) -> Arg | None:
         """The argument bound to a parameter, or None when the parameter takes its default."""
@@ -164,7 +165,7 @@ class _CallFinder(Visitor):
         assert self.statement is not None
         self.statement.calls.append(CallSite(
             function, binding, positional + list(named.values()), start, end, position, has_alias, ordinality,
-            self.statement_index,
+            self.statement_index, position is Position.TARGET or _inside_target(ancestors),
         ))
 
     def _call_extent(self, start: int) -> tuple[int, list[tuple[int, int]]]:
@@ -273,13 +274,25 @@ def _operator(node: ast.A_Expr) -> str | None:
     return names[-1].sval if names else None
 
 
+def _inside_target(ancestors: Ancestor | None) -> bool:
+    while ancestors is not None and ancestors.node is not None:
+        if isinstance(ancestors.node, ast.ResTarget) and ancestors.member == "val":
+            owner = ancestors.parent.parent if ancestors.parent is not None else None
+            return owner is not None and owner.member in _TARGET_LISTS
+        ancestors = ancestors.parent
+    return False
+
+
+_TARGET_LISTS = ("targetList", "returningList", "exprs")  # exprs: PostgreSQL 18's ReturningClause
+
+
 def _position(ancestors: Ancestor) -> tuple[Position, bool, bool]:
     """Where a call stands: the whole value of a target-list entry, a FROM function, or elsewhere."""
     parent = ancestors.node
     if isinstance(parent, ast.ResTarget) and ancestors.member == "val":
         grand = ancestors.parent.parent if ancestors.parent is not None else None
         owner_member = ancestors.parent.parent.member if grand is not None else None
-        if owner_member in ("targetList", "returningList", "exprs"):  # exprs: PostgreSQL 18's ReturningClause
+        if owner_member in _TARGET_LISTS:
             return Position.TARGET, parent.name is not None, False
         return Position.NESTED, False, False
     # A FROM function: FuncCall -> (FuncCall, coldeflist) tuple -> functions tuple -> RangeFunction

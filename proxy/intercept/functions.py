@@ -1,0 +1,179 @@
+"""What each azure_local_ai function does, given its arguments' values: embeddings from the engine,
+settings and models from the catalog. Shared by every session through one `Backend`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalog import Catalog, CatalogError, resolve_model_path
+from inference.build import builtin_model
+from inference.engine import EmbeddingEngine
+from inference.errors import EmbeddingTimeout, ModelFilesError
+from inference.model_dir import ModelFiles, load_model_dir
+from inference.settings import EngineSettings
+
+BUILTIN_URI = "multilingual-e5-small:v1"
+
+
+class CallError(Exception):
+    """A call failed; the client gets `sqlstate`, `message` and `hint` as an ERROR."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint
+
+
+def from_catalog(exc: CatalogError) -> CallError:
+    return CallError(exc.sqlstate, exc.message, exc.hint)
+
+
+@dataclass
+class Backend:
+    """The engine, the catalog and the model roots, as one service for all sessions."""
+
+    data_dir: Path
+    engine: EmbeddingEngine
+    catalog: Catalog
+    model_roots: tuple[Path, ...]
+
+    def __post_init__(self) -> None:
+        self._files: dict[str, ModelFiles] = {}
+        self._builtin_lock = asyncio.Lock()
+
+    @classmethod
+    def open(cls, data_dir: Path, model_roots: Sequence[Path], engine: EmbeddingEngine | None = None) -> Backend:
+        """Open the catalog and start an engine with the catalog's thread settings."""
+        catalog = Catalog(data_dir)
+        backend = cls(data_dir, engine or EmbeddingEngine(), catalog, tuple(model_roots))
+        backend.engine.apply_settings(backend.engine_settings())
+        return backend
+
+    def engine_settings(self) -> EngineSettings:
+        values = self.catalog.get_settings(None)
+        return EngineSettings(
+            intra_op_parallelism=int(values["intra_op_parallelism"]),
+            inter_op_parallelism=int(values["inter_op_parallelism"]),
+            spin_control=values["spin_control"] == "true",
+        )
+
+    async def _blocking(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Run catalog and file work off the event loop, translating its errors for the client."""
+        try:
+            return await asyncio.to_thread(func, *args)
+        except CatalogError as exc:
+            raise from_catalog(exc) from exc
+        except ModelFilesError as exc:
+            raise CallError("22023", str(exc), "Check the model and tokenizer paths.") from exc
+
+    async def model_files(self, uri: str) -> ModelFiles:
+        """The files of a registered model (the built-in one is built on first use)."""
+        cached = self._files.get(uri)
+        if cached is not None:
+            return cached
+        record = await self._blocking(self.catalog.get_model, uri)
+        if record.builtin:
+            async with self._builtin_lock:
+                files = await self._blocking(builtin_model, self.data_dir)
+        else:
+            tokenizer = Path(record.tokenizer_path) if record.tokenizer_path else None
+            files = await self._blocking(partial(load_model_dir, Path(record.model_path), tokenizer, uri=uri))
+        self._files[uri] = files
+        return files
+
+    # ------------------------------------------------------------------ the functions
+
+    async def create_embeddings(
+        self, uri: str, texts: Sequence[str | None], batch_size: int | None, timeout_ms: int
+    ) -> list[np.ndarray | None]:
+        if batch_size is not None and batch_size < 1:
+            raise CallError("22023", f"batch_size must be at least 1, not {batch_size}")
+        if timeout_ms < 0:
+            raise CallError("22023", f"timeout_ms must not be negative, not {timeout_ms}")
+        files = await self.model_files(uri)
+        present = [t for t in texts if t is not None]
+        try:
+            vectors = await self.engine.embed(files, present, batch_size=batch_size, timeout=_seconds(timeout_ms))
+        except EmbeddingTimeout as exc:
+            raise CallError("57014", f"canceling statement: create_embeddings did not finish within {timeout_ms} ms",
+                            "Raise timeout_ms, or embed fewer inputs per call.") from exc
+        rows = iter(vectors)
+        return [None if t is None else next(rows) for t in texts]
+
+    async def get_setting(self, key: str) -> str:
+        return await self._blocking(self.catalog.get_setting, key)
+
+    async def get_settings(self, keys: Sequence[str | None]) -> dict[str, str]:
+        if any(k is None for k in keys):
+            raise CallError("22004", "setting keys must not be NULL")
+        return await self._blocking(self.catalog.get_settings, list(keys))  # type: ignore[arg-type]
+
+    async def set_settings(self, pairs: dict[str, str]) -> None:
+        await self._blocking(self.catalog.set_settings, pairs)
+        self.engine.apply_settings(await self._blocking(self.engine_settings))
+
+    async def model_loaded(self, uri: str) -> bool:
+        await self._blocking(self.catalog.get_model, uri)
+        return self.engine.is_loaded(uri)
+
+    async def model_metadata(self, uri: str) -> dict[str, object]:
+        record = await self._blocking(self.catalog.get_model, uri)
+        metadata = record.to_metadata()
+        metadata["loaded"] = self.engine.is_loaded(uri)
+        return metadata
+
+    async def model_register(self, uri: str, model_path: str, tokenizer_path: str | None) -> int:
+        model = await self._blocking(resolve_model_path, model_path, self.model_roots)
+        tokenizer = None
+        if tokenizer_path:
+            tokenizer = await self._blocking(resolve_model_path, tokenizer_path, self.model_roots)
+        files = await self._blocking(partial(load_model_dir, model, tokenizer, uri=uri))
+        try:
+            await self._blocking(self.engine.load, files)  # the model loads and embeds: check it now
+            await self.engine.embed(files, ["azure_local_ai model_register check"])
+        except CallError:
+            raise
+        except Exception as exc:
+            raise CallError("22023", f"model {uri} at {model} cannot be loaded: {exc}",
+                            "Give an ONNX text-embedding model with its tokenizer.json.") from exc
+        finally:
+            self.engine.unload(uri)
+        record = await self._blocking(
+            self.catalog.register_model, uri, str(files.onnx_path), str(files.tokenizer_path), files.dimensions,
+            files.max_seq_length,
+        )
+        self._files.pop(uri, None)
+        return record.id
+
+    async def model_unload(self, uri: str) -> None:
+        await self._blocking(self.catalog.get_model, uri)
+        await asyncio.to_thread(self.engine.unload, uri)
+
+    async def model_unregister(self, uri: str) -> None:
+        await self._blocking(self.catalog.unregister_model, uri)
+        self._files.pop(uri, None)
+        await asyncio.to_thread(self.engine.unload, uri)
+
+
+def _seconds(timeout_ms: int) -> float | None:
+    return timeout_ms / 1000 if timeout_ms > 0 else None
+
+
+def default_model_roots(data_dir: Path) -> tuple[Path, ...]:
+    """Where model_register may read models when no roots are configured."""
+    return (data_dir / "models",)
+
+
+def parse_model_roots(value: str, data_dir: Path) -> tuple[Path, ...]:
+    if not value:
+        return default_model_roots(data_dir)
+    return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)

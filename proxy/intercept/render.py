@@ -1,0 +1,104 @@
+"""SQL text for computed values, shaped so that PostgreSQL gives the result the real extension would:
+the same column names, types and row counts, wherever the call stood."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from .arrays import format_text_array
+from .sqlcalls import CallSite, Position
+
+#: A value computed for a call: a scalar result, or the rows of a set-returning overload.
+Rows = list[np.ndarray | None]
+
+
+def string_literal(text: str) -> str:
+    """A string constant that means `text` whatever standard_conforming_strings says."""
+    quoted = text.replace("'", "''")
+    if "\\" in text:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def real_array_text(vector: np.ndarray) -> str:
+    """The real[] text of a float32 vector; repr of the float64 widening reads back to the same float32."""
+    return "{" + ",".join(map(repr, vector.tolist())) + "}"
+
+
+def real_array_literal(vector: np.ndarray | None) -> str:
+    if vector is None:
+        return "NULL::real[]"
+    return "'" + real_array_text(vector) + "'::real[]"
+
+
+def scalar_literal(sql_type: str, value: object) -> str:
+    """A typed constant for a scalar result."""
+    if value is None:
+        return f"NULL::{sql_type}"
+    if sql_type == "real[]":
+        assert isinstance(value, np.ndarray)
+        return real_array_literal(value)
+    if sql_type == "jsonb":
+        return string_literal(json.dumps(value, separators=(", ", ": "))) + "::jsonb"
+    if sql_type == "boolean":
+        return "true" if value else "false"
+    if sql_type == "bigint":
+        return f"{int(value)}::bigint"  # type: ignore[call-overload]
+    if sql_type == "void":
+        return "''::void"
+    return string_literal(str(value)) + f"::{sql_type}"
+
+
+def replace_scalar(call: CallSite, sql_type: str, value: object) -> str:
+    """What stands in for a call of a scalar-returning overload."""
+    literal = scalar_literal(sql_type, value)
+    name = call.function  # the twelve names are plain lower-case identifiers
+    if call.position is Position.TARGET:
+        return literal if call.has_alias else f"{literal} AS {name}"
+    if call.position is Position.FROM:
+        subquery = f"(SELECT {literal} AS {name})"
+        return subquery if call.has_alias else f"{subquery} AS {name}"
+    # Nested in an expression: a one-value subquery keeps the name PostgreSQL gives the column
+    # (a function call names its column, and so does a subquery's single output) where it matters.
+    return f"(SELECT {literal} AS {name})" if call.in_target else literal
+
+
+def replace_rows(call: CallSite, vectors: Rows | None, ids_sql: str | None) -> str:
+    """What stands in for a call of a set-returning create_embeddings overload; None: no rows (NULL input)."""
+    if vectors is None:
+        embeddings = "NULL::text[]"
+    else:
+        embeddings = string_literal(format_text_array([None if v is None else real_array_text(v) for v in vectors]))
+        embeddings += "::text[]"
+    name = call.function  # the twelve names are plain lower-case identifiers
+    if call.position is Position.FROM:
+        if ids_sql is None:
+            body = (f"(SELECT u.e::real[] AS embedding FROM unnest({embeddings}) WITH ORDINALITY AS u(e, n) "
+                    "ORDER BY u.n)")
+        else:
+            body = (f"(SELECT u.id, u.e::real[] AS embedding FROM unnest({ids_sql}, {embeddings}) "
+                    "WITH ORDINALITY AS u(id, e, n) ORDER BY u.n)")
+        return body if call.has_alias else f"{body} AS {name}"
+    if ids_sql is None:
+        expression = f"unnest({embeddings})::real[]"
+    else:
+        expression = (f"unnest(ARRAY(SELECT ROW(u.id, u.e::real[]) FROM unnest({ids_sql}, {embeddings}) "
+                      "WITH ORDINALITY AS u(id, e, n) ORDER BY u.n))")
+    if call.position is Position.TARGET and not call.has_alias:
+        return f"{expression} AS {name}"
+    return expression
+
+
+def splice(sql: str, replacements: Sequence[tuple[int, int, str]]) -> str:
+    """`sql` with each (start, end) span replaced by its text; spans must not overlap."""
+    out = []
+    cursor = 0
+    for start, end, text in sorted(replacements):
+        out.append(sql[cursor:start])
+        out.append(text)
+        cursor = end
+    out.append(sql[cursor:])
+    return "".join(out)
