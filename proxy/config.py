@@ -49,6 +49,13 @@ OPTIONS: tuple[Option, ...] = (
         "directory",
     ),
     Option("proxy", "data_dir", str, _default_data_dir(), "directory for the catalog, models and embedded server"),
+    Option(
+        "proxy",
+        "model_roots",
+        str,
+        "",
+        "directories model_register may read models from, separated by ':'; empty means DATA_DIR/models",
+    ),
     Option("proxy", "tls_cert", str, "", "PEM certificate offered to clients that ask for TLS (with tls_key)"),
     Option("proxy", "tls_key", str, "", "PEM private key of tls_cert"),
     Option("proxy", "connect_timeout", float, 10.0, "seconds to wait for the upstream server to accept"),
@@ -66,6 +73,7 @@ class Config:
     listen: str
     upstream: str
     data_dir: str
+    model_roots: str
     tls_cert: str
     tls_key: str
     connect_timeout: float
