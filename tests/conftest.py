@@ -41,12 +41,20 @@ def pg() -> Iterator[PgCluster]:
 
 
 @pytest.fixture(scope="session")
-def proxy(
-    pg: PgCluster, tls_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
+def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory with the built-in model built (once per test session, shared by all tests)."""
+    from inference import builtin_model
+
+    directory = tmp_path_factory.getbasetemp() / "inference-data"
+    builtin_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def proxy(pg: PgCluster, tls_files: dict[str, Path], model_data_dir: Path) -> Iterator[ProxyProcess]:
     """The proxy, as a user runs it, in front of `pg`, offering TLS to clients."""
     running = start_proxy(
-        tmp_path_factory.mktemp("proxy-data"),
+        model_data_dir,
         "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"]),
         upstream=pg.url(),
     )
