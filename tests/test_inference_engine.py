@@ -1,0 +1,193 @@
+"""The embedding engine: batching, cancellation, timeouts, settings, unloading, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import (
+    BatchingConfig,
+    EmbeddingEngine,
+    EmbeddingTimeout,
+    EngineClosed,
+    EngineSettings,
+    ModelFiles,
+    ModelFilesError,
+)
+from inference.runtime import ModelRuntime
+
+from . import test_inference_fixtures as shared
+
+data_dir, e5_q4 = shared.data_dir, shared.e5_q4  # session fixtures
+
+LONG = "passage: " + " ".join(f"token{i}" for i in range(600))  # truncated to 512 tokens
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[EmbeddingEngine]:
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=50))
+    yield engine
+    await engine.close()
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+async def test_concurrent_callers_share_model_runs(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    texts = [f"query: question number {i} about topic {i * 7}" for i in range(16)]
+    engine.load(e5_q4)
+    before = engine.stats.runs
+    results = await asyncio.gather(*(engine.embed(e5_q4, [text]) for text in texts))
+    assert engine.stats.runs - before <= 2  # 16 callers, one (at most two) model runs
+    alone = ModelRuntime(e5_q4, EngineSettings.default())
+    for text, result in zip(texts, results, strict=True):
+        assert result.shape == (1, 384)
+        assert np.abs(result - alone.embed_texts([text])).max() < 1e-4
+
+
+async def test_results_keep_input_order_and_batch_size_caps_runs(engine: EmbeddingEngine, e5_q4) -> None:
+    texts = [f"passage: {'word ' * (i % 5)}item {i}" for i in range(10)]
+    engine.load(e5_q4)
+    before = engine.stats.runs
+    vectors = await engine.embed(e5_q4, texts, batch_size=3)
+    assert engine.stats.runs - before == 4  # ceil(10 / 3)
+    singles = np.vstack([await engine.embed(e5_q4, [text]) for text in texts])
+    assert np.abs(vectors - singles).max() < 1e-4
+
+
+async def test_runs_respect_the_token_budget(e5_q4: ModelFiles) -> None:
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=0, max_batch_tokens=64))
+    try:
+        texts = [f"passage: {'alpha beta gamma ' * 5}{i}" for i in range(8)]
+        await engine.embed(e5_q4, texts)
+        assert engine.stats.runs >= 3
+        assert engine.stats.padded_tokens <= 64 * engine.stats.runs
+        assert engine.stats.sequences == 8
+    finally:
+        await engine.close()
+
+
+async def _busy(engine: EmbeddingEngine, files: ModelFiles) -> asyncio.Task:
+    """Start a request of several long runs; return once its first run has finished."""
+    before = engine.stats.runs
+    task = asyncio.create_task(engine.embed(files, [LONG] * 12))
+    while engine.stats.runs == before:
+        await asyncio.sleep(0.005)
+    return task
+
+
+async def test_timeout_raises_and_drops_queued_work(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    engine.load(e5_q4)
+    busy = await _busy(engine, e5_q4)
+    started = time.monotonic()
+    with pytest.raises(EmbeddingTimeout):
+        await engine.embed(e5_q4, ["query: too late", "query: also too late"], timeout=0.05)
+    assert time.monotonic() - started < 1.0
+    assert engine.stats.dropped == 2
+    await busy
+    assert engine.stats.sequences == 12  # the timed-out inputs never ran
+
+
+async def test_cancellation_drops_queued_work(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    engine.load(e5_q4)
+    busy = await _busy(engine, e5_q4)
+    victim = asyncio.create_task(engine.embed(e5_q4, ["query: never mind"]))
+    await asyncio.sleep(0.05)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    await busy
+    assert engine.stats.dropped == 1 and engine.stats.sequences == 12
+
+
+async def test_event_loop_stays_responsive(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    engine.load(e5_q4)
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - started - 0.01)
+
+    tick = asyncio.create_task(ticker())
+    await engine.embed(e5_q4, [LONG] * 8)
+    tick.cancel()
+    assert len(lags) > 5 and max(lags) < 0.25
+
+
+async def test_settings_take_effect_without_restart(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    text = ["query: thread settings"]
+    engine.apply_settings(EngineSettings(intra_op_parallelism=1, inter_op_parallelism=1, spin_control=False))
+    single = await engine.embed(e5_q4, text)
+    threads_single = _threads()
+    builds = engine.stats.session_builds
+    engine.apply_settings(EngineSettings(intra_op_parallelism=4, inter_op_parallelism=1, spin_control=True))
+    quad = await engine.embed(e5_q4, text)
+    assert engine.stats.session_builds == builds + 1
+    assert _threads() - threads_single >= 3  # ORT's intra-op pool: 3 workers beside the caller
+    assert np.abs(single - quad).max() < 1e-5
+    engine.apply_settings(EngineSettings(intra_op_parallelism=1))
+    await engine.embed(e5_q4, text)
+    assert _threads() == threads_single
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="intra_op_parallelism"):
+        EngineSettings(intra_op_parallelism=0)
+    assert EngineSettings.default().inter_op_parallelism == 1
+    assert EngineSettings.default().spin_control is True
+
+
+async def test_unload_frees_the_model(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    assert not engine.is_loaded(e5_q4)
+    base = _rss_mb()
+    info = engine.load(e5_q4)
+    assert info.dimensions == 384 and info.max_seq_length == 512 and info.pooled_in_graph
+    loaded = _rss_mb()
+    assert engine.is_loaded(e5_q4.uri)
+    assert engine.unload(e5_q4) is True and not engine.is_loaded(e5_q4)
+    assert engine.unload(e5_q4) is False
+    freed = loaded - _rss_mb()
+    assert loaded - base > 100 and freed > 0.7 * (loaded - base)
+    vector = await engine.embed(e5_q4, ["query: loads again on use"])
+    assert vector.shape == (1, 384) and engine.is_loaded(e5_q4)
+
+
+async def test_embed_sync_and_empty_input(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    sync = await asyncio.to_thread(engine.embed_sync, e5_q4, ["query: same", "query: twice"])
+    asynchronous = await engine.embed(e5_q4, ["query: same", "query: twice"])
+    assert np.abs(sync - asynchronous).max() < 1e-5
+    assert (await engine.embed(e5_q4, [])).shape == (0, 384)
+
+
+async def test_a_broken_model_fails_its_callers_only(engine: EmbeddingEngine, e5_q4: ModelFiles, tmp_path: Path):
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    (broken_dir / "model.onnx").write_bytes(b"not an onnx file")
+    (broken_dir / "tokenizer.json").write_bytes(e5_q4.tokenizer_path.read_bytes())
+    broken = ModelFiles("broken", broken_dir / "model.onnx", broken_dir / "tokenizer.json", None, 384, 512)
+    with pytest.raises(ModelFilesError, match="ONNX Runtime cannot load"):
+        await engine.embed(broken, ["x"])
+    assert (await engine.embed(e5_q4, ["still fine"])).shape == (1, 384)
+
+
+async def test_closed_engine_refuses_work(e5_q4: ModelFiles) -> None:
+    engine = EmbeddingEngine()
+    await engine.embed(e5_q4, ["warm"])
+    await engine.close()
+    with pytest.raises(EngineClosed):
+        await engine.embed(e5_q4, ["too late"])
+    assert not engine.is_loaded(e5_q4)
