@@ -15,6 +15,8 @@ from inference import cli as inference_cli
 
 from . import config as cfg
 from . import logs
+from .intercept.functions import Backend, parse_model_roots
+from .intercept.hook import InterceptHook
 from .server import ProxyServer
 from .upstream import Upstream
 
@@ -86,7 +88,10 @@ async def _serve_async(config: cfg.Config) -> int:
 
         config.data_path.mkdir(parents=True, exist_ok=True)
         upstream, embedded = await asyncio.to_thread(start_embedded, config.data_path, config.connect_timeout)
-    server = ProxyServer(config, upstream)
+    backend = await asyncio.to_thread(
+        Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path)
+    )
+    server = ProxyServer(config, upstream, lambda info: InterceptHook(info, backend))
     try:
         await server.start()
     except OSError as exc:
@@ -108,6 +113,7 @@ async def _serve_async(config: cfg.Config) -> int:
     if embedded is not None:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(embedded.cleanup)  # type: ignore[attr-defined]
+    await backend.engine.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

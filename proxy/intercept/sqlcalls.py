@@ -78,11 +78,12 @@ class CallSite:
     in_target: bool = False  # somewhere inside a select-list (or RETURNING) entry, where names matter
 
     def argument(self, param_name: str) -> Arg | None:
-        """The argument bound to a parameter, or None when the parameter takes its default."""
+        """The argument bound to a parameter; None when it takes its default or the overload has no
+        such parameter."""
         for param, index in zip(self.binding.overload.params, self.binding.arg_for_param, strict=True):
             if param.name == param_name:
                 return None if index is None else self.args[index]
-        raise KeyError(param_name)
+        return None
 
 
 @dataclass
