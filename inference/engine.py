@@ -278,15 +278,21 @@ class EmbeddingEngine:
                 items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
                 if items:
                     self._run(model, items)
+            if not self._queue:  # idle: give the runs' freed buffers back (keeps RSS near the model size)
+                _return_freed_memory()
+
+    @staticmethod
+    def _fail(items: list[_Item], exc: BaseException) -> None:
+        for request in {id(item.request): item.request for item in items}.values():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                request.future.set_exception(exc)
 
     def _run(self, model: ModelFiles, items: list[_Item]) -> None:
         try:
             runtime = self._runtime(model)
             vectors = runtime.run([item.ids for item in items])
         except Exception as exc:  # deliver any failure to the callers, keep serving others
-            for request in {id(i.request): i.request for i in items}.values():
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            self._fail(items, exc)
             return
         width = max(len(item.ids) for item in items)
         self.stats.runs += 1
@@ -316,10 +322,7 @@ class EmbeddingEngine:
             self._closed = True
             queued, self._queue = self._queue, deque()
             self._wakeup.notify_all()
-        for item in queued:
-            if not item.request.future.done():
-                with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    item.request.future.set_exception(EngineClosed("the embedding engine is shut down"))
+        self._fail(list(queued), EngineClosed("the embedding engine is shut down"))
         self._dispatcher.join()
         self._tokenizers.shutdown(wait=True)
         with self._load_lock:
