@@ -41,6 +41,21 @@ class SessionControl(Protocol):
         """I, T or E, as of the server's last ReadyForQuery."""
         ...
 
+    @property
+    def requests_sent(self) -> int:
+        """Queries and Syncs sent upstream so far (each is answered by one ReadyForQuery)."""
+        ...
+
+    @property
+    def outstanding(self) -> int:
+        """Of those, how many the server has not answered yet."""
+        ...
+
+    @property
+    def in_batch(self) -> bool:
+        """Whether extended-query messages went upstream since the last Sync or Query."""
+        ...
+
     def forward(self, msg_type: int, body: bytes) -> None:
         """Send the client's message (possibly rewritten) upstream."""
 

@@ -120,6 +120,7 @@ class Relay:
             # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
             self._client_framer.inspect = hook.message_types | SYNC_POINTS
         self._syncs_sent = 0
+        self._batch_open = False
         self._answered: asyncio.Future[None] | None = None
         self._capture: _Capture | None = None
         self._watcher: ServerWatcher | None = None
@@ -174,12 +175,12 @@ class Relay:
         while pieces:
             piece = pieces.popleft()
             if type(piece) is not pg.Message:
+                self._batch_open = True  # raw runs hold only message types that are not sync points
                 write(piece)  # type: ignore[arg-type]
                 continue
             assert isinstance(piece, pg.Message)
             if piece.type not in hook.message_types or not hook.wants(piece.type, piece.body):
-                if piece.type in SYNC_POINTS:
-                    self._syncs_sent += 1
+                self._count(piece.type)
                 write(piece.encode())
                 continue
             self._held = pieces
@@ -296,9 +297,25 @@ class Relay:
 
     def forward(self, msg_type: int, body: bytes) -> None:
         """Send a client message (as it came, or rewritten) upstream, counting it if it asks for an answer."""
+        self._count(msg_type)
+        self.send_upstream(pg.message(msg_type, body))
+
+    def _count(self, msg_type: int) -> None:
         if msg_type in SYNC_POINTS:
             self._syncs_sent += 1
-        self.send_upstream(pg.message(msg_type, body))
+            self._batch_open = False
+        else:
+            self._batch_open = True
+
+    @property
+    def requests_sent(self) -> int:
+        """Queries and Syncs sent upstream so far: each will be answered by one ReadyForQuery."""
+        return self._syncs_sent
+
+    @property
+    def in_batch(self) -> bool:
+        """Whether extended-query messages were sent since the last Sync (or Query)."""
+        return self._batch_open
 
     def watch_server(self, watcher: ServerWatcher) -> None:
         self._watcher = watcher

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trustme
 
@@ -48,6 +49,22 @@ def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.getbasetemp() / "inference-data"
     builtin_model(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def engine_vectors(model_data_dir: Path) -> Iterator:
+    """The engine's own output for a text, computed in this process, to compare SQL results with."""
+    from inference import builtin_model
+    from inference.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine()
+    files = builtin_model(model_data_dir)
+
+    def embed(*texts: str) -> np.ndarray:
+        return engine.embed_sync(files, list(texts))
+
+    yield embed
+    engine.close_sync()
 
 
 @pytest.fixture(scope="session")

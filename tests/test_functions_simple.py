@@ -9,26 +9,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from inference import builtin_model
-from inference.engine import EmbeddingEngine
-
+from .helpers_embeddings import assert_same_embeddings
 from .proxyproc import ProxyProcess
 
 MODEL = "multilingual-e5-small:v1"
 DIM = 384
-
-
-@pytest.fixture(scope="module")
-def engine_vectors(model_data_dir):
-    """The engine's own output for a text, computed in this process, to compare SQL results with."""
-    engine = EmbeddingEngine()
-    files = builtin_model(model_data_dir)
-
-    def embed(*texts: str) -> np.ndarray:
-        return engine.embed_sync(files, list(texts))
-
-    yield embed
-    engine.close_sync()
 
 
 @pytest.fixture()
@@ -48,7 +33,7 @@ def test_scalar_call_in_psql(proxy: ProxyProcess, engine_vectors) -> None:
     assert footer == "(1 row)"
     got = vector(value)
     assert got.shape == (DIM,)
-    np.testing.assert_array_equal(got, engine_vectors("query: hello world")[0])
+    assert_same_embeddings(got, engine_vectors("query: hello world")[0])
 
 
 def test_types_and_names(conn) -> None:
@@ -72,17 +57,17 @@ def test_named_arguments_and_concatenation(conn, engine_vectors) -> None:
     (got,) = conn.execute(
         f"SELECT azure_local_ai.create_embeddings(input => 'query: ' || 'naïve café', model_uri => '{MODEL}')"
     ).fetchone()
-    np.testing.assert_array_equal(np.array(got, np.float32), engine_vectors("query: naïve café")[0])
+    assert_same_embeddings(np.array(got, np.float32), engine_vectors("query: naïve café")[0])
 
 
 def test_array_overload_in_select_list_and_from(conn, engine_vectors) -> None:
     expected = engine_vectors("alpha", "beta", "gamma")
     rows = conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', ARRAY['alpha','beta','gamma'])")
     assert [d.name for d in rows.description] == ["create_embeddings"]
-    np.testing.assert_array_equal(np.array([r[0] for r in rows.fetchall()], np.float32), expected)
+    assert_same_embeddings(np.array([r[0] for r in rows.fetchall()], np.float32), expected)
     cur = conn.execute(f"SELECT * FROM azure_local_ai.create_embeddings('{MODEL}', '{{alpha,beta,gamma}}'::text[], 2)")
     assert [d.name for d in cur.description] == ["embedding"]
-    np.testing.assert_array_equal(np.array([r[0] for r in cur.fetchall()], np.float32), expected)
+    assert_same_embeddings(np.array([r[0] for r in cur.fetchall()], np.float32), expected)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +83,7 @@ def test_ids_overload_keeps_id_type_and_order(conn, engine_vectors, ids: str, sq
     assert [d.name for d in cur.description] == ["id", "pg_typeof", "embedding"]
     rows = cur.fetchall()
     assert [r[1] for r in rows] == [sql_type, sql_type]
-    np.testing.assert_array_equal(np.array([r[2] for r in rows], np.float32), engine_vectors("first", "second"))
+    assert_same_embeddings(np.array([r[2] for r in rows], np.float32), engine_vectors("first", "second"))
 
 
 def test_strict_nulls(conn) -> None:

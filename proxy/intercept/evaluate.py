@@ -4,20 +4,58 @@ set-returning overloads) and does nothing."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .arrays import ArrayLiteralError, parse_text_array
 from .functions import Backend, CallError
-from .render import replace_rows, replace_scalar
+from .render import embeddings_text_array, real_array_text, replace_rows, replace_scalar
 from .signatures import Param
 from .sqlcalls import BindRef, CallSite, Const, Dependent
 
-#: Decoded bind parameter values by position ($1 is index 0); text or None.
-BindValues = Sequence[str | None]
+#: Decoded bind parameter values by position ($1 is index 0): text, int, a list for arrays, or None.
+BindValues = Sequence[object]
+
+
+@dataclass(frozen=True)
+class Value:
+    """A call's result: a scalar of `sql_type`, or (sql_type "rows") the embeddings of a set-returning call."""
+
+    sql_type: str
+    value: object  # None is SQL NULL (no rows, for "rows")
 
 
 async def replacement(call: CallSite, backend: Backend, binds: BindValues | None = None) -> str:
-    """The SQL text that stands in for `call`, after running it."""
+    """The SQL text that stands in for `call`, after running it (simple protocol: a literal)."""
+    return as_literal(call, await compute(call, backend, binds))
+
+
+def as_literal(call: CallSite, result: Value) -> str:
+    if result.sql_type == "rows":
+        ids = call.argument("ids")
+        return replace_rows(call, result.value, ids.text if ids is not None else None)  # type: ignore[arg-type]
+    return replace_scalar(call, result.sql_type, result.value)
+
+
+def as_parameter(result: Value) -> bytes | None:
+    """The result as the text-format value of a bind parameter (extended protocol)."""
+    value = result.value
+    if value is None:
+        return None
+    if result.sql_type == "rows":
+        return embeddings_text_array(value).encode()  # type: ignore[arg-type]
+    if result.sql_type == "real[]":
+        return real_array_text(value).encode()  # type: ignore[arg-type]
+    if result.sql_type == "jsonb":
+        return json.dumps(value, separators=(", ", ": ")).encode()
+    if result.sql_type == "boolean":
+        return b"t" if value else b"f"
+    return str(value).encode()
+
+
+async def compute(call: CallSite, backend: Backend, binds: BindValues | None = None) -> Value:
+    """Run the call with its arguments' values."""
     overload = call.binding.overload
     args: dict[str, object] = {}
     for param in overload.params:
@@ -25,14 +63,14 @@ async def replacement(call: CallSite, backend: Backend, binds: BindValues | None
             continue
         value = _argument(call, param, binds)
         if value is None:
-            return _null_result(call)
+            return Value("rows" if overload.set_returning else overload.returns, None)
         args[param.name] = value
     function = call.function
     timeout_ms = int(args.get("timeout_ms", 0))  # type: ignore[call-overload]
     if function == "create_embeddings":
         if "input" in args:
             (vector,) = await backend.create_embeddings(str(args["model_uri"]), [str(args["input"])], None, timeout_ms)
-            return replace_scalar(call, "real[]", vector)
+            return Value("real[]", vector)
         inputs: list[str | None] = args["inputs"]  # type: ignore[assignment]
         ids = call.argument("ids")
         if ids is not None:
@@ -40,11 +78,11 @@ async def replacement(call: CallSite, backend: Backend, binds: BindValues | None
         vectors = await backend.create_embeddings(
             str(args["model_uri"]), inputs, int(args["batch_size"]), timeout_ms  # type: ignore[call-overload]
         )
-        return replace_rows(call, vectors, ids.text if ids is not None else None)
+        return Value("rows", vectors)
     if function == "get_setting":
         if "key" in args:
-            return replace_scalar(call, "text", await backend.get_setting(str(args["key"])))
-        return replace_scalar(call, "jsonb", await backend.get_settings(args["keys"]))  # type: ignore[arg-type]
+            return Value("text", await backend.get_setting(str(args["key"])))
+        return Value("jsonb", await backend.get_settings(args["keys"]))  # type: ignore[arg-type]
     if function == "set_setting":
         if "key" in args:
             pairs = {str(args["key"]): str(args["value"])}
@@ -52,36 +90,28 @@ async def replacement(call: CallSite, backend: Backend, binds: BindValues | None
             keys: list[str | None] = args["keys"]  # type: ignore[assignment]
             values: list[str | None] = args["values"]  # type: ignore[assignment]
             if len(keys) != len(values):
-                raise CallError("22023", f"keys and values must have the same length ({len(keys)} and {len(values)})")
+                raise CallError("2202E", f"keys and values must have the same length ({len(keys)} and {len(values)})")
             if any(k is None or v is None for k, v in zip(keys, values, strict=True)):
                 raise CallError("22004", "setting keys and values must not be NULL")
             pairs = dict(zip(keys, values, strict=True))  # type: ignore[arg-type]
         await backend.set_settings(pairs)
-        return replace_scalar(call, "void", "")
+        return Value("void", "")
     uri = str(args["model_uri"])
     if function == "model_loaded":
-        return replace_scalar(call, "boolean", await backend.model_loaded(uri))
+        return Value("boolean", await backend.model_loaded(uri))
     if function == "model_metadata":
-        return replace_scalar(call, "jsonb", await backend.model_metadata(uri))
+        return Value("jsonb", await backend.model_metadata(uri))
     if function == "model_register":
         tokenizer = args.get("tokenizer_path")
         model_id = await backend.model_register(uri, str(args["model_path"]), str(tokenizer) if tokenizer else None)
-        return replace_scalar(call, "bigint", model_id)
+        return Value("bigint", model_id)
     if function == "model_unload":
         await backend.model_unload(uri)
-        return replace_scalar(call, "void", "")
+        return Value("void", "")
     if function == "model_unregister":
         await backend.model_unregister(uri)
-        return replace_scalar(call, "void", "")
+        return Value("void", "")
     raise CallError("42883", f"function azure_local_ai.{function} is not implemented")
-
-
-def _null_result(call: CallSite) -> str:
-    overload = call.binding.overload
-    if overload.set_returning:
-        ids = call.argument("ids")
-        return replace_rows(call, None, ids.text if ids is not None else None)
-    return replace_scalar(call, overload.returns, None)
 
 
 def _argument(call: CallSite, param: Param, binds: BindValues | None) -> object:

@@ -1,9 +1,11 @@
-"""The session hook that answers azure_local_ai calls.
+"""The session hook that answers azure_local_ai calls, in both query protocols.
 
-A Query whose text mentions the schema is parsed; each call is run locally and replaced by its value
-as a literal, and the rewritten text goes to the server, which produces the rows, types, command tags
-and transaction semantics. A call that fails turns its statement into one the server rejects with a
-marker, and the server's error is replaced by the call's own: so statements before it run, those after
+Simple protocol: a Query whose text mentions the schema is parsed; each call runs locally and is
+replaced by its value as a literal, and the rewritten text goes to the server, which produces the
+rows, types, command tags and transaction semantics. Extended protocol: see prepared.py.
+
+A call that fails makes the server fail at the same point (a statement, or a Bind, carrying a
+marker), and the server's error is replaced by the call's own: statements before it run, those after
 it do not, and the transaction ends up aborted on both sides, exactly as with a real function error."""
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
+from collections.abc import Awaitable
 
 from .. import protocol as pg
 from ..hooks import SessionControl, SessionInfo
+from ..messages import Bind, Parse, describe_target, encode_parameter_description, parameter_description
 from ..relay import QueryFailed
-from .evaluate import replacement
+from .evaluate import as_parameter, compute, replacement
 from .functions import Backend, CallError
+from .prepared import PreparedCalls, bind_values, dependent_argument, failing_bind, rewrite_parse
 from .render import splice
 from .signatures import PRIVILEGED
 from .sqlcalls import SqlError, Statement, find_calls, mentions_schema
@@ -29,56 +35,105 @@ PRIVILEGE_CHECK = (
     "AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))"
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
+_CANCELLED = CallError("57014", "canceling statement due to user request")
+
+
+def _denied(function: str) -> CallError:
+    return CallError(
+        "42501", f"permission denied for function azure_local_ai.{function}",
+        "Only superusers and members of azure_pg_admin or azure_local_ai_setting_manager may change "
+        "settings and models.",
+    )
+
+
+def _cstring_at(body: bytes, pos: int) -> str:
+    return body[pos : body.index(b"\0", pos)].decode("utf-8", errors="surrogateescape")
 
 
 class InterceptHook:
     """One per session; see the module docstring."""
 
-    message_types = frozenset({pg.QUERY})
+    message_types = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
 
     def __init__(self, info: SessionInfo, backend: Backend) -> None:
         self.info = info
         self.backend = backend
-        self._work: asyncio.Task[str] | None = None
+        self.statements: dict[str, PreparedCalls] = {}
+        self._work: asyncio.Task[object] | None = None
+        # What the server-reply watcher looks for: marker -> (batch, error), and the Describe
+        # statement requests awaiting their ParameterDescription: (batch, extra parameters).
+        self._markers: dict[bytes, tuple[int, bytes]] = {}
+        self._describes: deque[tuple[int, int]] = deque()
+        self._answered = 0
+        self._watching = False
+        self._control: SessionControl | None = None
+
+    # ------------------------------------------------------------------ which messages
 
     def wants(self, msg_type: int, body: bytes) -> bool:
-        return mentions_schema(body)
+        if msg_type == pg.QUERY:
+            return mentions_schema(body)
+        if msg_type == pg.PARSE:
+            if mentions_schema(body):
+                return True
+            if self.statements:
+                self.statements.pop(_cstring_at(body, 0), None)  # that name now means another statement
+            return False
+        if not self.statements:
+            return False
+        if msg_type == pg.BIND:
+            return _cstring_at(body, body.index(b"\0") + 1) in self.statements
+        if msg_type == pg.DESCRIBE:
+            return body[:1] == b"S"
+        if msg_type == pg.CLOSE and body[:1] == b"S":
+            self.statements.pop(_cstring_at(body, 1), None)
+        return False
 
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None:
+        self._control = control
+        if msg_type == pg.QUERY:
+            await self._query(body, control)
+        elif msg_type == pg.PARSE:
+            await self._parse(Parse.decode(body), control)
+        elif msg_type == pg.BIND:
+            await self._bind(Bind.decode(body), control)
+        else:
+            self._describe(body, control)
+
+    # ------------------------------------------------------------------ simple protocol
+
+    async def _query(self, body: bytes, control: SessionControl) -> None:
         sql = body[:-1].decode("utf-8", errors="surrogateescape")
         try:
             statements = find_calls(sql)
         except SqlError as exc:
-            self._fail_after(control, "", CallError(exc.sqlstate, exc.message, exc.hint))
+            self._fail_query(control, "", CallError(exc.sqlstate, exc.message, exc.hint))
             return
-        calls = [c for s in statements for c in s.calls]
-        if not calls or (control.transaction_status == "E" and not _ends_transaction(sql, statements)):
-            control.forward(msg_type, body)  # nothing of ours, or the server will refuse it anyway (25P02)
+        if not any(s.calls for s in statements) or (
+            control.transaction_status == "E" and not _ends_transaction(sql, statements)
+        ):
+            control.forward(pg.QUERY, body)  # nothing of ours, or the server will refuse it anyway (25P02)
             return
-        self._work = asyncio.create_task(self._rewrite(sql, statements, control))
         try:
-            rewritten = await self._work
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise
-            self._fail_after(control, "", CallError("57014", "canceling statement due to user request"))
-            return
+            rewritten = await self._cancellable(self._rewrite(sql, statements, control))
         except _StatementFailed as failure:
-            self._fail_after(control, failure.before, failure.error)
+            self._fail_query(control, failure.before, failure.error)
             return
-        finally:
-            self._work = None
+        except CallError as error:
+            self._fail_query(control, "", error)
+            return
         control.forward(pg.QUERY, rewritten.encode("utf-8", errors="surrogateescape") + b"\0")
 
     async def _rewrite(self, sql: str, statements: list[Statement], control: SessionControl) -> str:
         replacements: list[tuple[int, int, str]] = []
-        privileged = False
+        checked = False
         for statement in statements:
             for call in statement.calls:
                 try:
-                    if call.function in PRIVILEGED and not privileged:
-                        await self._check_privilege(control, call.function)
-                        privileged = True
+                    if call.function in PRIVILEGED and not checked:
+                        if not await self._privileged(control):
+                            raise _denied(call.function)
+                        checked = True
                     text = await replacement(call, self.backend)
                 except CallError as error:
                     # Earlier statements run (rewritten); this one fails; later ones never start.
@@ -86,36 +141,156 @@ class InterceptHook:
                 replacements.append((call.start, call.end, text))
         return splice(sql, replacements)
 
-    async def _check_privilege(self, control: SessionControl, function: str) -> None:
+    def _fail_query(self, control: SessionControl, before: str, error: CallError) -> None:
+        """Send `before` (statements that run first), then one that fails with a marker."""
+        marker = self._expect_failure(control, error)
+        failing = before + f"SELECT '{marker}'::pg_catalog.int4"
+        control.forward(pg.QUERY, failing.encode("utf-8", errors="surrogateescape") + b"\0")
+
+    # ------------------------------------------------------------------ extended protocol
+
+    async def _parse(self, parse: Parse, control: SessionControl) -> None:
+        self.statements.pop(parse.statement, None)
+        try:
+            statements = find_calls(parse.query, dict(enumerate(parse.param_types, 1)))
+            dependent = dependent_argument(statements)
+            if dependent is not None:
+                call, reason = dependent
+                raise CallError(
+                    "0A000",
+                    f"azure_local_ai.{call.function}: an argument is {reason}; azure-local-ai-proxy evaluates "
+                    "calls whose arguments are constants or bind parameters",
+                    "Pass the value as a literal or a parameter.",
+                )
+        except (SqlError, CallError) as exc:
+            self._fail_parse(parse, control, CallError(exc.sqlstate, exc.message, exc.hint))
+            return
+        if not any(s.calls for s in statements):
+            control.forward(pg.PARSE, parse.encode())
+            return
+        privileged_ok: bool | None = None
+        if any(c.function in PRIVILEGED for s in statements for c in s.calls) and not control.in_batch:
+            try:
+                privileged_ok = await self._privileged(control)
+            except CallError as error:
+                self._fail_parse(parse, control, error)
+                return
+        upstream, prepared = rewrite_parse(parse, statements, privileged_ok)
+        self.statements[parse.statement] = prepared
+        control.forward(pg.PARSE, upstream.encode())
+
+    def _fail_parse(self, parse: Parse, control: SessionControl, error: CallError) -> None:
+        marker = self._expect_failure(control, error)
+        control.forward(pg.PARSE, Parse(parse.statement, f"SELECT '{marker}'::pg_catalog.int4", ()).encode())
+
+    async def _bind(self, bind: Bind, control: SessionControl) -> None:
+        prepared = self.statements[bind.statement]
+        if len(bind.values) != prepared.client_params:
+            self._fail_bind(bind, prepared, control, CallError(
+                "08P01", f"bind message supplies {len(bind.values)} parameters, but prepared statement "
+                f'"{bind.statement}" requires {prepared.client_params}'))
+            return
+        if control.transaction_status == "E":
+            control.forward(pg.BIND, bind.with_extra_text_values([None] * prepared.extra).encode())
+            return  # the server refuses it (25P02), as it would the real function
+        privileged = [c.function for c in prepared.calls if c.function in PRIVILEGED]
+        try:
+            if privileged and not prepared.privileged_ok:
+                if prepared.privileged_ok is None:
+                    raise CallError(
+                        "55000", f"azure_local_ai.{privileged[0]} cannot be prepared in the middle of a pipeline",
+                        "Send it in a batch of its own (after a Sync), or with the simple query protocol.")
+                raise _denied(privileged[0])
+            values = await self._cancellable(self._values(bind, prepared))
+        except CallError as error:
+            self._fail_bind(bind, prepared, control, error)
+            return
+        control.forward(pg.BIND, bind.with_extra_text_values([None, *values]).encode())  # type: ignore[list-item]
+
+    async def _values(self, bind: Bind, prepared: PreparedCalls) -> list[bytes | None]:
+        binds = bind_values(bind, prepared)
+        return [as_parameter(await compute(call, self.backend, binds)) for call in prepared.calls]
+
+    def _fail_bind(self, bind: Bind, prepared: PreparedCalls, control: SessionControl, error: CallError) -> None:
+        failing, marker = failing_bind(Bind(bind.portal, bind.statement, bind.param_formats,
+                                            bind.values[: prepared.client_params], bind.result_formats), prepared)
+        self._expect_failure(control, error, marker)
+        control.forward(pg.BIND, failing.encode())
+
+    def _describe(self, body: bytes, control: SessionControl) -> None:
+        _, name = describe_target(body)
+        prepared = self.statements.get(name)
+        self._describes.append((control.requests_sent, prepared.extra if prepared else 0))
+        self._watch(control)
+        control.forward(pg.DESCRIBE, body)
+
+    # ------------------------------------------------------------------ shared machinery
+
+    async def _privileged(self, control: SessionControl) -> bool:
         """Ask the server, as the session's current user, whether it may change settings and models."""
         try:
             rows = await control.query(PRIVILEGE_CHECK)
         except QueryFailed as exc:
             fields = exc.fields
             raise CallError(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H")) from exc
-        if rows != [("t",)]:
-            raise CallError(
-                "42501", f"permission denied for function azure_local_ai.{function}",
-                "Only superusers and members of azure_pg_admin or azure_local_ai_setting_manager may change "
-                "settings and models.",
-            )
+        return rows == [("t",)]
 
-    def _fail_after(self, control: SessionControl, before: str, error: CallError) -> None:
-        """Send `before` (statements that run first), then one that fails with a marker; the server's
-        error for it is replaced by `error`."""
-        marker = f"azure_local_ai_proxy_error_{secrets.token_hex(8)}"
-        failing = before + f"SELECT '{marker}'::pg_catalog.int4"
+    async def _cancellable(self, work: Awaitable[object]) -> object:
+        """Run local work so that a CancelRequest (or the session's end) can stop it."""
+        self._work = asyncio.ensure_future(work)
+        try:
+            return await self._work
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            raise _CANCELLED from None
+        finally:
+            self._work = None
+
+    def _expect_failure(self, control: SessionControl, error: CallError, marker: str | None = None) -> str:
+        """Register the marker whose server error is to be replaced by `error`."""
+        marker = marker or f"azure_local_ai_proxy_error_{secrets.token_hex(8)}"
         replacement_error = pg.error_response(error.sqlstate, error.message, severity="ERROR", hint=error.hint)
+        self._markers[marker.encode()] = (control.requests_sent, replacement_error)
+        self._watch(control)
+        return marker
 
-        def watcher(msg_type: int, body: bytes) -> bytes | None:
-            if msg_type == pg.ERROR_RESPONSE and marker.encode() in body:
-                return replacement_error
-            if msg_type == pg.READY_FOR_QUERY:
-                control.stop_watching()
-            return None
+    def _watch(self, control: SessionControl) -> None:
+        if not self._watching:  # count ReadyForQuery from here on, as the server's replies pass by
+            self._answered = control.requests_sent - control.outstanding
+            self._watching = True
+            control.watch_server(self._on_server_message)
 
-        control.watch_server(watcher)
-        control.forward(pg.QUERY, failing.encode("utf-8", errors="surrogateescape") + b"\0")
+    def _on_server_message(self, msg_type: int, body: bytes) -> bytes | None:
+        if msg_type == pg.ERROR_RESPONSE:
+            for marker, (_, error) in list(self._markers.items()):
+                if marker in body:
+                    del self._markers[marker]
+                    self._drop_describes_of_batch()
+                    return error
+            self._drop_describes_of_batch()
+        elif msg_type == ord("t"):
+            while self._describes and self._describes[0][0] < self._answered:
+                self._describes.popleft()
+            if self._describes:
+                _, extra = self._describes.popleft()
+                if extra:
+                    types = parameter_description(body)
+                    return pg.message(msg_type, encode_parameter_description(types[: len(types) - extra]))
+        elif msg_type == pg.READY_FOR_QUERY:
+            self._answered += 1
+            self._markers = {m: v for m, v in self._markers.items() if v[0] >= self._answered}
+            while self._describes and self._describes[0][0] < self._answered:
+                self._describes.popleft()
+            if not self._markers and not self._describes and self._control is not None:
+                self._watching = False
+                self._control.stop_watching()
+        return None
+
+    def _drop_describes_of_batch(self) -> None:
+        """After an error the server skips to the next Sync: Describes of this batch get no answer."""
+        while self._describes and self._describes[0][0] <= self._answered:
+            self._describes.popleft()
 
     def cancel(self) -> None:
         if self._work is not None:

@@ -53,8 +53,12 @@ def scalar_literal(sql_type: str, value: object) -> str:
 
 
 def replace_scalar(call: CallSite, sql_type: str, value: object) -> str:
-    """What stands in for a call of a scalar-returning overload."""
-    literal = scalar_literal(sql_type, value)
+    """What stands in for a call of a scalar-returning overload, given its value."""
+    return scalar_site(call, scalar_literal(sql_type, value))
+
+
+def scalar_site(call: CallSite, literal: str) -> str:
+    """What stands in for a call of a scalar-returning overload, given an expression of its value."""
     name = call.function  # the twelve names are plain lower-case identifiers
     if call.position is Position.TARGET:
         return literal if call.has_alias else f"{literal} AS {name}"
@@ -66,13 +70,19 @@ def replace_scalar(call: CallSite, sql_type: str, value: object) -> str:
     return f"(SELECT {literal} AS {name})" if call.in_target else literal
 
 
+def embeddings_text_array(vectors: Rows) -> str:
+    """The rows of a set-returning call as one text[] value, an element per row."""
+    return format_text_array([None if v is None else real_array_text(v) for v in vectors])
+
+
 def replace_rows(call: CallSite, vectors: Rows | None, ids_sql: str | None) -> str:
     """What stands in for a call of a set-returning create_embeddings overload; None: no rows (NULL input)."""
-    if vectors is None:
-        embeddings = "NULL::text[]"
-    else:
-        embeddings = string_literal(format_text_array([None if v is None else real_array_text(v) for v in vectors]))
-        embeddings += "::text[]"
+    embeddings = "NULL::text[]" if vectors is None else string_literal(embeddings_text_array(vectors)) + "::text[]"
+    return rows_site(call, embeddings, ids_sql)
+
+
+def rows_site(call: CallSite, embeddings: str, ids_sql: str | None) -> str:
+    """What stands in for a set-returning call, given a text[] expression holding its rows."""
     name = call.function  # the twelve names are plain lower-case identifiers
     if call.position is Position.FROM:
         if ids_sql is None:

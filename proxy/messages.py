@@ -1,0 +1,123 @@
+"""Bodies of the extended-query messages the interception rewrites (Parse, Bind, Describe, Close,
+ParameterDescription), decoded and encoded as plain values. Sans-I/O, like protocol.py."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .protocol import ProtocolViolation
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+
+
+def _cstring(body: bytes, pos: int) -> tuple[str, int]:
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolViolation("unterminated string in message")
+    return body[pos:end].decode("utf-8", errors="surrogateescape"), end + 1
+
+
+def _encode_cstring(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape") + b"\0"
+
+
+@dataclass(frozen=True)
+class Parse:
+    statement: str
+    query: str
+    param_types: tuple[int, ...]
+
+    @classmethod
+    def decode(cls, body: bytes) -> Parse:
+        try:
+            statement, pos = _cstring(body, 0)
+            query, pos = _cstring(body, pos)
+            (count,) = _I16.unpack_from(body, pos)
+            types = struct.unpack_from(f"!{count}I", body, pos + 2)
+        except struct.error as exc:
+            raise ProtocolViolation("malformed Parse message") from exc
+        return cls(statement, query, tuple(types))
+
+    def encode(self) -> bytes:
+        return (_encode_cstring(self.statement) + _encode_cstring(self.query) + _I16.pack(len(self.param_types))
+                + struct.pack(f"!{len(self.param_types)}I", *self.param_types))
+
+
+@dataclass(frozen=True)
+class Bind:
+    portal: str
+    statement: str
+    param_formats: tuple[int, ...]
+    values: tuple[bytes | None, ...]
+    result_formats: tuple[int, ...]
+
+    @classmethod
+    def decode(cls, body: bytes) -> Bind:
+        try:
+            portal, pos = _cstring(body, 0)
+            statement, pos = _cstring(body, pos)
+            (count,) = _I16.unpack_from(body, pos)
+            formats = struct.unpack_from(f"!{count}h", body, pos + 2)
+            pos += 2 + 2 * count
+            (count,) = _I16.unpack_from(body, pos)
+            pos += 2
+            values: list[bytes | None] = []
+            for _ in range(count):
+                (length,) = _I32.unpack_from(body, pos)
+                pos += 4
+                if length < 0:
+                    values.append(None)
+                else:
+                    values.append(body[pos : pos + length])
+                    pos += length
+            (count,) = _I16.unpack_from(body, pos)
+            result_formats = struct.unpack_from(f"!{count}h", body, pos + 2)
+        except struct.error as exc:
+            raise ProtocolViolation("malformed Bind message") from exc
+        return cls(portal, statement, tuple(formats), tuple(values), tuple(result_formats))
+
+    def encode(self) -> bytes:
+        parts = [_encode_cstring(self.portal), _encode_cstring(self.statement),
+                 _I16.pack(len(self.param_formats)), struct.pack(f"!{len(self.param_formats)}h", *self.param_formats),
+                 _I16.pack(len(self.values))]
+        for value in self.values:
+            parts.append(_I32.pack(-1) if value is None else _I32.pack(len(value)) + value)
+        parts += [_I16.pack(len(self.result_formats)), struct.pack(f"!{len(self.result_formats)}h",
+                                                                     *self.result_formats)]
+        return b"".join(parts)
+
+    def format_of(self, index: int) -> int:
+        """The format code (0 text, 1 binary) of parameter `index`, 0-based."""
+        if not self.param_formats:
+            return 0
+        if len(self.param_formats) == 1:
+            return self.param_formats[0]
+        return self.param_formats[index]
+
+    def with_extra_text_values(self, extra: list[bytes | None]) -> Bind:
+        """This Bind with more parameters appended, all in text format."""
+        count = len(self.values)
+        if not self.param_formats or (len(self.param_formats) == 1 and self.param_formats[0] == 0):
+            formats: tuple[int, ...] = self.param_formats
+        else:
+            formats = tuple(self.format_of(i) for i in range(count)) + (0,) * len(extra)
+        return Bind(self.portal, self.statement, formats, self.values + tuple(extra), self.result_formats)
+
+
+def describe_target(body: bytes) -> tuple[str, str]:
+    """Describe and Close bodies: ('S' or 'P', name)."""
+    if not body or chr(body[0]) not in "SP":
+        raise ProtocolViolation("Describe/Close must name a statement (S) or a portal (P)")
+    name, _ = _cstring(body, 1)
+    return chr(body[0]), name
+
+
+def parameter_description(body: bytes) -> tuple[int, ...]:
+    (count,) = _I16.unpack_from(body, 0)
+    return struct.unpack_from(f"!{count}I", body, 2)
+
+
+def encode_parameter_description(types: tuple[int, ...]) -> bytes:
+    return _I16.pack(len(types)) + struct.pack(f"!{len(types)}I", *types)
