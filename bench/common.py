@@ -27,7 +27,7 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def machine_header(title: str) -> str:
-    """One line naming the benchmark, the date, the core count and the CPU."""
+    """One line naming the benchmark, the date, the core count, the CPU and the current load."""
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -37,7 +37,13 @@ def machine_header(title: str) -> str:
     except OSError:
         pass
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"# {title} — {when}, nproc={os.cpu_count()}, {cpu}"
+    return f"# {title} — {when}, nproc={os.cpu_count()}, {cpu}, {load_average()}"
+
+
+def load_average() -> str:
+    """The 1- and 5-minute load averages (other work on a shared machine shows here)."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min) {five:.1f} (5 min)"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

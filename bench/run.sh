@@ -7,5 +7,5 @@ here="$(cd "$(dirname "$0")" && pwd)"
 "$here/setup_venv.sh"
 name="$1"; shift
 cd "$here/.."
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1
 exec "$here/.venv/bin/python" -m "bench.$name" "$@"
