@@ -1,6 +1,7 @@
 """From a call site to the SQL that replaces it: read the arguments (constants or bind values), run
 the function, render its value. Functions are strict: a NULL argument gives NULL (no rows for the
-set-returning overloads) and does nothing."""
+set-returning overloads) and does nothing; only a parameter whose default is NULL (model_register's
+tokenizer_path) may be NULL."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ async def compute(call: CallSite, backend: Backend, binds: BindValues | None = N
         if param.type == "anyarray":  # ids pass through to the server as written
             continue
         value = _argument(call, param, binds)
-        if value is None:
+        if value is None and param.default is not None:  # strict, but for parameters whose default is NULL
             return Value("rows" if overload.set_returning else overload.returns, None)
         args[param.name] = value
     function = call.function

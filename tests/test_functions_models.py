@@ -1,0 +1,132 @@
+"""Model lifecycle, timeouts, cancel and durable settings through the proxy."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from inference import EmbeddingEngine, build_hf_dir, load_model_dir
+
+from . import test_inference_fixtures as shared
+from .helpers_embeddings import assert_same_embeddings
+from .pgcluster import PgCluster
+from .proxyproc import ProxyProcess, start_proxy
+from .test_functions_simple import MODEL
+
+minilm_dir = shared.minilm_dir  # session fixture: all-MiniLM-L6-v2 as safetensors
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture()
+def conn(proxy: ProxyProcess):
+    with psycopg.connect(proxy.dsn(), autocommit=True) as connection:
+        yield connection
+
+
+def test_register_use_and_unregister_a_second_model(conn, model_data_dir: Path, minilm_dir: Path) -> None:
+    target = model_data_dir / "models" / f"minilm-{uuid.uuid4().hex[:6]}"
+    build_hf_dir(minilm_dir, target)
+    uri = f"minilm-test:{target.name}"
+    (model_id,) = conn.execute("SELECT azure_local_ai.model_register(%s, %s)", [uri, str(target)]).fetchone()
+    assert model_id > 1
+    (metadata,) = conn.execute("SELECT azure_local_ai.model_metadata(%s)", [uri]).fetchone()
+    assert (metadata["model_uri"], metadata["dimensions"], metadata["builtin"], metadata["id"]) == (
+        uri, 384, False, model_id)
+    (vector,) = conn.execute("SELECT azure_local_ai.create_embeddings(%s, 'a sentence to embed')", [uri]).fetchone()
+    engine = EmbeddingEngine()
+    try:
+        expected = engine.embed_sync(load_model_dir(target, uri=uri), ["a sentence to embed"])[0]
+    finally:
+        engine.close_sync()
+    assert_same_embeddings(vector, expected)
+    assert conn.execute("SELECT azure_local_ai.model_loaded(%s)", [uri]).fetchone() == (True,)
+    conn.execute("SELECT azure_local_ai.model_unload(%s)", [uri])
+    assert conn.execute("SELECT azure_local_ai.model_loaded(%s)", [uri]).fetchone() == (False,)
+    with pytest.raises(psycopg.errors.DuplicateObject):
+        conn.execute("SELECT azure_local_ai.model_register(%s, %s)", [uri, str(target)])
+    conn.execute("SELECT azure_local_ai.model_unregister(%s)", [uri])
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        conn.execute("SELECT azure_local_ai.create_embeddings(%s, 'x')", [uri])
+
+
+def test_model_paths_must_stay_under_the_roots(conn, model_data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="models"):
+        conn.execute("SELECT azure_local_ai.model_register('x:1', %s)", [str(tmp_path)])
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT azure_local_ai.model_register('x:1', %s)",
+                     [str(model_data_dir / "models" / ".." / "..")])
+    escape = model_data_dir / "models" / f"link-{uuid.uuid4().hex[:6]}"
+    escape.symlink_to(tmp_path)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT azure_local_ai.model_register('x:1', %s)", [str(escape)])
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(f"SELECT azure_local_ai.model_unregister('{MODEL}')")
+
+
+def test_unload_frees_memory(pg: PgCluster, model_data_dir: Path) -> None:
+    own = start_proxy(model_data_dir, upstream=pg.url())
+    try:
+        with psycopg.connect(own.dsn(), autocommit=True) as c:
+            before = rss_kib(own.proc.pid)
+            c.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'load me')")
+            loaded = rss_kib(own.proc.pid)
+            c.execute(f"SELECT azure_local_ai.model_unload('{MODEL}')")
+            unloaded = rss_kib(own.proc.pid)
+            assert c.execute(f"SELECT azure_local_ai.model_loaded('{MODEL}')").fetchone() == (False,)
+        print(f"proxy RSS: {before} KiB idle, {loaded} KiB with the model, {unloaded} KiB after model_unload")
+        assert loaded - before > 40_000
+        assert loaded - unloaded > (loaded - before) * 0.6
+    finally:
+        own.stop()
+
+
+def test_timeout_ms(conn) -> None:
+    texts = [f"passage: a long enough text number {i} " * 20 for i in range(400)]
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled, match="100 ms"):
+        conn.execute("SELECT count(*) FROM azure_local_ai.create_embeddings(%s, %s, timeout_ms => 100)",
+                     [MODEL, texts])
+    assert time.monotonic() - started < 10
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_request_stops_local_work(conn) -> None:
+    texts = [f"passage: another long text number {i} " * 20 for i in range(2000)]
+    timer = threading.Timer(0.5, conn.cancel)
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT count(*) FROM azure_local_ai.create_embeddings(%s, %s)", [MODEL, texts])
+    assert time.monotonic() - started < 10
+    assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_settings_survive_a_restart(pg: PgCluster, model_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(model_data_dir / "models")
+    first = start_proxy(data, upstream=pg.url())
+    try:
+        with psycopg.connect(first.dsn(), autocommit=True) as c:
+            c.execute("SELECT azure_local_ai.set_setting('intra_op_parallelism', '1')")
+    finally:
+        first.stop()
+    second = start_proxy(data, upstream=pg.url())
+    try:
+        with psycopg.connect(second.dsn(), autocommit=True) as c:
+            assert c.execute("SELECT azure_local_ai.get_setting('intra_op_parallelism')").fetchone() == ("1",)
+            (vector,) = c.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'x')").fetchone()
+            assert len(vector) == 384
+    finally:
+        second.stop()
