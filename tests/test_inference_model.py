@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +108,17 @@ def _digests(directory: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
 
 
-def test_build_is_deterministic(e5_q4: ModelFiles, tmp_path: Path) -> None:
+def test_build_is_deterministic_and_cleans_up_a_killed_build(e5_q4: ModelFiles, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    half = models / f".{builtin_dir(tmp_path).name}.building-killed"  # as a killed build leaves it
+    half.mkdir(parents=True)
+    (half / "model.onnx").write_bytes(b"half a model")
+    target = builtin_dir(tmp_path)
+    target.mkdir()
+    (target / "model.onnx").write_bytes(b"a directory without build.json is not a build")
     again = builtin_model(tmp_path, "q4")
-    assert _digests(again.directory) == _digests(e5_q4.directory)
+    assert not half.exists()
+    assert _digests(again.directory) == _digests(e5_q4.directory)  # byte-identical rebuild
     config = json.loads((again.directory / "config.json").read_text())
     assert config["model_type"] == "xlm-roberta" and config["max_position_embeddings"] == 514
 
@@ -126,21 +135,8 @@ def test_interrupted_build_leaves_no_model(tmp_path: Path, monkeypatch: pytest.M
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
 
-def test_leftovers_of_a_killed_build_are_cleaned(e5_q4: ModelFiles, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    half = models / f".{builtin_dir(tmp_path).name}.building-killed"
-    half.mkdir(parents=True)
-    (half / "model.onnx").write_bytes(b"half a model")
-    target = builtin_dir(tmp_path)
-    target.mkdir()
-    (target / "model.onnx").write_bytes(b"a directory without build.json is not a build")
-    files = builtin_model(tmp_path)
-    assert not half.exists()
-    assert _digests(files.directory) == _digests(e5_q4.directory)
-
-
 def test_failed_rebuild_keeps_the_old_model(e5_q4: ModelFiles, tmp_path: Path, monkeypatch) -> None:
-    builtin_model(tmp_path, "q4")
+    shutil.copytree(e5_q4.directory, builtin_dir(tmp_path, "q4"))
     before = _digests(builtin_dir(tmp_path))
 
     def broken(_directory: Path) -> None:
@@ -150,6 +146,7 @@ def test_failed_rebuild_keeps_the_old_model(e5_q4: ModelFiles, tmp_path: Path, m
     with pytest.raises(BuildError):
         build.build_builtin(tmp_path, "q4", force=True)
     assert _digests(builtin_dir(tmp_path)) == before
+    assert builtin_model(tmp_path, "q4").directory == builtin_dir(tmp_path)  # still current: no rebuild
 
 
 def test_unknown_variant_is_a_clear_error(tmp_path: Path) -> None:
