@@ -64,7 +64,8 @@ def test_multi_statement_string(proxy: ProxyProcess, pg: PgCluster) -> None:
                f"SELECT count(*), sum(i) FROM {name}")
         out = proxy.psql("-At", "-c", sql)
         expected_sum = sum(range(1, 6)) + 2 * sum(range(6, 11))
-        assert out.stdout.strip() == f"10|{expected_sum}"
+        # psql >= 15 shows every statement's result, command tags included.
+        assert out.stdout.splitlines() == ["INSERT 0 10", "UPDATE 5", f"10|{expected_sum}"]
         with direct(pg) as conn:
             assert conn.execute(f"SELECT count(*), sum(i) FROM {name}").fetchone() == (10, expected_sum)
 
@@ -177,10 +178,10 @@ def test_copy_from_bad_data_fails_cleanly(proxy: ProxyProcess, pg: PgCluster, tm
     source.write_bytes(b"".join(f"{i}\n".encode() for i in range(1000)) + b"oops\n" + b"5\n" * 1000)
     with scratch_table(pg, "i int") as name:
         script = (f"\\set ON_ERROR_STOP 0\n\\set VERBOSITY verbose\n\\copy {name} FROM '{source}'\n"
-                  f"\\echo state=:LAST_ERROR_SQLSTATE\nSELECT count(*) FROM {name};\n")
+                  f"SELECT count(*) FROM {name};\n")
         out = proxy.psql("-At", input=script)
-        assert "22P02" in out.stderr
-        assert out.stdout.split() == ["state=22P02", "0"]
+        assert "ERROR:  22P02: invalid input syntax for type integer" in out.stderr
+        assert out.stdout.split() == ["0"]
 
 
 # --------------------------------------------------------------------------- transactions
