@@ -9,7 +9,7 @@ from enum import Enum
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
-_HEADER = struct.Struct("!cI")
+_TYPE_LENGTH = struct.Struct("!BI")
 
 PROTOCOL_3_0 = 196608
 SSL_REQUEST = 80877103
@@ -122,7 +122,7 @@ def ssl_request() -> bytes:
 
 def message(msg_type: int, body: bytes = b"") -> bytes:
     """Frame one message: type byte, length word, body."""
-    return _HEADER.pack(bytes((msg_type,)), len(body) + 4) + body
+    return _TYPE_LENGTH.pack(msg_type, len(body) + 4) + body
 
 
 def error_response(
@@ -218,7 +218,11 @@ class Framer:
         return not self._skip and not self._held
 
     def feed(self, data: bytes) -> list[Piece]:
-        """Consume `data`; return raw runs and whole inspected messages, in stream order."""
+        """Consume `data`; return raw runs and whole inspected messages, in stream order.
+
+        A chunk that is all raw (nothing inspected, nothing left over) comes back as `[data]` itself."""
+        if not self._skip and not self._held:
+            return self._frame(data, 0, [])
         out: list[Piece] = []
         view = memoryview(data)
         pos = 0
@@ -233,51 +237,59 @@ class Framer:
             pos = self._continue_held(view, pos, out)
             if self._held:
                 return out
+        return self._frame(data, pos, out)
+
+    def _frame(self, data: bytes, pos: int, out: list[Piece]) -> list[Piece]:
+        """Frame `data` from `pos`, a message boundary (the hot path: one loop step per message)."""
         start = pos
-        unpack = _HEADER.unpack_from
+        end = len(data)
+        unpack = _TYPE_LENGTH.unpack_from
         inspect = self.inspect
         valid = self.valid_types
+        max_length = self.max_length
         while end - pos >= 5:
-            raw_type, length = unpack(view, pos)
-            msg_type = raw_type[0]
-            if valid is not None and msg_type not in valid:
-                raise ProtocolViolation(f"invalid frontend message type {msg_type}")
-            if length < 4:
-                raise ProtocolViolation(f"invalid message length {length}")
-            if length > self.max_length:
-                raise ProtocolViolation(f"message of {length} bytes exceeds the maximum of {self.max_length}")
+            msg_type, length = unpack(data, pos)
+            if (valid is not None and msg_type not in valid) or length < 4 or length > max_length:
+                self._reject(msg_type, length)
             self.last_type = msg_type
             total = length + 1
             if msg_type == READY_FOR_QUERY:
                 self.ready_count += 1
                 if end - pos > 5:
-                    self.tx_status = view[pos + 5]
+                    self.tx_status = data[pos + 5]
             if msg_type in inspect:
                 if pos > start:
-                    out.append(view[start:pos])
+                    out.append(memoryview(data)[start:pos])
                 if end - pos >= total:
-                    out.append(Message(msg_type, bytes(view[pos + 5 : pos + total])))
+                    out.append(Message(msg_type, bytes(data[pos + 5 : pos + total])))
                     pos += total
                     start = pos
                     continue
                 self._hold_total = total
-                self._held = bytearray(view[pos:])
+                self._held = bytearray(memoryview(data)[pos:])
                 return out
             if end - pos < total:
                 self._skip = total - (end - pos)
                 pos = end
                 break
             pos += total
-        if end > pos and not self._skip:
+        if end > pos:
             # A partial header: keep it as the start of a held message of unknown length.
             if pos > start:
-                out.append(view[start:pos])
-            self._held = bytearray(view[pos:])
+                out.append(memoryview(data)[start:pos])
+            self._held = bytearray(memoryview(data)[pos:])
             self._hold_total = 0
             return out
         if pos > start:
-            out.append(view[start:pos])
+            out.append(data if start == 0 else memoryview(data)[start:pos])
         return out
+
+    def _reject(self, msg_type: int, length: int) -> None:
+        if self.valid_types is not None and msg_type not in self.valid_types:
+            raise ProtocolViolation(f"invalid frontend message type {msg_type}")
+        if length < 4:
+            raise ProtocolViolation(f"invalid message length {length}")
+        raise ProtocolViolation(f"message of {length} bytes exceeds the maximum of {self.max_length}")
 
     def _continue_held(self, view: memoryview, pos: int, out: list[Piece]) -> int:
         """Extend the held bytes (a partial header or a partial inspected message)."""

@@ -130,7 +130,8 @@ class Relay:
         self._server_paused = False
         self._closing = False
         self._idle_timeout = idle_timeout
-        self._last_activity = asyncio.get_running_loop().time()
+        self._now = asyncio.get_running_loop().time
+        self._last_activity = self._now()
         self._idle_handle: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ wiring
@@ -151,10 +152,12 @@ class Relay:
     # ------------------------------------------------------------------ client -> server
 
     def _from_client(self, data: bytes) -> None:
-        self._last_activity = asyncio.get_running_loop().time()
+        self._last_activity = self._now()
         self._in_query = True
+        framer = self._client_framer
+        whole = framer.at_boundary
         try:
-            pieces = self._client_framer.feed(data)
+            pieces = framer.feed(data)
         except pg.ProtocolViolation as exc:
             self.log.warning("client protocol violation", extra={"event": "protocol_violation", "reason": str(exc)})
             self.fail("08P01", str(exc))
@@ -162,7 +165,45 @@ class Relay:
         if self._held is not None:
             self._held.extend(pieces)
             return
-        self._dispatch_client(deque(pieces) if self.hook else pieces)
+        hook = self.hook
+        if hook is None:
+            write = self.server.write
+            for piece in pieces:
+                write(piece)  # type: ignore[arg-type]
+        elif whole and pieces and framer.at_boundary:
+            self._forward_whole(data, pieces, hook)
+        else:
+            self._dispatch_client(deque(pieces))
+
+    def _forward_whole(self, data: bytes, pieces: list[pg.Piece], hook: SessionHook) -> None:
+        """The usual case: `data` is whole messages. Unless the hook wants one of them, `data` goes
+        upstream as it came, in one write, and is accounted for as `_dispatch_client` would."""
+        syncs = 0
+        types = hook.message_types
+        for index, piece in enumerate(pieces):
+            if type(piece) is not pg.Message:
+                continue
+            assert isinstance(piece, pg.Message)
+            msg_type = piece.type
+            if msg_type in types and hook.wants(msg_type, piece.body):
+                # Send what precedes the wanted message, piece by piece; the rest waits for the hook.
+                write = self.server.write
+                for before in pieces[:index]:
+                    if type(before) is pg.Message:
+                        assert isinstance(before, pg.Message)
+                        self._count(before.type)
+                        write(before.encode())
+                    else:
+                        self._batch_open = True
+                        write(before)  # type: ignore[arg-type]
+                self._hold(piece, deque(pieces[index + 1 :]))
+                return
+            if msg_type in SYNC_POINTS:
+                syncs += 1
+        self._syncs_sent += syncs
+        last = pieces[-1]
+        self._batch_open = type(last) is not pg.Message or last.type not in SYNC_POINTS  # type: ignore[union-attr]
+        self.server.write(data)
 
     def _dispatch_client(self, pieces: deque[pg.Piece] | list[pg.Piece]) -> None:
         hook = self.hook
@@ -183,10 +224,14 @@ class Relay:
                 self._count(piece.type)
                 write(piece.encode())
                 continue
-            self._held = pieces
-            self._pause_client("hook")
-            self._hook_task = asyncio.get_running_loop().create_task(self._run_hook(piece))
+            self._hold(piece, pieces)
             return
+
+    def _hold(self, msg: pg.Message, rest: deque[pg.Piece]) -> None:
+        """Hand `msg` to the hook; `rest`, and whatever the client sends meanwhile, waits for it."""
+        self._held = rest
+        self._pause_client("hook")
+        self._hook_task = asyncio.get_running_loop().create_task(self._run_hook(msg))
 
     async def _run_hook(self, msg: pg.Message) -> None:
         assert self.hook is not None
@@ -236,7 +281,7 @@ class Relay:
     # ------------------------------------------------------------------ server -> client
 
     def _from_server(self, data: bytes) -> None:
-        self._last_activity = asyncio.get_running_loop().time()
+        self._last_activity = self._now()
         framer = self._server_framer
         pieces = framer.feed(data)
         if framer.last_type == pg.READY_FOR_QUERY:
@@ -374,7 +419,7 @@ class Relay:
     def _check_idle(self) -> None:
         if self._closing:
             return
-        quiet = asyncio.get_running_loop().time() - self._last_activity
+        quiet = self._now() - self._last_activity
         if quiet >= self._idle_timeout and self.idle:
             self.log.info("idle timeout", extra={"event": "idle_timeout"})
             self.terminate("57P05", "terminating connection due to idle-session timeout")

@@ -170,3 +170,11 @@ def test_settings_and_permissions(proxy: ProxyProcess, pg, conn) -> None:
         privileged.execute("SELECT azure_local_ai.set_setting(ARRAY['spin_control'], ARRAY['true'])")
     (settings,) = conn.execute("SELECT azure_local_ai.get_setting(ARRAY['spin_control'])").fetchone()
     assert settings == {"spin_control": "true"}
+
+
+def test_scalar_functions_in_from_name_their_column_like_postgres(conn) -> None:
+    cur = conn.execute(f"SELECT m->>'model_uri', m->'dimensions' FROM azure_local_ai.model_metadata('{MODEL}') AS m")
+    assert cur.fetchone() == (MODEL, 384)
+    cur = conn.execute("SELECT * FROM azure_local_ai.get_setting('inter_op_parallelism')")
+    assert [d.name for d in cur.description] == ["get_setting"]
+    assert cur.fetchone() == ("1",)

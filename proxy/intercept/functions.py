@@ -84,6 +84,11 @@ class Backend:
         if record.builtin:
             async with self._builtin_lock:
                 files = await self._blocking(builtin_model, self.data_dir)
+            if record.model_path != str(files.onnx_path):  # the catalog shows where the build lives
+                await self._blocking(
+                    self.catalog.update_model_files, uri, str(files.onnx_path), str(files.tokenizer_path),
+                    files.dimensions, files.max_seq_length,
+                )
         else:
             tokenizer = Path(record.tokenizer_path) if record.tokenizer_path else None
             files = await self._blocking(partial(load_model_dir, Path(record.model_path), tokenizer, uri=uri))

@@ -63,7 +63,9 @@ def scalar_site(call: CallSite, literal: str) -> str:
     if call.position is Position.TARGET:
         return literal if call.has_alias else f"{literal} AS {name}"
     if call.position is Position.FROM:
-        subquery = f"(SELECT {literal} AS {name})"
+        # A scalar function in FROM names its one column after the alias, or after itself.
+        column = _quote_ident(call.alias) if call.alias else name
+        subquery = f"(SELECT {literal} AS {column})"
         return subquery if call.has_alias else f"{subquery} AS {name}"
     # Nested in an expression: a one-value subquery keeps the name PostgreSQL gives the column
     # (a function call names its column, and so does a subquery's single output) where it matters.
@@ -100,6 +102,10 @@ def rows_site(call: CallSite, embeddings: str, ids_sql: str | None) -> str:
     if call.position is Position.TARGET and not call.has_alias:
         return f"{expression} AS {name}"
     return expression
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def splice(sql: str, replacements: Sequence[tuple[int, int, str]]) -> str:

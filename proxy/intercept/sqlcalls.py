@@ -76,6 +76,7 @@ class CallSite:
     with_ordinality: bool = False
     statement: int = 0
     in_target: bool = False  # somewhere inside a select-list (or RETURNING) entry, where names matter
+    alias: str | None = None  # a FROM function's alias: it also names a scalar function's column
 
     def argument(self, param_name: str) -> Arg | None:
         """The argument bound to a parameter; None when it takes its default or the overload has no
@@ -162,11 +163,13 @@ class _CallFinder(Visitor):
             binding = resolve(function, [a.kind for a in positional], {k: a.kind for k, a in named.items()})
         except ResolutionError as exc:
             raise SqlError(exc.sqlstate, exc.message, exc.hint) from exc
-        position, has_alias, ordinality = _position(ancestors)
+        position, alias, ordinality = _position(ancestors)
         assert self.statement is not None
         self.statement.calls.append(CallSite(
-            function, binding, positional + list(named.values()), start, end, position, has_alias, ordinality,
-            self.statement_index, position is Position.TARGET or _inside_target(ancestors),
+            function, binding, positional + list(named.values()), start, end, position,
+            has_alias=alias is not None, with_ordinality=ordinality, statement=self.statement_index,
+            in_target=position is Position.TARGET or _inside_target(ancestors),
+            alias=alias if position is Position.FROM else None,
         ))
 
     def _call_extent(self, start: int) -> tuple[int, list[tuple[int, int]]]:
@@ -287,15 +290,16 @@ def _inside_target(ancestors: Ancestor | None) -> bool:
 _TARGET_LISTS = ("targetList", "returningList", "exprs")  # exprs: PostgreSQL 18's ReturningClause
 
 
-def _position(ancestors: Ancestor) -> tuple[Position, bool, bool]:
-    """Where a call stands: the whole value of a target-list entry, a FROM function, or elsewhere."""
+def _position(ancestors: Ancestor) -> tuple[Position, str | None, bool]:
+    """Where a call stands (the whole value of a target-list entry, a FROM function, or elsewhere),
+    its alias (the FROM alias, or the target's AS name) and whether it asks WITH ORDINALITY."""
     parent = ancestors.node
     if isinstance(parent, ast.ResTarget) and ancestors.member == "val":
         grand = ancestors.parent.parent if ancestors.parent is not None else None
         owner_member = ancestors.parent.parent.member if grand is not None else None
         if owner_member in _TARGET_LISTS:
-            return Position.TARGET, parent.name is not None, False
-        return Position.NESTED, False, False
+            return Position.TARGET, parent.name, False
+        return Position.NESTED, None, False
     # A FROM function: FuncCall -> (FuncCall, coldeflist) tuple -> functions tuple -> RangeFunction
     chain = ancestors
     for _ in range(3):
@@ -304,5 +308,6 @@ def _position(ancestors: Ancestor) -> tuple[Position, bool, bool]:
         chain = chain.parent
         if chain is not None and isinstance(chain.node, ast.RangeFunction):
             range_function = chain.node
-            return Position.FROM, range_function.alias is not None, bool(range_function.ordinality)
-    return Position.NESTED, False, False
+            alias = range_function.alias.aliasname if range_function.alias is not None else None
+            return Position.FROM, alias, bool(range_function.ordinality)
+    return Position.NESTED, None, False
