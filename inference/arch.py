@@ -80,24 +80,24 @@ def layer_prefix(index: int) -> str:
     return f"encoder.layer.{index}."
 
 
-# (HF suffix inside a layer, is a dense weight matrix)
-LAYER_TENSORS: tuple[tuple[str, bool], ...] = (
-    ("attention.self.query.weight", True),
-    ("attention.self.query.bias", False),
-    ("attention.self.key.weight", True),
-    ("attention.self.key.bias", False),
-    ("attention.self.value.weight", True),
-    ("attention.self.value.bias", False),
-    ("attention.output.dense.weight", True),
-    ("attention.output.dense.bias", False),
-    ("attention.output.LayerNorm.weight", False),
-    ("attention.output.LayerNorm.bias", False),
-    ("intermediate.dense.weight", True),
-    ("intermediate.dense.bias", False),
-    ("output.dense.weight", True),
-    ("output.dense.bias", False),
-    ("output.LayerNorm.weight", False),
-    ("output.LayerNorm.bias", False),
+# names inside ``encoder.layer.N.``
+LAYER_TENSORS: tuple[str, ...] = (
+    "attention.self.query.weight",
+    "attention.self.query.bias",
+    "attention.self.key.weight",
+    "attention.self.key.bias",
+    "attention.self.value.weight",
+    "attention.self.value.bias",
+    "attention.output.dense.weight",
+    "attention.output.dense.bias",
+    "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias",
+    "intermediate.dense.weight",
+    "intermediate.dense.bias",
+    "output.dense.weight",
+    "output.dense.bias",
+    "output.LayerNorm.weight",
+    "output.LayerNorm.bias",
 )
 
 EMBEDDING_TENSORS = (
@@ -112,7 +112,7 @@ EMBEDDING_TENSORS = (
 def required_names(config: ArchConfig) -> list[str]:
     names = list(EMBEDDING_TENSORS)
     for i in range(config.num_layers):
-        names += [layer_prefix(i) + suffix for suffix, _ in LAYER_TENSORS]
+        names += [layer_prefix(i) + suffix for suffix in LAYER_TENSORS]
     return names
 
 

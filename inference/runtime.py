@@ -19,10 +19,6 @@ from .model_dir import POOLED_OUTPUT, ModelFiles, pick_output
 from .settings import EngineSettings
 
 
-def default_session_settings() -> EngineSettings:
-    return EngineSettings.default()
-
-
 def load_tokenizer(files: ModelFiles) -> Tokenizer:
     """The model's tokenizer, truncating to its maximum length (special tokens included), unpadded."""
     try:
