@@ -245,6 +245,7 @@ class Relay:
             return
         if self._closing:
             return
+        self._client_framer.inspect = self.hook.message_types | SYNC_POINTS  # the hook's interests may change
         held, self._held = self._held, None
         self._resume_client("hook")
         if held:

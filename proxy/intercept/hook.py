@@ -35,6 +35,8 @@ PRIVILEGE_CHECK = (
     "AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))"
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
+_WITHOUT_STATEMENTS = frozenset({pg.QUERY, pg.PARSE})
+_WITH_STATEMENTS = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 
 
@@ -53,7 +55,11 @@ def _cstring_at(body: bytes, pos: int) -> str:
 class InterceptHook:
     """One per session; see the module docstring."""
 
-    message_types = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
+    @property
+    def message_types(self) -> frozenset[int]:
+        """Binds, Describes and Closes matter only once a statement with calls is prepared: until then
+        they stream through unframed, however large their values."""
+        return _WITH_STATEMENTS if self.statements else _WITHOUT_STATEMENTS
 
     def __init__(self, info: SessionInfo, backend: Backend) -> None:
         self.info = info
