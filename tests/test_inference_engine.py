@@ -82,7 +82,7 @@ async def test_runs_respect_the_token_budget(e5_q4: ModelFiles) -> None:
 async def _busy(engine: EmbeddingEngine, files: ModelFiles) -> asyncio.Task:
     """Start a request of several long runs; return once its first run has finished."""
     before = engine.stats.runs
-    task = asyncio.create_task(engine.embed(files, [LONG] * 12))
+    task = asyncio.create_task(engine.embed(files, [LONG] * 8))
     while engine.stats.runs == before:
         await asyncio.sleep(0.005)
     return task
@@ -97,7 +97,7 @@ async def test_timeout_raises_and_drops_queued_work(engine: EmbeddingEngine, e5_
     assert time.monotonic() - started < 1.0
     assert engine.stats.dropped == 2
     await busy
-    assert engine.stats.sequences == 12  # the timed-out inputs never ran
+    assert engine.stats.sequences == 8  # the timed-out inputs never ran
 
 
 async def test_cancellation_drops_queued_work(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
@@ -109,7 +109,7 @@ async def test_cancellation_drops_queued_work(engine: EmbeddingEngine, e5_q4: Mo
     with pytest.raises(asyncio.CancelledError):
         await victim
     await busy
-    assert engine.stats.dropped == 1 and engine.stats.sequences == 12
+    assert engine.stats.dropped == 1 and engine.stats.sequences == 8
 
 
 async def test_event_loop_stays_responsive(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
