@@ -4,6 +4,7 @@ builds itself. Pure code over bytes (sans-I/O): nothing here touches a socket.""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -18,6 +19,9 @@ CANCEL_REQUEST = 80877102
 
 #: PostgreSQL itself refuses start-up packets longer than this (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET = 10000
+#: Inspected messages longer than this are first asked about (Framer.peek) with their first PEEK_BYTES.
+PEEK_THRESHOLD = 1 << 16
+PEEK_BYTES = 256
 #: PostgreSQL's own ceiling for one message (MaxAllocSize - 1).
 DEFAULT_MAX_MESSAGE = 0x3FFFFFFF
 
@@ -193,7 +197,7 @@ class Framer:
     the peer may send; anything else is a protocol violation."""
 
     __slots__ = (
-        "_held", "_hold_total", "_skip", "inspect", "last_type", "max_length", "ready_count", "tx_status",
+        "_held", "_hold_total", "_skip", "inspect", "last_type", "max_length", "peek", "ready_count", "tx_status",
         "valid_types",
     )
 
@@ -203,6 +207,9 @@ class Framer:
         self.valid_types = valid_types
         self.max_length = max_length
         self.inspect: frozenset[int] = frozenset()
+        #: For an inspected message longer than PEEK_THRESHOLD: asked with the first PEEK_BYTES of its
+        #: body whether it must really be held whole; False lets it stream through as raw bytes.
+        self.peek: Callable[[int, bytes], bool] | None = None
         self.last_type = 0
         #: ReadyForQuery messages seen, and the transaction status byte of the last one (I, T or E);
         #: meaningful on the server's stream, where they mark the ends of the client's requests.
@@ -257,9 +264,12 @@ class Framer:
                 self.ready_count += 1
                 if end - pos > 5:
                     self.tx_status = data[pos + 5]
-            if msg_type in inspect:
+            if msg_type in inspect and (total <= PEEK_THRESHOLD or self._keep_whole(data, pos, end, total)):
                 if pos > start:
                     out.append(memoryview(data)[start:pos])
+                if self._hold_total < 0:  # undecided: the first bytes of its body are still to come
+                    self._held = bytearray(memoryview(data)[pos:])
+                    return out
                 if end - pos >= total:
                     out.append(Message(msg_type, bytes(data[pos + 5 : pos + total])))
                     pos += total
@@ -284,6 +294,16 @@ class Framer:
             out.append(data if start == 0 else memoryview(data)[start:pos])
         return out
 
+    def _keep_whole(self, data: bytes, pos: int, end: int, total: int) -> bool:
+        """Whether a long inspected message must be held; sets `_hold_total` negative when the
+        answer needs bytes that have not arrived yet."""
+        if self.peek is None:
+            return True
+        if end - pos < 5 + PEEK_BYTES:
+            self._hold_total = -total
+            return True
+        return self.peek(data[pos], bytes(data[pos + 5 : pos + 5 + PEEK_BYTES]))
+
     def _reject(self, msg_type: int, length: int) -> None:
         if self.valid_types is not None and msg_type not in self.valid_types:
             raise ProtocolViolation(f"invalid frontend message type {msg_type}")
@@ -293,6 +313,10 @@ class Framer:
 
     def _continue_held(self, view: memoryview, pos: int, out: list[Piece]) -> int:
         """Extend the held bytes (a partial header or a partial inspected message)."""
+        if self._hold_total < 0:
+            pos = self._continue_peek(view, pos, out)
+            if self._hold_total <= 0:
+                return pos
         if not self._hold_total:
             need = 5 - len(self._held)
             self._held += view[pos : pos + need]
@@ -311,6 +335,10 @@ class Framer:
                 return pos + take
             if not self._held:
                 return pos
+            if self._hold_total < 0:
+                pos = self._continue_peek(view, pos, out)
+                if self._hold_total <= 0:
+                    return pos
         need = self._hold_total - len(self._held)
         chunk = view[pos : pos + need]
         self._held += chunk
@@ -321,3 +349,24 @@ class Framer:
             self._hold_total = 0
             out.append(Message(held[0], bytes(held[5:])))
         return pos
+
+    def _continue_peek(self, view: memoryview, pos: int, out: list[Piece]) -> int:
+        """Gather the first bytes of a long message's body, then hold it or let it stream."""
+        total = -self._hold_total
+        need = 5 + PEEK_BYTES - len(self._held)
+        self._held += view[pos : pos + need]
+        pos += min(need, len(view) - pos)
+        if len(self._held) < 5 + PEEK_BYTES:
+            return pos
+        assert self.peek is not None
+        if self.peek(self._held[0], bytes(self._held[5:])):
+            self._hold_total = total
+            return pos
+        out.append(bytes(self._held))
+        self._skip = total - len(self._held)
+        self._held = bytearray()
+        self._hold_total = 0
+        take = min(self._skip, len(view) - pos)
+        self._skip -= take
+        out.append(view[pos : pos + take])
+        return pos + take

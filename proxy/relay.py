@@ -119,6 +119,8 @@ class Relay:
         if hook is not None:
             # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
             self._client_framer.inspect = hook.message_types | SYNC_POINTS
+            # A long Bind is held whole only if the hook wants it, so large values to other statements stream.
+            self._client_framer.peek = lambda msg_type, prefix: msg_type != pg.BIND or hook.wants(msg_type, prefix)
         self._syncs_sent = 0
         self._batch_open = False
         self._answered: asyncio.Future[None] | None = None
@@ -245,7 +247,6 @@ class Relay:
             return
         if self._closing:
             return
-        self._client_framer.inspect = self.hook.message_types | SYNC_POINTS  # the hook's interests may change
         held, self._held = self._held, None
         self._resume_client("hook")
         if held:

@@ -142,3 +142,34 @@ def test_error_response_fields() -> None:
 def test_backend_key_data_round_trip() -> None:
     data = pg.backend_key_data(42, b"secretkey-of-3.2-length")
     assert pg.parse_backend_key_data(data[5:]) == (42, b"secretkey-of-3.2-length")
+
+
+big_messages = st.lists(
+    st.tuples(st.sampled_from(list(b"PBEDS")), st.integers(min_value=0, max_value=200_000), st.booleans()),
+    min_size=1, max_size=6,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(big_messages, st.lists(st.integers(min_value=0, max_value=2_000_000), max_size=12))
+def test_framer_peek_lets_long_messages_stream(msgs: list[tuple[int, int, bool]], cuts: list[int]) -> None:
+    """Long inspected messages are held only when `peek` says so (here: the body's first byte)."""
+    bodies = [(t, (b"K" if keep else b"S") + bytes([i % 251]) * size) for i, (t, size, keep) in enumerate(msgs)]
+    stream = b"".join(frame(bytes([t]), body) for t, body in bodies)
+    framer = pg.Framer(valid_types=pg.FRONTEND_TYPES)
+    framer.inspect = frozenset(b"PB")
+    framer.peek = lambda msg_type, prefix: prefix[:1] == b"K"
+    relayed = bytearray()
+    seen = []
+    for chunk in chunked(stream, cuts):
+        for piece in framer.feed(chunk):
+            if isinstance(piece, pg.Message):
+                seen.append((piece.type, piece.body))
+                relayed += frame(bytes([piece.type]), piece.body)
+            else:
+                relayed += bytes(piece)
+    assert bytes(relayed) == stream
+    expected = [(t, b) for t, b in bodies
+                if t in b"PB" and (len(b) + 5 <= pg.PEEK_THRESHOLD or b[:1] == b"K")]
+    assert seen == expected
+    assert framer.at_boundary

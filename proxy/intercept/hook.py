@@ -35,8 +35,6 @@ PRIVILEGE_CHECK = (
     "AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))"
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
-_WITHOUT_STATEMENTS = frozenset({pg.QUERY, pg.PARSE})
-_WITH_STATEMENTS = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 
 
@@ -55,11 +53,7 @@ def _cstring_at(body: bytes, pos: int) -> str:
 class InterceptHook:
     """One per session; see the module docstring."""
 
-    @property
-    def message_types(self) -> frozenset[int]:
-        """Binds, Describes and Closes matter only once a statement with calls is prepared: until then
-        they stream through unframed, however large their values."""
-        return _WITH_STATEMENTS if self.statements else _WITHOUT_STATEMENTS
+    message_types = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
 
     def __init__(self, info: SessionInfo, backend: Backend) -> None:
         self.info = info
@@ -87,8 +81,11 @@ class InterceptHook:
             return False
         if not self.statements:
             return False
-        if msg_type == pg.BIND:
-            return _cstring_at(body, body.index(b"\0") + 1) in self.statements
+        if msg_type == pg.BIND:  # also asked with only the first bytes of a long Bind (Framer.peek)
+            try:
+                return _cstring_at(body, body.index(b"\0") + 1) in self.statements
+            except ValueError:
+                return True
         if msg_type == pg.DESCRIBE:
             return body[:1] == b"S"
         if msg_type == pg.CLOSE and body[:1] == b"S":
