@@ -11,6 +11,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from inference import BatchingConfig, EmbeddingEngine
 from inference import cli as inference_cli
 
 from . import config as cfg
@@ -88,8 +89,10 @@ async def _serve_async(config: cfg.Config) -> int:
 
         config.data_path.mkdir(parents=True, exist_ok=True)
         upstream, embedded = await asyncio.to_thread(start_embedded, config.data_path, config.connect_timeout)
+    batching = BatchingConfig(config.batch_wait_ms, config.max_batch_tokens, config.max_batch_size)
     backend = await asyncio.to_thread(
-        Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path)
+        Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
+        EmbeddingEngine(batching=batching),
     )
     server = ProxyServer(config, upstream, lambda info: InterceptHook(info, backend))
     try:

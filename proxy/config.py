@@ -65,6 +65,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy", "shutdown_grace", float, 30.0, "on SIGTERM, seconds sessions get to finish before closing"),
     Option("proxy", "log_level", str, "info", "debug, info, warning or error"),
     Option("proxy", "log_format", str, "text", "text (key=value) or json"),
+    Option("engine", "batch_wait_ms", float, 2.0,
+           "how long a queued input waits for others to share its model run, in milliseconds"),
+    Option("engine", "max_batch_tokens", int, 8192, "padded tokens per model run (bounds the memory of a run)"),
+    Option("engine", "max_batch_size", int, 128, "inputs per model run"),
 )
 
 
@@ -83,6 +87,9 @@ class Config:
     shutdown_grace: float
     log_level: str
     log_format: str
+    batch_wait_ms: float
+    max_batch_tokens: int
+    max_batch_size: int
 
     @property
     def listen_host(self) -> str:
