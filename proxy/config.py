@@ -69,6 +69,8 @@ OPTIONS: tuple[Option, ...] = (
            "how long a queued input waits for others to share its model run, in milliseconds"),
     Option("engine", "max_batch_tokens", int, 8192, "padded tokens per model run (bounds the memory of a run)"),
     Option("engine", "max_batch_size", int, 128, "inputs per model run"),
+    Option("engine", "model_variant", str, "q4",
+           "build of the built-in model: q4 (4-bit, default), q4i8, fp32, or official (after `models fetch`)"),
 )
 
 
@@ -90,6 +92,7 @@ class Config:
     batch_wait_ms: float
     max_batch_tokens: int
     max_batch_size: int
+    model_variant: str
 
     @property
     def listen_host(self) -> str:

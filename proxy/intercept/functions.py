@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
-from inference.build import builtin_model
+from inference.build import DEFAULT_VARIANT, builtin_model
 from inference.engine import EmbeddingEngine
 from inference.errors import EmbeddingTimeout, ModelFilesError
 from inference.model_dir import ModelFiles, load_model_dir
@@ -45,16 +45,20 @@ class Backend:
     engine: EmbeddingEngine
     catalog: Catalog
     model_roots: tuple[Path, ...]
+    variant: str = DEFAULT_VARIANT
 
     def __post_init__(self) -> None:
         self._files: dict[str, ModelFiles] = {}
         self._builtin_lock = asyncio.Lock()
 
     @classmethod
-    def open(cls, data_dir: Path, model_roots: Sequence[Path], engine: EmbeddingEngine | None = None) -> Backend:
+    def open(
+        cls, data_dir: Path, model_roots: Sequence[Path], engine: EmbeddingEngine | None = None,
+        variant: str = DEFAULT_VARIANT,
+    ) -> Backend:
         """Open the catalog and start an engine with the catalog's thread settings."""
         catalog = Catalog(data_dir)
-        backend = cls(data_dir, engine or EmbeddingEngine(), catalog, tuple(model_roots))
+        backend = cls(data_dir, engine or EmbeddingEngine(), catalog, tuple(model_roots), variant)
         backend.engine.apply_settings(backend.engine_settings())
         return backend
 
@@ -83,7 +87,7 @@ class Backend:
         record = await self._blocking(self.catalog.get_model, uri)
         if record.builtin:
             async with self._builtin_lock:
-                files = await self._blocking(builtin_model, self.data_dir)
+                files = await self._blocking(builtin_model, self.data_dir, self.variant)
             if record.model_path != str(files.onnx_path):  # the catalog shows where the build lives
                 await self._blocking(
                     self.catalog.update_model_files, uri, str(files.onnx_path), str(files.tokenizer_path),
@@ -151,7 +155,7 @@ class Backend:
             raise CallError("22023", f"model {uri} at {model} cannot be loaded: {exc}",
                             "Give an ONNX text-embedding model with its tokenizer.json.") from exc
         finally:
-            self.engine.unload(uri)
+            await asyncio.to_thread(self.engine.unload, uri)
         record = await self._blocking(
             self.catalog.register_model, uri, str(files.onnx_path), str(files.tokenizer_path), files.dimensions,
             files.max_seq_length,
