@@ -4,7 +4,6 @@ builds itself. Pure code over bytes (sans-I/O): nothing here touches a socket.""
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -19,7 +18,7 @@ CANCEL_REQUEST = 80877102
 
 #: PostgreSQL itself refuses start-up packets longer than this (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET = 10000
-#: Inspected messages longer than this are first asked about (Framer.peek) with their first PEEK_BYTES.
+#: Peeked messages longer than this are offered as a Partial of at least PEEK_BYTES of body before being held.
 PEEK_THRESHOLD = 1 << 16
 PEEK_BYTES = 256
 #: PostgreSQL's own ceiling for one message (MaxAllocSize - 1).
@@ -185,7 +184,19 @@ class Message:
         return message(self.type, self.body)
 
 
-Piece = bytes | memoryview | Message
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The start of a long message of a peeked type (header included), offered for a decision."""
+
+    type: int
+    data: bytes
+
+    @property
+    def body_start(self) -> bytes:
+        return self.data[5:]
+
+
+Piece = bytes | memoryview | Message | Partial
 
 
 class Framer:
@@ -197,8 +208,8 @@ class Framer:
     the peer may send; anything else is a protocol violation."""
 
     __slots__ = (
-        "_held", "_hold_total", "_skip", "inspect", "last_type", "max_length", "peek", "ready_count", "tx_status",
-        "valid_types",
+        "_held", "_hold_total", "_skip", "_undecided", "inspect", "last_type", "max_length", "peek_types",
+        "ready_count", "tx_status", "valid_types",
     )
 
     def __init__(
@@ -207,9 +218,10 @@ class Framer:
         self.valid_types = valid_types
         self.max_length = max_length
         self.inspect: frozenset[int] = frozenset()
-        #: For an inspected message longer than PEEK_THRESHOLD: asked with the first PEEK_BYTES of its
-        #: body whether it must really be held whole; False lets it stream through as raw bytes.
-        self.peek: Callable[[int, bytes], bool] | None = None
+        #: Inspected types whose long messages (over PEEK_THRESHOLD) are not held at once: their first
+        #: bytes come out as a `Partial`, and the reader calls `decide` to hold the rest or stream it.
+        self.peek_types: frozenset[int] = frozenset()
+        self._undecided = False
         self.last_type = 0
         #: ReadyForQuery messages seen, and the transaction status byte of the last one (I, T or E);
         #: meaningful on the server's stream, where they mark the ends of the client's requests.
@@ -224,10 +236,17 @@ class Framer:
         """True when no message is partly received."""
         return not self._skip and not self._held
 
+    @property
+    def undecided(self) -> bool:
+        """A Partial was handed out and `decide` has not been called yet."""
+        return self._undecided
+
     def feed(self, data: bytes) -> list[Piece]:
         """Consume `data`; return raw runs and whole inspected messages, in stream order.
 
-        A chunk that is all raw (nothing inspected, nothing left over) comes back as `[data]` itself."""
+        A chunk that is all raw (nothing inspected, nothing left over) comes back as `[data]` itself.
+        A Partial, if any, is the last piece, and `decide` must be called before the next feed."""
+        assert not self._undecided, "decide() must follow a Partial"
         if not self._skip and not self._held:
             return self._frame(data, 0, [])
         out: list[Piece] = []
@@ -264,11 +283,13 @@ class Framer:
                 self.ready_count += 1
                 if end - pos > 5:
                     self.tx_status = data[pos + 5]
-            if msg_type in inspect and (total <= PEEK_THRESHOLD or self._keep_whole(data, pos, end, total)):
+            if msg_type in inspect:
                 if pos > start:
                     out.append(memoryview(data)[start:pos])
-                if self._hold_total < 0:  # undecided: the first bytes of its body are still to come
+                if end - pos < total and total > PEEK_THRESHOLD and msg_type in self.peek_types:
                     self._held = bytearray(memoryview(data)[pos:])
+                    self._hold_total = -total
+                    self._offer(out)
                     return out
                 if end - pos >= total:
                     out.append(Message(msg_type, bytes(data[pos + 5 : pos + total])))
@@ -293,16 +314,6 @@ class Framer:
         if pos > start:
             out.append(data if start == 0 else memoryview(data)[start:pos])
         return out
-
-    def _keep_whole(self, data: bytes, pos: int, end: int, total: int) -> bool:
-        """Whether a long inspected message must be held; sets `_hold_total` negative when the
-        answer needs bytes that have not arrived yet."""
-        if self.peek is None:
-            return True
-        if end - pos < 5 + PEEK_BYTES:
-            self._hold_total = -total
-            return True
-        return self.peek(data[pos], bytes(data[pos + 5 : pos + 5 + PEEK_BYTES]))
 
     def _reject(self, msg_type: int, length: int) -> None:
         if self.valid_types is not None and msg_type not in self.valid_types:
@@ -351,22 +362,31 @@ class Framer:
         return pos
 
     def _continue_peek(self, view: memoryview, pos: int, out: list[Piece]) -> int:
-        """Gather the first bytes of a long message's body, then hold it or let it stream."""
+        """Gather the first bytes of a long peeked message; once they are here, offer it."""
         total = -self._hold_total
-        need = 5 + PEEK_BYTES - len(self._held)
-        self._held += view[pos : pos + need]
-        pos += min(need, len(view) - pos)
-        if len(self._held) < 5 + PEEK_BYTES:
-            return pos
-        assert self.peek is not None
-        if self.peek(self._held[0], bytes(self._held[5:])):
-            self._hold_total = total
-            return pos
-        out.append(bytes(self._held))
-        self._skip = total - len(self._held)
-        self._held = bytearray()
-        self._hold_total = 0
-        take = min(self._skip, len(view) - pos)
-        self._skip -= take
-        out.append(view[pos : pos + take])
+        take = min(total - len(self._held), len(view) - pos)
+        self._held += view[pos : pos + take]
+        if len(self._held) == total:  # whole after all: no decision needed
+            held, self._held, self._hold_total = self._held, bytearray(), 0
+            out.append(Message(held[0], bytes(held[5:])))
+        else:
+            self._offer(out)
         return pos + take
+
+    def _offer(self, out: list[Piece]) -> None:
+        """With enough of a long message's start, hand it out as a Partial for the reader to decide."""
+        if len(self._held) >= 5 + PEEK_BYTES:
+            self._undecided = True
+            out.append(Partial(self._held[0], bytes(self._held)))
+
+    def decide(self, hold: bool) -> None:
+        """After a Partial: hold the rest of its message (it comes out whole, as a Message, with the
+        Partial's bytes at its start), or stream it (the reader relays the Partial's bytes itself)."""
+        total = -self._hold_total
+        self._undecided = False
+        if hold:
+            self._hold_total = total
+        else:
+            self._skip = total - len(self._held)
+            self._held = bytearray()
+            self._hold_total = 0

@@ -120,7 +120,7 @@ class Relay:
             # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
             self._client_framer.inspect = hook.message_types | SYNC_POINTS
             # A long Bind is held whole only if the hook wants it, so large values to other statements stream.
-            self._client_framer.peek = lambda msg_type, prefix: msg_type != pg.BIND or hook.wants(msg_type, prefix)
+            self._client_framer.peek_types = frozenset({pg.BIND})
         self._syncs_sent = 0
         self._batch_open = False
         self._answered: asyncio.Future[None] | None = None
@@ -217,6 +217,15 @@ class Relay:
         assert isinstance(pieces, deque)
         while pieces:
             piece = pieces.popleft()
+            if type(piece) is pg.Partial:
+                # Decided here, in stream order, so that a Parse just before it has been handled.
+                assert isinstance(piece, pg.Partial)
+                hold = piece.type in hook.message_types and hook.wants(piece.type, piece.body_start)
+                self._client_framer.decide(hold)
+                if not hold:
+                    self._batch_open = True
+                    write(piece.data)
+                continue
             if type(piece) is not pg.Message:
                 self._batch_open = True  # raw runs hold only message types that are not sync points
                 write(piece)  # type: ignore[arg-type]
