@@ -122,3 +122,21 @@ def test_psycopg2_client_side_binding(proxy: ProxyProcess, engine_vectors) -> No
         assert_same_embeddings(np.array(cur.fetchone()[0], np.float32), engine_vectors("query: it's quoted")[0])
     finally:
         conn.close()
+
+
+async def test_permissions_in_the_extended_protocol(proxy: ProxyProcess, pg) -> None:
+    role = f"plain_{uuid.uuid4().hex[:6]}"
+    pg.psql(f"CREATE ROLE {role} LOGIN")
+    plain = await asyncpg.connect(proxy.dsn(role))
+    try:
+        assert await plain.fetchval("SELECT azure_local_ai.get_setting($1)", "spin_control") in ("true", "false")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await plain.execute("SELECT azure_local_ai.set_setting($1, $2)", "spin_control", "true")
+    finally:
+        await plain.close()
+    superuser = await asyncpg.connect(proxy.dsn())
+    try:
+        await superuser.execute("SELECT azure_local_ai.set_setting($1, $2)", "spin_control", "true")
+        assert await superuser.fetchval("SELECT azure_local_ai.get_setting('spin_control')") == "true"
+    finally:
+        await superuser.close()

@@ -178,3 +178,20 @@ def test_scalar_functions_in_from_name_their_column_like_postgres(conn) -> None:
     cur = conn.execute("SELECT * FROM azure_local_ai.get_setting('inter_op_parallelism')")
     assert [d.name for d in cur.description] == ["get_setting"]
     assert cur.fetchone() == ("1",)
+
+
+def test_savepoints_and_rollback_around_calls(conn) -> None:
+    table = f"sp_{uuid.uuid4().hex[:8]}"
+    conn.autocommit = False
+    conn.execute(f"CREATE TABLE {table} (label text, v real[])")
+    conn.execute(f"INSERT INTO {table} VALUES ('kept', azure_local_ai.create_embeddings('{MODEL}', 'kept'))")
+    conn.execute("SAVEPOINT before_error")
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        conn.execute(f"INSERT INTO {table} VALUES ('lost', azure_local_ai.create_embeddings('nope:v9', 'x'))")
+    conn.execute("ROLLBACK TO SAVEPOINT before_error")
+    conn.execute(f"INSERT INTO {table} VALUES ('after', azure_local_ai.create_embeddings('{MODEL}', 'after'))")
+    conn.commit()
+    labels = [r[0] for r in conn.execute(f"SELECT label FROM {table} ORDER BY label")]
+    assert labels == ["after", "kept"]
+    conn.execute(f"DROP TABLE {table}")
+    conn.commit()
