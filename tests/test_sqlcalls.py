@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.intercept.arrays import ArrayLiteralError, format_text_array, parse_text_array
-from proxy.intercept.sqlcalls import BindRef, Const, Dependent, Position, SqlError, find_calls, mentions_schema
+from proxy.intercept.errors import CallError
+from proxy.intercept.sqlcalls import BindRef, Const, Dependent, Position, find_calls, mentions_schema
 
 M = "'multilingual-e5-small:v1'"
 
@@ -114,7 +115,7 @@ def test_spans_with_multibyte_text() -> None:
     ],
 )
 def test_errors(sql: str, sqlstate: str) -> None:
-    with pytest.raises(SqlError) as info:
+    with pytest.raises(CallError) as info:
         find_calls(sql)
     assert info.value.sqlstate == sqlstate
 

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .arrays import ArrayLiteralError, parse_text_array
-from .functions import Backend, CallError
+from .errors import CallError
+from .functions import Backend
 from .render import embeddings_text_array, real_array_text, replace_rows, replace_scalar
 from .signatures import Param
 from .sqlcalls import BindRef, CallSite, Const, Dependent

@@ -20,17 +20,9 @@ from inference.errors import EmbeddingTimeout, ModelFilesError
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
 
+from .errors import CallError
+
 BUILTIN_URI = "multilingual-e5-small:v1"
-
-
-class CallError(Exception):
-    """A call failed; the client gets `sqlstate`, `message` and `hint` as an ERROR."""
-
-    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.hint = hint
 
 
 def from_catalog(exc: CatalogError) -> CallError:

@@ -20,12 +20,13 @@ from .. import protocol as pg
 from ..hooks import SessionControl, SessionInfo
 from ..messages import Bind, Parse, describe_target, encode_parameter_description, parameter_description
 from ..relay import QueryFailed
+from .errors import CallError
 from .evaluate import as_parameter, compute, replacement
-from .functions import Backend, CallError
+from .functions import Backend
 from .prepared import PreparedCalls, bind_values, dependent_argument, failing_bind, rewrite_parse
 from .render import splice
 from .signatures import PRIVILEGED
-from .sqlcalls import SqlError, Statement, find_calls, mentions_schema
+from .sqlcalls import Statement, find_calls, mentions_schema
 
 log = logging.getLogger("azure_local_ai_proxy.intercept")
 
@@ -109,8 +110,8 @@ class InterceptHook:
         sql = body[:-1].decode("utf-8", errors="surrogateescape")
         try:
             statements = find_calls(sql)
-        except SqlError as exc:
-            self._fail_query(control, "", CallError(exc.sqlstate, exc.message, exc.hint))
+        except CallError as exc:
+            self._fail_query(control, "", exc)
             return
         if not any(s.calls for s in statements) or (
             control.transaction_status == "E" and not _ends_transaction(sql, statements)
@@ -165,8 +166,8 @@ class InterceptHook:
                     "calls whose arguments are constants or bind parameters",
                     "Pass the value as a literal or a parameter.",
                 )
-        except (SqlError, CallError) as exc:
-            self._fail_parse(parse, control, CallError(exc.sqlstate, exc.message, exc.hint))
+        except CallError as exc:
+            self._fail_parse(parse, control, exc)
             return
         if not any(s.calls for s in statements):
             control.forward(pg.PARSE, parse.encode())

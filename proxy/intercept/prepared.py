@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pglast.parser import scan
 
 from ..messages import Bind, Parse
-from .functions import CallError
+from .errors import CallError
 from .render import rows_site, scalar_site, splice
 from .sqlcalls import BindRef, CallSite, Dependent, Statement
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from .errors import CallError
+
 SCHEMA = "azure_local_ai"
 DEFAULT_TIMEOUT_MS = 3_600_000
 DEFAULT_BATCH_SIZE = 128
@@ -86,16 +88,6 @@ OVERLOADS: dict[str, tuple[Overload, ...]] = {
 PRIVILEGED = frozenset({"set_setting", "model_register", "model_unregister", "model_unload"})
 
 
-class ResolutionError(Exception):
-    """No overload (or more than one) fits; carries PostgreSQL's SQLSTATE for the case."""
-
-    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.hint = hint
-
-
 @dataclass(frozen=True)
 class Binding:
     """An overload with each of its parameters bound to a call's argument index (or None: default)."""
@@ -121,7 +113,7 @@ def resolve(function: str, positional: list[ArgKind], named: dict[str, ArgKind])
         candidates.append((unknown_as_array, binding))
     if not candidates:
         described = ", ".join([k.value for k in positional] + [f"{n} => {k.value}" for n, k in named.items()])
-        raise ResolutionError(
+        raise CallError(
             "42883",
             f"function {SCHEMA}.{function}({described}) does not exist",
             "No function matches the given name and argument types. You might need to add explicit type casts. "
@@ -129,7 +121,7 @@ def resolve(function: str, positional: list[ArgKind], named: dict[str, ArgKind])
         )
     candidates.sort(key=lambda c: c[0])
     if len(candidates) > 1 and candidates[0][0] == candidates[1][0]:
-        raise ResolutionError("42725", f"function {SCHEMA}.{function} is not unique",
+        raise CallError("42725", f"function {SCHEMA}.{function} is not unique",
                               "Could not choose a best candidate function. You might need to add explicit type casts.")
     return candidates[0][1]
 

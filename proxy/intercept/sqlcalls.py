@@ -16,7 +16,8 @@ from pglast.parser import ParseError, scan
 from pglast.visitors import Ancestor, Visitor
 
 from .arrays import ArrayLiteralError, parse_text_array
-from .signatures import OVERLOADS, SCHEMA, ArgKind, Binding, ResolutionError, resolve
+from .errors import CallError
+from .signatures import OVERLOADS, SCHEMA, ArgKind, Binding, resolve
 
 _MARKER = re.compile(rb"azure_local_ai", re.IGNORECASE)
 
@@ -96,20 +97,10 @@ class Statement:
     calls: list[CallSite] = field(default_factory=list)
 
 
-class SqlError(Exception):
-    """The SQL cannot be analysed; the server would reject it the same way (or say why better)."""
-
-    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.hint = hint
-
-
 def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Statement]:
     """Every statement of `sql` with the azure_local_ai calls it contains.
 
-    Raises SqlError for a call that names no known function or fits no overload. A syntax error is
+    Raises CallError for a call that names no known function or fits no overload. A syntax error is
     not ours to report: it yields no statements, and the server will answer as it always does."""
     try:
         raw_statements = parse_sql(sql)
@@ -145,7 +136,7 @@ class _CallFinder(Visitor):
             return
         function = names[1]
         if function not in OVERLOADS:
-            raise SqlError("42883", f"function {SCHEMA}.{function} does not exist",
+            raise CallError("42883", f"function {SCHEMA}.{function} does not exist",
                            f"The {SCHEMA} schema has: {', '.join(sorted(OVERLOADS))}.")
         start = node.location
         end, arg_spans = self._call_extent(start)
@@ -159,10 +150,7 @@ class _CallFinder(Visitor):
                 named[raw.name] = self._arg(raw.arg, text)
             else:
                 positional.append(self._arg(raw, text))
-        try:
-            binding = resolve(function, [a.kind for a in positional], {k: a.kind for k, a in named.items()})
-        except ResolutionError as exc:
-            raise SqlError(exc.sqlstate, exc.message, exc.hint) from exc
+        binding = resolve(function, [a.kind for a in positional], {k: a.kind for k, a in named.items()})
         position, alias, ordinality = _position(ancestors)
         assert self.statement is not None
         self.statement.calls.append(CallSite(
@@ -192,7 +180,7 @@ class _CallFinder(Visitor):
             elif token.name == "ASCII_44" and depth == 1:
                 spans.append((arg_start, token.start))
                 arg_start = token.end + 1
-        raise SqlError("42601", "unterminated function call")
+        raise CallError("42601", "unterminated function call")
 
     def _arg(self, node: ast.Node, text: str) -> Arg:
         value, kind = self._evaluate(node)
@@ -261,9 +249,9 @@ class _CallFinder(Visitor):
             if not is_array and name in _INT_TYPES and not isinstance(value, list):
                 return Const(int(str(value).strip())), kind
         except ArrayLiteralError as exc:
-            raise SqlError(exc.sqlstate, str(exc)) from exc
+            raise CallError(exc.sqlstate, str(exc)) from exc
         except ValueError as exc:
-            raise SqlError("22P02", f'invalid input syntax for type {name}: "{value}"') from exc
+            raise CallError("22P02", f'invalid input syntax for type {name}: "{value}"') from exc
         return Dependent(f"a cast to {name}"), kind
 
 
