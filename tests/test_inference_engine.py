@@ -123,9 +123,13 @@ async def test_event_loop_stays_responsive(engine: EmbeddingEngine, e5_q4: Model
             lags.append(time.monotonic() - started - 0.01)
 
     tick = asyncio.create_task(ticker())
+    started = time.monotonic()
     await engine.embed(e5_q4, [LONG] * 8)
+    total = time.monotonic() - started
     tick.cancel()
-    assert len(lags) > 5 and max(lags) < 0.25
+    # Blocking the loop would show as one lag about as long as the whole call; a busy machine's
+    # scheduling delays are shorter than that (an absolute bound would measure the machine, not us).
+    assert len(lags) > 5 and max(lags) < total / 2
 
 
 async def test_settings_take_effect_without_restart(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
