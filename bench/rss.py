@@ -1,13 +1,15 @@
 """Resident memory of one runner in this (fresh) process: ``python -m bench.rss RUNNER`` prints JSON (MB).
 
-imports: after importing the runner's libraries; loaded: model loaded; after_embed: after one short
-text and a batch of 32 long texts; peak: the process's high-water mark (VmHWM).
+imports: after importing the runner's libraries; loaded: model loaded; after_embed: one short text and a
+batch of 32 long texts later, after 2 s idle (engines may hand memory back when idle); peak: the
+process's high-water mark (VmHWM), i.e. during that batch.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from bench import runners
@@ -35,6 +37,7 @@ def main(name: str) -> None:
     long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
     runner.batch(["short text (0)"])
     runner.batch([f"{long_text} ({i})" for i in range(32)])
+    time.sleep(2)
     figures["after_embed"] = _status_mb("VmRSS")
     figures["peak"] = _status_mb("VmHWM")
     print(json.dumps(figures))
