@@ -96,14 +96,15 @@ class Bind:
             return self.param_formats[0]
         return self.param_formats[index]
 
-    def with_extra_text_values(self, extra: list[bytes | None]) -> Bind:
-        """This Bind with more parameters appended, all in text format."""
-        count = len(self.values)
-        if not self.param_formats or (len(self.param_formats) == 1 and self.param_formats[0] == 0):
-            formats: tuple[int, ...] = self.param_formats
+    def with_extra_values(self, extra: list[tuple[int, bytes | None]]) -> Bind:
+        """This Bind with more parameters appended, each given as (format code, value)."""
+        values = self.values + tuple(v for _, v in extra)
+        extra_formats = tuple(f for f, _ in extra)
+        if len(self.param_formats) <= 1 and self.format_of(0) == 0 and not any(extra_formats):
+            formats = self.param_formats  # "all text" still says it
         else:
-            formats = tuple(self.format_of(i) for i in range(count)) + (0,) * len(extra)
-        return Bind(self.portal, self.statement, formats, self.values + tuple(extra), self.result_formats)
+            formats = tuple(self.format_of(i) for i in range(len(self.values))) + extra_formats
+        return Bind(self.portal, self.statement, formats, values, self.result_formats)
 
 
 def describe_target(body: bytes) -> tuple[str, str]:

@@ -147,3 +147,15 @@ def test_array_literals(literal: str, values: list) -> None:
 def test_bad_array_literals(bad: str) -> None:
     with pytest.raises(ArrayLiteralError):
         parse_text_array(bad)
+
+
+def test_real_array_binary_format() -> None:
+    import struct
+
+    import numpy as np
+
+    from proxy.intercept.evaluate import real_array_binary
+
+    vector = np.array([0.5, -1.25, 3.0e-8], dtype=np.float32)
+    expected = struct.pack("!iiiii", 1, 0, 700, 3, 1) + b"".join(struct.pack("!if", 4, float(v)) for v in vector)
+    assert real_array_binary(vector) == expected

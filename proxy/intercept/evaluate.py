@@ -9,10 +9,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
 from .functions import Backend
-from .render import embeddings_text_array, real_array_text, replace_rows, replace_scalar
+from .render import embeddings_text_array, replace_rows, replace_scalar
 from .signatures import Param
 from .sqlcalls import BindRef, CallSite, Const, Dependent
 
@@ -40,20 +42,34 @@ def as_literal(call: CallSite, result: Value) -> str:
     return replace_scalar(call, result.sql_type, result.value)
 
 
-def as_parameter(result: Value) -> bytes | None:
-    """The result as the text-format value of a bind parameter (extended protocol)."""
+def as_parameter(result: Value) -> tuple[int, bytes | None]:
+    """The result as a bind parameter (extended protocol): (format code, value). An embedding goes in
+    binary, which spares formatting and parsing 384 floats as text."""
     value = result.value
     if value is None:
-        return None
-    if result.sql_type == "rows":
-        return embeddings_text_array(value).encode()  # type: ignore[arg-type]
+        return 0, None
     if result.sql_type == "real[]":
-        return real_array_text(value).encode()  # type: ignore[arg-type]
+        return 1, real_array_binary(value)  # type: ignore[arg-type]
+    if result.sql_type == "rows":
+        return 0, embeddings_text_array(value).encode()  # type: ignore[arg-type]
     if result.sql_type == "jsonb":
-        return json.dumps(value, separators=(", ", ": ")).encode()
+        return 0, json.dumps(value, separators=(", ", ": ")).encode()
     if result.sql_type == "boolean":
-        return b"t" if value else b"f"
-    return str(value).encode()
+        return 0, b"t" if value else b"f"
+    return 0, str(value).encode()
+
+
+_FLOAT4_OID = 700
+
+
+def real_array_binary(vector: np.ndarray) -> bytes:
+    """PostgreSQL's binary format of a one-dimensional real[]: header, then (length 4, float) pairs."""
+    count = len(vector)
+    header = np.array([1, 0, _FLOAT4_OID, count, 1], dtype=">i4").tobytes()
+    items = np.empty(count, dtype=[("length", ">i4"), ("value", ">f4")])
+    items["length"] = 4
+    items["value"] = vector
+    return header + items.tobytes()
 
 
 async def compute(call: CallSite, backend: Backend, binds: BindValues | None = None) -> Value:

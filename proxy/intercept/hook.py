@@ -195,7 +195,7 @@ class InterceptHook:
                 f'"{bind.statement}" requires {prepared.client_params}'))
             return
         if control.transaction_status == "E":
-            control.forward(pg.BIND, bind.with_extra_text_values([None] * prepared.extra).encode())
+            control.forward(pg.BIND, bind.with_extra_values([(0, None)] * prepared.extra).encode())
             return  # the server refuses it (25P02), as it would the real function
         privileged = [c.function for c in prepared.calls if c.function in PRIVILEGED]
         try:
@@ -209,9 +209,9 @@ class InterceptHook:
         except CallError as error:
             self._fail_bind(bind, prepared, control, error)
             return
-        control.forward(pg.BIND, bind.with_extra_text_values([None, *values]).encode())  # type: ignore[list-item]
+        control.forward(pg.BIND, bind.with_extra_values([(0, None), *values]).encode())
 
-    async def _values(self, bind: Bind, prepared: PreparedCalls) -> list[bytes | None]:
+    async def _values(self, bind: Bind, prepared: PreparedCalls) -> list[tuple[int, bytes | None]]:
         binds = bind_values(bind, prepared)
         return [as_parameter(await compute(call, self.backend, binds)) for call in prepared.calls]
 

@@ -97,8 +97,8 @@ def rewrite_parse(
 def failing_bind(bind: Bind, prepared: PreparedCalls) -> tuple[Bind, str]:
     """A Bind the server will reject (the guard carries a marker), and the marker to look for."""
     marker = f"azure_local_ai_proxy_error_{secrets.token_hex(8)}"
-    extra: list[bytes | None] = [marker.encode()] + [None] * (prepared.extra - 1)
-    return bind.with_extra_text_values(extra), marker
+    extra: list[tuple[int, bytes | None]] = [(0, marker.encode())] + [(0, None)] * (prepared.extra - 1)
+    return bind.with_extra_values(extra), marker
 
 
 def bind_values(bind: Bind, prepared: PreparedCalls) -> list[object]:
