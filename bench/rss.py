@@ -2,7 +2,8 @@
 
 imports: after importing the runner's libraries; loaded: model loaded; after_embed: one short text and a
 batch of 32 long texts later, after 2 s idle (engines may hand memory back when idle); peak: the
-process's high-water mark (VmHWM), i.e. during that batch.
+process's high-water mark (VmHWM), i.e. during that batch. ``ours-tokenizer`` loads only the built-in
+model's tokenizer.json with the ``tokenizers`` library (the engine's tokenizer), to show its share.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ def _status_mb(field: str) -> float:
 
 def main(name: str) -> None:
     """Load runner ``name``, embed a little, print the RSS figures as one JSON line."""
+    if name == "ours-tokenizer":
+        from tokenizers import Tokenizer
+
+        from bench import ours
+
+        path = ours.builtin_files(ours.VARIANTS[0]).tokenizer_path
+        figures = {"imports": _status_mb("VmRSS")}
+        tokenizer = Tokenizer.from_file(str(path))
+        figures["loaded"] = _status_mb("VmRSS")
+        tokenizer.encode_batch(["short text"] + [r["text"] for r in load_corpus()[:32]])
+        time.sleep(2)
+        figures["after_embed"] = _status_mb("VmRSS")
+        figures["peak"] = _status_mb("VmHWM")
+        print(json.dumps(figures))
+        return
     factory = runners.FACTORIES[name]
     if name == "st-torch":
         import sentence_transformers  # noqa: F401
