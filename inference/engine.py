@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from .runtime import ModelRuntime
 from .settings import EngineSettings
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
+TRIM_AFTER_TOKENS = 16384  # padded tokens run since the last trim that make the next idle moment trim
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,7 @@ class EmbeddingEngine:
             return taken
 
     def _dispatch_loop(self) -> None:
+        trimmed_at = 0
         while True:
             snapshot = self._take_snapshot()
             if snapshot is None:
@@ -278,7 +281,10 @@ class EmbeddingEngine:
                 items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
                 if items:
                     self._run(model, items)
-            if not self._queue:  # idle: give the runs' freed buffers back (keeps RSS near the model size)
+            # Idle after big runs: give their freed buffers back (keeps RSS near the model size). Small
+            # runs free little, and trimming after each one costs single-text calls ~0.5 ms of CPU.
+            if not self._queue and self.stats.padded_tokens - trimmed_at >= TRIM_AFTER_TOKENS:
+                trimmed_at = self.stats.padded_tokens
                 _return_freed_memory()
 
     @staticmethod
@@ -330,7 +336,17 @@ class EmbeddingEngine:
         _return_freed_memory()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _return_freed_memory() -> None:
     """Ask glibc to hand freed arenas back to the OS, so unloading shows in resident memory."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _libc()
+    with contextlib.suppress(AttributeError):
+        if libc is not None:
+            libc.malloc_trim(0)
