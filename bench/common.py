@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,3 +61,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def cos6(value: float) -> str:
     """A cosine similarity with six decimals (four significant digits hide the differences that matter)."""
     return f"{value:.6f}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server process of a benchmark: politely first, then for sure."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -56,7 +56,7 @@ import asyncpg
 import numpy as np
 import psycopg
 
-from bench.common import load_average, machine_header, table
+from bench.common import load_average, machine_header, stop, table
 from inference import EmbeddingEngine, EngineSettings, builtin_model
 from inference.settings import available_cpus
 from proxy.intercept.evaluate import real_array_binary
@@ -253,16 +253,6 @@ def start_proxy(data_dir: Path, pg_port: int, log_path: Path, trim: bool = True)
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     wait_for_port(port, 60, proc)
     return proc, port
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def dsn(port: int) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pgserver._commands import POSTGRES_BIN_PATH
 
-from bench.common import load_average, machine_header, table
+from bench.common import load_average, machine_header, stop, table
 from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster
 from tests.proxyproc import wait_for_port
 
@@ -125,16 +125,6 @@ def start_proxy(workdir: Path, pg_port: int, label: str, source: Path | None) ->
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source or ROOT)
     wait_for_port(port, 120, proc)
     return proc, port
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
