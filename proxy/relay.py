@@ -20,6 +20,8 @@ SYNC_POINTS = frozenset({pg.QUERY, pg.SYNC})
 #: Server messages that belong to no request: they reach the client even while the proxy runs its own query.
 ASYNCHRONOUS = frozenset(b"ANS")
 WRITE_HIGH_WATER = 1 << 20
+#: How much a client may send while a hook holds its session before reading from it pauses.
+HELD_LIMIT = 1 << 20
 
 
 class QueryFailed(Exception):
@@ -127,6 +129,7 @@ class Relay:
         self._capture: _Capture | None = None
         self._watcher: ServerWatcher | None = None
         self._held: deque[pg.Piece] | None = None
+        self._held_bytes = 0
         self._hook_task: asyncio.Task[None] | None = None
         self._client_pauses: set[str] = set()
         self._server_paused = False
@@ -166,6 +169,9 @@ class Relay:
             return
         if self._held is not None:
             self._held.extend(pieces)
+            self._held_bytes += len(data)
+            if self._held_bytes > HELD_LIMIT or framer.undecided:
+                self._pause_client("hook")
             return
         hook = self.hook
         if hook is None:
@@ -239,9 +245,13 @@ class Relay:
             return
 
     def _hold(self, msg: pg.Message, rest: deque[pg.Piece]) -> None:
-        """Hand `msg` to the hook; `rest`, and whatever the client sends meanwhile, waits for it."""
+        """Hand `msg` to the hook; `rest`, and whatever the client sends meanwhile, waits for it.
+        Reading goes on (up to HELD_LIMIT bytes) so that a client who leaves is noticed at once and
+        the hook's work is dropped; a Partial still awaiting its decision stops reading too."""
         self._held = rest
-        self._pause_client("hook")
+        self._held_bytes = 0
+        if self._client_framer.undecided:
+            self._pause_client("hook")
         self._hook_task = asyncio.get_running_loop().create_task(self._run_hook(msg))
 
     async def _run_hook(self, msg: pg.Message) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -11,11 +12,14 @@ import psycopg
 import pytest
 
 from inference import EmbeddingEngine, build_hf_dir, load_model_dir
+from proxy import protocol as pg_protocol
+from proxy.intercept.arrays import format_text_array
 
 from . import test_inference_fixtures as shared
 from .helpers_embeddings import assert_same_embeddings
 from .pgcluster import PgCluster
 from .proxyproc import ProxyProcess, start_proxy
+from .rawclient import RawClient
 from .test_functions_simple import MODEL
 
 minilm_dir = shared.minilm_dir  # session fixture: all-MiniLM-L6-v2 as safetensors
@@ -130,3 +134,32 @@ def test_settings_survive_a_restart(pg: PgCluster, model_data_dir: Path, tmp_pat
             assert len(vector) == 384
     finally:
         second.stop()
+
+
+def proxy_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_client_leaving_mid_call_costs_nothing_further(proxy: ProxyProcess) -> None:
+    texts = [f"passage: a text nobody will wait for, number {i} " * 15 for i in range(3000)]
+    client = RawClient(proxy.port)
+    client.login()
+    sql = f"SELECT count(*) FROM azure_local_ai.create_embeddings('{MODEL}', '{format_text_array(texts)}'::text[])"
+    client.send(pg_protocol.message(pg_protocol.QUERY, sql.encode() + b"\0"))
+    time.sleep(1.5)  # the engine is busy with it now
+    busy_from = proxy_cpu_seconds(proxy.proc.pid)
+    time.sleep(1.0)
+    busy = proxy_cpu_seconds(proxy.proc.pid) - busy_from
+    client.close()
+    # The model run in progress finishes (one run is at most max_batch_tokens, about a second here);
+    # the queued rest of the 3000 texts, some 40 s of work, must be dropped.
+    time.sleep(2.5)
+    idle_from = proxy_cpu_seconds(proxy.proc.pid)
+    time.sleep(1.0)
+    idle = proxy_cpu_seconds(proxy.proc.pid) - idle_from
+    assert busy > 0.5, f"the call did not keep the engine busy ({busy:.2f} s of CPU in 1 s)"
+    assert idle < busy / 4, f"work went on after the client left: {idle:.2f} s of CPU in 1 s (busy: {busy:.2f})"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
