@@ -37,7 +37,7 @@ from .runtime import ModelRuntime
 from .settings import EngineSettings
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
-TRIM_AFTER_TOKENS = 16384  # padded tokens run since the last trim that make the next idle moment trim
+TRIM_IDLE_SECONDS = 0.5  # idle time after model runs before their freed memory is returned to the OS
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ class EmbeddingEngine:
         self._queue: deque[_Item] = deque()
         self._wakeup = threading.Condition()
         self._closed = False
+        self._untrimmed = False  # model runs happened since memory was last returned to the OS
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embed-tokenize")
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="embed-dispatch", daemon=True)
         self._dispatcher.start()
@@ -241,7 +242,13 @@ class EmbeddingEngine:
         """Wait for queued work and the batching window; take one model's share of it."""
         with self._wakeup:
             while not self._queue and not self._closed:
-                self._wakeup.wait()
+                if not self._untrimmed:
+                    self._wakeup.wait()
+                elif not self._wakeup.wait(TRIM_IDLE_SECONDS):
+                    # Idle a while after runs: give their freed buffers back (keeps RSS near the model
+                    # size). Not after every run: back-to-back single-text calls would pay ~0.5 ms each.
+                    self._untrimmed = False
+                    _return_freed_memory()
             if self._closed:
                 return None
             window = self.batching.max_wait_ms / 1000.0
@@ -268,7 +275,6 @@ class EmbeddingEngine:
             return taken
 
     def _dispatch_loop(self) -> None:
-        trimmed_at = 0
         while True:
             snapshot = self._take_snapshot()
             if snapshot is None:
@@ -281,11 +287,7 @@ class EmbeddingEngine:
                 items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
                 if items:
                     self._run(model, items)
-            # Idle after big runs: give their freed buffers back (keeps RSS near the model size). Small
-            # runs free little, and trimming after each one costs single-text calls ~0.5 ms of CPU.
-            if not self._queue and self.stats.padded_tokens - trimmed_at >= TRIM_AFTER_TOKENS:
-                trimmed_at = self.stats.padded_tokens
-                _return_freed_memory()
+            self._untrimmed = True
 
     @staticmethod
     def _fail(items: list[_Item], exc: BaseException) -> None:
