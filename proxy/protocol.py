@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 _I32 = struct.Struct("!i")
-_U32 = struct.Struct("!I")
 _TYPE_LENGTH = struct.Struct("!BI")
 
 PROTOCOL_3_0 = 196608
@@ -28,13 +27,10 @@ DEFAULT_MAX_MESSAGE = 0x3FFFFFFF
 FRONTEND_TYPES = frozenset(b"QPBDECSHXdcfFp")
 
 QUERY, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, FLUSH, TERMINATE = b"QPBDECSHX"
-COPY_DATA, COPY_DONE, COPY_FAIL, FUNCTION_CALL, PASSWORD = b"dcfFp"
+PASSWORD = ord("p")
 AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY = b"RKEZ"
-NEGOTIATE_PROTOCOL_VERSION, PARAMETER_STATUS, NOTICE_RESPONSE = b"vSN"
 
-AUTH_OK = 0
 AUTH_SASL = 10
-AUTH_SASL_FINAL = 12
 #: Authentication requests that the client must answer with a PasswordMessage-family message.
 AUTH_NEEDS_RESPONSE = frozenset({2, 3, 5, 7, 8, 9, 10, 11})
 

@@ -159,3 +159,9 @@ def test_real_array_binary_format() -> None:
     vector = np.array([0.5, -1.25, 3.0e-8], dtype=np.float32)
     expected = struct.pack("!iiiii", 1, 0, 700, 3, 1) + b"".join(struct.pack("!if", 4, float(v)) for v in vector)
     assert real_array_binary(vector) == expected
+
+
+def test_with_ordinality_is_refused_clearly() -> None:
+    with pytest.raises(CallError) as info:
+        find_calls("select * from azure_local_ai.create_embeddings('m', ARRAY['a']) WITH ORDINALITY")
+    assert info.value.sqlstate == "0A000"

@@ -74,7 +74,6 @@ class CallSite:
     end: int  # exclusive: the offset just after the closing parenthesis
     position: Position
     has_alias: bool = False  # a FROM function with its own alias, or a target with AS
-    with_ordinality: bool = False
     statement: int = 0
     in_target: bool = False  # somewhere inside a select-list (or RETURNING) entry, where names matter
     alias: str | None = None  # a FROM function's alias: it also names a scalar function's column
@@ -152,10 +151,13 @@ class _CallFinder(Visitor):
                 positional.append(self._arg(raw, text))
         binding = resolve(function, [a.kind for a in positional], {k: a.kind for k, a in named.items()})
         position, alias, ordinality = _position(ancestors)
+        if ordinality:
+            raise CallError("0A000", f"WITH ORDINALITY is not supported on {SCHEMA}.{function}",
+                            "Number the rows with row_number() OVER () instead.")
         assert self.statement is not None
         self.statement.calls.append(CallSite(
             function, binding, positional + list(named.values()), start, end, position,
-            has_alias=alias is not None, with_ordinality=ordinality, statement=self.statement_index,
+            has_alias=alias is not None, statement=self.statement_index,
             in_target=position is Position.TARGET or _inside_target(ancestors),
             alias=alias if position is Position.FROM else None,
         ))
