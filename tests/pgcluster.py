@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -80,10 +81,16 @@ class PgCluster:
 
     def init(self) -> None:
         if RUN_AS is not None:
-            from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+            from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
             ensure_user_exists(RUN_AS)
             ensure_prefix_permissions(self.root)
+            # The server user must reach the binaries too, wherever the checkout (and its .venv) lies,
+            # e.g. under a 0700 directory from mktemp -d; pgserver does the same for its own server.
+            readable = stat.S_IRGRP | stat.S_IROTH
+            ensure_prefix_permissions(POSTGRES_BIN_PATH)
+            ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
+            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
         _chown(self.root)
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
                   "--auth=trust", "--encoding=UTF8", "--no-sync")
