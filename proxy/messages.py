@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .protocol import ProtocolViolation
 
-_I16 = struct.Struct("!h")
+_U16 = struct.Struct("!H")  # counts: PostgreSQL reads them unsigned (up to 65,535)
 _I32 = struct.Struct("!i")
 
 
@@ -17,6 +17,12 @@ def _cstring(body: bytes, pos: int) -> tuple[str, int]:
     if end < 0:
         raise ProtocolViolation("unterminated string in message")
     return body[pos:end].decode("utf-8", errors="surrogateescape"), end + 1
+
+
+def _check_end(body: bytes, end: int, what: str) -> None:
+    """PostgreSQL refuses a message with bytes left over after its last field."""
+    if end != len(body):
+        raise ProtocolViolation(f"invalid {what} message format")
 
 
 def _encode_cstring(text: str) -> bytes:
@@ -34,14 +40,15 @@ class Parse:
         try:
             statement, pos = _cstring(body, 0)
             query, pos = _cstring(body, pos)
-            (count,) = _I16.unpack_from(body, pos)
+            (count,) = _U16.unpack_from(body, pos)
             types = struct.unpack_from(f"!{count}I", body, pos + 2)
         except struct.error as exc:
             raise ProtocolViolation("malformed Parse message") from exc
+        _check_end(body, pos + 2 + 4 * count, "Parse")
         return cls(statement, query, tuple(types))
 
     def encode(self) -> bytes:
-        return (_encode_cstring(self.statement) + _encode_cstring(self.query) + _I16.pack(len(self.param_types))
+        return (_encode_cstring(self.statement) + _encode_cstring(self.query) + _U16.pack(len(self.param_types))
                 + struct.pack(f"!{len(self.param_types)}I", *self.param_types))
 
 
@@ -58,33 +65,36 @@ class Bind:
         try:
             portal, pos = _cstring(body, 0)
             statement, pos = _cstring(body, pos)
-            (count,) = _I16.unpack_from(body, pos)
+            (count,) = _U16.unpack_from(body, pos)
             formats = struct.unpack_from(f"!{count}h", body, pos + 2)
             pos += 2 + 2 * count
-            (count,) = _I16.unpack_from(body, pos)
+            (count,) = _U16.unpack_from(body, pos)
             pos += 2
             values: list[bytes | None] = []
             for _ in range(count):
                 (length,) = _I32.unpack_from(body, pos)
                 pos += 4
+                if length < -1 or pos + length > len(body):
+                    raise ProtocolViolation("insufficient data left in message")
                 if length < 0:
                     values.append(None)
                 else:
                     values.append(body[pos : pos + length])
                     pos += length
-            (count,) = _I16.unpack_from(body, pos)
+            (count,) = _U16.unpack_from(body, pos)
             result_formats = struct.unpack_from(f"!{count}h", body, pos + 2)
         except struct.error as exc:
             raise ProtocolViolation("malformed Bind message") from exc
+        _check_end(body, pos + 2 + 2 * count, "Bind")
         return cls(portal, statement, tuple(formats), tuple(values), tuple(result_formats))
 
     def encode(self) -> bytes:
         parts = [_encode_cstring(self.portal), _encode_cstring(self.statement),
-                 _I16.pack(len(self.param_formats)), struct.pack(f"!{len(self.param_formats)}h", *self.param_formats),
-                 _I16.pack(len(self.values))]
+                 _U16.pack(len(self.param_formats)), struct.pack(f"!{len(self.param_formats)}h", *self.param_formats),
+                 _U16.pack(len(self.values))]
         for value in self.values:
             parts.append(_I32.pack(-1) if value is None else _I32.pack(len(value)) + value)
-        parts += [_I16.pack(len(self.result_formats)), struct.pack(f"!{len(self.result_formats)}h",
+        parts += [_U16.pack(len(self.result_formats)), struct.pack(f"!{len(self.result_formats)}h",
                                                                      *self.result_formats)]
         return b"".join(parts)
 
@@ -116,9 +126,9 @@ def describe_target(body: bytes) -> tuple[str, str]:
 
 
 def parameter_description(body: bytes) -> tuple[int, ...]:
-    (count,) = _I16.unpack_from(body, 0)
+    (count,) = _U16.unpack_from(body, 0)
     return struct.unpack_from(f"!{count}I", body, 2)
 
 
 def encode_parameter_description(types: tuple[int, ...]) -> bytes:
-    return _I16.pack(len(types)) + struct.pack(f"!{len(types)}I", *types)
+    return _U16.pack(len(types)) + struct.pack(f"!{len(types)}I", *types)

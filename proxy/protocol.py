@@ -28,7 +28,7 @@ FRONTEND_TYPES = frozenset(b"QPBDECSHXdcfFp")
 
 QUERY, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, FLUSH, TERMINATE = b"QPBDECSHX"
 PASSWORD = ord("p")
-AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY = b"RKEZ"
+AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, NOTICE_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY = b"RKENSZ"
 
 AUTH_SASL = 10
 #: Authentication requests that the client must answer with a PasswordMessage-family message.
@@ -128,12 +128,21 @@ def error_response(
     sqlstate: str, text: str, *, severity: str = "FATAL", detail: str | None = None, hint: str | None = None
 ) -> bytes:
     """An ErrorResponse as PostgreSQL sends it (both the localised and the plain severity)."""
+    return _report(ERROR_RESPONSE, severity, sqlstate, text, detail, hint)
+
+
+def notice_response(text: str, *, sqlstate: str = "00000", hint: str | None = None) -> bytes:
+    """A NoticeResponse of severity NOTICE: a message the client shows while its query goes on."""
+    return _report(NOTICE_RESPONSE, "NOTICE", sqlstate, text, None, hint)
+
+
+def _report(msg_type: int, severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:
     fields = [b"S" + severity.encode(), b"V" + severity.encode(), b"C" + sqlstate.encode(), b"M" + text.encode()]
     if detail:
         fields.append(b"D" + detail.encode())
     if hint:
         fields.append(b"H" + hint.encode())
-    return message(ERROR_RESPONSE, b"\0".join(fields) + b"\0\0")
+    return message(msg_type, b"\0".join(fields) + b"\0\0")
 
 
 def parse_fields(body: bytes) -> dict[str, str]:
@@ -143,6 +152,12 @@ def parse_fields(body: bytes) -> dict[str, str]:
         if part:
             out[chr(part[0])] = part[1:].decode(errors="replace")
     return out
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    """A ParameterStatus message's name and value."""
+    name, value, _ = body.split(b"\0", 2)
+    return name.decode(errors="replace"), value.decode(errors="replace")
 
 
 def backend_key_data(pid: int, secret: bytes) -> bytes:
@@ -175,6 +190,9 @@ class Message:
 
     type: int
     body: bytes
+    #: For a message held across reads, of one of the framer's marker_types: whether its marker
+    #: occurs in it (case-insensitively), found as the bytes arrived. None: not looked for.
+    marked: bool | None = None
 
     def encode(self) -> bytes:
         return message(self.type, self.body)
@@ -204,8 +222,8 @@ class Framer:
     the peer may send; anything else is a protocol violation."""
 
     __slots__ = (
-        "_held", "_hold_total", "_skip", "_undecided", "inspect", "last_type", "max_length", "peek_types",
-        "ready_count", "tx_status", "valid_types",
+        "_held", "_hold_total", "_marked", "_skip", "_undecided", "inspect", "last_type", "marker", "marker_types",
+        "max_length", "peek_types", "ready_count", "tx_status", "valid_types",
     )
 
     def __init__(
@@ -217,6 +235,11 @@ class Framer:
         #: Inspected types whose long messages (over PEEK_THRESHOLD) are not held at once: their first
         #: bytes come out as a `Partial`, and the reader calls `decide` to hold the rest or stream it.
         self.peek_types: frozenset[int] = frozenset()
+        #: Lower-case bytes to look for in long inspected messages of `marker_types` while they arrive,
+        #: a read at a time, so that nobody has to search a whole 200 MB message at once (Message.marked).
+        self.marker = b""
+        self.marker_types: frozenset[int] = frozenset()
+        self._marked: bool | None = None
         self._undecided = False
         self.last_type = 0
         #: ReadyForQuery messages seen, and the transaction status byte of the last one (I, T or E);
@@ -294,6 +317,8 @@ class Framer:
                     continue
                 self._hold_total = total
                 self._held = bytearray(memoryview(data)[pos:])
+                if self.marker and msg_type in self.marker_types:
+                    self._marked = self._marker_in_held(5)
                 return out
             if end - pos < total:
                 self._skip = total - (end - pos)
@@ -348,14 +373,21 @@ class Framer:
                     return pos
         need = self._hold_total - len(self._held)
         chunk = view[pos : pos + need]
+        before = len(self._held)
         self._held += chunk
         pos += len(chunk)
+        if self._marked is False:
+            self._marked = self._marker_in_held(max(5, before - len(self.marker) + 1))
         if len(self._held) == self._hold_total:
             held = self._held
             self._held = bytearray()
             self._hold_total = 0
-            out.append(Message(held[0], bytes(held[5:])))
+            marked, self._marked = self._marked, None
+            out.append(Message(held[0], bytes(memoryview(held)[5:]), marked))
         return pos
+
+    def _marker_in_held(self, start: int) -> bool:
+        return self._held[start:].lower().find(self.marker) >= 0
 
     def _continue_peek(self, view: memoryview, pos: int, out: list[Piece]) -> int:
         """Gather the first bytes of a long peeked message; once they are here, offer it."""

@@ -108,8 +108,11 @@ class Relay:
         max_message_size: int,
         idle_timeout: float,
         log: logging.LoggerAdapter,
+        server_parameters: dict[str, str] | None = None,
     ) -> None:
         self.info = info
+        #: The server's run-time parameters as it last reported them (ParameterStatus).
+        self.server_parameters = dict(server_parameters or {})
         self.client = client
         self.server = server
         self.hook = hook
@@ -118,11 +121,16 @@ class Relay:
         self._client_framer = pg.Framer(valid_types=pg.FRONTEND_TYPES, max_length=max_message_size)
         self._server_framer = pg.Framer()
         self._in_query = False  # start-up ended with the server's first ReadyForQuery
+        #: Server messages always framed whole: a hook reads SQL as the server's parameters say.
+        self._server_always = frozenset({pg.PARAMETER_STATUS}) if hook is not None else frozenset()
+        self._server_framer.inspect = self._server_always
         if hook is not None:
             # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
             self._client_framer.inspect = hook.message_types | SYNC_POINTS
             # A long Bind is held whole only if the hook wants it, so large values to other statements stream.
             self._client_framer.peek_types = frozenset({pg.BIND})
+            self._client_framer.marker = hook.marker
+            self._client_framer.marker_types = hook.message_types
         self._syncs_sent = 0
         self._batch_open = False
         self._answered: asyncio.Future[None] | None = None
@@ -193,7 +201,7 @@ class Relay:
                 continue
             assert isinstance(piece, pg.Message)
             msg_type = piece.type
-            if msg_type in types and hook.wants(msg_type, piece.body):
+            if msg_type in types and hook.wants(msg_type, piece.body, piece.marked):
                 # Send what precedes the wanted message, piece by piece; the rest waits for the hook.
                 write = self.server.write
                 for before in pieces[:index]:
@@ -237,7 +245,7 @@ class Relay:
                 write(piece)  # type: ignore[arg-type]
                 continue
             assert isinstance(piece, pg.Message)
-            if piece.type not in hook.message_types or not hook.wants(piece.type, piece.body):
+            if piece.type not in hook.message_types or not hook.wants(piece.type, piece.body, piece.marked):
                 self._count(piece.type)
                 write(piece.encode())
                 continue
@@ -319,6 +327,9 @@ class Relay:
                 write(piece)  # type: ignore[arg-type]
                 continue
             assert isinstance(piece, pg.Message)
+            if piece.type == pg.PARAMETER_STATUS:
+                name, value = pg.parse_parameter_status(piece.body)
+                self.server_parameters[name] = value
             capture = self._capture
             if capture is not None and piece.type not in ASYNCHRONOUS:
                 if capture.feed(piece.type, piece.body):
@@ -393,7 +404,7 @@ class Relay:
 
     def _update_server_inspection(self) -> None:
         busy = self._watcher is not None or self._capture is not None
-        self._server_framer.inspect = ALL_TYPES if busy else frozenset()
+        self._server_framer.inspect = ALL_TYPES if busy else self._server_always
 
     @property
     def outstanding(self) -> int:
@@ -405,13 +416,18 @@ class Relay:
         """The server's transaction status as of its last ReadyForQuery: I (idle), T (in a block), E (failed)."""
         return chr(self._server_framer.tx_status)
 
+    async def settled(self) -> None:
+        """Wait until the server has answered every request sent so far (all Queries and Syncs)."""
+        loop = asyncio.get_running_loop()
+        while self.outstanding > 0 and not self._closing:
+            self._answered = loop.create_future()
+            await self._answered
+
     async def query(self, sql: str) -> list[tuple[str | None, ...]]:
         """Run a query of the proxy's own on this session's connection, once the server has answered
         everything before it, and return its rows as text; the client sees nothing of it."""
         loop = asyncio.get_running_loop()
-        while self.outstanding > 0:
-            self._answered = loop.create_future()
-            await self._answered
+        await self.settled()
         if self._closing:
             raise QueryFailed({"C": "08006", "M": "the session is closing"})
         done: asyncio.Future[list[tuple[str | None, ...]]] = loop.create_future()

@@ -108,7 +108,7 @@ async def establish(
         raise SessionRejected(exc.sqlstate, str(exc)) from exc
     try:
         server.write(startup.raw)
-        await _relay_authentication(session, client, server, settings.max_message_size, registry)
+        server_parameters = await _relay_authentication(session, client, server, settings.max_message_size, registry)
     except BaseException:
         server.close()
         raise
@@ -124,7 +124,7 @@ async def establish(
     assert client.transport is not None and server.transport is not None
     relay = Relay(
         info, client.transport, server.transport, hook=hook, max_message_size=settings.max_message_size,
-        idle_timeout=settings.idle_timeout, log=session.log,
+        idle_timeout=settings.idle_timeout, log=session.log, server_parameters=server_parameters,
     )
     relay.start(client.detach(), server.detach())
     return relay
@@ -132,12 +132,14 @@ async def establish(
 
 async def _relay_authentication(
     session: Session, client: HandshakeProtocol, server: HandshakeProtocol, max_size: int, registry: Registry
-) -> None:
-    """Pass the authentication exchange through, up to and including ReadyForQuery.
+) -> dict[str, str]:
+    """Pass the authentication exchange through, up to and including ReadyForQuery; return the
+    parameters the server reported (ParameterStatus).
 
     The proxy changes two things only: SCRAM-SHA-256-PLUS leaves the mechanism list (channel
     binding cannot span two TLS sessions), and the client gets a cancel key of the proxy's own so
     that cancel requests come to the proxy, which knows the session they belong to."""
+    parameters: dict[str, str] = {}
     while True:
         try:
             msg = await server.read_message()
@@ -162,8 +164,11 @@ async def _relay_authentication(
             raise ConnectionClosed("the upstream server refused the session")
         else:
             client.write(msg.encode())
-            if msg.type == pg.READY_FOR_QUERY:
-                return
+            if msg.type == pg.PARAMETER_STATUS:
+                name, value = pg.parse_parameter_status(msg.body)
+                parameters[name] = value
+            elif msg.type == pg.READY_FOR_QUERY:
+                return parameters
 
 
 def _explain_startup_error(msg: pg.Message) -> bytes:

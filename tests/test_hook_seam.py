@@ -33,14 +33,15 @@ class DemoHook:
     """Answers, rewrites or watches statements that carry a marker; leaves all others alone."""
 
     message_types = frozenset({pg.QUERY, pg.PARSE})
+    marker = b"hook_"
 
     def __init__(self, info: SessionInfo) -> None:
         self.info = info
         self.cancelled = asyncio.Event()
         self.closed = False
 
-    def wants(self, msg_type: int, body: bytes) -> bool:
-        return b"hook_" in body
+    def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool:
+        return b"hook_" in body if marked is None else marked
 
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         if b"hook_answer" in body:

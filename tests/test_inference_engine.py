@@ -195,3 +195,60 @@ async def test_closed_engine_refuses_work(e5_q4: ModelFiles) -> None:
     with pytest.raises(EngineClosed):
         await engine.embed(e5_q4, ["too late"])
     assert not engine.is_loaded(e5_q4)
+
+
+async def test_a_request_abandoned_in_the_batching_window_leaves_the_engine_serving(e5_q4: ModelFiles) -> None:
+    """The queue empties under the dispatcher while it waits out the batching window (a caller timed
+    out, or left): it must go back to waiting, not die, and later calls must be answered."""
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=300))
+    try:
+        engine.load(e5_q4)
+        for _ in range(3):
+            with pytest.raises(EmbeddingTimeout):
+                await engine.embed(e5_q4, ["query: x"], timeout=0.05)
+            await asyncio.sleep(0.4)  # past the window the abandoned item opened
+        vectors = await engine.embed(e5_q4, ["query: check"], timeout=5)
+        assert vectors.shape == (1, 384)
+        assert engine.alive and engine.stats.restarts == 0
+    finally:
+        await engine.close()
+
+
+async def test_a_dispatch_failure_fails_its_callers_and_the_engine_goes_on(
+    engine: EmbeddingEngine, e5_q4: ModelFiles
+) -> None:
+    """Fault injection inside the dispatcher (not a stand-in for ONNX Runtime: the real model runs
+    afterwards): the callers of that dispatch get the error, the next caller gets its vectors."""
+    real_dispatch = engine._dispatch
+    calls = 0
+
+    def failing_once(snapshot: list) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected dispatch failure")
+        real_dispatch(snapshot)
+
+    engine._dispatch = failing_once  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="injected"):
+        await engine.embed(e5_q4, ["query: first"], timeout=5)
+    assert (await engine.embed(e5_q4, ["query: second"], timeout=5)).shape == (1, 384)
+    assert engine.alive
+
+
+async def test_a_stopped_dispatcher_is_restarted(engine: EmbeddingEngine, e5_q4: ModelFiles) -> None:
+    """Even a BaseException that ends the dispatcher thread does not end the service: the engine
+    reports itself not alive, and the next request restarts the thread and is served."""
+
+    def stop_thread(snapshot: list) -> None:
+        raise SystemExit  # ends only the thread it is raised in
+
+    engine.load(e5_q4)
+    engine._dispatch = stop_thread  # type: ignore[method-assign]
+    with pytest.raises(EmbeddingTimeout):
+        await engine.embed(e5_q4, ["query: lost"], timeout=0.5)
+    engine._dispatcher.join(2)
+    assert not engine.alive
+    del engine._dispatch  # back to the class's own method
+    assert (await engine.embed(e5_q4, ["query: served"], timeout=10)).shape == (1, 384)
+    assert engine.alive and engine.stats.restarts == 1

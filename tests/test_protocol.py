@@ -186,3 +186,25 @@ def test_framer_offers_long_peeked_messages(msgs: list[tuple[int, int, bool]], c
     # Held: what must be; a long streamed Bind may also come out whole when one chunk held all of it.
     assert is_subsequence(required, seen) and is_subsequence(seen, inspected)
     assert framer.at_boundary
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(b"QPS")), st.binary(max_size=60),
+                          st.sampled_from([b"", b"MaRkEr", b"marker", b"mark"])), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=0, max_value=2_000), max_size=20))
+def test_framer_finds_the_marker_in_held_messages_as_they_arrive(
+    msgs: list[tuple[int, bytes, bytes]], cuts: list[int]
+) -> None:
+    """A message held across reads carries whether the marker occurs in it (any case, across read
+    boundaries too); one that came whole in a read, or of another type, says nothing (None)."""
+    bodies = [(t, pad[:30] + word + pad[30:]) for t, pad, word in msgs]
+    stream = b"".join(frame(bytes([t]), body) for t, body in bodies)
+    framer = pg.Framer(valid_types=pg.FRONTEND_TYPES)
+    framer.inspect = frozenset(b"QPS")
+    framer.marker, framer.marker_types = b"marker", frozenset(b"QP")
+    seen = [piece for chunk in chunked(stream, cuts) for piece in framer.feed(chunk) if isinstance(piece, pg.Message)]
+    assert [(m.type, m.body) for m in seen] == bodies
+    for message in seen:
+        if message.marked is not None:
+            assert message.type in b"QP"
+            assert message.marked == (b"marker" in message.body.lower())

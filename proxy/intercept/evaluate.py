@@ -111,6 +111,9 @@ async def compute(call: CallSite, backend: Backend, binds: BindValues | None = N
                 raise CallError("2202E", f"keys and values must have the same length ({len(keys)} and {len(values)})")
             if any(k is None or v is None for k, v in zip(keys, values, strict=True)):
                 raise CallError("22004", "setting keys and values must not be NULL")
+            repeated = sorted({k for k in keys if keys.count(k) > 1})  # type: ignore[type-var]
+            if repeated:
+                raise CallError("22023", f"setting {repeated[0]} is given more than once", "Give each key once.")
             pairs = dict(zip(keys, values, strict=True))  # type: ignore[arg-type]
         await backend.set_settings(pairs)
         return Value("void", "")

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
-from inference.build import DEFAULT_VARIANT, builtin_model
+from inference.build import DEFAULT_VARIANT, builtin_dir, builtin_model, is_current
 from inference.engine import EmbeddingEngine
 from inference.errors import EmbeddingTimeout, ModelFilesError
+from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
 
@@ -42,6 +43,8 @@ class Backend:
     def __post_init__(self) -> None:
         self._files: dict[str, ModelFiles] = {}
         self._builtin_lock = asyncio.Lock()
+        #: What the built-in model goes through at start-up ("built", "loaded"); None once it is ready.
+        self.warming: str | None = None
 
     @classmethod
     def open(
@@ -91,6 +94,23 @@ class Backend:
         self._files[uri] = files
         return files
 
+    def warming_needs_build(self) -> bool:
+        """Whether the built-in model has yet to be built (the first run in this data directory)."""
+        return not is_current(builtin_dir(self.data_dir, self.variant))
+
+    async def prepare_builtin(self, progress: Progress | None = None) -> None:
+        """Build (on the first run), load and run the built-in model once, so that the first call after
+        start-up costs one model run. Calls that arrive meanwhile wait for it (the hook says why)."""
+        self.warming = "built" if self.warming_needs_build() else "loaded"
+        try:
+            async with self._builtin_lock:
+                await self._blocking(partial(builtin_model, self.data_dir, self.variant, progress=progress))
+            files = await self.model_files(BUILTIN_URI)
+            await self._blocking(self.engine.load, files)
+            await self.engine.embed(files, ["query: warm-up"])
+        finally:
+            self.warming = None
+
     # ------------------------------------------------------------------ the functions
 
     async def create_embeddings(
@@ -138,6 +158,8 @@ class Backend:
         if tokenizer_path:
             tokenizer = await self._blocking(resolve_model_path, tokenizer_path, self.model_roots)
         files = await self._blocking(partial(load_model_dir, model, tokenizer, uri=uri))
+        for found in (files.onnx_path, files.tokenizer_path):  # a file in the directory may be a link out of the roots
+            await self._blocking(resolve_model_path, str(found), self.model_roots)
         try:
             await self._blocking(self.engine.load, files)  # the model loads and embeds: check it now
             await self.engine.embed(files, ["azure_local_ai model_register check"])

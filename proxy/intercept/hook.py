@@ -19,14 +19,16 @@ from collections.abc import Awaitable
 from .. import protocol as pg
 from ..hooks import SessionControl, SessionInfo
 from ..messages import Bind, Parse, describe_target, encode_parameter_description, parameter_description
+from ..protocol import ProtocolViolation
 from ..relay import QueryFailed
 from .errors import CallError
 from .evaluate import as_parameter, compute, replacement
-from .functions import Backend
+from .functions import BUILTIN_URI, Backend
 from .prepared import PreparedCalls, bind_values, dependent_argument, failing_bind, rewrite_parse
 from .render import splice
 from .signatures import PRIVILEGED
-from .sqlcalls import Statement, find_calls, mentions_schema
+from .sqlcalls import SCHEMA_MARKER, Statement, find_calls, mentions_schema
+from .strings import plain_literals_as_escape_strings
 
 log = logging.getLogger("azure_local_ai_proxy.intercept")
 
@@ -47,14 +49,37 @@ def _denied(function: str) -> CallError:
     )
 
 
-def _cstring_at(body: bytes, pos: int) -> str:
-    return body[pos : body.index(b"\0", pos)].decode("utf-8", errors="surrogateescape")
+def _cstring_at(body: bytes, pos: int) -> str | None:
+    """The NUL-terminated string at `pos`; None when there is none (the server will say so)."""
+    end = body.find(b"\0", pos)
+    return None if end < 0 else body[pos:end].decode("utf-8", errors="surrogateescape")
+
+
+def _query_text(body: bytes) -> str | None:
+    """A Query's SQL, or None when it is not one NUL-terminated UTF-8 string: such a message goes to
+    the server as it came, and the server answers it as it would without the proxy (08P01, 22021)."""
+    if not body.endswith(b"\0") or b"\0" in body[:-1]:
+        return None
+    try:
+        return body[:-1].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text decoded with surrogateescape from bytes that were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class InterceptHook:
     """One per session; see the module docstring."""
 
     message_types = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
+    marker = SCHEMA_MARKER
 
     def __init__(self, info: SessionInfo, backend: Backend) -> None:
         self.info = info
@@ -71,44 +96,54 @@ class InterceptHook:
 
     # ------------------------------------------------------------------ which messages
 
-    def wants(self, msg_type: int, body: bytes) -> bool:
+    def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool:
         if msg_type == pg.QUERY:
-            return mentions_schema(body)
+            return mentions_schema(body) if marked is None else marked
         if msg_type == pg.PARSE:
-            if mentions_schema(body):
+            if mentions_schema(body) if marked is None else marked:
                 return True
-            if self.statements:
-                self.statements.pop(_cstring_at(body, 0), None)  # that name now means another statement
+            name = _cstring_at(body, 0) if self.statements else None
+            if name is not None:
+                self.statements.pop(name, None)  # that name now means another statement
             return False
         if not self.statements:
             return False
         if msg_type == pg.BIND:  # also asked with only the first bytes of a long Bind (Framer.peek)
-            try:
-                return _cstring_at(body, body.index(b"\0") + 1) in self.statements
-            except ValueError:
-                return True
+            portal_end = body.find(b"\0")
+            name = _cstring_at(body, portal_end + 1) if portal_end >= 0 else None
+            return name is None or name in self.statements  # unreadable: handle() forwards it as it is
         if msg_type == pg.DESCRIBE:
             return body[:1] == b"S"
-        if msg_type == pg.CLOSE and body[:1] == b"S":
-            self.statements.pop(_cstring_at(body, 1), None)
+        name = _cstring_at(body, 1) if msg_type == pg.CLOSE and body[:1] == b"S" else None
+        if name is not None:
+            self.statements.pop(name, None)
         return False
 
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         self._control = control
-        if msg_type == pg.QUERY:
-            await self._query(body, control)
-        elif msg_type == pg.PARSE:
-            await self._parse(Parse.decode(body), control)
-        elif msg_type == pg.BIND:
-            await self._bind(Bind.decode(body), control)
-        else:
-            self._describe(body, control)
+        try:
+            if msg_type == pg.QUERY:
+                await self._query(body, control)
+            elif msg_type == pg.PARSE:
+                await self._parse(Parse.decode(body), control)
+            elif msg_type == pg.BIND:
+                await self._bind(Bind.decode(body), control)
+            else:
+                self._describe(body, control)
+        except ProtocolViolation:
+            # A malformed message (raised before anything of it went upstream): the server answers it
+            # as PostgreSQL does, with an ERROR, and the session goes on.
+            control.forward(msg_type, body)
 
     # ------------------------------------------------------------------ simple protocol
 
     async def _query(self, body: bytes, control: SessionControl) -> None:
-        sql = body[:-1].decode("utf-8", errors="surrogateescape")
+        text = _query_text(body)
+        if text is None:
+            control.forward(pg.QUERY, body)
+            return
         try:
+            sql = await self._as_the_server_reads(text, control)
             statements = find_calls(sql)
         except CallError as exc:
             self._fail_query(control, "", exc)
@@ -118,6 +153,7 @@ class InterceptHook:
         ):
             control.forward(pg.QUERY, body)  # nothing of ours, or the server will refuse it anyway (25P02)
             return
+        self._tell_if_warming(control)
         try:
             rewritten = await self._cancellable(self._rewrite(sql, statements, control))
         except _StatementFailed as failure:
@@ -126,7 +162,7 @@ class InterceptHook:
         except CallError as error:
             self._fail_query(control, "", error)
             return
-        control.forward(pg.QUERY, rewritten.encode("utf-8", errors="surrogateescape") + b"\0")
+        control.forward(pg.QUERY, rewritten.encode() + b"\0")
 
     async def _rewrite(self, sql: str, statements: list[Statement], control: SessionControl) -> str:
         replacements: list[tuple[int, int, str]] = []
@@ -149,13 +185,17 @@ class InterceptHook:
         """Send `before` (statements that run first), then one that fails with a marker."""
         marker = self._expect_failure(control, error)
         failing = before + f"SELECT '{marker}'::pg_catalog.int4"
-        control.forward(pg.QUERY, failing.encode("utf-8", errors="surrogateescape") + b"\0")
+        control.forward(pg.QUERY, failing.encode() + b"\0")
 
     # ------------------------------------------------------------------ extended protocol
 
     async def _parse(self, parse: Parse, control: SessionControl) -> None:
         self.statements.pop(parse.statement, None)
+        if not _is_utf8(parse.query):
+            control.forward(pg.PARSE, parse.encode())  # the server refuses it (22021)
+            return
         try:
+            parse = Parse(parse.statement, await self._as_the_server_reads(parse.query, control), parse.param_types)
             statements = find_calls(parse.query, dict(enumerate(parse.param_types, 1)))
             dependent = dependent_argument(statements)
             if dependent is not None:
@@ -179,7 +219,11 @@ class InterceptHook:
             except CallError as error:
                 self._fail_parse(parse, control, error)
                 return
-        upstream, prepared = rewrite_parse(parse, statements, privileged_ok)
+        try:
+            upstream, prepared = rewrite_parse(parse, statements, privileged_ok)
+        except CallError as error:
+            self._fail_parse(parse, control, error)
+            return
         self.statements[parse.statement] = prepared
         control.forward(pg.PARSE, upstream.encode())
 
@@ -188,7 +232,10 @@ class InterceptHook:
         control.forward(pg.PARSE, Parse(parse.statement, f"SELECT '{marker}'::pg_catalog.int4", ()).encode())
 
     async def _bind(self, bind: Bind, control: SessionControl) -> None:
-        prepared = self.statements[bind.statement]
+        prepared = self.statements.get(bind.statement)
+        if prepared is None:
+            control.forward(pg.BIND, bind.encode())
+            return
         if len(bind.values) != prepared.client_params:
             self._fail_bind(bind, prepared, control, CallError(
                 "08P01", f"bind message supplies {len(bind.values)} parameters, but prepared statement "
@@ -205,6 +252,7 @@ class InterceptHook:
                         "55000", f"azure_local_ai.{privileged[0]} cannot be prepared in the middle of a pipeline",
                         "Send it in a batch of its own (after a Sync), or with the simple query protocol.")
                 raise _denied(privileged[0])
+            self._tell_if_warming(control)
             values = await self._cancellable(self._values(bind, prepared))
         except CallError as error:
             self._fail_bind(bind, prepared, control, error)
@@ -229,6 +277,31 @@ class InterceptHook:
         control.forward(pg.DESCRIBE, body)
 
     # ------------------------------------------------------------------ shared machinery
+
+    async def _as_the_server_reads(self, sql: str, control: SessionControl) -> str:
+        """`sql` written so that pglast reads it as the session's server will: where plain string
+        constants hold backslashes, that depends on standard_conforming_strings as it will be when
+        the server reads this message, so wait for the server's answers to what went before (their
+        ParameterStatus reports any change) and, with the setting off, mark them E'' (strings.py)."""
+        escaped = plain_literals_as_escape_strings(sql)
+        if escaped is None:
+            return sql
+        if control.in_batch:
+            raise CallError(
+                "55000", "a statement that calls azure_local_ai with a backslash in a plain string constant cannot be "
+                "prepared in the middle of a pipeline",
+                "Send it after a Sync, or write the constant as E'...' or with dollar quotes.")
+        await control.settled()
+        return escaped if control.server_parameters.get("standard_conforming_strings") == "off" else sql
+
+    def _tell_if_warming(self, control: SessionControl) -> None:
+        """While the built-in model is prepared at start-up, a call waits for it: say so, rather than
+        stall in silence. Only between the server's replies, where a message of ours cannot split one."""
+        warming = self.backend.warming
+        if warming is not None and control.outstanding == 0:
+            control.send_client(pg.notice_response(
+                f"azure-local-ai-proxy: the built-in model {BUILTIN_URI} is being {warming} (once, at start-up); "
+                "this call waits for it"))
 
     async def _privileged(self, control: SessionControl) -> bool:
         """Ask the server, as the session's current user, whether it may change settings and models."""

@@ -22,6 +22,7 @@ from .sqlcalls import BindRef, CallSite, Dependent, Statement
 
 INT4, INT8, TEXT, BOOL, JSONB, TEXT_ARRAY, REAL_ARRAY = 23, 20, 25, 16, 3802, 1009, 1021
 _RESULT_OIDS = {"real[]": REAL_ARRAY, "text": TEXT, "jsonb": JSONB, "boolean": BOOL, "bigint": INT8, "void": TEXT}
+MAX_PARAMETERS = 65_535  # a Bind's count is 16 bits
 _PARAM_OIDS = {"text": TEXT, "text[]": TEXT_ARRAY, "integer": INT4, "bigint": INT8}
 
 
@@ -90,6 +91,9 @@ def rewrite_parse(
             if isinstance(value, BindRef) and types[value.number - 1] == 0 and value.number not in still_used:
                 types[value.number - 1] = _PARAM_OIDS.get(param.type, TEXT)
     all_types = tuple(types + extra_types)
+    if len(all_types) > MAX_PARAMETERS:
+        raise CallError("54023", f"the statement's calls need {len(all_types)} parameters in all; PostgreSQL allows "
+                        f"{MAX_PARAMETERS}", "Pass fewer parameters, or split the statement.")
     prepared = PreparedCalls(tuple(calls), client_params, all_types, privileged_ok)
     return Parse(parse.statement, rewritten, all_types), prepared
 
@@ -102,25 +106,39 @@ def failing_bind(bind: Bind, prepared: PreparedCalls) -> tuple[Bind, str]:
 
 
 def bind_values(bind: Bind, prepared: PreparedCalls) -> list[object]:
-    """The client's parameter values, decoded (text, int, or a list for arrays; None for NULL)."""
+    """The client's parameter values, decoded (text, int, or a list for arrays; None for NULL).
+    Raises CallError as the server would for a value it cannot read (22021, 22P03)."""
     out: list[object] = []
     for index, raw in enumerate(bind.values[: prepared.client_params]):
         if raw is None:
             out.append(None)
         elif bind.format_of(index) == 0:
-            out.append(raw.decode("utf-8", errors="surrogateescape"))
+            out.append(_utf8(raw))
         else:
-            out.append(decode_binary(prepared.param_types[index], raw))
+            try:
+                out.append(decode_binary(prepared.param_types[index], raw))
+            except (IndexError, ValueError) as exc:
+                raise CallError("22P03", f"incorrect binary data format in bind parameter {index + 1}") from exc
     return out
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1].hex()
+        raise CallError("22021", f'invalid byte sequence for encoding "UTF8": 0x{bad}') from exc
 
 
 def decode_binary(oid: int, raw: bytes) -> object:
     """A binary-format parameter of one of the types the functions take."""
     if oid in (INT4, INT8, 21):
+        if len(raw) not in (2, 4, 8):
+            raise ValueError("integer of a wrong size")
         return int.from_bytes(raw, "big", signed=True)
     if oid in (TEXT_ARRAY, 1015, 1003, 1014):
         return _binary_text_array(raw)
-    return raw.decode("utf-8", errors="surrogateescape")
+    return _utf8(raw)
 
 
 def _binary_text_array(raw: bytes) -> list[str | None]:
@@ -137,8 +155,10 @@ def _binary_text_array(raw: bytes) -> list[str | None]:
         pos += 4
         if length < 0:
             values.append(None)
+        elif pos + length > len(raw):
+            raise ValueError("array element past the end of the value")
         else:
-            values.append(raw[pos : pos + length].decode("utf-8", errors="surrogateescape"))
+            values.append(_utf8(raw[pos : pos + length]))
             pos += length
     return values
 

@@ -1,11 +1,9 @@
 """The twelve functions of the azure_local_ai schema, and PostgreSQL's way of choosing among
-overloads, restricted to what tells these overloads apart: argument count, argument names, and
-whether the distinguishing argument is an array."""
+overloads, over the few types their arguments can have."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from .errors import CallError
 
@@ -16,12 +14,40 @@ DEFAULT_BATCH_SIZE = 128
 _REQUIRED = object()
 
 
-class ArgKind(Enum):
-    """What an argument is, as far as overload resolution cares."""
+#: An argument's type as PostgreSQL names it; UNKNOWN for an untyped literal or parameter (and, for
+#: want of better, for columns and other expressions the proxy cannot type).
+UNKNOWN = "unknown"
 
-    SCALAR = "scalar"
-    ARRAY = "array"
-    UNKNOWN = "unknown"  # an untyped literal or parameter: PostgreSQL resolves it to text
+#: (type category, preferred in it) of the types calls can pass, as pg_type says.
+_CATEGORY = {
+    "text": ("S", True), "character varying": ("S", False), "character": ("S", False), "name": ("S", False),
+    "smallint": ("N", False), "integer": ("N", False), "bigint": ("N", False), "numeric": ("N", False),
+    "double precision": ("N", True), "boolean": ("B", True), "anyarray": ("P", False),
+}
+#: Implicit casts between those types (PostgreSQL's pg_cast, context 'i'), the identity aside.
+_IMPLICIT = {
+    "text": {"character varying", "character", "name"},
+    "integer": {"smallint"},
+    "bigint": {"smallint", "integer"},
+}
+
+
+def category(type_name: str) -> tuple[str, bool]:
+    """A type's category and whether it is the category's preferred type."""
+    if type_name.endswith("[]"):
+        return "A", False
+    return _CATEGORY.get(type_name, ("U", False))
+
+
+def can_coerce(arg: str, param: str) -> bool:
+    """Whether an argument of type `arg` may be passed for a parameter of type `param` implicitly."""
+    if arg in (UNKNOWN, param):
+        return True
+    if param == "anyarray":
+        return arg.endswith("[]")
+    if param.endswith("[]") and arg.endswith("[]"):
+        return arg[:-2] in _IMPLICIT.get(param[:-2], ())
+    return arg in _IMPLICIT.get(param, ())
 
 
 @dataclass(frozen=True)
@@ -33,10 +59,6 @@ class Param:
     @property
     def required(self) -> bool:
         return self.default is _REQUIRED
-
-    @property
-    def is_array(self) -> bool:
-        return self.type.endswith("[]") or self.type == "anyarray"
 
 
 @dataclass(frozen=True)
@@ -96,57 +118,100 @@ class Binding:
     arg_for_param: tuple[int | None, ...]
 
 
-def resolve(function: str, positional: list[ArgKind], named: dict[str, ArgKind]) -> Binding:
-    """Choose the overload a call means, as PostgreSQL would: the arguments must fit the
-    parameters by position and name, and an array argument only fits an array parameter (an
-    unknown-typed one fits both, preferring text when both overloads fit)."""
-    candidates: list[tuple[int, Binding]] = []
+def resolve(function: str, positional: list[str], named: dict[str, str]) -> Binding:
+    """Choose the overload a call means from its arguments' types, by PostgreSQL's rules (the
+    "Function" section of its type conversion chapter): candidates that take the arguments, then the
+    most exact matches, the most preferred types, a category for unknown arguments (string first),
+    and the last-gasp rule for one known type. Raises 42883 (none fits) or 42725 (no best one)."""
+    arg_types = positional + list(named.values())
+    candidates: list[tuple[Binding, list[str]]] = []
     for overload in OVERLOADS[function]:
         binding = _bind(overload, positional, named)
-        if binding is None:
-            continue
-        kinds = positional + list(named.values())
-        unknown_as_array = sum(
-            1 for param, index in zip(overload.params, binding.arg_for_param, strict=True)
-            if index is not None and param.is_array and kinds[index] is ArgKind.UNKNOWN
-        )
-        candidates.append((unknown_as_array, binding))
+        if binding is not None:
+            param_types = [""] * len(arg_types)
+            for param, index in zip(overload.params, binding.arg_for_param, strict=True):
+                if index is not None:
+                    param_types[index] = param.type
+            candidates.append((binding, param_types))
     if not candidates:
-        described = ", ".join([k.value for k in positional] + [f"{n} => {k.value}" for n, k in named.items()])
+        described = ", ".join(positional + [f"{n} => {t}" for n, t in named.items()])
         raise CallError(
             "42883",
             f"function {SCHEMA}.{function}({described}) does not exist",
-            "No function matches the given name and argument types. You might need to add explicit type casts. "
-            f"Candidates: {'; '.join(o.signature() for o in OVERLOADS[function])}",
+            "No function matches the given name and argument types. You might need to add explicit type casts.",
         )
-    candidates.sort(key=lambda c: c[0])
-    if len(candidates) > 1 and candidates[0][0] == candidates[1][0]:
-        raise CallError("42725", f"function {SCHEMA}.{function} is not unique",
-                              "Could not choose a best candidate function. You might need to add explicit type casts.")
-    return candidates[0][1]
+    chosen = _best_candidate(arg_types, candidates)
+    if chosen is None:
+        raise CallError("42725", f"function {SCHEMA}.{function}({', '.join(arg_types)}) is not unique",
+                        "Could not choose a best candidate function. You might need to add explicit type casts.")
+    return chosen
 
 
-def _bind(overload: Overload, positional: list[ArgKind], named: dict[str, ArgKind]) -> Binding | None:
+def _best_candidate(args: list[str], candidates: list[tuple[Binding, list[str]]]) -> Binding | None:
+    if len(candidates) == 1:
+        return candidates[0][0]
+    known = [i for i, t in enumerate(args) if t != UNKNOWN]
+    for score in (
+        lambda params: sum(params[i] == args[i] for i in known),  # exact matches
+        lambda params: sum(params[i] == args[i] or category(params[i]) == (category(args[i])[0], True)
+                           for i in known),  # preferred types of the argument's own category
+    ):
+        best = max(score(params) for _, params in candidates)
+        candidates = [c for c in candidates if score(c[1]) == best]
+        if len(candidates) == 1:
+            return candidates[0][0]
+    unknown = [i for i, t in enumerate(args) if t == UNKNOWN]
+    slots = [_unknown_slot(i, candidates) for i in unknown]
+    if unknown and all(slot is not None for slot in slots):
+        kept = [c for c in candidates if all(
+            category(c[1][i])[0] == slot[0] and (not slot[1] or category(c[1][i])[1])  # type: ignore[index]
+            for i, slot in zip(unknown, slots, strict=True))]
+        if len(kept) == 1:
+            return kept[0][0]
+        candidates = kept or candidates
+    if unknown and known and len({args[i] for i in known}) == 1:
+        assumed = args[known[0]]
+        fitting = [c for c in candidates if all(can_coerce(assumed, p) for p in c[1])]
+        if len(fitting) == 1:
+            return fitting[0][0]
+    return None
+
+
+def _unknown_slot(index: int, candidates: list[tuple[Binding, list[str]]]) -> tuple[str, bool] | None:
+    """The category an unknown argument takes among the candidates (string wins a conflict), and
+    whether a preferred type is among them; None when the candidates disagree with no string."""
+    slot: tuple[str, bool] | None = None
+    conflict = False
+    for _, params in candidates:
+        cat, preferred = category(params[index])
+        if slot is None:
+            slot = (cat, preferred)
+        elif cat == slot[0]:
+            slot = (cat, slot[1] or preferred)
+        elif cat == "S":
+            slot = (cat, preferred)
+        else:
+            conflict = True
+    if conflict and slot is not None and slot[0] != "S":
+        return None
+    return slot
+
+
+def _bind(overload: Overload, positional: list[str], named: dict[str, str]) -> Binding | None:
     params = overload.params
     if len(positional) > len(params):
         return None
     slots: list[int | None] = [None] * len(params)
-    for i, kind in enumerate(positional):
-        if not _fits(params[i], kind):
+    for i, arg_type in enumerate(positional):
+        if not can_coerce(arg_type, params[i].type):
             return None
         slots[i] = i
     names = {p.name: i for i, p in enumerate(params)}
-    for offset, (name, kind) in enumerate(named.items()):
+    for offset, (name, arg_type) in enumerate(named.items()):
         index = names.get(name)
-        if index is None or slots[index] is not None or not _fits(params[index], kind):
+        if index is None or slots[index] is not None or not can_coerce(arg_type, params[index].type):
             return None
         slots[index] = len(positional) + offset
     if any(slot is None and param.required for slot, param in zip(slots, params, strict=True)):
         return None
     return Binding(overload, tuple(slots))
-
-
-def _fits(param: Param, kind: ArgKind) -> bool:
-    if kind is ArgKind.UNKNOWN:
-        return True
-    return param.is_array == (kind is ArgKind.ARRAY)

@@ -7,7 +7,9 @@ offsets into the statement text, so that the caller can splice replacements into
 
 from __future__ import annotations
 
+import bisect
 import re
+import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -17,19 +19,36 @@ from pglast.visitors import Ancestor, Visitor
 
 from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
-from .signatures import OVERLOADS, SCHEMA, ArgKind, Binding, resolve
+from .signatures import OVERLOADS, SCHEMA, UNKNOWN, Binding, resolve
+from .strings import Constant, constants
 
-_MARKER = re.compile(rb"azure_local_ai", re.IGNORECASE)
+SCHEMA_MARKER = b"azure_local_ai"
 
-_TEXT_TYPES = frozenset({"text", "varchar", "bpchar", "name", "char", "character varying", "character"})
-_INT_TYPES = frozenset({"int2", "int4", "int8", "integer", "bigint", "smallint"})
-#: Array type OIDs a client may declare for a parameter (text[], varchar[], name[], bpchar[], int arrays, uuid[]).
-_ARRAY_OIDS = frozenset({1009, 1015, 1003, 1014, 1005, 1007, 1016, 2951, 1000, 1021, 1022, 1231, 199, 3807})
+#: PostgreSQL's internal type names (as pglast gives them) -> the names the resolver uses.
+_TYPE_NAMES = {
+    "text": "text", "varchar": "character varying", "bpchar": "character", "name": "name", "char": "character",
+    "int2": "smallint", "int4": "integer", "int8": "bigint", "bool": "boolean", "float4": "real",
+    "float8": "double precision", "numeric": "numeric",
+}
+_TEXT_TYPES = frozenset({"text", "character varying", "character", "name"})
+_INT_TYPES = frozenset({"smallint", "integer", "bigint"})
+#: Type OIDs a client may declare for a parameter.
+_OID_TYPES = {
+    25: "text", 1043: "character varying", 1042: "character", 19: "name", 21: "smallint", 23: "integer",
+    20: "bigint", 16: "boolean", 700: "real", 701: "double precision", 1700: "numeric", 114: "json", 3802: "jsonb",
+    2950: "uuid", 1009: "text[]", 1015: "character varying[]", 1014: "character[]", 1003: "name[]",
+    1005: "smallint[]", 1007: "integer[]", 1016: "bigint[]", 1000: "boolean[]", 1021: "real[]",
+    1022: "double precision[]", 1231: "numeric[]", 2951: "uuid[]", 199: "json[]", 3807: "jsonb[]",
+}
+_INT64 = range(-(2**63), 2**63)
+#: String constants at least this long are not handed to the parser (see _ShortText).
+LONG_CONSTANT = 1 << 16
 
 
 def mentions_schema(body: bytes) -> bool:
-    """The cheap pre-filter: only statements containing the schema's name go to the parser."""
-    return _MARKER.search(body) is not None
+    """The cheap pre-filter: only statements containing the schema's name (in any case) go to the
+    parser. (lower() and find() are several times faster than a case-insensitive regex.)"""
+    return body.lower().find(SCHEMA_MARKER) >= 0
 
 
 class Position(Enum):
@@ -59,7 +78,7 @@ ArgValue = Const | BindRef | Dependent
 @dataclass(frozen=True)
 class Arg:
     value: ArgValue
-    kind: ArgKind
+    type: str  # its SQL type as overload resolution sees it (UNKNOWN when untyped or not known)
     text: str  # the argument's SQL text, without any `name =>`
 
 
@@ -97,32 +116,76 @@ class Statement:
 
 
 def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Statement]:
-    """Every statement of `sql` with the azure_local_ai calls it contains.
+    """Every statement of `sql` with the azure_local_ai calls it contains; positions are offsets
+    into `sql`.
 
-    Raises CallError for a call that names no known function or fits no overload. A syntax error is
-    not ours to report: it yields no statements, and the server will answer as it always does."""
+    Raises CallError for a call that names no known function or fits no overload. A syntax error, or
+    nesting too deep to walk, is not ours to report: it yields no statements, and the server will
+    answer as it always does."""
+    text = _ShortText(sql)
     try:
-        raw_statements = parse_sql(sql)
-    except ParseError:
+        raw_statements = parse_sql(text.text)
+        finder = _CallFinder(text, scan(text.text), param_types or {})
+        out = []
+        for index, raw in enumerate(raw_statements):
+            end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(text.text)
+            statement = Statement(text.original(raw.stmt_location), text.original(end))
+            finder.statement = statement
+            finder.statement_index = index
+            finder(raw)
+            statement.calls.sort(key=lambda c: c.start)
+            out.append(statement)
+    except (ParseError, RecursionError):  # nested too deep for us: the server has its own limit
         return []
-    tokens = scan(sql)
-    finder = _CallFinder(sql, tokens, param_types or {})
-    out = []
-    for index, raw in enumerate(raw_statements):
-        end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(sql)
-        statement = Statement(raw.stmt_location, end)
-        finder.statement = statement
-        finder.statement_index = index
-        finder(raw)
-        statement.calls.sort(key=lambda c: c.start)
-        out.append(statement)
     return out
 
 
-class _CallFinder(Visitor):
-    def __init__(self, sql: str, tokens: list, param_types: dict[int, int]) -> None:
-        super().__init__()
+class _ShortText:
+    """A statement with its long string constants replaced by short placeholders, for the parser:
+    pglast holds the GIL while it copies constants, for seconds on a 200 MB statement, and nothing
+    of a constant matters to it but its place. Maps positions back and placeholders to values."""
+
+    def __init__(self, sql: str) -> None:
         self.sql = sql
+        self._constants: dict[str, Constant] = {}  # placeholder -> the constant it stands for
+        self._ends: list[int] = []  # where each placeholder ends in `text`
+        self._shifts: list[int] = []  # how far `text` lies behind `sql` after that point
+        self.text = self._shrink(sql) if len(sql) >= LONG_CONSTANT else sql
+
+    def _shrink(self, sql: str) -> str:
+        pieces: list[str] = []
+        cursor = shift = 0
+        token = secrets.token_hex(6)
+        for constant in constants(sql):
+            if constant.end - constant.start < LONG_CONSTANT or not constant.has_value:
+                continue
+            key = f"azure_local_ai_proxy_constant_{token}_{len(self._constants)}"
+            self._constants[key] = constant
+            pieces += [sql[cursor : constant.start], f"'{key}'"]
+            shift += constant.end - constant.start - len(key) - 2
+            self._ends.append(constant.end - shift)
+            self._shifts.append(shift)
+            cursor = constant.end
+        pieces.append(sql[cursor:])
+        return "".join(pieces)
+
+    def original(self, position: int) -> int:
+        """The offset in the statement of an offset in `text` (outside placeholders)."""
+        index = bisect.bisect_right(self._ends, position)
+        return position + (self._shifts[index - 1] if index else 0)
+
+    def value(self, sval: str) -> str:
+        """A string constant's value as the parser read it, or the long constant it stands for (read
+        only now: most long constants are not arguments of a call, and their value is not needed)."""
+        constant = self._constants.get(sval)
+        return sval if constant is None else constant.value(self.sql)  # type: ignore[return-value]
+
+
+class _CallFinder(Visitor):
+    def __init__(self, text: _ShortText, tokens: list, param_types: dict[int, int]) -> None:
+        super().__init__()
+        self.text = text
+        self.sql = text.text
         self.tokens = tokens
         self.starts = {t.start: i for i, t in enumerate(tokens)}
         self.param_types = param_types
@@ -143,20 +206,21 @@ class _CallFinder(Visitor):
         positional: list[Arg] = []
         named: dict[str, Arg] = {}
         for raw, (a, b) in zip(raw_args, arg_spans, strict=True):
-            text = self.sql[a:b].strip()
+            text = self.text.sql[self.text.original(a) : self.text.original(b)].strip()
             if isinstance(raw, ast.NamedArgExpr):
                 text = re.sub(r"^\s*(\"[^\"]+\"|\w+)\s*(=>|:=)\s*", "", text, count=1)
                 named[raw.name] = self._arg(raw.arg, text)
             else:
                 positional.append(self._arg(raw, text))
-        binding = resolve(function, [a.kind for a in positional], {k: a.kind for k, a in named.items()})
-        position, alias, ordinality = _position(ancestors)
+        binding = resolve(function, [a.type for a in positional], {k: a.type for k, a in named.items()})
+        position, alias, ordinality = _position(ancestors, start)
         if ordinality:
             raise CallError("0A000", f"WITH ORDINALITY is not supported on {SCHEMA}.{function}",
                             "Number the rows with row_number() OVER () instead.")
         assert self.statement is not None
         self.statement.calls.append(CallSite(
-            function, binding, positional + list(named.values()), start, end, position,
+            function, binding, positional + list(named.values()), self.text.original(start),
+            self.text.original(end), position,
             has_alias=alias is not None, statement=self.statement_index,
             in_target=position is Position.TARGET or _inside_target(ancestors),
             alias=alias if position is Position.FROM else None,
@@ -185,37 +249,40 @@ class _CallFinder(Visitor):
         raise CallError("42601", "unterminated function call")
 
     def _arg(self, node: ast.Node, text: str) -> Arg:
-        value, kind = self._evaluate(node)
-        return Arg(value, kind, text)
+        value, type_name = self._evaluate(node)
+        return Arg(value, type_name, text)
 
-    def _evaluate(self, node: ast.Node) -> tuple[ArgValue, ArgKind]:
+    def _evaluate(self, node: ast.Node) -> tuple[ArgValue, str]:
+        """An argument's value (when the proxy can know it) and its type."""
         if isinstance(node, ast.A_Const):
             if node.isnull:
-                return Const(None), ArgKind.UNKNOWN
+                return Const(None), UNKNOWN
             val = node.val
             if isinstance(val, ast.String):
-                return Const(val.sval), ArgKind.UNKNOWN
+                return Const(self.text.value(val.sval)), UNKNOWN
             if isinstance(val, ast.Integer):
-                return Const(val.ival), ArgKind.SCALAR
+                return Const(val.ival), "integer"
             if isinstance(val, ast.Boolean):
-                return Const(val.boolval), ArgKind.SCALAR
-            if isinstance(val, ast.Float):
-                return Const(val.fval), ArgKind.SCALAR
-            return Dependent("an unsupported constant"), ArgKind.SCALAR
+                return Const(val.boolval), "boolean"
+            if isinstance(val, ast.Float):  # beyond int4: bigint if it is a whole number that fits
+                whole = val.fval.isdigit() and int(val.fval) in _INT64
+                return Const(val.fval), "bigint" if whole else "numeric"
+            return Dependent("an unsupported constant"), UNKNOWN
         if isinstance(node, ast.ParamRef):
-            oid = self.param_types.get(node.number, 0)
-            kind = ArgKind.UNKNOWN if oid == 0 else ArgKind.ARRAY if oid in _ARRAY_OIDS else ArgKind.SCALAR
-            return BindRef(node.number), kind
+            return BindRef(node.number), _OID_TYPES.get(self.param_types.get(node.number, 0), UNKNOWN)
         if isinstance(node, ast.TypeCast):
             return self._cast(node)
         if isinstance(node, ast.A_ArrayExpr):
             elements = []
+            types = set()
             for element in node.elements or ():
-                value, _ = self._evaluate(element)
+                value, type_name = self._evaluate(element)
                 if not isinstance(value, Const) or isinstance(value.value, list):
-                    return Dependent("an array element that is not a constant"), ArgKind.ARRAY
-                elements.append(None if value.value is None else str(value.value))
-            return Const(elements), ArgKind.ARRAY
+                    return Dependent("an array element that is not a constant"), UNKNOWN
+                elements.append(None if value.value is None else _text(value.value))
+                types.add("text" if type_name in _TEXT_TYPES else type_name)
+            known = types - {UNKNOWN}
+            return Const(elements), (known.pop() if len(known) == 1 else "text") + "[]"
         if isinstance(node, ast.A_Expr) and _operator(node) == "||":
             left, _ = self._evaluate(node.lexpr)
             right, _ = self._evaluate(node.rexpr)
@@ -223,38 +290,48 @@ class _CallFinder(Visitor):
                 isinstance(v.value, list) for v in (left, right)
             ):
                 if left.value is None or right.value is None:
-                    return Const(None), ArgKind.SCALAR
-                return Const(_text(left.value) + _text(right.value)), ArgKind.SCALAR
-            return Dependent("an expression over values the proxy cannot see"), ArgKind.SCALAR
-        return Dependent("a column, subquery or function result"), ArgKind.UNKNOWN
+                    return Const(None), "text"
+                return Const(_text(left.value) + _text(right.value)), "text"
+            return Dependent("an expression over values the proxy cannot see"), UNKNOWN
+        return Dependent(_describe(node)), UNKNOWN
 
-    def _cast(self, node: ast.TypeCast) -> tuple[ArgValue, ArgKind]:
+    def _cast(self, node: ast.TypeCast) -> tuple[ArgValue, str]:
         type_name = node.typeName
-        name = type_name.names[-1].sval
+        raw_name = type_name.names[-1].sval
+        name = _TYPE_NAMES.get(raw_name, raw_name)
         is_array = bool(type_name.arrayBounds)
-        kind = ArgKind.ARRAY if is_array else ArgKind.SCALAR
+        full_name = name + "[]" if is_array else name
         inner, _ = self._evaluate(node.arg)
-        if isinstance(inner, BindRef):
-            return inner, kind
         if not isinstance(inner, Const):
-            return inner, kind
+            return inner, full_name
         value = inner.value
         if value is None:
-            return Const(None), kind
+            return Const(None), full_name
         try:
             if is_array and name in _TEXT_TYPES:
                 if isinstance(value, list):
-                    return Const(value), kind
-                return Const(parse_text_array(str(value))), kind
+                    return Const(value), full_name
+                return Const(parse_text_array(str(value))), full_name
             if not is_array and name in _TEXT_TYPES and not isinstance(value, list):
-                return Const(_text(value)), kind
+                return Const(_text(value)), full_name
             if not is_array and name in _INT_TYPES and not isinstance(value, list):
-                return Const(int(str(value).strip())), kind
+                return Const(int(str(value).strip())), full_name
         except ArrayLiteralError as exc:
             raise CallError(exc.sqlstate, str(exc)) from exc
         except ValueError as exc:
             raise CallError("22P02", f'invalid input syntax for type {name}: "{value}"') from exc
-        return Dependent(f"a cast to {name}"), kind
+        return Dependent(f"a cast to {full_name}"), full_name
+
+
+def _describe(node: ast.Node) -> str:
+    """What an argument the proxy cannot evaluate is, in words for an error message."""
+    if isinstance(node, ast.ColumnRef):
+        return "a column"
+    if isinstance(node, ast.SubLink):
+        return "a subquery"
+    if isinstance(node, ast.FuncCall):
+        return "a function result"
+    return "an expression"
 
 
 def _text(value: object) -> str:
@@ -271,8 +348,7 @@ def _operator(node: ast.A_Expr) -> str | None:
 def _inside_target(ancestors: Ancestor | None) -> bool:
     while ancestors is not None and ancestors.node is not None:
         if isinstance(ancestors.node, ast.ResTarget) and ancestors.member == "val":
-            owner = ancestors.parent.parent if ancestors.parent is not None else None
-            return owner is not None and owner.member in _TARGET_LISTS
+            return _names_a_column(ancestors)
         ancestors = ancestors.parent
     return False
 
@@ -280,14 +356,20 @@ def _inside_target(ancestors: Ancestor | None) -> bool:
 _TARGET_LISTS = ("targetList", "returningList", "exprs")  # exprs: PostgreSQL 18's ReturningClause
 
 
-def _position(ancestors: Ancestor) -> tuple[Position, str | None, bool]:
+def _names_a_column(res_target: Ancestor) -> bool:
+    """Whether this ResTarget is an output column (a select list or RETURNING entry), whose name
+    the call's name gives; UPDATE's SET entries are ResTargets too, but name nothing."""
+    owner = res_target.parent.parent if res_target.parent is not None else None
+    return owner is not None and owner.member in _TARGET_LISTS and not isinstance(owner.node, ast.UpdateStmt)
+
+
+def _position(ancestors: Ancestor, start: int) -> tuple[Position, str | None, bool]:
     """Where a call stands (the whole value of a target-list entry, a FROM function, or elsewhere),
     its alias (the FROM alias, or the target's AS name) and whether it asks WITH ORDINALITY."""
     parent = ancestors.node
     if isinstance(parent, ast.ResTarget) and ancestors.member == "val":
-        grand = ancestors.parent.parent if ancestors.parent is not None else None
-        owner_member = ancestors.parent.parent.member if grand is not None else None
-        if owner_member in _TARGET_LISTS:
+        # A parenthesised call, `(f(x))`, is nested: the AS of its stand-in must stay inside.
+        if _names_a_column(ancestors) and parent.location == start:
             return Position.TARGET, parent.name, False
         return Position.NESTED, None, False
     # A FROM function: FuncCall -> (FuncCall, coldeflist) tuple -> functions tuple -> RangeFunction
