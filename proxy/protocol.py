@@ -124,6 +124,12 @@ def message(msg_type: int, body: bytes = b"") -> bytes:
     return _TYPE_LENGTH.pack(msg_type, len(body) + 4) + body
 
 
+def header(msg_type: int, body_length: int) -> bytes:
+    """A message's type byte and length word alone: a long body is written after it as it is,
+    rather than copied into one new buffer with it."""
+    return _TYPE_LENGTH.pack(msg_type, body_length + 4)
+
+
 def error_response(
     sqlstate: str, text: str, *, severity: str = "FATAL", detail: str | None = None, hint: str | None = None
 ) -> bytes:

@@ -20,6 +20,8 @@ SYNC_POINTS = frozenset({pg.QUERY, pg.SYNC})
 #: Server messages that belong to no request: they reach the client even while the proxy runs its own query.
 ASYNCHRONOUS = frozenset(b"ANS")
 WRITE_HIGH_WATER = 1 << 20
+#: Bodies at least this long are written after their header rather than copied into one buffer with it.
+LONG_BODY = 1 << 16
 #: How much a client may send while a hook holds its session before reading from it pauses.
 HELD_LIMIT = 1 << 20
 
@@ -208,7 +210,7 @@ class Relay:
                     if type(before) is pg.Message:
                         assert isinstance(before, pg.Message)
                         self._count(before.type)
-                        write(before.encode())
+                        self._write_upstream(before.type, before.body)
                     else:
                         self._batch_open = True
                         write(before)  # type: ignore[arg-type]
@@ -247,7 +249,7 @@ class Relay:
             assert isinstance(piece, pg.Message)
             if piece.type not in hook.message_types or not hook.wants(piece.type, piece.body, piece.marked):
                 self._count(piece.type)
-                write(piece.encode())
+                self._write_upstream(piece.type, piece.body)
                 continue
             self._hold(piece, pieces)
             return
@@ -375,7 +377,15 @@ class Relay:
     def forward(self, msg_type: int, body: bytes) -> None:
         """Send a client message (as it came, or rewritten) upstream, counting it if it asks for an answer."""
         self._count(msg_type)
-        self.send_upstream(pg.message(msg_type, body))
+        if not self._closing:
+            self._write_upstream(msg_type, body)
+
+    def _write_upstream(self, msg_type: int, body: bytes) -> None:
+        if len(body) < LONG_BODY:
+            self.server.write(pg.message(msg_type, body))
+        else:  # a long body goes as it is: copying it behind its header would stall every session
+            self.server.write(pg.header(msg_type, len(body)))
+            self.server.write(body)
 
     def _count(self, msg_type: int) -> None:
         if msg_type in SYNC_POINTS:

@@ -280,3 +280,28 @@ def test_a_tokenizer_symlink_out_of_the_model_root(proxy: ProxyProcess, model_da
         conn.execute("select azure_local_ai.model_register('symlinked:v1', %s)", [str(root)])
     assert caught.value.sqlstate in ("22023", "42501")
     assert "outside" in str(caught.value) or "model root" in str(caught.value)
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+def test_a_result_too_large_for_one_statement_is_refused_before_any_work(proxy: ProxyProcess, prepare: bool) -> None:
+    """100,000 inputs would make some 600 MB of values: more than the server reads in one constant.
+    54000 at once, not an error from the server minutes later."""
+    inputs = "{" + ",".join(["x"] * 100_000) + "}"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, pytest.raises(psycopg.Error) as caught:
+        if prepare:
+            conn.execute(f"select count(*) from azure_local_ai.create_embeddings('{MODEL}', %s::text[])",
+                         [inputs], prepare=True)
+        else:
+            conn.execute(f"select count(*) from azure_local_ai.create_embeddings('{MODEL}', '{inputs}'::text[])")
+    assert caught.value.sqlstate == "54000"
+    assert "at most" in str(caught.value.diag.message_hint)
+    embeds(proxy)
+
+
+def test_many_rows_rendered_in_a_worker_thread(proxy: ProxyProcess) -> None:
+    """3,000 rows of vectors go through the rendering done off the event loop, all of them distinct."""
+    inputs = "{" + ",".join(f"t{i}" for i in range(3_000)) + "}"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        rows = conn.execute(f"select count(*), count(DISTINCT embedding) from azure_local_ai.create_embeddings("
+                            f"'{MODEL}', '{inputs}'::text[])").fetchone()
+    assert rows == (3_000, 3_000)

@@ -5,6 +5,7 @@ tokenizer_path) may be NULL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +31,33 @@ class Value:
     value: object  # None is SQL NULL (no rows, for "rows")
 
 
+#: The most SQL text the rows of one set-returning call may take: PostgreSQL's scanner grows a
+#: string constant by doubling, up to its 1 GB allocation limit, so one must stay under 512 MB.
+MAX_ROWS_TEXT = (1 << 29) - 1
+#: An upper bound of the text of one float in an embedding ("-0.012241181," and its quoting).
+_TEXT_PER_FLOAT = 16
+#: Results of more rows than this are rendered in a worker thread, away from the event loop.
+_RENDER_INLINE_ROWS = 64
+
+
 async def replacement(call: CallSite, backend: Backend, binds: BindValues | None = None) -> str:
     """The SQL text that stands in for `call`, after running it (simple protocol: a literal)."""
-    return as_literal(call, await compute(call, backend, binds))
+    result = await compute(call, backend, binds)
+    if _rows(result) > _RENDER_INLINE_ROWS:
+        return await asyncio.to_thread(as_literal, call, result)
+    return as_literal(call, result)
+
+
+async def parameter(call: CallSite, backend: Backend, binds: BindValues | None = None) -> tuple[int, bytes | None]:
+    """The value that stands in for `call` as a bind parameter (extended protocol), after running it."""
+    result = await compute(call, backend, binds)
+    if _rows(result) > _RENDER_INLINE_ROWS:
+        return await asyncio.to_thread(as_parameter, result)
+    return as_parameter(result)
+
+
+def _rows(result: Value) -> int:
+    return len(result.value) if result.sql_type == "rows" and result.value is not None else 0  # type: ignore[arg-type]
 
 
 def as_literal(call: CallSite, result: Value) -> str:
@@ -94,7 +119,8 @@ async def compute(call: CallSite, backend: Backend, binds: BindValues | None = N
         if ids is not None:
             _check_ids(ids.value, len(inputs))
         vectors = await backend.create_embeddings(
-            str(args["model_uri"]), inputs, int(args["batch_size"]), timeout_ms  # type: ignore[call-overload]
+            str(args["model_uri"]), inputs, int(args["batch_size"]), timeout_ms,  # type: ignore[call-overload]
+            max_text=MAX_ROWS_TEXT, text_per_value=_TEXT_PER_FLOAT,
         )
         return Value("rows", vectors)
     if function == "get_setting":

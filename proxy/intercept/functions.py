@@ -114,13 +114,23 @@ class Backend:
     # ------------------------------------------------------------------ the functions
 
     async def create_embeddings(
-        self, uri: str, texts: Sequence[str | None], batch_size: int | None, timeout_ms: int
+        self, uri: str, texts: Sequence[str | None], batch_size: int | None, timeout_ms: int, *,
+        max_text: int | None = None, text_per_value: int = 0,
     ) -> list[np.ndarray | None]:
+        """The texts' embeddings (None for a NULL text). With `max_text`, refuse (54000, before any
+        work) a call whose vectors would not fit in that many bytes of SQL text."""
         if batch_size is not None and batch_size < 1:
             raise CallError("22023", f"batch_size must be at least 1, not {batch_size}")
         if timeout_ms < 0:
             raise CallError("22023", f"timeout_ms must not be negative, not {timeout_ms}")
         files = await self.model_files(uri)
+        if max_text is not None:
+            per_row = files.dimensions * text_per_value + 8
+            if len(texts) * per_row > max_text:
+                raise CallError(
+                    "54000", f"create_embeddings over {len(texts)} inputs would return about "
+                    f"{len(texts) * per_row >> 20} MB of values, more than PostgreSQL accepts in one statement",
+                    f"Embed at most {max_text // per_row} inputs per call.")
         present = [t for t in texts if t is not None]
         try:
             vectors = await self.engine.embed(files, present, batch_size=batch_size, timeout=_seconds(timeout_ms))

@@ -11,6 +11,7 @@ it do not, and the transaction ends up aborted on both sides, exactly as with a 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import secrets
 from collections import deque
@@ -22,10 +23,10 @@ from ..messages import Bind, Parse, describe_target, encode_parameter_descriptio
 from ..protocol import ProtocolViolation
 from ..relay import QueryFailed
 from .errors import CallError
-from .evaluate import as_parameter, compute, replacement
+from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
 from .prepared import PreparedCalls, bind_values, dependent_argument, failing_bind, rewrite_parse
-from .render import splice
+from .render import splice, splice_bytes
 from .signatures import PRIVILEGED
 from .sqlcalls import SCHEMA_MARKER, Statement, find_calls, mentions_schema
 from .strings import plain_literals_as_escape_strings
@@ -38,6 +39,7 @@ PRIVILEGE_CHECK = (
     "AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))"
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
+LONG_STATEMENT = 1 << 20
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 
 
@@ -58,12 +60,20 @@ def _cstring_at(body: bytes, pos: int) -> str | None:
 def _query_text(body: bytes) -> str | None:
     """A Query's SQL, or None when it is not one NUL-terminated UTF-8 string: such a message goes to
     the server as it came, and the server answers it as it would without the proxy (08P01, 22021)."""
-    if not body.endswith(b"\0") or b"\0" in body[:-1]:
+    end = len(body) - 1
+    if end < 0 or body[end] != 0 or body.find(b"\0", 0, end) >= 0:
         return None
     try:
-        return body[:-1].decode("utf-8")
+        return codecs.utf_8_decode(memoryview(body)[:end], "strict", True)[0]  # no copy of a long body first
     except UnicodeDecodeError:
         return None
+
+
+async def _breathe(size: int) -> None:
+    """Between the steps of work on a long statement (each a C call over all of it, which holds the
+    GIL), let the event loop serve the other sessions."""
+    if size >= LONG_STATEMENT:
+        await asyncio.sleep(0)
 
 
 def _is_utf8(text: str) -> bool:
@@ -142,12 +152,14 @@ class InterceptHook:
         if text is None:
             control.forward(pg.QUERY, body)
             return
+        await _breathe(len(body))
         try:
             sql = await self._as_the_server_reads(text, control)
             statements = find_calls(sql)
         except CallError as exc:
             self._fail_query(control, "", exc)
             return
+        await _breathe(len(body))
         if not any(s.calls for s in statements) or (
             control.transaction_status == "E" and not _ends_transaction(sql, statements)
         ):
@@ -155,16 +167,25 @@ class InterceptHook:
             return
         self._tell_if_warming(control)
         try:
-            rewritten = await self._cancellable(self._rewrite(sql, statements, control))
+            replacements = await self._cancellable(self._rewrite(sql, statements, control))
         except _StatementFailed as failure:
             self._fail_query(control, failure.before, failure.error)
             return
         except CallError as error:
             self._fail_query(control, "", error)
             return
-        control.forward(pg.QUERY, rewritten.encode() + b"\0")
+        await _breathe(len(body))
+        if sql is text and text.isascii():  # offsets in the text are offsets in the bytes: splice those
+            encoded = splice_bytes(memoryview(body), replacements)
+        else:
+            encoded = splice(sql, replacements).encode() + b"\0"
+        await _breathe(len(body))
+        control.forward(pg.QUERY, encoded)
 
-    async def _rewrite(self, sql: str, statements: list[Statement], control: SessionControl) -> str:
+    async def _rewrite(
+        self, sql: str, statements: list[Statement], control: SessionControl
+    ) -> list[tuple[int, int, str]]:
+        """Run the calls; what replaces each (start, end) span of `sql`."""
         replacements: list[tuple[int, int, str]] = []
         checked = False
         for statement in statements:
@@ -179,7 +200,7 @@ class InterceptHook:
                     # Earlier statements run (rewritten); this one fails; later ones never start.
                     raise _StatementFailed(splice(sql[: statement.start], replacements), error) from error
                 replacements.append((call.start, call.end, text))
-        return splice(sql, replacements)
+        return replacements
 
     def _fail_query(self, control: SessionControl, before: str, error: CallError) -> None:
         """Send `before` (statements that run first), then one that fails with a marker."""
@@ -261,7 +282,7 @@ class InterceptHook:
 
     async def _values(self, bind: Bind, prepared: PreparedCalls) -> list[tuple[int, bytes | None]]:
         binds = bind_values(bind, prepared)
-        return [as_parameter(await compute(call, self.backend, binds)) for call in prepared.calls]
+        return [await parameter(call, self.backend, binds) for call in prepared.calls]
 
     def _fail_bind(self, bind: Bind, prepared: PreparedCalls, control: SessionControl, error: CallError) -> None:
         failing, marker = failing_bind(Bind(bind.portal, bind.statement, bind.param_formats,
