@@ -4,7 +4,8 @@
     vectors = await engine.embed(files, ["query: ..."], timeout=5.0)   # float32 (n, dim)
 
 * Never blocks the event loop: tokenising runs in a small thread pool, model runs in one
-  dispatcher thread (ONNX Runtime parallelises inside each run with its own threads).
+  dispatcher thread (ONNX Runtime parallelises inside each run with its own threads), all of
+  them at a lower priority than the event loop's thread, so that relaying comes first.
 * Dynamic batching: inputs queued by any caller within ``max_wait_ms`` of each other are
   merged, sorted by length and cut into runs bounded in rows and tokens (``batching.py``).
   ``stats`` counts runs, so the merging is observable.
@@ -22,6 +23,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -41,6 +43,7 @@ log = logging.getLogger("azure_local_ai_proxy.engine")
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
 TRIM_IDLE_SECONDS = 0.5  # idle time after model runs before their freed memory is returned to the OS
+MODEL_NICENESS = 5  # how much nicer than the process the threads of model work run
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,11 @@ class EmbeddingEngine:
         self._wakeup = threading.Condition()
         self._closed = False
         self._untrimmed = False  # model runs happened since memory was last returned to the OS
-        self._tokenizers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embed-tokenize")
+        self._tokenizers = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="embed-tokenize", initializer=_lower_priority)
+        # ONNX Runtime's threads inherit their priority from the thread that creates the session.
+        self._builder = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="embed-build", initializer=_lower_priority)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="embed-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -154,10 +161,10 @@ class EmbeddingEngine:
                 return runtime
             if runtime is not None and runtime.files == model:
                 self._runtimes.pop(model.uri)
-                fresh = runtime.with_settings(settings)
+                fresh = self._builder.submit(runtime.with_settings, settings).result()
             else:
                 self._runtimes.pop(model.uri, None)
-                fresh = ModelRuntime(model, settings)
+                fresh = self._builder.submit(ModelRuntime, model, settings).result()
             del runtime
             self.stats.session_builds += 1
             self._runtimes[model.uri] = fresh
@@ -288,6 +295,7 @@ class EmbeddingEngine:
     def _dispatch_loop(self) -> None:
         """Serve until closed. Nothing a request does may end this thread: a failure goes to the
         requests it concerns, is logged, and the loop goes on."""
+        _lower_priority()  # ONNX Runtime runs part of each model run on this thread
         while not self._closed:
             snapshot: list[_Item] = []
             try:
@@ -364,9 +372,18 @@ class EmbeddingEngine:
         self._fail(list(queued), EngineClosed("the embedding engine is shut down"))
         self._dispatcher.join()
         self._tokenizers.shutdown(wait=True)
+        self._builder.shutdown(wait=True)
         with self._load_lock:
             self._runtimes.clear()
         _return_freed_memory()
+
+
+def _lower_priority() -> None:
+    """Run this thread MODEL_NICENESS steps nicer than the process: model work then yields the CPU to
+    the event loop that relays every session, and takes what is left (Linux: nice is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICENESS))
 
 
 @functools.cache

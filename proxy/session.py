@@ -29,6 +29,10 @@ class SessionRejected(Exception):
         self.sqlstate = sqlstate
 
 
+class ServerRefused(SessionRejected):
+    """The server refused the session at start-up (and the client has its error already)."""
+
+
 @dataclass
 class Registry:
     """The live sessions, and the same sessions by the cancel key the proxy gave each client."""
@@ -36,9 +40,12 @@ class Registry:
     live: set[Session] = field(default_factory=set)
     by_key: dict[tuple[int, bytes], Session] = field(default_factory=dict)
 
-    def allocate_key(self, secret_length: int) -> tuple[int, bytes]:
+    def allocate_key(self, pid: int, secret_length: int) -> tuple[int, bytes]:
+        """A cancel key for a client: the server's real process id, so that pg_backend_pid(), NOTIFY
+        senders and pg_cancel_backend agree with what the driver reports, and a secret of the proxy's
+        own, as long as the server's, so that a cancel request must come through the proxy."""
         while True:
-            key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(secret_length))
+            key = (pid, secrets.token_bytes(secret_length))
             if key not in self.by_key:
                 return key
 
@@ -156,12 +163,13 @@ async def _relay_authentication(
                 server.write(reply.encode())
         elif msg.type == pg.BACKEND_KEY_DATA:
             session.upstream_key = pg.parse_backend_key_data(msg.body)
-            session.proxy_key = registry.allocate_key(len(session.upstream_key[1]))
+            session.proxy_key = registry.allocate_key(session.upstream_key[0], len(session.upstream_key[1]))
             registry.by_key[session.proxy_key] = session
             client.write(pg.backend_key_data(*session.proxy_key))
         elif msg.type == pg.ERROR_RESPONSE:
             client.write(_explain_startup_error(msg))
-            raise ConnectionClosed("the upstream server refused the session")
+            fields = pg.parse_fields(msg.body)
+            raise ServerRefused(fields.get("C", "08006"), fields.get("M", "the server refused the session"))
         else:
             client.write(msg.encode())
             if msg.type == pg.PARAMETER_STATUS:
@@ -208,6 +216,7 @@ async def handle_client(
 ) -> None:
     """Drive one accepted connection through start-up, then wait for its relay to end."""
     session = new_session()
+    started = False
     try:
         async with asyncio.timeout(startup_timeout):
             startup = await read_startup(client, settings.tls)
@@ -215,6 +224,7 @@ async def handle_client(
                 client.close()
                 await deliver_cancel(startup, settings.upstream, registry)
                 return
+            started = True
             session.log.info(
                 "session start",
                 extra={"event": "connect", "user": startup.parameters.get("user"),
@@ -224,11 +234,16 @@ async def handle_client(
             relay = await establish(session, client, startup, settings, registry)
     except pg.ProtocolViolation as exc:
         _refuse(client, session, "08P01", str(exc))
+    except ServerRefused as exc:
+        _log_refusal(session, exc.sqlstate, str(exc), by="server")
+        client.close()
     except SessionRejected as exc:
         _refuse(client, session, exc.sqlstate, str(exc))
     except TimeoutError:
         _refuse(client, session, "08P01", f"start-up did not complete within {startup_timeout:g} seconds")
-    except ConnectionClosed:
+    except ConnectionClosed as exc:
+        if started:
+            session.log.info("session end", extra={"event": "disconnect", "reason": f"during start-up: {exc}"})
         client.close()
     except ssl.SSLError as exc:
         session.log.info("TLS handshake failed", extra={"event": "tls_failed", "reason": str(exc)})
@@ -248,6 +263,11 @@ async def handle_client(
 
 
 def _refuse(client: HandshakeProtocol, session: Session, sqlstate: str, text: str) -> None:
-    session.log.info("session refused", extra={"event": "refused", "sqlstate": sqlstate, "reason": text})
+    _log_refusal(session, sqlstate, text, by="proxy")
     client.write(pg.error_response(sqlstate, text))
     client.close()
+
+
+def _log_refusal(session: Session, sqlstate: str, text: str, by: str) -> None:
+    """The end of a session refused at start-up: every "session start" has an end in the log."""
+    session.log.info("session refused", extra={"event": "refused", "sqlstate": sqlstate, "reason": text, "by": by})
