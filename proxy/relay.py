@@ -16,7 +16,8 @@ from . import protocol as pg
 from .hooks import ServerWatcher, SessionHook, SessionInfo
 
 ALL_TYPES = frozenset(range(256))
-SYNC_POINTS = frozenset({pg.QUERY, pg.SYNC})
+#: Client messages the server answers with a ReadyForQuery (a FunctionCall too).
+SYNC_POINTS = frozenset({pg.QUERY, pg.SYNC, pg.FUNCTION_CALL})
 #: Server messages that belong to no request: they reach the client even while the proxy runs its own query.
 ASYNCHRONOUS = frozenset(b"ANS")
 WRITE_HIGH_WATER = 1 << 20
@@ -135,6 +136,10 @@ class Relay:
             self._client_framer.marker_types = hook.message_types
         self._syncs_sent = 0
         self._batch_open = False
+        #: A Query or FunctionCall went upstream inside an unsynchronised extended-protocol batch: the
+        #: server answers it only if nothing in the batch failed before it, so from then on the proxy
+        #: cannot tell when the server has answered everything (see settled()).
+        self._uncertain = False
         self._answered: asyncio.Future[None] | None = None
         self._capture: _Capture | None = None
         self._watcher: ServerWatcher | None = None
@@ -197,9 +202,11 @@ class Relay:
         """The usual case: `data` is whole messages. Unless the hook wants one of them, `data` goes
         upstream as it came, in one write, and is accounted for as `_dispatch_client` would."""
         syncs = 0
+        batch_open = self._batch_open
         types = hook.message_types
         for index, piece in enumerate(pieces):
             if type(piece) is not pg.Message:
+                batch_open = True  # raw runs hold only message types that are not sync points
                 continue
             assert isinstance(piece, pg.Message)
             msg_type = piece.type
@@ -216,11 +223,16 @@ class Relay:
                         write(before)  # type: ignore[arg-type]
                 self._hold(piece, deque(pieces[index + 1 :]))
                 return
-            if msg_type in SYNC_POINTS:
+            if msg_type == pg.SYNC:
                 syncs += 1
+                batch_open = False
+            elif msg_type in SYNC_POINTS:
+                syncs += 1
+                self._uncertain = self._uncertain or batch_open
+            else:
+                batch_open = True
         self._syncs_sent += syncs
-        last = pieces[-1]
-        self._batch_open = type(last) is not pg.Message or last.type not in SYNC_POINTS  # type: ignore[union-attr]
+        self._batch_open = batch_open
         self.server.write(data)
 
     def _dispatch_client(self, pieces: deque[pg.Piece] | list[pg.Piece]) -> None:
@@ -388,9 +400,12 @@ class Relay:
             self.server.write(body)
 
     def _count(self, msg_type: int) -> None:
-        if msg_type in SYNC_POINTS:
+        if msg_type == pg.SYNC:
             self._syncs_sent += 1
             self._batch_open = False
+        elif msg_type in SYNC_POINTS:
+            self._syncs_sent += 1  # counted as answered: the count may run high, never low
+            self._uncertain = self._uncertain or self._batch_open
         else:
             self._batch_open = True
 
@@ -427,7 +442,16 @@ class Relay:
         return chr(self._server_framer.tx_status)
 
     async def settled(self) -> None:
-        """Wait until the server has answered every request sent so far (all Queries and Syncs)."""
+        """Wait until the server has answered every request sent so far (all Queries and Syncs).
+        Raises QueryFailed (55000) where that cannot be known: inside an unsynchronised batch (the
+        server may be skipping to its Sync), or after a Query was sent inside one."""
+        if self._batch_open or self._uncertain:
+            raise QueryFailed({
+                "C": "55000",
+                "M": "the proxy cannot wait for the server here: the session sent a Query in the middle of an "
+                "extended-protocol batch, or has not sent its Sync yet",
+                "H": "Send Sync before statements that need it, and no Query inside a batch.",
+            })
         loop = asyncio.get_running_loop()
         while self.outstanding > 0 and not self._closing:
             self._answered = loop.create_future()

@@ -305,3 +305,36 @@ def test_many_rows_rendered_in_a_worker_thread(proxy: ProxyProcess) -> None:
         rows = conn.execute(f"select count(*), count(DISTINCT embedding) from azure_local_ai.create_embeddings("
                             f"'{MODEL}', '{inputs}'::text[])").fetchone()
     assert rows == (3_000, 3_000)
+
+
+# ---------------------------------------------------------------- found by tests/test_fuzz.py
+
+
+def test_a_privileged_call_after_a_failure_in_an_open_batch(client: RawClient) -> None:
+    """The server skips to the Sync after the failed Execute, the Query included: the proxy must not
+    wait for an answer to a privilege check of its own that the server would skip too."""
+    client.send(pg.message(pg.EXECUTE, b"no_such_portal\0" + struct.pack("!i", 0))
+                + query(b"SELECT azure_local_ai.set_setting(ARRAY['spin_control'], ARRAY['true'])") + SYNC)
+    assert errors(outcome(client)) == ["34000"]
+    session_goes_on(client)
+    client.send(pg.message(pg.BIND, b"\0no_such_statement\0" + b"\0" * 6) + query(b"SELECT 1")
+                + parse(b"SELECT azure_local_ai.set_setting($1, $2)") + SYNC)
+    assert errors(outcome(client)) == ["26000"]
+    session_goes_on(client)
+
+
+def test_a_function_call_is_answered_like_a_query(client: RawClient) -> None:
+    """FunctionCall gets a ReadyForQuery; the proxy counts it, so its own privilege check and the
+    statement after it keep their places."""
+    function_call = struct.pack("!IHH", 2026, 0, 0) + struct.pack("!H", 0)  # pg_backend_pid(), no arguments
+    client.send(pg.message(pg.FUNCTION_CALL, function_call)
+                + query(b"SELECT azure_local_ai.set_setting('spin_control', 'true')"))
+    assert [kind for kind, _ in outcome(client)] == ["V", "Z"]
+    seen = outcome(client)
+    assert errors(seen) == [] and seen[-2][0] == "C"
+
+
+def test_parameter_zero(client: RawClient) -> None:
+    client.send(parse(b"SELECT azure_local_ai.get_setting($0::text[])") + SYNC)
+    assert errors(outcome(client)) == ["42P02"]
+    session_goes_on(client)

@@ -69,6 +69,11 @@ def _query_text(body: bytes) -> str | None:
         return None
 
 
+def _from_server(exc: QueryFailed) -> CallError:
+    """The error of the proxy's own query (or of waiting for the server), as the call's error."""
+    return CallError(exc.fields.get("C", "XX000"), exc.fields.get("M", ""), exc.fields.get("H"))
+
+
 async def _breathe(size: int) -> None:
     """Between the steps of work on a long statement (each a C call over all of it, which holds the
     GIL), let the event loop serve the other sessions."""
@@ -312,7 +317,10 @@ class InterceptHook:
                 "55000", "a statement that calls azure_local_ai with a backslash in a plain string constant cannot be "
                 "prepared in the middle of a pipeline",
                 "Send it after a Sync, or write the constant as E'...' or with dollar quotes.")
-        await control.settled()
+        try:
+            await control.settled()
+        except QueryFailed as exc:
+            raise _from_server(exc) from exc
         return escaped if control.server_parameters.get("standard_conforming_strings") == "off" else sql
 
     def _tell_if_warming(self, control: SessionControl) -> None:
@@ -329,8 +337,7 @@ class InterceptHook:
         try:
             rows = await control.query(PRIVILEGE_CHECK)
         except QueryFailed as exc:
-            fields = exc.fields
-            raise CallError(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H")) from exc
+            raise _from_server(exc) from exc
         return rows == [("t",)]
 
     async def _cancellable(self, work: Awaitable[object]) -> object:

@@ -269,6 +269,8 @@ class _CallFinder(Visitor):
                 return Const(val.fval), "bigint" if whole else "numeric"
             return Dependent("an unsupported constant"), UNKNOWN
         if isinstance(node, ast.ParamRef):
+            if node.number < 1:
+                raise CallError("42P02", f"there is no parameter ${node.number}")
             return BindRef(node.number), _OID_TYPES.get(self.param_types.get(node.number, 0), UNKNOWN)
         if isinstance(node, ast.TypeCast):
             return self._cast(node)
