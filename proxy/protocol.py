@@ -216,7 +216,24 @@ class Partial:
         return self.data[5:]
 
 
-Piece = bytes | memoryview | Message | Partial
+@dataclass(frozen=True, slots=True)
+class LongMessage:
+    """A long inspected message held across reads, kept as the pieces it arrived in (Framer.long_parts),
+    so that relaying it unchanged copies nothing; `body` joins them, for a reader that needs it whole."""
+
+    type: int
+    parts: tuple[bytes, ...]  # the body, in pieces
+    marked: bool | None = None  # as Message.marked
+
+    @property
+    def size(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+
+Piece = bytes | memoryview | Message | Partial | LongMessage
 
 
 class Framer:
@@ -228,8 +245,8 @@ class Framer:
     the peer may send; anything else is a protocol violation."""
 
     __slots__ = (
-        "_held", "_hold_total", "_marked", "_skip", "_undecided", "inspect", "last_type", "marker", "marker_types",
-        "max_length", "peek_types", "ready_count", "tx_status", "valid_types",
+        "_held", "_hold_total", "_marked", "_parts", "_parts_size", "_skip", "_undecided", "inspect", "last_type",
+        "long_parts", "marker", "marker_types", "max_length", "peek_types", "ready_count", "tx_status", "valid_types",
     )
 
     def __init__(
@@ -246,6 +263,11 @@ class Framer:
         self.marker = b""
         self.marker_types: frozenset[int] = frozenset()
         self._marked: bool | None = None
+        #: Hold inspected messages longer than this as the pieces they arrive in, and hand them out as
+        #: LongMessage (0: never): a 200 MB message is then neither grown nor copied in one go.
+        self.long_parts = 0
+        self._parts: list[bytes] = []
+        self._parts_size = 0
         self._undecided = False
         self.last_type = 0
         #: ReadyForQuery messages seen, and the transaction status byte of the last one (I, T or E);
@@ -377,6 +399,8 @@ class Framer:
                 pos = self._continue_peek(view, pos, out)
                 if self._hold_total <= 0:
                     return pos
+        if self.long_parts and self._hold_total > self.long_parts:
+            return self._continue_parts(view, pos, out)
         need = self._hold_total - len(self._held)
         chunk = view[pos : pos + need]
         before = len(self._held)
@@ -391,6 +415,23 @@ class Framer:
             marked, self._marked = self._marked, None
             out.append(Message(held[0], bytes(memoryview(held)[5:]), marked))
         return pos
+
+    def _continue_parts(self, view: memoryview, pos: int, out: list[Piece]) -> int:
+        """A long message's next piece (its first bytes, header included, are in `_held`)."""
+        need = self._hold_total - len(self._held) - self._parts_size
+        chunk = bytes(view[pos : pos + need])
+        if self._marked is False:
+            previous = self._parts[-1] if self._parts else self._held
+            seam = bytes(previous[-(len(self.marker) - 1) :]) if len(self.marker) > 1 else b""
+            self._marked = (seam + chunk).lower().find(self.marker) >= 0
+        self._parts.append(chunk)
+        self._parts_size += len(chunk)
+        if len(self._held) + self._parts_size == self._hold_total:
+            first = bytes(memoryview(self._held)[5:])
+            parts = (first, *self._parts) if first else tuple(self._parts)
+            out.append(LongMessage(self._held[0], parts, self._marked))
+            self._held, self._hold_total, self._marked, self._parts, self._parts_size = bytearray(), 0, None, [], 0
+        return pos + len(chunk)
 
     def _marker_in_held(self, start: int) -> bool:
         return self._held[start:].lower().find(self.marker) >= 0

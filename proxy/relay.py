@@ -134,6 +134,7 @@ class Relay:
             self._client_framer.peek_types = frozenset({pg.BIND})
             self._client_framer.marker = hook.marker
             self._client_framer.marker_types = hook.message_types
+            self._client_framer.long_parts = LONG_BODY
         self._syncs_sent = 0
         self._batch_open = False
         #: A Query or FunctionCall went upstream inside an unsynchronised extended-protocol batch: the
@@ -253,6 +254,16 @@ class Relay:
                 if not hold:
                     self._batch_open = True
                     write(piece.data)
+                continue
+            if type(piece) is pg.LongMessage:
+                assert isinstance(piece, pg.LongMessage)
+                if piece.type in hook.message_types and hook.wants(piece.type, piece.parts[0], piece.marked):
+                    self._hold(pg.Message(piece.type, piece.body(), piece.marked), pieces)
+                    return
+                self._count(piece.type)
+                write(pg.header(piece.type, piece.size))
+                for part in piece.parts:  # as they came: nothing of a long message is copied
+                    write(part)
                 continue
             if type(piece) is not pg.Message:
                 self._batch_open = True  # raw runs hold only message types that are not sync points

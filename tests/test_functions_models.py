@@ -153,13 +153,17 @@ def test_client_leaving_mid_call_costs_nothing_further(proxy: ProxyProcess) -> N
     time.sleep(1.0)
     busy = proxy_cpu_seconds(proxy.proc.pid) - busy_from
     client.close()
-    # The model run in progress finishes (one run is at most max_batch_tokens, about a second here);
-    # the queued rest of the 3000 texts, some 40 s of work, must be dropped.
-    time.sleep(2.5)
-    idle_from = proxy_cpu_seconds(proxy.proc.pid)
-    time.sleep(1.0)
-    idle = proxy_cpu_seconds(proxy.proc.pid) - idle_from
+    # The model run in progress finishes (one run is at most max_batch_tokens: about a second, a few on
+    # a loaded machine, where the engine's threads yield to others); the queued rest of the 3000 texts,
+    # some 40 s of work, must be dropped: the CPU goes quiet long before that.
     assert busy > 0.5, f"the call did not keep the engine busy ({busy:.2f} s of CPU in 1 s)"
-    assert idle < busy / 4, f"work went on after the client left: {idle:.2f} s of CPU in 1 s (busy: {busy:.2f})"
+    windows = []
+    for _ in range(20):
+        idle_from = proxy_cpu_seconds(proxy.proc.pid)
+        time.sleep(0.5)
+        windows.append(proxy_cpu_seconds(proxy.proc.pid) - idle_from)
+        if windows[-1] < busy / 8:
+            break
+    assert windows[-1] < busy / 8, f"work went on after the client left: CPU s per 0.5 s {windows} (busy: {busy:.2f}/s)"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)

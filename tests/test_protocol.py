@@ -29,18 +29,23 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(messages, st.lists(st.integers(min_value=0, max_value=10_000), max_size=15),
-       st.sets(st.sampled_from(list(b"QPBDESdc"))))
-def test_framer_reassembles_any_chunking(msgs: list[tuple[int, bytes]], cuts: list[int], inspect: set[int]) -> None:
+       st.sets(st.sampled_from(list(b"QPBDESdc"))), st.sampled_from([0, 10, 100]))
+def test_framer_reassembles_any_chunking(
+    msgs: list[tuple[int, bytes]], cuts: list[int], inspect: set[int], long_parts: int
+) -> None:
     stream = b"".join(frame(bytes([t]), body) for t, body in msgs)
     framer = pg.Framer(valid_types=pg.FRONTEND_TYPES)
     framer.inspect = frozenset(inspect)
+    framer.long_parts = long_parts
     relayed = bytearray()
     seen: list[tuple[int, bytes]] = []
     for chunk in chunked(stream, cuts):
         for piece in framer.feed(chunk):
-            if isinstance(piece, pg.Message):
-                seen.append((piece.type, piece.body))
-                relayed += frame(bytes([piece.type]), piece.body)
+            if isinstance(piece, pg.Message | pg.LongMessage):
+                body = piece.body() if isinstance(piece, pg.LongMessage) else piece.body
+                assert not isinstance(piece, pg.LongMessage) or len(body) + 5 > long_parts > 0
+                seen.append((piece.type, body))
+                relayed += frame(bytes([piece.type]), body)
             else:
                 relayed += bytes(piece)
     assert bytes(relayed) == stream
@@ -191,9 +196,9 @@ def test_framer_offers_long_peeked_messages(msgs: list[tuple[int, int, bool]], c
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(list(b"QPS")), st.binary(max_size=60),
                           st.sampled_from([b"", b"MaRkEr", b"marker", b"mark"])), min_size=1, max_size=8),
-       st.lists(st.integers(min_value=0, max_value=2_000), max_size=20))
+       st.lists(st.integers(min_value=0, max_value=2_000), max_size=20), st.sampled_from([0, 40]))
 def test_framer_finds_the_marker_in_held_messages_as_they_arrive(
-    msgs: list[tuple[int, bytes, bytes]], cuts: list[int]
+    msgs: list[tuple[int, bytes, bytes]], cuts: list[int], long_parts: int
 ) -> None:
     """A message held across reads carries whether the marker occurs in it (any case, across read
     boundaries too); one that came whole in a read, or of another type, says nothing (None)."""
@@ -202,9 +207,12 @@ def test_framer_finds_the_marker_in_held_messages_as_they_arrive(
     framer = pg.Framer(valid_types=pg.FRONTEND_TYPES)
     framer.inspect = frozenset(b"QPS")
     framer.marker, framer.marker_types = b"marker", frozenset(b"QP")
-    seen = [piece for chunk in chunked(stream, cuts) for piece in framer.feed(chunk) if isinstance(piece, pg.Message)]
-    assert [(m.type, m.body) for m in seen] == bodies
-    for message in seen:
-        if message.marked is not None:
-            assert message.type in b"QP"
-            assert message.marked == (b"marker" in message.body.lower())
+    framer.long_parts = long_parts
+    seen = [(piece.type, piece.body() if isinstance(piece, pg.LongMessage) else piece.body, piece.marked)
+            for chunk in chunked(stream, cuts) for piece in framer.feed(chunk)
+            if isinstance(piece, pg.Message | pg.LongMessage)]
+    assert [(t, body) for t, body, _ in seen] == bodies
+    for msg_type, body, marked in seen:
+        if marked is not None:
+            assert msg_type in b"QP"
+            assert marked == (b"marker" in body.lower())
