@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,3 +73,16 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def write_section(results: Path, title: str, section: str) -> None:
+    """Replace the section headed ``title`` of a results file with ``section`` (appended when absent),
+    re-reading the file right before writing so that other sections, edited meanwhile, are kept."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+    body = section.rstrip("\n") + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: body + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    results.write_text(text.rstrip("\n") + "\n")
