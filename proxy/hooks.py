@@ -61,6 +61,9 @@ class SessionControl(Protocol):
     def forward(self, msg_type: int, body: bytes) -> None:
         """Send the client's message (possibly rewritten) upstream."""
 
+    def forward_parts(self, msg_type: int, parts: list[bytes | memoryview]) -> None:
+        """`forward`, with the body in parts that are written as they are, never joined."""
+
     async def settled(self) -> None:
         """Wait until the server has answered everything sent so far."""
 

@@ -258,7 +258,7 @@ class Relay:
             if type(piece) is pg.LongMessage:
                 assert isinstance(piece, pg.LongMessage)
                 if piece.type in hook.message_types and hook.wants(piece.type, piece.parts[0], piece.marked):
-                    self._hold(pg.Message(piece.type, piece.body(), piece.marked), pieces)
+                    self._hold(piece, pieces)
                     return
                 self._count(piece.type)
                 write(pg.header(piece.type, piece.size))
@@ -277,7 +277,7 @@ class Relay:
             self._hold(piece, pieces)
             return
 
-    def _hold(self, msg: pg.Message, rest: deque[pg.Piece]) -> None:
+    def _hold(self, msg: pg.Message | pg.LongMessage, rest: deque[pg.Piece]) -> None:
         """Hand `msg` to the hook; `rest`, and whatever the client sends meanwhile, waits for it.
         Reading goes on (up to HELD_LIMIT bytes) so that a client who leaves is noticed at once and
         the hook's work is dropped; a Partial still awaiting its decision stops reading too."""
@@ -287,10 +287,12 @@ class Relay:
             self._pause_client("hook")
         self._hook_task = asyncio.get_running_loop().create_task(self._run_hook(msg))
 
-    async def _run_hook(self, msg: pg.Message) -> None:
+    async def _run_hook(self, msg: pg.Message | pg.LongMessage) -> None:
         assert self.hook is not None
         try:
-            await self.hook.handle(msg.type, msg.body, self)
+            # Joining a long message's pieces in a thread: bytes.join lets go of the GIL meanwhile.
+            body = await asyncio.to_thread(msg.body) if isinstance(msg, pg.LongMessage) else msg.body
+            await self.hook.handle(msg.type, body, self)
         except asyncio.CancelledError:
             return
         except Exception:
@@ -402,6 +404,14 @@ class Relay:
         self._count(msg_type)
         if not self._closing:
             self._write_upstream(msg_type, body)
+
+    def forward_parts(self, msg_type: int, parts: list[bytes | memoryview]) -> None:
+        """`forward` of a body given in parts, written as they are (the transport keeps references)."""
+        self._count(msg_type)
+        if not self._closing:
+            self.server.write(pg.header(msg_type, sum(len(part) for part in parts)))
+            for part in parts:
+                self.server.write(part)
 
     def _write_upstream(self, msg_type: int, body: bytes) -> None:
         if len(body) < LONG_BODY:

@@ -26,7 +26,7 @@ from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
 from .prepared import PreparedCalls, bind_values, dependent_argument, failing_bind, rewrite_parse
-from .render import splice, splice_bytes
+from .render import splice, splice_parts
 from .signatures import PRIVILEGED
 from .sqlcalls import SCHEMA_MARKER, Statement, find_calls, mentions_schema
 from .strings import plain_literals_as_escape_strings
@@ -181,11 +181,9 @@ class InterceptHook:
             return
         await _breathe(len(body))
         if sql is text and text.isascii():  # offsets in the text are offsets in the bytes: splice those
-            encoded = splice_bytes(memoryview(body), replacements)
+            control.forward_parts(pg.QUERY, splice_parts(memoryview(body), replacements))
         else:
-            encoded = splice(sql, replacements).encode() + b"\0"
-        await _breathe(len(body))
-        control.forward(pg.QUERY, encoded)
+            control.forward(pg.QUERY, splice(sql, replacements).encode() + b"\0")
 
     async def _rewrite(
         self, sql: str, statements: list[Statement], control: SessionControl

@@ -120,9 +120,9 @@ def splice(sql: str, replacements: Sequence[tuple[int, int, str]]) -> str:
     return "".join(out)
 
 
-def splice_bytes(data: memoryview, replacements: Sequence[tuple[int, int, str]]) -> bytes:
-    """`splice` over bytes whose offsets are those of the text (ASCII): one copy of a long statement
-    rather than three (slices, join, encode), all of it holding the GIL."""
+def splice_parts(data: memoryview, replacements: Sequence[tuple[int, int, str]]) -> list[bytes | memoryview]:
+    """`splice` over bytes whose offsets are those of the text (ASCII), as parts to write one after
+    another: a long statement is neither copied nor re-encoded, which would hold the GIL for long."""
     out: list[bytes | memoryview] = []
     cursor = 0
     for start, end, text in sorted(replacements):
@@ -130,4 +130,4 @@ def splice_bytes(data: memoryview, replacements: Sequence[tuple[int, int, str]])
         out.append(text.encode())
         cursor = end
     out.append(data[cursor:])
-    return b"".join(out)
+    return out
