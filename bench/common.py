@@ -86,3 +86,9 @@ def write_section(results: Path, title: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + body
     results.write_text(text.rstrip("\n") + "\n")
+
+
+def section_head(title: str, command_line: str, minutes: float, header: str, facts: list[str]) -> list[str]:
+    """The first lines of a results section: title, the command, the machine, and the setup."""
+    return [title, "", f"Command: `{command_line}` ({minutes:.1f} min).", "",
+            header.lstrip("# ") + f"; at the end: {load_average()}.", "", *[f"- {fact}" for fact in facts], ""]

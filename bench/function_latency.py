@@ -56,7 +56,7 @@ import asyncpg
 import numpy as np
 import psycopg
 
-from bench.common import load_average, machine_header, stop, table
+from bench.common import load_average, machine_header, stop, table, write_section
 from inference import EmbeddingEngine, EngineSettings, builtin_model
 from inference.settings import available_cpus
 from proxy.intercept.evaluate import real_array_binary
@@ -678,17 +678,6 @@ def report(series: list[Series], micro: list[tuple[str, float]], args: argparse.
     return "\n".join(out)
 
 
-def write_results(section: str) -> None:
-    """Replace (or append) our section of RESULTS.md, re-reading the file right before writing."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    RESULTS.write_text(text.rstrip("\n") + "\n")
-
-
 def target_met(series: list[Series]) -> bool:
     by = {s.name: s for s in series}
     e50 = pct(by["call engine [default]"].samples, 50)
@@ -789,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         section += f"\nTotal run time {time.monotonic() - started:.0f} s.\n"
         print(section)
         if args.write_results:
-            write_results(section)
+            write_section(RESULTS, SECTION, section)
         return 0
     finally:
         for engine in engines.values():

