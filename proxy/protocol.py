@@ -419,11 +419,13 @@ class Framer:
     def _continue_parts(self, view: memoryview, pos: int, out: list[Piece]) -> int:
         """A long message's next piece (its first bytes, header included, are in `_held`)."""
         need = self._hold_total - len(self._held) - self._parts_size
-        chunk = bytes(view[pos : pos + need])
+        whole_read = pos == 0 and len(view) <= need and isinstance(view.obj, bytes)
+        chunk = view.obj if whole_read else bytes(view[pos : pos + need])  # a whole read is kept, not copied
         if self._marked is False:
             previous = self._parts[-1] if self._parts else self._held
-            seam = bytes(previous[-(len(self.marker) - 1) :]) if len(self.marker) > 1 else b""
-            self._marked = _has_marker(seam + chunk, self.marker)
+            overlap = len(self.marker) - 1  # a marker across the seam of two pieces
+            seam = bytes(previous[-overlap:]) + chunk[:overlap] if overlap else b""
+            self._marked = _has_marker(seam, self.marker) or _has_marker(chunk, self.marker)
         self._parts.append(chunk)
         self._parts_size += len(chunk)
         if len(self._held) + self._parts_size == self._hold_total:
