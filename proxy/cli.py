@@ -70,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args, config) if args.command == "serve" else args.func(args))
 
 
-#: How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms): the
-#: event loop that relays every session must not wait behind the engine's threads for that long.
-GIL_SWITCH_INTERVAL = 0.0005
-
-
 def _serve(args: argparse.Namespace, config: cfg.Config) -> int:
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works

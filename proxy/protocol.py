@@ -473,7 +473,10 @@ def _has_marker(data: bytes | bytearray, marker: bytes) -> bool:
     """Whether `marker` (lower case) occurs in `data` in any case. A byte of the marker that case does
     not change (the "_" of azure_local_ai) is looked for first: memchr-fast, and most long data has
     none, which spares lowering a copy of it."""
-    anchor = next((bytes([b]) for b in marker if not bytes([b]).isalpha()), b"")
+    anchor = marker.translate(None, _LETTERS)[:1]
     if anchor and anchor not in data:
         return False
     return data.lower().find(marker) >= 0
+
+
+_LETTERS = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1))

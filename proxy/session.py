@@ -144,8 +144,9 @@ async def _relay_authentication(
     parameters the server reported (ParameterStatus).
 
     The proxy changes two things only: SCRAM-SHA-256-PLUS leaves the mechanism list (channel
-    binding cannot span two TLS sessions), and the client gets a cancel key of the proxy's own so
-    that cancel requests come to the proxy, which knows the session they belong to."""
+    binding cannot span two TLS sessions), and the client's cancel key carries a secret of the
+    proxy's own (with the server's real pid), so that cancel requests come to the proxy, which knows
+    the session they belong to."""
     parameters: dict[str, str] = {}
     while True:
         try:
