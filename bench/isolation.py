@@ -17,9 +17,10 @@ fixed --interval-ms schedule on one path while, on the same path:
    function, so that the proxy has nothing to do but relay it.
    The sender is a raw socket (tests/rawclient.py); its time to send, and to the answer, are recorded, and
    the peak resident memory of the process in the middle (VmHWM, reset before each run);
-3. N callers (proxy only): --callers asyncpg sessions each loop a prepared
-   `SELECT azure_local_ai.create_embeddings('multilingual-e5-small:v1', $1)` for --duration seconds, over short
-   corpus texts (14-28 tokens, bench/workloads.py, as bench/engine_speed.py's), each made unique.
+3. N callers: --callers asyncpg sessions each loop a prepared
+   `SELECT azure_local_ai.create_embeddings('multilingual-e5-small:v1', $1)` through the proxy for --duration
+   seconds, over short corpus texts (14-28 tokens, bench/workloads.py, as bench/engine_speed.py's), each made
+   unique; the probe runs once through the proxy and once direct (what the loaded machine alone costs).
 
 The probe's per-query latency counts the queries that overlapped the load. A session sends its next
 query only when the previous one is answered, so a freeze of 3 s costs the probe one sample: p99 misses
@@ -359,13 +360,16 @@ def report(runs: list[Run], args: argparse.Namespace, paths: list[str], header: 
     lines = [
         *section_head(SECTION, args.command_line, args.elapsed / 60, header, facts),
         f"A probe session (asyncpg, its own process) runs a prepared `SELECT 1` every {args.interval_ms:g} ms "
-        "on one path while another client loads the same path; figures are the probe's per-query latency in "
-        f"ms, p50 / p99 / max, over the queries that overlapped the load ({args.repeats} repeat(s) pooled). "
+        "on one path while another client loads the same path (the callers: always the proxy); figures are "
+        "the probe's per-query latency in ms, p50 / p99 / max, over the queries that overlapped the load "
+        f"({args.repeats} repeat(s) pooled). "
         f"*big*: one simple-protocol Query of {args.big_mb} MiB from a raw socket, with "
         "`azure_local_ai.get_setting('spin_control')` (the proxy must parse it) or without (only to relay); "
         f"*{callers_name(args)}*: {args.callers} asyncpg sessions looping "
         f"`SELECT azure_local_ai.create_embeddings('{MODEL}', $1)` for {args.duration:g} s over short texts (14-28 "
-        "tokens, each made unique), through the proxy only.",
+        "tokens, each made unique), always through the proxy: with the probe on the direct path, what the "
+        "machine itself (two cores shared by the callers, their server backends and the model) costs a session "
+        "that never meets the proxy.",
         "",
         table(["scenario", *(f"{p} p50 / p99 / max" for p in paths), f"target: proxy p99 < {TARGET_MS:g} ms"], rows),
         "",
@@ -454,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in BIG:
             for path in paths:
                 plan.append((kind, path, big_query(ports[path], kind, args.big_mb, args.big_timeout)))
-        plan.append((callers_name(args), "proxy", callers(dsn(ports["proxy"]), args.callers, args.duration, texts)))
+        for path in ("proxy", "direct"):  # the callers always go through the proxy; only the probe's path differs
+            plan.append((callers_name(args), path, callers(dsn(ports["proxy"]), args.callers, args.duration, texts)))
         for path in paths:  # warm-up: the probe's first queries on each path
             measure(probe, "warm-up", path, None, idle(0.5))
         for repeat in range(args.repeats):

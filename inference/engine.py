@@ -379,8 +379,12 @@ class EmbeddingEngine:
 
 
 def _lower_priority() -> None:
-    """Run this thread MODEL_NICENESS steps nicer than the process: model work then yields the CPU to
-    the event loop that relays every session, and takes what is left (Linux: nice is per thread)."""
+    """Run this thread under SCHED_IDLE: model work then yields the CPU to the event loop that relays
+    every session (and to the server's backends), and takes what is left. Linux: the policy is per
+    thread and inherited by the threads it starts. Elsewhere, MODEL_NICENESS steps nicer."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
     with contextlib.suppress(OSError, AttributeError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_NICENESS))

@@ -252,3 +252,19 @@ async def test_a_stopped_dispatcher_is_restarted(engine: EmbeddingEngine, e5_q4:
     del engine._dispatch  # back to the class's own method
     assert (await engine.embed(e5_q4, ["query: served"], timeout=10)).shape == (1, 384)
     assert engine.alive and engine.stats.restarts == 1
+
+
+async def test_model_work_runs_only_on_cpu_the_event_loop_leaves(e5_q4: ModelFiles) -> None:
+    """Every thread the engine starts (its own and ONNX Runtime's) runs SCHED_IDLE; the caller's does not."""
+    before = set(os.listdir("/proc/self/task"))
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=1))
+    try:
+        engine.load(e5_q4)
+        await engine.embed(e5_q4, ["query: what runs when the loop is busy?"])
+        started = set(os.listdir("/proc/self/task")) - before
+        assert len(started) >= 3  # dispatcher, builder, tokenizer (and ONNX Runtime's pool)
+        policies = {tid: os.sched_getscheduler(int(tid)) for tid in started}
+        assert set(policies.values()) == {os.SCHED_IDLE}, policies
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        await engine.close()
