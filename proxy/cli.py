@@ -19,9 +19,12 @@ from inference.progress import ProgressPrinter
 
 from . import config as cfg
 from . import logs
+from .hooks import SessionInfo
 from .intercept.functions import BUILTIN_URI, Backend, parse_model_roots
 from .intercept.hook import InterceptHook
+from .intercept.servercalls import ServerCalls
 from .server import ProxyServer
+from .service import ServiceConnections
 from .upstream import Upstream
 
 log = logging.getLogger("azure_local_ai_proxy")
@@ -103,7 +106,8 @@ async def _serve_async(config: cfg.Config) -> int:
         Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
         EmbeddingEngine(batching=batching), config.model_variant,
     )
-    server = ProxyServer(config, upstream, lambda info: InterceptHook(info, backend))
+    service = _service_connections(config, upstream, embedded is not None)
+    server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service), mailboxes=service is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,8 +125,27 @@ async def _serve_async(config: cfg.Config) -> int:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(embedded.cleanup)  # type: ignore[attr-defined]
     await backend.engine.close()
+    if service is not None:
+        await service.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0
+
+
+def _service_connections(config: cfg.Config, upstream: Upstream, embedded: bool) -> ServiceConnections | None:
+    """The proxy's own login to the server, for the calls the server evaluates; None: those are off."""
+    user = config.service_user or ("postgres" if embedded else "")
+    if not config.server_calls or not user:
+        return None
+    return ServiceConnections(upstream, user, config.service_password)
+
+
+def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | None) -> InterceptHook:
+    server_calls = None
+    if service is not None and info.mailbox is not None and info.server_key is not None:
+        key = info.server_key
+        server_calls = ServerCalls(info.user, info.database, info.mailbox, backend, service,
+                                   lambda: info.upstream.send_cancel(*key))
+    return InterceptHook(info, backend, server_calls)
 
 
 async def _announce(config: cfg.Config, server: ProxyServer, backend: Backend, embedded: bool) -> None:

@@ -73,6 +73,14 @@ OPTIONS: tuple[Option, ...] = (
            "build of the built-in model: q4 (4-bit, default), q4i8, fp32, or official (after `models fetch`)"),
     Option("engine", "preload_model", bool, True,
            "build (on the first run) and load the built-in model at start-up; false: on its first use"),
+    Option("proxy", "server_calls", bool, True,
+           "answer the calls the server evaluates (generated columns, back-fills, triggers) after CREATE "
+           "EXTENSION azure_local_ai: each session gets a mailbox the proxy writes through its service login"),
+    Option("proxy", "service_user", str, "",
+           "the login of the proxy's own connections to the server, which write the answers (like PgBouncer's "
+           "auth_user); empty: postgres with the embedded server, and no server calls with an external one"),
+    Option("proxy", "service_password", str, "",
+           "its password, if the server asks for one (or use PGPASSWORD / ~/.pgpass)"),
 )
 
 
@@ -96,6 +104,9 @@ class Config:
     max_batch_size: int
     model_variant: str
     preload_model: bool
+    server_calls: bool
+    service_user: str
+    service_password: str
 
     @property
     def listen_host(self) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .mailbox import Mailbox
 from .upstream import Upstream
 
 #: A watcher gets each server message (type, body) and returns the bytes to send to the client
@@ -29,6 +30,10 @@ class SessionInfo:
     database: str
     parameters: dict[str, str]
     upstream: Upstream
+    #: The session's mailbox for the calls its server evaluates (intercept/servercalls.py), if it has one.
+    mailbox: Mailbox | None = None
+    #: The upstream backend's (pid, secret), to cancel its statement.
+    server_key: tuple[int, bytes] | None = None
 
 
 class SessionControl(Protocol):
@@ -92,6 +97,11 @@ class SessionHook(Protocol):
     def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool: ...
 
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None: ...
+
+    def notice(self, body: bytes, control: SessionControl) -> bool:
+        """A NoticeResponse from the server; True if it was addressed to the proxy (the client must not
+        see it). Called on the relay's path: cheap for every other notice."""
+        ...
 
     def cancel(self) -> None:
         """The client sent a CancelRequest for this session: stop local work."""

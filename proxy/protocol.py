@@ -29,6 +29,7 @@ FRONTEND_TYPES = frozenset(b"QPBDECSHXdcfFp")
 QUERY, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, FLUSH, TERMINATE, FUNCTION_CALL = b"QPBDECSHXF"
 PASSWORD = ord("p")
 AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, NOTICE_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY = b"RKENSZ"
+COMMAND_COMPLETE = ord("C")
 
 AUTH_SASL = 10
 #: Authentication requests that the client must answer with a PasswordMessage-family message.
@@ -105,6 +106,12 @@ def _parse_parameters(packet: bytes) -> dict[str, str]:
     if "user" not in params:
         raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
     return params
+
+
+def with_parameter(packet: bytes, name: str, value: str) -> bytes:
+    """A StartupMessage (length word included) with one more parameter, before its terminator."""
+    body = packet[4:-1] + name.encode() + b"\0" + value.encode() + b"\0\0"
+    return _I32.pack(len(body) + 4) + body
 
 
 def cancel_request(pid: int, secret: bytes) -> bytes:

@@ -125,7 +125,8 @@ class Relay:
         self._server_framer = pg.Framer()
         self._in_query = False  # start-up ended with the server's first ReadyForQuery
         #: Server messages always framed whole: a hook reads SQL as the server's parameters say.
-        self._server_always = frozenset({pg.PARAMETER_STATUS}) if hook is not None else frozenset()
+        #: And NoticeResponses: the extension's SQL functions send their requests to the proxy as notices.
+        self._server_always = frozenset({pg.PARAMETER_STATUS, pg.NOTICE_RESPONSE}) if hook is not None else frozenset()
         self._server_framer.inspect = self._server_always
         if hook is not None:
             # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
@@ -357,6 +358,8 @@ class Relay:
             if piece.type == pg.PARAMETER_STATUS:
                 name, value = pg.parse_parameter_status(piece.body)
                 self.server_parameters[name] = value
+            elif piece.type == pg.NOTICE_RESPONSE and self.hook is not None and self.hook.notice(piece.body, self):
+                continue  # a request for the proxy, never the client's
             capture = self._capture
             if capture is not None and piece.type not in ASYNCHRONOUS:
                 if capture.feed(piece.type, piece.body):

@@ -27,7 +27,9 @@ def client_tls_context(cert: str, key: str) -> ssl.SSLContext | None:
 class ProxyServer:
     """Accepts clients on one address and relays each to the upstream server."""
 
-    def __init__(self, config: Config, upstream: Upstream, hook_factory: HookFactory | None = None) -> None:
+    def __init__(
+        self, config: Config, upstream: Upstream, hook_factory: HookFactory | None = None, *, mailboxes: bool = False
+    ) -> None:
         self.config = config
         self.registry = Registry()
         self.settings = SessionSettings(
@@ -36,6 +38,7 @@ class ProxyServer:
             max_message_size=config.max_message_size,
             idle_timeout=config.idle_timeout,
             hook_factory=hook_factory,
+            mailboxes=mailboxes,
         )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from . import protocol as pg
 from .hooks import HookFactory, SessionInfo
 from .logs import ContextLogger
+from .mailbox import MAILBOX_SETTING, Mailbox
 from .relay import Relay
 from .upstream import Upstream, UpstreamError
 from .wire import ConnectionClosed, HandshakeProtocol
@@ -70,6 +71,8 @@ class SessionSettings:
     max_message_size: int
     idle_timeout: float
     hook_factory: HookFactory | None
+    #: Give each session a mailbox for the calls its server evaluates (see intercept/servercalls.py).
+    mailboxes: bool = False
 
 
 async def read_startup(client: HandshakeProtocol, tls: ssl.SSLContext | None) -> pg.StartupPacket:
@@ -113,8 +116,10 @@ async def establish(
         server = await settings.upstream.connect()
     except UpstreamError as exc:
         raise SessionRejected(exc.sqlstate, str(exc)) from exc
+    mailbox = Mailbox.new() if settings.mailboxes else None
+    packet = startup.raw if mailbox is None else pg.with_parameter(startup.raw, MAILBOX_SETTING, mailbox.setting)
     try:
-        server.write(startup.raw)
+        server.write(packet)
         server_parameters = await _relay_authentication(session, client, server, settings.max_message_size, registry)
     except BaseException:
         server.close()
@@ -126,6 +131,8 @@ async def establish(
         database=params.get("database", params["user"]),
         parameters=dict(params),
         upstream=settings.upstream,
+        mailbox=mailbox,
+        server_key=session.upstream_key,
     )
     hook = settings.hook_factory(info) if settings.hook_factory else None
     assert client.transport is not None and server.transport is not None

@@ -72,7 +72,7 @@ def proxy(pg: PgCluster, tls_files: dict[str, Path], model_data_dir: Path) -> It
     """The proxy, as a user runs it, in front of `pg`, offering TLS to clients."""
     running = start_proxy(
         model_data_dir,
-        "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"]),
+        "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"]), "--service-user", "postgres",
         upstream=pg.url(), preload=True,
     )
     yield running

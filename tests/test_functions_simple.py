@@ -140,9 +140,10 @@ def test_error_in_transaction_block_aborts_it_on_both_sides(conn) -> None:
     assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_column_dependent_arguments_are_refused_clearly(conn) -> None:
-    with pytest.raises(psycopg.errors.FeatureNotSupported, match="constants or bind parameters"):
+def test_column_dependent_arguments_without_the_extension_say_what_to_do(conn) -> None:
+    with pytest.raises(psycopg.errors.InvalidSchemaName) as caught:
         conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', relname) FROM pg_class LIMIT 1")
+    assert "run CREATE EXTENSION azure_local_ai through azure-local-ai-proxy" in caught.value.diag.message_hint
 
 
 def test_unknown_function_and_bad_overload(conn) -> None:

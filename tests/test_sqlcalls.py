@@ -6,7 +6,7 @@ import pytest
 
 from proxy.intercept.arrays import ArrayLiteralError, format_text_array, parse_text_array
 from proxy.intercept.errors import CallError
-from proxy.intercept.sqlcalls import BindRef, Const, Dependent, Position, find_calls, mentions_schema
+from proxy.intercept.sqlcalls import BindRef, Const, Position, find_calls, mentions_schema
 
 M = "'multilingual-e5-small:v1'"
 
@@ -75,10 +75,30 @@ def test_nulls_are_constants() -> None:
     assert call.argument("input").value == Const(None)
 
 
-def test_column_arguments_are_dependent() -> None:
-    call = only_call(f"update docs set v = azure_local_ai.create_embeddings({M}, body)::vector")
-    assert isinstance(call.argument("input").value, Dependent)
-    assert call.position is Position.NESTED
+def test_column_arguments_and_stored_expressions_are_left_to_the_server() -> None:
+    (backfill,) = find_calls(f"update docs set v = azure_local_ai.create_embeddings({M}, body)::vector")
+    assert (backfill.calls, backfill.server_calls) == ([], 1)
+    generated = find_calls(
+        f"alter table docs add column v real[] generated always as (azure_local_ai.create_embeddings({M}, 'x')) "
+        f"stored; create view w as select azure_local_ai.create_embeddings({M}, 'y'); "
+        f"select azure_local_ai.create_embeddings({M}, ARRAY['a'], ids::int[]) from t"
+    )
+    assert [(len(s.calls), s.server_calls) for s in generated] == [(0, 1), (0, 1), (1, 0)]  # ids pass through
+    (unresolved,) = find_calls(f"select azure_local_ai.create_embeddings({M}, s.x, s.i) from s")
+    assert (unresolved.calls, unresolved.server_calls) == ([], 1)  # only the server knows the types
+
+
+def test_extension_statements_are_recognised() -> None:
+    statements = find_calls("create extension if not exists azure_local_ai; drop extension azure_local_ai cascade; "
+                            "alter extension azure_local_ai update; create extension vector")
+    assert [s.extension.tag if s.extension else None for s in statements] == [
+        "CREATE EXTENSION", "DROP EXTENSION", "ALTER EXTENSION", None]
+    with pytest.raises(CallError) as refused:
+        find_calls("drop extension azure_local_ai, vector")
+    assert refused.value.sqlstate == "0A000"
+    with pytest.raises(CallError) as version:
+        find_calls("create extension azure_local_ai version '2.0'")
+    assert version.value.sqlstate == "22023"
 
 
 def test_calls_everywhere_in_every_statement() -> None:

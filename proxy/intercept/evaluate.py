@@ -15,7 +15,7 @@ import numpy as np
 from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
 from .functions import Backend
-from .render import embeddings_text_array, replace_rows, replace_scalar
+from .render import embeddings_text_array, real_array_text, replace_rows, replace_scalar
 from .signatures import Param
 from .sqlcalls import BindRef, CallSite, Const, Dependent
 
@@ -67,6 +67,23 @@ def as_literal(call: CallSite, result: Value) -> str:
     return replace_scalar(call, result.sql_type, result.value)
 
 
+def as_text(result: Value) -> str | None:
+    """The result in PostgreSQL's text form of its type (None: NULL), as the extension's SQL functions
+    read it from the proxy's answer (servercalls.py)."""
+    value = result.value
+    if value is None:
+        return None
+    if result.sql_type == "real[]":
+        return real_array_text(value)  # type: ignore[arg-type]
+    if result.sql_type == "rows":
+        return embeddings_text_array(value)  # type: ignore[arg-type]
+    if result.sql_type == "jsonb":
+        return json.dumps(value, separators=(", ", ": "))
+    if result.sql_type == "boolean":
+        return "t" if value else "f"
+    return str(value)
+
+
 def as_parameter(result: Value) -> tuple[int, bytes | None]:
     """The result as a bind parameter (extended protocol): (format code, value). An embedding goes in
     binary, which spares formatting and parsing 384 floats as text."""
@@ -108,16 +125,24 @@ async def compute(call: CallSite, backend: Backend, binds: BindValues | None = N
         if value is None and param.default is not None:  # strict, but for parameters whose default is NULL
             return Value("rows" if overload.set_returning else overload.returns, None)
         args[param.name] = value
-    function = call.function
+    ids = call.argument("ids")
+    known_ids = ids.value.value if ids is not None and isinstance(ids.value, Const) else None
+    ids_count = len(known_ids) if isinstance(known_ids, list) else None
+    return await run(call.function, args, backend, ids_count)
+
+
+async def run(function: str, args: dict[str, object], backend: Backend, ids_count: int | None = None) -> Value:
+    """Run one of the twelve functions with its arguments' values, by parameter name (the overload is
+    told by which are there: input or inputs, key or keys); `ids_count`, where ids were given and known."""
     timeout_ms = int(args.get("timeout_ms", 0))  # type: ignore[call-overload]
     if function == "create_embeddings":
         if "input" in args:
             (vector,) = await backend.create_embeddings(str(args["model_uri"]), [str(args["input"])], None, timeout_ms)
             return Value("real[]", vector)
         inputs: list[str | None] = args["inputs"]  # type: ignore[assignment]
-        ids = call.argument("ids")
-        if ids is not None:
-            _check_ids(ids.value, len(inputs))
+        if ids_count is not None and ids_count != len(inputs):
+            raise CallError("22023", f"ids has {ids_count} elements but inputs has {len(inputs)}",
+                            "Give one id per input.")
         vectors = await backend.create_embeddings(
             str(args["model_uri"]), inputs, int(args["batch_size"]), timeout_ms,  # type: ignore[call-overload]
             max_text=MAX_ROWS_TEXT, text_per_value=_TEXT_PER_FLOAT,
@@ -167,13 +192,7 @@ def _argument(call: CallSite, param: Param, binds: BindValues | None) -> object:
     if arg is None:
         return param.default
     value = arg.value
-    if isinstance(value, Dependent):
-        raise CallError(
-            "0A000",
-            f"azure_local_ai.{call.function}: the argument {param.name} is {value.reason}; "
-            "azure-local-ai-proxy evaluates calls whose arguments are constants or bind parameters",
-            "Pass the value as a literal or a parameter.",
-        )
+    assert not isinstance(value, Dependent), "calls with such arguments are the server's (sqlcalls.py)"
     if isinstance(value, BindRef):
         if binds is None or value.number > len(binds):
             raise CallError("42P02", f"there is no parameter ${value.number}")
@@ -208,9 +227,3 @@ def _convert(raw: object, param: Param) -> object:
     if isinstance(raw, bool):
         return "true" if raw else "false"
     return str(raw)
-
-
-def _check_ids(value: object, count: int) -> None:
-    if isinstance(value, Const) and isinstance(value.value, list) and len(value.value) != count:
-        raise CallError("22023", f"ids has {len(value.value)} elements but inputs has {count}",
-                        "Give one id per input.")

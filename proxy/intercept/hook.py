@@ -25,8 +25,9 @@ from ..relay import QueryFailed
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
-from .prepared import PreparedCalls, bind_values, dependent_argument, failing_bind, rewrite_parse
+from .prepared import PreparedCalls, bind_values, failing_bind, rewrite_parse
 from .render import splice, splice_parts
+from .servercalls import ServerCalls
 from .signatures import PRIVILEGED
 from .sqlcalls import SCHEMA_MARKER, Statement, find_calls, mentions_schema
 from .strings import plain_literals_as_escape_strings
@@ -41,6 +42,13 @@ PRIVILEGE_CHECK = (
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
 LONG_STATEMENT = 1 << 20
 _CANCELLED = CallError("57014", "canceling statement due to user request")
+_NO_SERVER_CALLS = CallError(
+    "0A000", "CREATE EXTENSION azure_local_ai needs the proxy's service login, and it has none",
+    "The extension's functions are answered by the proxy through a login of its own: set service_user "
+    "(and service_password) in the proxy's configuration, with server_calls on.")
+_MISSING_EXTENSION_HINT = (
+    "The server evaluates this call (an argument is a column or another value only the server knows, or the "
+    "statement stores the expression): run CREATE EXTENSION azure_local_ai through azure-local-ai-proxy first.")
 
 
 def _denied(function: str) -> CallError:
@@ -96,15 +104,22 @@ class InterceptHook:
     message_types = frozenset({pg.QUERY, pg.PARSE, pg.BIND, pg.DESCRIBE, pg.CLOSE})
     marker = SCHEMA_MARKER
 
-    def __init__(self, info: SessionInfo, backend: Backend) -> None:
+    def __init__(self, info: SessionInfo, backend: Backend, server_calls: ServerCalls | None = None) -> None:
         self.info = info
         self.backend = backend
+        #: Answers the calls the server evaluates; None where sessions get no mailbox (server_calls off).
+        self.server_calls = server_calls
         self.statements: dict[str, PreparedCalls] = {}
         self._work: asyncio.Task[object] | None = None
         # What the server-reply watcher looks for: marker -> (batch, error), and the Describe
         # statement requests awaiting their ParameterDescription: (batch, extra parameters).
         self._markers: dict[bytes, tuple[int, bytes]] = {}
         self._describes: deque[tuple[int, int]] = deque()
+        # (batch, statement) -> the CommandComplete the client sees (extension statements run as DO);
+        # and the batches whose "no such schema/function azure_local_ai" error gets a hint.
+        self._tags: dict[tuple[int, int], bytes] = {}
+        self._completed = 0
+        self._hinted: set[int] = set()
         self._answered = 0
         self._watching = False
         self._control: SessionControl | None = None
@@ -165,7 +180,9 @@ class InterceptHook:
             self._fail_query(control, "", exc)
             return
         await _breathe(len(body))
-        if not any(s.calls for s in statements) or (
+        if any(s.server_calls for s in statements):
+            self._hint_missing_extension(control)
+        if not any(s.calls or s.extension for s in statements) or (
             control.transaction_status == "E" and not _ends_transaction(sql, statements)
         ):
             control.forward(pg.QUERY, body)  # nothing of ours, or the server will refuse it anyway (25P02)
@@ -191,7 +208,13 @@ class InterceptHook:
         """Run the calls; what replaces each (start, end) span of `sql`."""
         replacements: list[tuple[int, int, str]] = []
         checked = False
-        for statement in statements:
+        for index, statement in enumerate(statements):
+            if statement.extension is not None:
+                if statement.extension.tag == "CREATE EXTENSION" and self.server_calls is None:
+                    raise _StatementFailed(splice(sql[: statement.start], replacements), _NO_SERVER_CALLS)
+                replacements.append((statement.start, statement.end, statement.extension.sql))
+                self._retag(control, index, statement.extension.tag)
+                continue
             for call in statement.calls:
                 try:
                     if call.function in PRIVILEGED and not checked:
@@ -221,17 +244,16 @@ class InterceptHook:
         try:
             parse = Parse(parse.statement, await self._as_the_server_reads(parse.query, control), parse.param_types)
             statements = find_calls(parse.query, dict(enumerate(parse.param_types, 1)))
-            dependent = dependent_argument(statements)
-            if dependent is not None:
-                call, reason = dependent
-                raise CallError(
-                    "0A000",
-                    f"azure_local_ai.{call.function}: an argument is {reason}; azure-local-ai-proxy evaluates "
-                    "calls whose arguments are constants or bind parameters",
-                    "Pass the value as a literal or a parameter.",
-                )
         except CallError as exc:
             self._fail_parse(parse, control, exc)
+            return
+        if any(s.server_calls for s in statements):
+            self._hint_missing_extension(control)
+        if any(s.extension for s in statements):
+            self._fail_parse(parse, control, CallError(
+                "0A000",
+                "CREATE, ALTER and DROP EXTENSION azure_local_ai go through azure-local-ai-proxy as simple queries",
+                "Send the statement as a plain query (psql does), not as a prepared statement."))
             return
         if not any(s.calls for s in statements):
             control.forward(pg.PARSE, parse.encode())
@@ -359,13 +381,41 @@ class InterceptHook:
         return marker
 
     def _watch(self, control: SessionControl) -> None:
+        self._control = control
         if not self._watching:  # count ReadyForQuery from here on, as the server's replies pass by
             self._answered = control.requests_sent - control.outstanding
             self._watching = True
             control.watch_server(self._on_server_message)
 
+    def _retag(self, control: SessionControl, statement: int, tag: str) -> None:
+        self._tags[(control.requests_sent, statement)] = pg.message(pg.COMMAND_COMPLETE, tag.encode() + b"\0")
+        self._watch(control)
+
+    def _hint_missing_extension(self, control: SessionControl) -> None:
+        self._hinted.add(control.requests_sent)
+        self._watch(control)
+
+    def notice(self, body: bytes, control: SessionControl) -> bool:
+        """A NoticeResponse from the server: True if it was a request of the extension's functions
+        (then the statement's end, ReadyForQuery, is watched for: the mailbox goes with it)."""
+        if self.server_calls is None or not self.server_calls.notice(body):
+            return False
+        self._watch(control)
+        return True
+
     def _on_server_message(self, msg_type: int, body: bytes) -> bytes | None:
+        if msg_type == pg.COMMAND_COMPLETE:
+            self._completed += 1
+            return self._tags.pop((self._answered, self._completed - 1), None)
+        if msg_type in (pg.ERROR_RESPONSE, pg.NOTICE_RESPONSE) and b"inline_code_block" in body and any(
+            batch == self._answered for batch, _ in self._tags
+        ):
+            return _without_context(msg_type, body)  # the DO block an extension statement ran as
         if msg_type == pg.ERROR_RESPONSE:
+            if self._answered in self._hinted:
+                hinted = _with_missing_extension_hint(body)
+                if hinted is not None:
+                    return hinted
             for marker, (_, error) in list(self._markers.items()):
                 if marker in body:
                     del self._markers[marker]
@@ -382,10 +432,16 @@ class InterceptHook:
                     return pg.message(msg_type, encode_parameter_description(types[: len(types) - extra]))
         elif msg_type == pg.READY_FOR_QUERY:
             self._answered += 1
+            self._completed = 0
+            if self.server_calls is not None:
+                self.server_calls.statement_done()
             self._markers = {m: v for m, v in self._markers.items() if v[0] >= self._answered}
+            self._tags = {k: v for k, v in self._tags.items() if k[0] >= self._answered}
+            self._hinted = {b for b in self._hinted if b >= self._answered}
             while self._describes and self._describes[0][0] < self._answered:
                 self._describes.popleft()
-            if not self._markers and not self._describes and self._control is not None:
+            busy = self._markers or self._describes or self._tags or self._hinted
+            if not busy and self._control is not None:
                 self._watching = False
                 self._control.stop_watching()
         return None
@@ -401,6 +457,8 @@ class InterceptHook:
 
     def close(self) -> None:
         self.cancel()
+        if self.server_calls is not None:
+            asyncio.get_running_loop().create_task(self.server_calls.close())
 
 
 class _StatementFailed(Exception):
@@ -410,6 +468,21 @@ class _StatementFailed(Exception):
         super().__init__(error.message)
         self.before = before
         self.error = error
+
+
+def _without_context(msg_type: int, body: bytes) -> bytes:
+    """An error or notice without its CONTEXT field ("PL/pgSQL function inline_code_block ...")."""
+    fields = [f for f in body.split(b"\0") if f and not f.startswith(b"W")]
+    return pg.message(msg_type, b"\0".join(fields) + b"\0\0")
+
+
+def _with_missing_extension_hint(body: bytes) -> bytes | None:
+    """The server's error for an azure_local_ai call when the extension's objects are not there, with a
+    hint that says what to do; None for any other error."""
+    fields = pg.parse_fields(body)
+    if fields.get("C") not in ("3F000", "42883") or "azure_local_ai" not in fields.get("M", ""):
+        return None
+    return pg.error_response(fields["C"], fields["M"], severity=fields.get("S", "ERROR"), hint=_MISSING_EXTENSION_HINT)
 
 
 def _ends_transaction(sql: str, statements: list[Statement]) -> bool:

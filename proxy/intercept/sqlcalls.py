@@ -2,7 +2,8 @@
 
 A call's arguments are constants (literals, casts of literals, ARRAY[...] of them, concatenations),
 bind parameters ($n, whose values arrive with Bind), or anything else ("dependent": a column, a
-subquery, another function), which the proxy cannot evaluate by itself. Positions are character
+subquery, another function), which the proxy cannot evaluate by itself: such a call is left to the
+server, which runs it through the extension's SQL functions (extension.py). Positions are character
 offsets into the statement text, so that the caller can splice replacements into the user's own SQL."""
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pglast import ast, parse_sql
+from pglast.enums import ObjectType
 from pglast.parser import ParseError, scan
 from pglast.visitors import Ancestor, Visitor
 
 from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
+from .extension import ExtensionCommand, extension_command
 from .signatures import OVERLOADS, SCHEMA, UNKNOWN, Binding, resolve
 from .strings import Constant, constants
 
@@ -97,6 +100,12 @@ class CallSite:
     in_target: bool = False  # somewhere inside a select-list (or RETURNING) entry, where names matter
     alias: str | None = None  # a FROM function's alias: it also names a scalar function's column
 
+    @property
+    def dependent(self) -> bool:
+        """Whether an argument's value is one only the server knows (ids excepted: they are passed through)."""
+        ids = self.argument("ids")
+        return any(isinstance(a.value, Dependent) and a is not ids for a in self.args)
+
     def argument(self, param_name: str) -> Arg | None:
         """The argument bound to a parameter; None when it takes its default or the overload has no
         such parameter."""
@@ -108,11 +117,16 @@ class CallSite:
 
 @dataclass
 class Statement:
-    """One statement of a query string, with its calls."""
+    """One statement of a query string, with the calls the proxy answers before the server runs it
+    (`calls`), how many calls it leaves to the server (`server_calls`: arguments the proxy cannot see,
+    or expressions the statement stores, as a generated column or a view), and what replaces the
+    whole statement when it is about the extension itself."""
 
     start: int
     end: int
     calls: list[CallSite] = field(default_factory=list)
+    server_calls: int = 0
+    extension: ExtensionCommand | None = None
 
 
 def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Statement]:
@@ -133,11 +147,30 @@ def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Stat
             finder.statement = statement
             finder.statement_index = index
             finder(raw)
-            statement.calls.sort(key=lambda c: c.start)
+            statement.extension = extension_command(raw.stmt)
+            _leave_to_server(statement, raw.stmt)
             out.append(statement)
     except (ParseError, RecursionError):  # nested too deep for us: the server has its own limit
         return []
     return out
+
+
+#: Statements that run a query once, where a call may be replaced by its value. Any other statement
+#: stores its expressions (a generated column, a default, a view, an index, a trigger's condition):
+#: there the server evaluates the calls, as it would the real extension's functions.
+_RUN_ONCE = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt, ast.ExplainStmt,
+             ast.DeclareCursorStmt, ast.CopyStmt, ast.CallStmt, ast.PrepareStmt, ast.ExecuteStmt)
+
+
+def _leave_to_server(statement: Statement, node: ast.Node) -> None:
+    """Keep in `calls` those the proxy answers; count the others as the server's."""
+    if isinstance(node, ast.CreateTableAsStmt):
+        stored = node.objtype == ObjectType.OBJECT_MATVIEW  # REFRESH recomputes a materialized view
+    else:
+        stored = not isinstance(node, _RUN_ONCE)
+    ours = [] if stored else [c for c in statement.calls if not c.dependent]
+    statement.server_calls += len(statement.calls) - len(ours)
+    statement.calls = sorted(ours, key=lambda c: c.start)
 
 
 class _ShortText:
@@ -212,12 +245,18 @@ class _CallFinder(Visitor):
                 named[raw.name] = self._arg(raw.arg, text)
             else:
                 positional.append(self._arg(raw, text))
-        binding = resolve(function, [a.type for a in positional], {k: a.type for k, a in named.items()})
+        assert self.statement is not None
+        try:
+            binding = resolve(function, [a.type for a in positional], {k: a.type for k, a in named.items()})
+        except CallError:
+            if any(isinstance(a.value, Dependent) for a in [*positional, *named.values()]):
+                self.statement.server_calls += 1  # types only the server knows: its resolution decides
+                return
+            raise
         position, alias, ordinality = _position(ancestors, start)
         if ordinality:
             raise CallError("0A000", f"WITH ORDINALITY is not supported on {SCHEMA}.{function}",
                             "Number the rows with row_number() OVER () instead.")
-        assert self.statement is not None
         self.statement.calls.append(CallSite(
             function, binding, positional + list(named.values()), self.text.original(start),
             self.text.original(end), position,

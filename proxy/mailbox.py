@@ -1,0 +1,26 @@
+"""Where a session's server backend reads the proxy's answers to the calls it evaluates: a large
+object (its OID), and the secret the answers are signed with. The proxy tells the backend, and nobody
+else, with a start-up parameter (see intercept/servercalls.py)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+#: The start-up parameter the proxy adds for the backend: "OID SECRET".
+MAILBOX_SETTING = "azure_local_ai.proxy_session"
+_FIRST_OID = 1 << 31  # mailboxes take OIDs from the top half, far from those the server hands out
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    oid: int
+    secret: str
+
+    @classmethod
+    def new(cls) -> Mailbox:
+        return cls(_FIRST_OID + secrets.randbelow((1 << 31) - 2), secrets.token_hex(16))
+
+    @property
+    def setting(self) -> str:
+        return f"{self.oid} {self.secret}"

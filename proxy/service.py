@@ -1,0 +1,119 @@
+"""The proxy's own connections to the server, one per database, through which it writes the answers
+to the calls the server evaluates (see intercept/servercalls.py) into each session's mailbox: a large
+object that only the session it was made for is told about, which lives while a statement of that
+session asks (so that pg_dump finds none, but for the statements running as it dumps)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import asyncpg
+
+from .upstream import Upstream
+
+log = logging.getLogger("azure_local_ai_proxy.service")
+
+MAILBOX_COMMENT = "azure-local-ai-proxy mailbox"
+
+
+class ServiceUnavailable(Exception):
+    """The service login cannot reach the server (or is not configured): the call gets this error."""
+
+
+class ServiceConnections:
+    """One connection per database, opened on first use and again after it is lost. Writes commit
+    at once, without waiting for the disk (synchronous_commit off): an answer is worth nothing after
+    the statement that asked for it, and losing one in a crash costs only that statement."""
+
+    def __init__(self, upstream: Upstream, user: str, password: str) -> None:
+        self.upstream = upstream
+        self.user = user
+        self.password = password
+        self._connections: dict[str, asyncpg.Connection] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def _connection(self, database: str) -> asyncpg.Connection:
+        conn = self._connections.get(database)
+        if conn is not None and not conn.is_closed():
+            return conn
+        try:
+            conn = await asyncpg.connect(
+                host=self.upstream.host, port=self.upstream.port, user=self.user, password=self.password or None,
+                database=database, ssl=_ssl(self.upstream), timeout=self.upstream.connect_timeout,
+                server_settings={"application_name": "azure-local-ai-proxy service", "synchronous_commit": "off"},
+                statement_cache_size=0,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise ServiceUnavailable(
+                f"the proxy's service login {self.user!r} cannot connect to database {database!r}: {exc}"
+            ) from exc
+        self._connections[database] = conn
+        return conn
+
+    async def _run(self, database: str, sql: str, *args: object) -> object:
+        async with self._locks.setdefault(database, asyncio.Lock()):
+            conn = await self._connection(database)
+            try:
+                return await conn.fetchval(sql, *args)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
+
+    async def open_mailbox(self, database: str, oid: int, role: str) -> None:
+        """Create the mailbox large object `oid`, readable and writable by `role` only (and by the
+        service login, its owner)."""
+        async with self._locks.setdefault(database, asyncio.Lock()):
+            conn = await self._connection(database)
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_catalog.lo_create($1::oid)", oid)
+                    await conn.execute(f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}'")
+                    await conn.execute(f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise ServiceUnavailable(f"the proxy's service login could not make a mailbox: {exc}") from exc
+
+    async def grant(self, database: str, oid: int, role: str) -> None:
+        """Let another role (the session's SET ROLE, a SECURITY DEFINER function's owner) read the mailbox."""
+        await self._run(database, f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
+
+    async def write(self, database: str, oid: int, data: bytes) -> None:
+        await self._run(database, "SELECT pg_catalog.lo_put($1::oid, 0, $2::bytea)", oid, data)
+
+    async def may_manage(self, database: str, login: str, role: str) -> bool:
+        """Whether a session logged in as `login` may act as `role`, and `role` may change settings and
+        models: what the extension's SQL functions check themselves, checked again where the request
+        cannot be forged."""
+        return bool(await self._run(
+            database,
+            "SELECT pg_catalog.pg_has_role($1, $2, 'MEMBER') AND ((SELECT rolsuper FROM pg_catalog.pg_roles "
+            "WHERE rolname = $2) OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname IN "
+            "('azure_pg_admin', 'azure_local_ai_setting_manager') AND pg_catalog.pg_has_role($2, r.oid, 'MEMBER')))",
+            login, role,
+        ))
+
+    async def close_mailbox(self, database: str, oid: int) -> None:
+        try:
+            await self._run(database, "SELECT pg_catalog.lo_unlink($1::oid)", oid)
+        except ServiceUnavailable as exc:
+            log.warning("a session's mailbox was not removed", extra={"event": "mailbox_left", "oid": oid,
+                                                                       "reason": str(exc)})
+
+    async def close(self) -> None:
+        for conn in self._connections.values():
+            await conn.close(timeout=2)
+        self._connections.clear()
+
+
+def _ssl(upstream: Upstream) -> object:
+    if upstream.is_unix or upstream.sslmode == "disable":
+        return False
+    if upstream.sslmode in ("verify-ca", "verify-full"):
+        context = ssl.create_default_context(cafile=upstream.sslrootcert or None)
+        context.check_hostname = upstream.sslmode == "verify-full"
+        return context
+    return upstream.sslmode  # allow, prefer, require: asyncpg's own meaning, as libpq's
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

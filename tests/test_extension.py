@@ -1,0 +1,328 @@
+"""CREATE EXTENSION azure_local_ai through the proxy, and the calls the server evaluates: generated
+columns, back-fills, copies, triggers, views, in every isolation level, answered by the proxy.
+Each test works in a database of its own, where the extension is installed or not."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import numpy as np
+import psycopg
+import pytest
+
+from .helpers import unique
+from .helpers_embeddings import assert_same_embeddings
+from .pgcluster import PgCluster
+from .proxyproc import ProxyProcess
+
+MODEL = "multilingual-e5-small:v1"
+CALL = f"azure_local_ai.create_embeddings('{MODEL}', {{}})"
+TWELVE = {
+    ("create_embeddings", "model_uri text, input text, timeout_ms integer DEFAULT 3600000"),
+    ("create_embeddings", "model_uri text, inputs text[], batch_size bigint DEFAULT 128, "
+                          "timeout_ms integer DEFAULT 3600000"),
+    ("create_embeddings", "model_uri text, inputs text[], ids anyarray, batch_size bigint DEFAULT 128, "
+                          "timeout_ms integer DEFAULT 3600000"),
+    ("get_setting", "keys text[] DEFAULT ARRAY[]::text[], timeout_ms integer DEFAULT 3600000"),
+    ("get_setting", "key text, timeout_ms integer DEFAULT 3600000"),
+    ("model_loaded", "model_uri text, timeout_ms integer DEFAULT 3600000"),
+    ("model_metadata", "model_uri text"),
+    ("model_register", "model_uri text, model_path text, tokenizer_path text DEFAULT NULL::text, "
+                       "timeout_ms integer DEFAULT 3600000"),
+    ("model_unload", "model_uri text, timeout_ms integer DEFAULT 3600000"),
+    ("model_unregister", "model_uri text, timeout_ms integer DEFAULT 3600000"),
+    ("set_setting", "keys text[], \"values\" text[], timeout_ms integer DEFAULT 3600000"),
+    ("set_setting", "key text, value text, timeout_ms integer DEFAULT 3600000"),
+}
+TEXTS = ["hello world", "bonjour le monde", "hola mundo", "こんにちは世界", "Hallo Welt"]
+
+
+@pytest.fixture()
+def database(pg: PgCluster) -> Iterator[str]:
+    name = unique("ext")
+    pg.psql(f"CREATE DATABASE {name}")
+    with psycopg.connect(pg.dsn(database=name), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+    yield name
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture()
+def conn(proxy: ProxyProcess, database: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(proxy.dsn(database=database), autocommit=True) as connection:
+        connection.execute("CREATE EXTENSION IF NOT EXISTS azure_local_ai")
+        yield connection
+
+
+def floats(text: str) -> np.ndarray:
+    return np.array([float(x) for x in text.strip("{}[]").split(",")], dtype=np.float32)
+
+
+def constant_path(conn: psycopg.Connection, text: str) -> str:
+    """The same text through the proxy's fast path (a constant argument), as text."""
+    return conn.execute(f"SELECT {CALL.format('%s')}::text", (text,)).fetchone()[0]
+
+
+def test_the_documented_generated_column_over_existing_rows_then_an_insert(
+    conn: psycopg.Connection, engine_vectors
+) -> None:
+    conn.execute("CREATE TABLE documents (doc_id serial PRIMARY KEY, doc_contents text)")
+    conn.execute("INSERT INTO documents (doc_contents) SELECT unnest(%s::text[])", (TEXTS,))
+    conn.execute(
+        "ALTER TABLE documents ADD COLUMN doc_vector vector(384) GENERATED ALWAYS AS "
+        f"({CALL.format('doc_contents')}::vector) STORED"
+    )
+    conn.execute("INSERT INTO documents (doc_contents) VALUES ('a sixth document')")
+    rows = conn.execute("SELECT doc_contents, doc_vector::text FROM documents ORDER BY doc_id").fetchall()
+    assert [r[0] for r in rows] == [*TEXTS, "a sixth document"]
+    for text, stored in rows:
+        assert stored == conn.execute("SELECT %s::real[]::vector::text", (constant_path(conn, text),)).fetchone()[0]
+        assert_same_embeddings(floats(stored), engine_vectors(text)[0])
+
+
+def test_create_table_with_the_column_inserts_and_the_similarity_query(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, v vector(384) GENERATED ALWAYS AS "
+        f"({CALL.format('body')}::vector) STORED)"
+    )
+    for i, text in enumerate(TEXTS):
+        conn.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (i, text))
+    found = conn.execute(
+        f"SELECT body FROM docs ORDER BY v <=> {CALL.format(repr('hello world'))}::vector LIMIT 1"
+    ).fetchone()
+    assert found == ("hello world",)
+
+
+def test_back_fill_copy_cte_join_lateral_and_a_view(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE src (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO src SELECT i, (%s::text[])[i] FROM generate_series(1, 5) i", (TEXTS,))
+    conn.execute("ALTER TABLE src ADD COLUMN v real[]")
+    assert conn.execute(f"UPDATE src SET v = {CALL.format('body')}").rowcount == 5
+    conn.execute("CREATE TABLE dst (id int, v real[])")
+    conn.execute(f"INSERT INTO dst SELECT id, {CALL.format('body')} FROM src")
+    expected = {text: constant_path(conn, text) for text in TEXTS}
+    for table in ("src", "dst"):
+        got = conn.execute(f"SELECT s.body, t.v::text FROM {table} t JOIN src s USING (id)").fetchall()
+        assert dict(got) == expected
+    cte = conn.execute(
+        f"WITH q AS (SELECT 'hola mundo' AS s) SELECT body FROM src, q "
+        f"ORDER BY v::vector <=> {CALL.format('q.s')}::vector LIMIT 1"
+    ).fetchone()
+    assert cte == ("hola mundo",)
+    lateral = conn.execute(
+        f"SELECT s.body, e.x::text FROM src s, LATERAL (SELECT {CALL.format('s.body')} AS x) e ORDER BY s.id"
+    ).fetchall()
+    assert dict(lateral) == expected
+    conn.execute(f"CREATE VIEW embedded AS SELECT body, {CALL.format('body')} AS v FROM src")
+    assert dict(conn.execute("SELECT body, v::text FROM embedded").fetchall()) == expected
+
+
+def test_trigger_copy_on_conflict_and_update_of_the_source_recompute(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, v real[] GENERATED ALWAYS AS "
+        f"({CALL.format('body')}) STORED, t real[])"
+    )
+    conn.execute(
+        "CREATE FUNCTION embed_t() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"NEW.t := {CALL.format(chr(39) + 'passage: ' + chr(39) + ' || NEW.body')}; RETURN NEW; END $$"
+    )
+    conn.execute("CREATE TRIGGER docs_t BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embed_t()")
+    with conn.cursor().copy("COPY docs (id, body) FROM STDIN") as copy:
+        for i in range(1000):
+            copy.write_row((i, f"row {i % 10}"))
+    assert conn.execute("SELECT count(*), count(DISTINCT v::text), count(t) FROM docs").fetchone() == (1000, 10, 1000)
+    conn.execute("INSERT INTO docs (id, body) VALUES (1, 'hola mundo') ON CONFLICT (id) DO UPDATE SET body = "
+                 "excluded.body")
+    conn.execute("UPDATE docs SET body = 'Hallo Welt' WHERE id = 2")
+    got = dict(conn.execute("SELECT body, v::text FROM docs WHERE id IN (1, 2)").fetchall())
+    assert got == {text: constant_path(conn, text) for text in ("hola mundo", "Hallo Welt")}
+    trig = conn.execute("SELECT t::text FROM docs WHERE id = 1").fetchone()[0]
+    assert trig == constant_path(conn, "passage: hola mundo")
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
+def test_every_isolation_level(conn: psycopg.Connection, level: str) -> None:
+    conn.execute(f"CREATE TABLE docs (body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    conn.autocommit = False
+    conn.execute(f"SET TRANSACTION ISOLATION LEVEL {level}")
+    conn.execute("SELECT 1")  # the snapshot is taken: the proxy's answers come after it
+    conn.execute("INSERT INTO docs (body) VALUES ('hello world'), ('hola mundo')")
+    conn.execute("UPDATE docs SET body = body || '!'")
+    got = dict(conn.execute(f"SELECT body, {CALL.format('body')}::text FROM docs").fetchall())
+    conn.commit()
+    conn.autocommit = True
+    stored = dict(conn.execute("SELECT body, v::text FROM docs").fetchall())
+    expected = {text: constant_path(conn, text) for text in ("hello world!", "hola mundo!")}
+    assert got == expected and stored == expected
+
+
+def test_every_function_answers_when_the_server_calls_it(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "CREATE FUNCTION settings_now() RETURNS text LANGUAGE plpgsql AS $$ BEGIN "
+        "RETURN azure_local_ai.get_setting('spin_control') || ' ' "
+        "|| azure_local_ai.get_setting(ARRAY['inter_op_parallelism'])::text "
+        f"|| ' ' || azure_local_ai.model_loaded('{MODEL}') || ' ' "
+        f"|| (azure_local_ai.model_metadata('{MODEL}')->>'dimensions'); END $$"
+    )
+    assert conn.execute("SELECT settings_now()").fetchone() == ('true {"inter_op_parallelism": "1"} true 384',)
+    rows = conn.execute(
+        "SELECT e.embedding::text FROM (SELECT ARRAY['a', 'b'] AS x) s, "
+        f"azure_local_ai.create_embeddings('{MODEL}', s.x) e"
+    ).fetchall()
+    assert [r[0] for r in rows] == [constant_path(conn, "a"), constant_path(conn, "b")]
+    with_ids = conn.execute(
+        "SELECT e.id, e.embedding::text FROM (SELECT ARRAY['a', 'b'] AS x, ARRAY[7, 9] AS i) s, "
+        f"azure_local_ai.create_embeddings('{MODEL}', s.x, s.i) e"
+    ).fetchall()
+    assert with_ids == [(7, constant_path(conn, "a")), (9, constant_path(conn, "b"))]
+    key = conn.execute("SELECT 'spin_control' AS k").fetchone()[0]
+    conn.execute(f"SELECT azure_local_ai.set_setting(k, 'false') FROM (VALUES ('{key}')) s(k)")
+    assert conn.execute("SELECT azure_local_ai.get_setting('spin_control')").fetchone() == ("false",)
+    conn.execute(f"SELECT azure_local_ai.set_setting(k, 'true') FROM (VALUES ('{key}')) s(k)")
+
+
+def test_the_client_sees_none_of_the_proxys_messages(conn: psycopg.Connection) -> None:
+    notices: list[tuple[str | None, str | None]] = []
+    conn.add_notice_handler(lambda diag: notices.append((diag.sqlstate, diag.message_primary)))
+    conn.execute("SET client_min_messages = debug5")  # the server's own debug messages still come
+    conn.execute(f"SELECT {CALL.format('relname')} FROM pg_class LIMIT 3").fetchall()
+    assert notices and not [n for n in notices if n[0] in ("AL001", "AL002") or "proxy" in (n[1] or "")]
+
+
+def test_psql_lists_the_twelve_and_the_extension_statements(proxy: ProxyProcess, database: str) -> None:
+    dsn = proxy.dsn(database=database)
+    out = proxy.psql("-c", "CREATE EXTENSION azure_local_ai", dsn=dsn)
+    assert out.stdout.strip() == "CREATE EXTENSION"
+    listed = proxy.psql("-At", "-F", "|", "-c", r"\df azure_local_ai.*", dsn=dsn).stdout.strip().split("\n")
+    assert {(line.split("|")[1], line.split("|")[3]) for line in listed} == TWELVE and len(listed) == 12
+    again = proxy.psql("-c", "CREATE EXTENSION azure_local_ai", dsn=dsn, check=False)
+    assert 'ERROR:  extension "azure_local_ai" already exists' in again.stderr and "CONTEXT" not in again.stderr
+    skip = proxy.psql("-c", "CREATE EXTENSION IF NOT EXISTS azure_local_ai", dsn=dsn)
+    assert 'extension "azure_local_ai" already exists, skipping' in skip.stderr
+    update = proxy.psql("-c", "ALTER EXTENSION azure_local_ai UPDATE", dsn=dsn)
+    assert update.stdout.strip() == "ALTER EXTENSION" and '"1.0" of extension' in update.stderr
+    proxy.psql("-c", f"CREATE TABLE d (b text, v real[] GENERATED ALWAYS AS ({CALL.format('b')}) STORED)", dsn=dsn)
+    refused = proxy.psql("-c", "DROP EXTENSION azure_local_ai", dsn=dsn, check=False)
+    assert "cannot drop extension azure_local_ai because other objects depend on it" in refused.stderr
+    assert "column v of table d depends on function azure_local_ai.create_embeddings" in refused.stderr
+    dropped = proxy.psql("-c", "DROP EXTENSION azure_local_ai CASCADE", dsn=dsn)
+    assert dropped.stdout.strip() == "DROP EXTENSION" and "drop cascades to column v of table d" in dropped.stderr
+    gone = proxy.psql("-c", "DROP EXTENSION IF EXISTS azure_local_ai", dsn=dsn)
+    assert 'extension "azure_local_ai" does not exist, skipping' in gone.stderr
+
+
+def test_without_the_extension_a_column_argument_says_what_to_do(proxy: ProxyProcess, database: str) -> None:
+    with psycopg.connect(proxy.dsn(database=database), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidSchemaName) as caught:
+            conn.execute(f"SELECT {CALL.format('relname')} FROM pg_class LIMIT 1")
+        assert "CREATE EXTENSION azure_local_ai" in (caught.value.diag.message_hint or "")
+        assert conn.execute(f"SELECT array_length({CALL.format(repr('x'))}, 1)").fetchone() == (384,)
+
+
+def test_a_session_straight_to_the_server_gets_a_clear_error(conn: psycopg.Connection, pg: PgCluster,
+                                                             database: str) -> None:
+    with (psycopg.connect(pg.dsn(database=database), autocommit=True) as direct,
+          pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not connected through it")):
+        direct.execute(f"SELECT {CALL.format(repr('x'))}")
+
+
+def test_privileges(conn: psycopg.Connection, proxy: ProxyProcess, pg: PgCluster, database: str) -> None:
+    role = unique("plain")
+    pg.psql(f"CREATE ROLE {role} LOGIN; REVOKE CREATE ON DATABASE {database} FROM PUBLIC")
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute(f"INSERT INTO docs VALUES ('x'); GRANT SELECT ON docs TO {role}")
+    with psycopg.connect(proxy.dsn(user=role, database=database), autocommit=True) as plain:
+        assert len(plain.execute(f"SELECT {CALL.format('body')} FROM docs").fetchone()[0]) == 384
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            plain.execute("SELECT azure_local_ai.set_setting(k, 'false') FROM (VALUES ('spin_control')) s(k)")
+    other = unique("ext")
+    pg.psql(f"CREATE DATABASE {other}")
+    pg.psql(f"REVOKE CREATE ON DATABASE {other} FROM PUBLIC")
+    try:
+        with (psycopg.connect(proxy.dsn(user=role, database=other), autocommit=True) as plain,
+              pytest.raises(psycopg.errors.InsufficientPrivilege)):
+            plain.execute("CREATE EXTENSION azure_local_ai")
+    finally:
+        pg.psql(f"DROP DATABASE {other}")
+
+
+def test_timeout_and_cancel_stop_a_back_fill(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE big (body text)")
+    conn.execute("INSERT INTO big SELECT 'text number ' || i FROM generate_series(1, 5000) i")
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute(f"SELECT count(azure_local_ai.create_embeddings('{MODEL}', body, 1)) FROM big")
+    timer = threading.Timer(0.5, conn.cancel)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute(f"SELECT count({CALL.format('body')}) FROM big")
+    assert time.monotonic() - started < 10
+    conn.execute("SET statement_timeout = 500")
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute(f"SELECT count({CALL.format('body')}) FROM big")
+    conn.execute("RESET statement_timeout")
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_prepared_statements_of_asyncpg_and_psycopg(conn: psycopg.Connection, proxy: ProxyProcess,
+                                                    database: str) -> None:
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+
+    async def with_asyncpg() -> list[str]:
+        session = await asyncpg.connect(proxy.dsn(database=database))
+        try:
+            insert = await session.prepare("INSERT INTO docs (id, body) VALUES ($1, $2)")
+            for i, text in enumerate(TEXTS[:3]):
+                await insert.fetch(i, text)
+            return [r[0] for r in await session.fetch("SELECT v::text FROM docs ORDER BY id")]
+        finally:
+            await session.close()
+
+    assert asyncio.run(with_asyncpg()) == [constant_path(conn, t) for t in TEXTS[:3]]
+    with psycopg.connect(proxy.dsn(database=database), autocommit=True, prepare_threshold=0) as prepared:
+        for i, text in enumerate(TEXTS[3:], 3):
+            prepared.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (i, text))
+        got = prepared.execute(f"SELECT {CALL.format('body')}::text FROM docs WHERE id >= %s ORDER BY id", (3,))
+        assert [r[0] for r in got] == [constant_path(conn, t) for t in TEXTS[3:]]
+
+
+def test_read_only_transactions(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs VALUES ('hello world')")
+    expected = constant_path(conn, "hello world")
+    conn.autocommit = False
+    conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED READ ONLY")
+    got = conn.execute(f"SELECT {CALL.format('body')}::text FROM docs").fetchone()[0]
+    conn.rollback()
+    assert got == expected
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="read-only REPEATABLE READ"):
+        conn.execute(f"SELECT {CALL.format('body')} FROM docs")
+    conn.rollback()
+
+
+def test_a_dump_restored_through_the_proxy_recomputes_the_column(
+    conn: psycopg.Connection, proxy: ProxyProcess, pg: PgCluster, database: str
+) -> None:
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    conn.execute("INSERT INTO docs (id, body) SELECT i, 'dumped ' || i FROM generate_series(1, 20) i")
+    dump = subprocess.run([str(pg.bin_dir / "pg_dump"), "--no-owner", pg.dsn(database=database)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "GENERATED ALWAYS AS" in dump and "azure_local_ai_proxy.ask" in dump
+    assert "lo_create" not in dump  # no mailbox outlives the statement that needed it
+    restored = unique("ext")
+    pg.psql(f"CREATE DATABASE {restored}")
+    try:
+        proxy.psql("-q", "-f", "-", dsn=proxy.dsn(database=restored), input=dump)
+        with psycopg.connect(proxy.dsn(database=restored), autocommit=True) as again:
+            rows = again.execute("SELECT body, v::text FROM docs ORDER BY id").fetchall()
+        assert rows == [(f"dumped {i}", constant_path(conn, f"dumped {i}")) for i in range(1, 21)]
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {restored} WITH (FORCE)")

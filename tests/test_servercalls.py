@@ -1,0 +1,58 @@
+"""The pure parts of the server-call channel: the start-up parameter, the request notices, the answers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from proxy import protocol as pg
+from proxy.intercept.servercalls import REQUEST_CODE, WAITING_CODE, encode_answer, parse_request
+from proxy.mailbox import MAILBOX_SETTING, Mailbox
+
+
+def notice(code: str, message: str, detail: str | None = None) -> bytes:
+    fields = [b"SNOTICE", b"VNOTICE", b"C" + code.encode(), b"M" + message.encode()]
+    if detail is not None:
+        fields.append(b"D" + detail.encode())
+    return b"\0".join(fields) + b"\0\0"
+
+
+def test_the_mailbox_goes_into_the_startup_message_and_nothing_else_changes() -> None:
+    original = pg.parse_startup(
+        len(b"....\x00\x03\x00\x00user\0alice\0database\0db\0\0").to_bytes(4, "big")
+        + b"\x00\x03\x00\x00user\0alice\0database\0db\0\0"
+    )
+    mailbox = Mailbox.new()
+    changed = pg.parse_startup(pg.with_parameter(original.raw, MAILBOX_SETTING, mailbox.setting))
+    assert changed.version == original.version
+    assert changed.parameters == {**original.parameters, MAILBOX_SETTING: mailbox.setting}
+    oid, secret = mailbox.setting.split(" ")
+    assert 1 << 31 <= int(oid) < 1 << 32 and len(secret) == 32
+    assert Mailbox.new().setting != mailbox.setting
+
+
+def test_requests_keep_alives_and_other_notices() -> None:
+    request = {"id": "0123456789abcdef0123456789abcdef", "fn": "create_embeddings", "args": {"input": "x"},
+               "role": "alice"}
+    parsed = parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", json.dumps(request)))
+    assert not isinstance(parsed, bool)
+    assert (parsed.id, parsed.function, parsed.args, parsed.role) == (
+        request["id"], "create_embeddings", {"input": "x"}, "alice")
+    assert parse_request(notice(WAITING_CODE, "azure-local-ai-proxy waiting")) is True
+    assert parse_request(notice("00000", "relation t already exists, skipping")) is False
+    assert parse_request(notice(REQUEST_CODE, "a user's own notice")) is False
+    assert parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", "{not json")) is False
+    bad_id = json.dumps({**request, "id": "x'; drop table t; --"})
+    assert parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", bad_id)) is False
+
+
+def test_an_answer_is_what_the_sql_function_reads_and_checks() -> None:
+    mailbox = Mailbox(1 << 31, "s" * 32)
+    request_id = "f" * 32
+    answer = encode_answer(mailbox, request_id, "V", "{0.5,-1}ü")
+    head, payload = answer[:75], answer[75:]
+    assert head[:32] == request_id.encode() and head[32:33] == b"V"
+    assert int(head[33:43]) == len(payload) == len("{0.5,-1}ü".encode())
+    # The function's check: md5(secret || the first 43 characters || the payload), in hex.
+    assert head[43:].decode() == hashlib.md5(mailbox.secret.encode() + head[:43] + payload).hexdigest()
+    assert encode_answer(Mailbox(1 << 31, "t" * 32), request_id, "V", "{0.5,-1}ü")[43:75] != head[43:]
