@@ -107,7 +107,9 @@ class ServerCalls:
             log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
             status, text = "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
         try:
-            await self._deliver(request, status, text)
+            # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
+            # cutting a service query short would leave its connection in doubt.
+            await asyncio.shield(self._deliver(request, status, text))
         except ServiceUnavailable as exc:
             # The function would wait for an answer that cannot come: stop its statement instead.
             log.error("a server call could not be answered", extra={"event": "server_call_failed",
@@ -127,13 +129,15 @@ class ServerCalls:
 
     async def _deliver(self, request: Request, status: str, text: str) -> None:
         answer = encode_answer(self.mailbox, request.id, status, text)
+        # Marked before the service connection answers: the function may read the answer, and the
+        # statement end, before that reply reaches the proxy; its removal then waits for the making.
         if not self._granted:
-            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, answer)
             self._granted.add(request.role)
+            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, answer)
             return
         if request.role not in self._granted:
-            await self.service.grant(self.database, self.mailbox.oid, request.role)
             self._granted.add(request.role)
+            await self.service.grant(self.database, self.mailbox.oid, request.role)
         await self.service.write(self.database, self.mailbox.oid, answer)
 
     @property
