@@ -61,11 +61,12 @@ class ServiceConnections:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
 
-    async def open_mailbox(self, database: str, oid: int, role: str, first: bytes) -> None:
-        """Create the mailbox large object `oid` holding `first` (the statement's first answer),
-        readable and writable by `role` only (and by the service login, its owner): one round trip."""
-        contents = f"decode('{first.hex()}', 'hex')" if len(first) <= _INLINE_ANSWER else "''::bytea"
-        sql = (f"SELECT pg_catalog.lo_from_bytea({int(oid)}, {contents}); "
+    async def open_mailbox(self, database: str, oid: int, role: str, at: int, first: bytes) -> None:
+        """Create the mailbox large object `oid` holding `first` (the statement's first answer) at
+        `at`, readable and writable by `role` only (and by the service login, its owner): one round trip."""
+        write = (f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); "
+                 if len(first) <= _INLINE_ANSWER else "")
+        sql = (f"SELECT pg_catalog.lo_create({int(oid)}); {write}"
                f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}'; "
                f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
         async with self._locks.setdefault(database, asyncio.Lock()):
@@ -74,15 +75,15 @@ class ServiceConnections:
                 await conn.execute(sql)  # several statements, one implicit transaction
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service login could not make a mailbox: {exc}") from exc
-        if len(first) > _INLINE_ANSWER:
-            await self.write(database, oid, first)
+        if not write:
+            await self.write(database, oid, at, first)
 
     async def grant(self, database: str, oid: int, role: str) -> None:
         """Let another role (the session's SET ROLE, a SECURITY DEFINER function's owner) read the mailbox."""
         await self._run(database, f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
 
-    async def write(self, database: str, oid: int, data: bytes) -> None:
-        await self._run(database, "SELECT pg_catalog.lo_put($1::oid, 0, $2::bytea)", oid, data)
+    async def write(self, database: str, oid: int, at: int, data: bytes) -> None:
+        await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea)", oid, at, data)
 
     async def may_manage(self, database: str, login: str, role: str) -> bool:
         """Whether a session logged in as `login` may act as `role`, and `role` may change settings and

@@ -32,18 +32,20 @@ def test_the_mailbox_goes_into_the_startup_message_and_nothing_else_changes() ->
 
 
 def test_requests_keep_alives_and_other_notices() -> None:
-    request = {"id": "0123456789abcdef0123456789abcdef", "fn": "create_embeddings", "args": {"input": "x"},
-               "role": "alice"}
+    request = {"id": "0123456789abcdef0123456789abcdef", "at": 8192, "fn": "create_embeddings",
+               "args": {"input": "x"}, "role": "alice"}
     parsed = parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", json.dumps(request)))
     assert not isinstance(parsed, bool)
-    assert (parsed.id, parsed.function, parsed.args, parsed.role) == (
-        request["id"], "create_embeddings", {"input": "x"}, "alice")
+    assert (parsed.id, parsed.at, parsed.function, parsed.args, parsed.role) == (
+        request["id"], 8192, "create_embeddings", {"input": "x"}, "alice")
     assert parse_request(notice(WAITING_CODE, "azure-local-ai-proxy waiting")) is True
     assert parse_request(notice("00000", "relation t already exists, skipping")) is False
     assert parse_request(notice(REQUEST_CODE, "a user's own notice")) is False
     assert parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", "{not json")) is False
     bad_id = json.dumps({**request, "id": "x'; drop table t; --"})
     assert parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", bad_id)) is False
+    too_far = json.dumps({**request, "at": 1 << 42})
+    assert parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", too_far)) is False
 
 
 def test_an_answer_is_what_the_sql_function_reads_and_checks() -> None:

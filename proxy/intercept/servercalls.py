@@ -33,11 +33,13 @@ REQUEST_MESSAGE = "azure-local-ai-proxy request"
 #: What a waiting function sends once a second, so that its backend learns when the client is gone.
 WAITING_CODE = "AL002"
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+_MAX_PLACE = 1 << 40  # large objects end at 4 TB
 
 
 @dataclass(frozen=True)
 class Request:
     id: str
+    at: int  # where in the mailbox its answer goes
     function: str
     args: dict[str, object]
     role: str
@@ -55,10 +57,10 @@ def parse_request(body: bytes) -> Request | bool:
         return False
     try:
         data = json.loads(fields.get("D", ""))
-        request = Request(str(data["id"]), str(data["fn"]), dict(data["args"]), str(data["role"]))
+        request = Request(str(data["id"]), int(data["at"]), str(data["fn"]), dict(data["args"]), str(data["role"]))
     except (ValueError, KeyError, TypeError):
         return False
-    return request if _REQUEST_ID.fullmatch(request.id) else False
+    return request if _REQUEST_ID.fullmatch(request.id) and 0 <= request.at < _MAX_PLACE else False
 
 
 def encode_answer(mailbox: Mailbox, request_id: str, status: str, text: str) -> bytes:
@@ -133,12 +135,12 @@ class ServerCalls:
         # statement end, before that reply reaches the proxy; its removal then waits for the making.
         if not self._granted:
             self._granted.add(request.role)
-            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, answer)
+            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, request.at, answer)
             return
         if request.role not in self._granted:
             self._granted.add(request.role)
             await self.service.grant(self.database, self.mailbox.oid, request.role)
-        await self.service.write(self.database, self.mailbox.oid, answer)
+        await self.service.write(self.database, self.mailbox.oid, request.at, answer)
 
     @property
     def open(self) -> bool:

@@ -27,6 +27,9 @@ DECLARE
     box oid;
     secret text;
     id text := md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text);
+    -- Where in the mailbox this answer goes: a new place each time, for rewriting one place leaves a
+    -- dead row version that every later read walks past, as long as the statement's snapshot lives.
+    place bigint := floor(random() * 1048576)::bigint * 8192;
     mode integer := x'60000'::integer;  -- INV_READ | INV_WRITE: read what is committed, not the snapshot
     fd integer;
     raw bytea;
@@ -54,12 +57,14 @@ BEGIN
     box := split_part(session, ' ', 1)::oid;
     secret := split_part(session, ' ', 2);
     RAISE NOTICE USING ERRCODE = 'AL001', MESSAGE = 'azure-local-ai-proxy request',
-        DETAIL = pg_catalog.jsonb_build_object('id', id, 'fn', fn, 'args', args, 'role', current_user)::text;
+        DETAIL = pg_catalog.jsonb_build_object('id', id, 'at', place, 'fn', fn, 'args', args,
+                                              'role', current_user)::text;
     deadline := clock_timestamp() + make_interval(secs => greatest(timeout_ms, 0) / 1000.0 + 10);
     LOOP
         head := NULL;
         BEGIN
             fd := pg_catalog.lo_open(box, mode);
+            PERFORM pg_catalog.lo_lseek64(fd, place, 0);
             raw := pg_catalog.loread(fd, 75);  -- zeros until the first answer comes
             IF substring(raw FROM 1 FOR 32) = convert_to(id, 'UTF8') THEN
                 head := convert_from(raw, 'UTF8');
