@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import numpy as np
@@ -17,8 +18,8 @@ import pytest
 
 from .helpers import unique
 from .helpers_embeddings import assert_same_embeddings
-from .pgcluster import PgCluster
-from .proxyproc import ProxyProcess
+from .pgcluster import PgCluster, debian_postgres_bin, start_cluster
+from .proxyproc import ProxyProcess, start_proxy
 
 MODEL = "multilingual-e5-small:v1"
 CALL = f"azure_local_ai.create_embeddings('{MODEL}', {{}})"
@@ -326,3 +327,31 @@ def test_a_dump_restored_through_the_proxy_recomputes_the_column(
     finally:
         with psycopg.connect(pg.dsn(), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {restored} WITH (FORCE)")
+
+
+def test_on_debians_postgresql_too(model_data_dir: Path, tmp_path: Path) -> None:
+    """The same objects and channel on another major version: Debian's server package (15 on bookworm)."""
+    bin_dir = debian_postgres_bin()
+    if bin_dir is None:
+        pytest.fail("Debian's postgresql server package is needed: apt-get install postgresql (make test does this)")
+    cluster = start_cluster(bin_dir=bin_dir)
+    data_dir = tmp_path / "proxy"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
+    proxy = start_proxy(data_dir, "--service-user", "postgres", upstream=cluster.url())
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            version = conn.execute("SHOW server_version_num").fetchone()[0]
+            conn.execute("CREATE EXTENSION azure_local_ai")
+            conn.execute("CREATE TABLE docs (id int, body text)")
+            conn.execute("INSERT INTO docs VALUES (1, 'hello world'), (2, 'hola mundo')")
+            conn.execute(f"ALTER TABLE docs ADD COLUMN v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED")
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            conn.execute("INSERT INTO docs (id, body) VALUES (3, 'Hallo Welt')")
+            conn.execute("COMMIT")
+            got = dict(conn.execute("SELECT body, v::text FROM docs").fetchall())
+            assert got == {t: constant_path(conn, t) for t in ("hello world", "hola mundo", "Hallo Welt")}
+            assert int(version) // 10000 != 18, "not another major version"
+    finally:
+        proxy.stop()
+        cluster.destroy()
