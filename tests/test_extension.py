@@ -355,3 +355,35 @@ def test_on_debians_postgresql_too(model_data_dir: Path, tmp_path: Path) -> None
     finally:
         proxy.stop()
         cluster.destroy()
+
+
+def test_another_role_cannot_open_a_sessions_mailbox(conn: psycopg.Connection, pg: PgCluster,
+                                                    database: str) -> None:
+    role = unique("other")
+    pg.psql(f"CREATE ROLE {role} LOGIN")
+    oid = int(conn.execute("SELECT current_setting('azure_local_ai.proxy_session')").fetchone()[0].split()[0])
+    conn.execute("CREATE TABLE big (body text)")
+    conn.execute("INSERT INTO big SELECT 'mailbox text ' || i FROM generate_series(1, 3000) i")
+    outcome: list[BaseException] = []
+
+    def long_statement() -> None:
+        try:
+            conn.execute(f"SELECT count({CALL.format('body')}) FROM big")
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    running = threading.Thread(target=long_statement)
+    running.start()
+    try:
+        with psycopg.connect(pg.dsn(database=database), autocommit=True) as admin:
+            deadline = time.monotonic() + 10
+            while not admin.execute("SELECT 1 FROM pg_largeobject_metadata WHERE oid = %s", (oid,)).fetchone():
+                assert time.monotonic() < deadline, "the mailbox never appeared"
+                time.sleep(0.01)
+        with (psycopg.connect(pg.dsn(user=role, database=database), autocommit=True) as other,
+              pytest.raises(psycopg.errors.InsufficientPrivilege)):
+            other.execute("SELECT lo_get(%s)", (oid,))
+    finally:
+        conn.cancel()
+        running.join(30)
+    assert not running.is_alive() and isinstance(outcome[0], psycopg.errors.QueryCanceled)
