@@ -387,3 +387,21 @@ def test_another_role_cannot_open_a_sessions_mailbox(conn: psycopg.Connection, p
         conn.cancel()
         running.join(30)
     assert not running.is_alive() and isinstance(outcome[0], psycopg.errors.QueryCanceled)
+
+
+def test_merge_and_an_index_expression(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, v real[] GENERATED ALWAYS AS "
+                 f"({CALL.format('body')}) STORED)")
+    conn.execute("CREATE TABLE incoming (id int, body text)")
+    conn.execute("INSERT INTO docs (id, body) VALUES (1, 'old text')")
+    conn.execute("INSERT INTO incoming VALUES (1, 'hello world'), (2, 'hola mundo')")
+    conn.execute("MERGE INTO docs d USING incoming i ON d.id = i.id WHEN MATCHED THEN UPDATE SET body = i.body "
+                 "WHEN NOT MATCHED THEN INSERT (id, body) VALUES (i.id, i.body)")
+    got = dict(conn.execute("SELECT body, v::text FROM docs").fetchall())
+    assert got == {t: constant_path(conn, t) for t in ("hello world", "hola mundo")}
+    conn.execute(f"CREATE INDEX docs_first ON docs ((({CALL.format('body')})[1]))")
+    conn.execute("SET enable_seqscan = off")
+    first = float(conn.execute("SELECT (v)[1] FROM docs WHERE body = 'hola mundo'").fetchone()[0])
+    search = f"SELECT id FROM docs WHERE ({CALL.format('body')})[1] = %s::real"
+    assert any("docs_first" in row[0] for row in conn.execute("EXPLAIN " + search, (first,)).fetchall())
+    assert conn.execute(search, (first,)).fetchall() == [(2,)]
