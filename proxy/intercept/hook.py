@@ -120,6 +120,7 @@ class InterceptHook:
         self._tags: dict[tuple[int, int], bytes] = {}
         self._completed = 0
         self._hinted: set[int] = set()
+        self._closing: asyncio.Task[None] | None = None
         self._answered = 0
         self._watching = False
         self._control: SessionControl | None = None
@@ -457,8 +458,8 @@ class InterceptHook:
 
     def close(self) -> None:
         self.cancel()
-        if self.server_calls is not None:
-            asyncio.get_running_loop().create_task(self.server_calls.close())
+        if self.server_calls is not None:  # its mailbox, if a statement was cut short with it open
+            self._closing = asyncio.get_running_loop().create_task(self.server_calls.close())
 
 
 class _StatementFailed(Exception):
@@ -478,11 +479,12 @@ def _without_context(msg_type: int, body: bytes) -> bytes:
 
 def _with_missing_extension_hint(body: bytes) -> bytes | None:
     """The server's error for an azure_local_ai call when the extension's objects are not there, with a
-    hint that says what to do; None for any other error."""
+    hint that says what to do (its other fields, the position among them, as they came); None for any
+    other error."""
     fields = pg.parse_fields(body)
-    if fields.get("C") not in ("3F000", "42883") or "azure_local_ai" not in fields.get("M", ""):
+    if fields.get("C") not in ("3F000", "42883") or "azure_local_ai" not in fields.get("M", "") or "H" in fields:
         return None
-    return pg.error_response(fields["C"], fields["M"], severity=fields.get("S", "ERROR"), hint=_MISSING_EXTENSION_HINT)
+    return pg.message(pg.ERROR_RESPONSE, body[:-1] + b"H" + _MISSING_EXTENSION_HINT.encode() + b"\0\0")
 
 
 def _ends_transaction(sql: str, statements: list[Statement]) -> bool:
