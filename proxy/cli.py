@@ -104,7 +104,7 @@ async def _serve_async(config: cfg.Config) -> int:
     batching = BatchingConfig(config.batch_wait_ms, config.max_batch_tokens, config.max_batch_size)
     backend = await asyncio.to_thread(
         Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
-        EmbeddingEngine(batching=batching), config.model_variant,
+        EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20,
     )
     service = _service_connections(config, upstream, embedded is not None)
     server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service), mailboxes=service is not None)

@@ -73,6 +73,9 @@ OPTIONS: tuple[Option, ...] = (
            "build of the built-in model: q4 (4-bit, default), q4i8, fp32, or official (after `models fetch`)"),
     Option("engine", "preload_model", bool, True,
            "build (on the first run) and load the built-in model at start-up; false: on its first use"),
+    Option("engine", "cache_mb", int, 64,
+           "memory for embeddings computed lately, by model and text, shared by all sessions (repeated texts "
+           "and the texts a back-fill is about to ask for are found there); 0 turns the cache off"),
     Option("proxy", "server_calls", bool, True,
            "answer the calls the server evaluates (generated columns, back-fills, triggers) after CREATE "
            "EXTENSION azure_local_ai: each session gets a mailbox the proxy writes through its service login"),
@@ -104,6 +107,7 @@ class Config:
     max_batch_size: int
     model_variant: str
     preload_model: bool
+    cache_mb: int
     server_calls: bool
     service_user: str
     service_password: str
@@ -161,6 +165,8 @@ def load(config_file: Path | None, flags: argparse.Namespace | None = None) -> C
         raise ConfigError("tls_cert and tls_key must be given together")
     if config.log_format not in ("text", "json"):
         raise ConfigError("log_format must be 'text' or 'json'")
+    if config.cache_mb < 0:
+        raise ConfigError("cache_mb must be 0 (off) or more")
     return config
 
 

@@ -34,9 +34,13 @@ class ServiceConnections:
         self.password = password
         self._connections: dict[str, asyncpg.Connection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Look-aheads read through connections of their own, so that answers never wait behind a read.
+        self._readers: dict[str, asyncpg.Connection] = {}
+        self._reader_locks: dict[str, asyncio.Lock] = {}
 
-    async def _connection(self, database: str) -> asyncpg.Connection:
-        conn = self._connections.get(database)
+    async def _connection(self, database: str, pool: dict[str, asyncpg.Connection] | None = None) -> asyncpg.Connection:
+        pool = self._connections if pool is None else pool
+        conn = pool.get(database)
         if conn is not None and not conn.is_closed():
             return conn
         try:
@@ -50,7 +54,7 @@ class ServiceConnections:
             raise ServiceUnavailable(
                 f"the proxy's service login {self.user!r} cannot connect to database {database!r}: {exc}"
             ) from exc
-        self._connections[database] = conn
+        pool[database] = conn
         return conn
 
     async def _run(self, database: str, sql: str, *args: object) -> object:
@@ -97,6 +101,22 @@ class ServiceConnections:
             login, role,
         ))
 
+    async def read_texts(self, database: str, login: str, query: str, limit: int) -> list[str]:
+        """The texts a look-ahead query yields (lookahead.py), at most `limit`: read in a read-only
+        transaction as the session's login, so that it reads only what the session's statement could,
+        and can change nothing."""
+        sql = f"SELECT t FROM ({query}) AS lookahead(t) WHERE t IS NOT NULL LIMIT {int(limit)}"
+        async with self._reader_locks.setdefault(database, asyncio.Lock()):
+            conn = await self._connection(database, self._readers)
+            try:
+                async with conn.transaction(readonly=True):
+                    await conn.execute(f"SET LOCAL ROLE {_ident(login)}; SET LOCAL statement_timeout = 30000; "
+                                       "SET LOCAL standard_conforming_strings = on")
+                    rows = await conn.fetch(sql)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise ServiceUnavailable(f"a look-ahead read failed: {exc}") from exc
+        return [row[0] for row in rows]
+
     async def close_mailbox(self, database: str, oid: int) -> None:
         try:
             await self._run(database, "SELECT pg_catalog.lo_unlink($1::oid)", oid)
@@ -105,9 +125,10 @@ class ServiceConnections:
                                                                        "reason": str(exc)})
 
     async def close(self) -> None:
-        for conn in self._connections.values():
+        for conn in [*self._connections.values(), *self._readers.values()]:
             await conn.close(timeout=2)
         self._connections.clear()
+        self._readers.clear()
 
 
 def _ssl(upstream: Upstream) -> object:

@@ -405,3 +405,23 @@ def test_merge_and_an_index_expression(conn: psycopg.Connection) -> None:
     search = f"SELECT id FROM docs WHERE ({CALL.format('body')})[1] = %s::real"
     assert any("docs_first" in row[0] for row in conn.execute("EXPLAIN " + search, (first,)).fetchall())
     assert conn.execute(search, (first,)).fetchall() == [(2,)]
+
+
+def test_a_back_fill_is_read_ahead_as_the_sessions_login(conn: psycopg.Connection, proxy: ProxyProcess,
+                                                         pg: PgCluster, database: str) -> None:
+    """The proxy reads the texts of a back-fill ahead and embeds them in batches; it reads them as the
+    session's login, so row-level security limits the reading as it limits the statement."""
+    role = unique("owner")
+    pg.psql(f"CREATE ROLE {role} LOGIN")
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, owner text, body text, v real[])")
+    conn.execute("INSERT INTO notes SELECT i, CASE WHEN i <= 37 THEN %s ELSE 'someone' END, 'note ' || i "
+                 "FROM generate_series(1, 60) i", (role,))
+    conn.execute(f"ALTER TABLE notes ENABLE ROW LEVEL SECURITY; GRANT SELECT, UPDATE ON notes TO {role}; "
+                 f"CREATE POLICY mine ON notes USING (owner = current_user)")
+    with psycopg.connect(proxy.dsn(user=role, database=database), autocommit=True) as own:
+        assert own.execute(f"UPDATE notes SET v = {CALL.format('body')}").rowcount == 37
+    assert "event=lookahead texts=37 " in proxy.log
+    rows = conn.execute("SELECT body, v::text FROM notes WHERE v IS NOT NULL ORDER BY id").fetchall()
+    assert [body for body, _ in rows] == [f"note {i}" for i in range(1, 38)]
+    for body, stored in rows:
+        assert stored == constant_path(conn, body)

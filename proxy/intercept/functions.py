@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,12 @@ from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
 
+from .embedcache import Abandoned, EmbeddingCache
 from .errors import CallError
 
 BUILTIN_URI = "multilingual-e5-small:v1"
+DEFAULT_CACHE_BYTES = 64 << 20
+LOOKAHEAD_CHUNK = 64  # texts per engine call of a look-ahead: two such keep the engine's batches full
 
 
 def from_catalog(exc: CatalogError) -> CallError:
@@ -39,6 +42,7 @@ class Backend:
     catalog: Catalog
     model_roots: tuple[Path, ...]
     variant: str = DEFAULT_VARIANT
+    cache: EmbeddingCache = field(default_factory=lambda: EmbeddingCache(DEFAULT_CACHE_BYTES))
 
     def __post_init__(self) -> None:
         self._files: dict[str, ModelFiles] = {}
@@ -49,11 +53,12 @@ class Backend:
     @classmethod
     def open(
         cls, data_dir: Path, model_roots: Sequence[Path], engine: EmbeddingEngine | None = None,
-        variant: str = DEFAULT_VARIANT,
+        variant: str = DEFAULT_VARIANT, cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> Backend:
         """Open the catalog and start an engine with the catalog's thread settings."""
         catalog = Catalog(data_dir)
-        backend = cls(data_dir, engine or EmbeddingEngine(), catalog, tuple(model_roots), variant)
+        backend = cls(data_dir, engine or EmbeddingEngine(), catalog, tuple(model_roots), variant,
+                      EmbeddingCache(cache_bytes))
         backend.engine.apply_settings(backend.engine_settings())
         return backend
 
@@ -133,12 +138,71 @@ class Backend:
                     f"Embed at most {max_text // per_row} inputs per call.")
         present = [t for t in texts if t is not None]
         try:
-            vectors = await self.engine.embed(files, present, batch_size=batch_size, timeout=_seconds(timeout_ms))
-        except EmbeddingTimeout as exc:
+            async with asyncio.timeout(_seconds(timeout_ms)):
+                vectors = await self._vectors(files, uri, present, batch_size)
+        except (EmbeddingTimeout, TimeoutError) as exc:
             raise CallError("57014", f"canceling statement: create_embeddings did not finish within {timeout_ms} ms",
                             "Raise timeout_ms, or embed fewer inputs per call.") from exc
         rows = iter(vectors)
         return [None if t is None else next(rows) for t in texts]
+
+    async def _vectors(self, files: ModelFiles, uri: str, texts: list[str], batch_size: int | None) -> list[np.ndarray]:
+        """The texts' vectors: kept ones from the cache, those a look-ahead is computing when it has them,
+        the others from one engine call (and kept)."""
+        out: list[np.ndarray | None] = [self.cache.get(uri, t) for t in texts]
+        promised = {i: f for i, t in enumerate(texts) if out[i] is None and (f := self.cache.promised(uri, t))}
+        missing = [i for i in range(len(texts)) if out[i] is None and i not in promised]
+        computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out))
+        computing.add_done_callback(_retrieve)
+        try:
+            late = []
+            for i, future in promised.items():
+                try:
+                    out[i] = await asyncio.shield(future)
+                except Abandoned:
+                    late.append(i)
+            await computing
+            await self._compute(files, uri, texts, late, batch_size, out)
+        finally:
+            computing.cancel()
+        return out  # type: ignore[return-value]
+
+    async def embed_ahead(self, uri: str, texts: Sequence[str]) -> int:
+        """Compute texts into the cache, a chunk at a time with the next one queued, so that the engine
+        runs full batches while a statement asks for them one by one; those not yet computed are
+        promised, so that a call for one waits for it rather than computing it again. Returns how many
+        were computed."""
+        files = await self.model_files(uri)
+        promised = [t for t in dict.fromkeys(texts) if self.cache.promise(uri, t) is not None]
+        chunks = [promised[i : i + LOOKAHEAD_CHUNK] for i in range(0, len(promised), LOOKAHEAD_CHUNK)]
+        running: list[asyncio.Task[None]] = []
+        try:
+            for chunk in chunks:
+                running.append(asyncio.ensure_future(self._keep(files, uri, chunk)))
+                if len(running) > 1:
+                    await running.pop(0)
+            for task in running:
+                await task
+        finally:
+            for task in running:
+                task.cancel()
+            for text in promised:
+                self.cache.abandon(uri, text)  # a no-op for those computed
+        return len(promised)
+
+    async def _keep(self, files: ModelFiles, uri: str, texts: list[str]) -> None:
+        for text, vector in zip(texts, await self.engine.embed(files, texts), strict=True):
+            self.cache.put(uri, text, vector)
+
+    async def _compute(
+        self, files: ModelFiles, uri: str, texts: list[str], which: list[int], batch_size: int | None,
+        out: list[np.ndarray | None],
+    ) -> None:
+        if not which:
+            return
+        vectors = await self.engine.embed(files, [texts[i] for i in which], batch_size=batch_size)
+        for i, vector in zip(which, vectors, strict=True):
+            out[i] = self.cache.put(uri, texts[i], vector)
 
     async def get_setting(self, key: str) -> str:
         return await self._blocking(self.catalog.get_setting, key)
@@ -185,6 +249,7 @@ class Backend:
             files.max_seq_length,
         )
         self._files.pop(uri, None)
+        self.cache.forget_model(uri)
         return record.id
 
     async def model_unload(self, uri: str) -> None:
@@ -194,7 +259,14 @@ class Backend:
     async def model_unregister(self, uri: str) -> None:
         await self._blocking(self.catalog.unregister_model, uri)
         self._files.pop(uri, None)
+        self.cache.forget_model(uri)
         await asyncio.to_thread(self.engine.unload, uri)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a task's failure as seen: it is raised where the task is awaited, if it is awaited."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _seconds(timeout_ms: int) -> float | None:

@@ -124,6 +124,7 @@ class InterceptHook:
         self._answered = 0
         self._watching = False
         self._control: SessionControl | None = None
+        self._lookaheads: list[tuple[int, asyncio.Task[None]]] = []  # (batch, task) until the batch ends
 
     # ------------------------------------------------------------------ which messages
 
@@ -183,6 +184,8 @@ class InterceptHook:
         await _breathe(len(body))
         if any(s.server_calls for s in statements):
             self._hint_missing_extension(control)
+            if control.transaction_status != "E":
+                self._look_ahead(statements, control)
         if not any(s.calls or s.extension for s in statements) or (
             control.transaction_status == "E" and not _ends_transaction(sql, statements)
         ):
@@ -250,6 +253,8 @@ class InterceptHook:
             return
         if any(s.server_calls for s in statements):
             self._hint_missing_extension(control)
+            if control.transaction_status != "E":
+                self._look_ahead(statements, control)
         if any(s.extension for s in statements):
             self._fail_parse(parse, control, CallError(
                 "0A000",
@@ -396,6 +401,14 @@ class InterceptHook:
         self._hinted.add(control.requests_sent)
         self._watch(control)
 
+    def _look_ahead(self, statements: list[Statement], control: SessionControl) -> None:
+        """Embed ahead what the server's calls in these statements will ask for, until their batch ends."""
+        found = [lookahead for s in statements for lookahead in s.lookaheads]
+        task = self.server_calls.look_ahead(found) if self.server_calls is not None else None
+        if task is not None:
+            self._lookaheads.append((control.requests_sent, task))
+            self._watch(control)
+
     def notice(self, body: bytes, control: SessionControl) -> bool:
         """A NoticeResponse from the server: True if it was a request of the extension's functions
         (then the statement's end, ReadyForQuery, is watched for: the mailbox goes with it)."""
@@ -436,12 +449,16 @@ class InterceptHook:
             self._completed = 0
             if self.server_calls is not None:
                 self.server_calls.statement_done()
+            for batch, task in self._lookaheads:
+                if batch < self._answered:
+                    task.cancel()
+            self._lookaheads = [(b, t) for b, t in self._lookaheads if b >= self._answered]
             self._markers = {m: v for m, v in self._markers.items() if v[0] >= self._answered}
             self._tags = {k: v for k, v in self._tags.items() if k[0] >= self._answered}
             self._hinted = {b for b in self._hinted if b >= self._answered}
             while self._describes and self._describes[0][0] < self._answered:
                 self._describes.popleft()
-            busy = self._markers or self._describes or self._tags or self._hinted
+            busy = self._markers or self._describes or self._tags or self._hinted or self._lookaheads
             if not busy and self._control is not None:
                 self._watching = False
                 self._control.stop_watching()
@@ -458,6 +475,8 @@ class InterceptHook:
 
     def close(self) -> None:
         self.cancel()
+        for _, task in self._lookaheads:
+            task.cancel()
         if self.server_calls is not None:  # its mailbox, if a statement was cut short with it open
             self._closing = asyncio.get_running_loop().create_task(self.server_calls.close())
 

@@ -24,6 +24,7 @@ from ..service import ServiceConnections, ServiceUnavailable
 from .errors import CallError
 from .evaluate import as_text, run
 from .functions import Backend
+from .lookahead import Lookahead
 from .signatures import PRIVILEGED
 
 log = logging.getLogger("azure_local_ai_proxy.servercalls")
@@ -34,6 +35,9 @@ REQUEST_MESSAGE = "azure-local-ai-proxy request"
 WAITING_CODE = "AL002"
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_PLACE = 1 << 40  # large objects end at 4 TB
+#: Cache bytes a looked-ahead text is reckoned to take (its vector, the text, the bookkeeping): a
+#: look-ahead reads no more texts than half the cache holds, so that the first are still there when asked.
+_LOOKAHEAD_ROW_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -108,15 +112,22 @@ class ServerCalls:
         except Exception:
             log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
             status, text = "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
+        # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
+        # cutting a service query short would leave its connection in doubt.
+        await asyncio.shield(self._deliver_or_cancel(request, status, text))
+
+    async def _deliver_or_cancel(self, request: Request, status: str, text: str) -> None:
         try:
-            # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
-            # cutting a service query short would leave its connection in doubt.
-            await asyncio.shield(self._deliver(request, status, text))
+            await self._deliver(request, status, text)
         except ServiceUnavailable as exc:
             # The function would wait for an answer that cannot come: stop its statement instead.
             log.error("a server call could not be answered", extra={"event": "server_call_failed",
                                                                     "reason": str(exc)})
-            await self._cancel_statement()
+            try:
+                await self._cancel_statement()
+            except Exception as cancel_failed:  # the server is out of reach too: the session will notice
+                log.warning("a statement could not be cancelled", extra={"event": "cancel_failed",
+                                                                          "reason": str(cancel_failed)})
 
     async def _evaluate(self, request: Request) -> tuple[str, str]:
         if request.function in PRIVILEGED and not await self.service.may_manage(
@@ -141,6 +152,24 @@ class ServerCalls:
             self._granted.add(request.role)
             await self.service.grant(self.database, self.mailbox.oid, request.role)
         await self.service.write(self.database, self.mailbox.oid, request.at, answer)
+
+    def look_ahead(self, lookaheads: list[Lookahead]) -> asyncio.Task[None] | None:
+        """Start embedding, in batches, the texts a statement is about to ask for one by one (the caller
+        cancels the task when the statement ends). None when the cache is off."""
+        limit = self.backend.cache.max_bytes // _LOOKAHEAD_ROW_BYTES // 2
+        if not lookaheads or limit < 1:
+            return None
+        return asyncio.get_running_loop().create_task(self._look_ahead(lookaheads, limit))
+
+    async def _look_ahead(self, lookaheads: list[Lookahead], limit: int) -> None:
+        for lookahead in lookaheads:
+            try:
+                texts = await asyncio.shield(self.service.read_texts(self.database, self.login, lookahead.query, limit))
+                computed = await self.backend.embed_ahead(lookahead.model_uri, texts)
+            except (ServiceUnavailable, CallError) as exc:  # only time is lost: each request is answered anyway
+                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
+                continue
+            log.info("looked ahead", extra={"event": "lookahead", "texts": len(texts), "computed": computed})
 
     @property
     def open(self) -> bool:

@@ -22,6 +22,7 @@ from pglast.visitors import Ancestor, Visitor
 from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
 from .extension import ExtensionCommand, extension_command
+from .lookahead import Lookahead, lookaheads
 from .signatures import OVERLOADS, SCHEMA, UNKNOWN, Binding, resolve
 from .strings import Constant, constants
 
@@ -127,6 +128,8 @@ class Statement:
     calls: list[CallSite] = field(default_factory=list)
     server_calls: int = 0
     extension: ExtensionCommand | None = None
+    #: What the server's calls will embed, where the proxy can read it ahead (lookahead.py).
+    lookaheads: list[Lookahead] = field(default_factory=list)
 
 
 def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Statement]:
@@ -149,6 +152,8 @@ def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Stat
             finder(raw)
             statement.extension = extension_command(raw.stmt)
             _leave_to_server(statement, raw.stmt)
+            if statement.server_calls:
+                statement.lookaheads = lookaheads(raw.stmt, text.value)
             out.append(statement)
     except (ParseError, RecursionError):  # nested too deep for us: the server has its own limit
         return []

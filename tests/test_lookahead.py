@@ -1,0 +1,69 @@
+"""Which statements the proxy reads ahead for, and what it reads (lookahead.py), without a server: the
+queries are checked as text, and each refusal is a statement whose reading ahead could do or read
+more than the statement itself."""
+
+from __future__ import annotations
+
+import pytest
+from pglast import parse_sql
+
+from proxy.intercept.lookahead import Lookahead, lookaheads
+from proxy.intercept.sqlcalls import LONG_CONSTANT, find_calls
+
+M = "multilingual-e5-small:v1"
+CALL = f"azure_local_ai.create_embeddings('{M}', {{}})"
+
+
+def one(sql: str) -> list[Lookahead]:
+    (raw,) = parse_sql(sql)
+    return lookaheads(raw.stmt)
+
+
+@pytest.mark.parametrize(("sql", "query"), [
+    (f"UPDATE docs SET v = {CALL.format('body')}::vector WHERE id % 2 = 0",
+     "SELECT CAST(body AS pg_catalog.text) FROM docs WHERE id % 2 = 0"),
+    (f"UPDATE docs d SET v = {CALL.format('d.title || s.tag')} FROM sources s WHERE s.id = d.source",
+     "SELECT CAST(d.title || s.tag AS pg_catalog.text) FROM docs AS d, sources AS s WHERE s.id = d.source"),
+    (f"ALTER TABLE public.docs ADD COLUMN g vector(384) GENERATED ALWAYS AS ({CALL.format('body')}::vector) STORED",
+     "SELECT CAST(body AS pg_catalog.text) FROM public.docs"),
+    (f"INSERT INTO dst SELECT id, {CALL.format('lower(body)')} FROM src WHERE body <> ''",
+     "SELECT CAST(lower(body) AS pg_catalog.text) FROM src WHERE body <> ''"),
+    (f"WITH s AS (SELECT * FROM src) INSERT INTO dst SELECT id, {CALL.format('body')} FROM s",
+     "WITH s AS (SELECT * FROM src) SELECT CAST(body AS pg_catalog.text) FROM s"),
+    (f"SELECT id, azure_local_ai.create_embeddings(model_uri => '{M}', input => body) FROM src ORDER BY id LIMIT 10",
+     "SELECT CAST(body AS pg_catalog.text) FROM src ORDER BY id LIMIT 10"),
+])
+def test_the_rows_a_statement_embeds_are_read_by_a_query(sql: str, query: str) -> None:
+    assert one(sql) == [Lookahead(M, query)]
+
+
+@pytest.mark.parametrize("sql", [
+    f"SELECT {CALL.format(repr('a constant'))}",  # the proxy answers it before the server runs
+    f"SELECT {CALL.format('$1')} FROM src",  # the value comes with the Bind
+    f"SELECT azure_local_ai.create_embeddings('{M}', array_agg(body)) FROM src",  # one call over an array
+    f"SELECT {CALL.format('body')} FROM src WHERE nextval('s') > 0",  # a function that writes
+    f"SELECT {CALL.format('f(body)')} FROM src",  # a function we know nothing of
+    f"SELECT {CALL.format('body')} FROM src FOR UPDATE",  # locks rows
+    f"WITH d AS (DELETE FROM src RETURNING body) SELECT {CALL.format('body')} FROM d",  # writes
+    f"SELECT {CALL.format('body')} FROM src GROUP BY body",  # other rows than the table's
+    f"SELECT {CALL.format('body')} FROM src UNION SELECT {CALL.format('body')} FROM src",
+    f"SELECT {CALL.format('x')} FROM generate_series(1, 10) x",  # a function in FROM
+    "SELECT azure_local_ai.create_embeddings(body, 'text') FROM src",  # the model from a column
+    f"INSERT INTO dst VALUES (1, {CALL.format('(SELECT body FROM src LIMIT 1)')})",
+    f"DELETE FROM src WHERE {CALL.format('body')} IS NULL",
+])
+def test_nothing_is_read_ahead_where_the_query_could_do_more(sql: str) -> None:
+    assert one(sql) == []
+
+
+def test_a_long_constant_is_restored_in_the_query() -> None:
+    long_text = "x" * (LONG_CONSTANT + 10)
+    sql = f"UPDATE docs SET v = {CALL.format('body')} WHERE body <> '{long_text}'"
+    (statement,) = find_calls(sql)
+    (lookahead,) = statement.lookaheads
+    assert lookahead.query == f"SELECT CAST(body AS pg_catalog.text) FROM docs WHERE body <> '{long_text}'"
+
+
+def test_a_constant_with_quotes_and_backslashes_is_written_for_standard_strings() -> None:
+    (lookahead,) = one(f"UPDATE docs SET v = {CALL.format('body')} WHERE tag = E'it''s a \\\\ back'")
+    assert lookahead.query.endswith("WHERE tag = 'it''s a \\ back'")
