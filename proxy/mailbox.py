@@ -4,6 +4,7 @@ else, with a start-up parameter (see intercept/servercalls.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 
@@ -24,3 +25,10 @@ class Mailbox:
     @property
     def setting(self) -> str:
         return f"{self.oid} {self.secret}"
+
+    @property
+    def lock_key(self) -> int:
+        """The advisory lock the proxy holds while it works out an answer, and the waiting function
+        waits on: 60 bits of the MD5 of the secret, so that no other session can know it (the SQL
+        function computes it as ('x' || substr(md5(secret), 1, 15))::bit(60)::bigint)."""
+        return int(hashlib.md5(self.secret.encode(), usedforsecurity=False).hexdigest()[:15], 16)

@@ -6,6 +6,7 @@ session asks (so that pg_dump finds none, but for the statements running as it d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 
@@ -65,29 +66,46 @@ class ServiceConnections:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
 
-    async def open_mailbox(self, database: str, oid: int, role: str, at: int, first: bytes) -> None:
+    async def open_mailbox(
+        self, database: str, oid: int, role: str, at: int, first: bytes, unlock: int | None = None
+    ) -> None:
         """Create the mailbox large object `oid` holding `first` (the statement's first answer) at
-        `at`, readable and writable by `role` only (and by the service login, its owner): one round trip."""
-        write = (f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); "
-                 if len(first) <= _INLINE_ANSWER else "")
+        `at`, readable and writable by `role` only (and by the service login, its owner), and let go of
+        the advisory lock `unlock`: one round trip."""
+        inline = len(first) <= _INLINE_ANSWER
+        write = f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); " if inline else ""
+        release = f"; SELECT pg_catalog.pg_advisory_unlock({int(unlock)})" if unlock is not None and inline else ""
         sql = (f"SELECT pg_catalog.lo_create({int(oid)}); {write}"
                f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}'; "
-               f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
+               f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}{release}")
         async with self._locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database)
             try:
                 await conn.execute(sql)  # several statements, one implicit transaction
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service login could not make a mailbox: {exc}") from exc
-        if not write:
-            await self.write(database, oid, at, first)
+        if not inline:
+            await self.write(database, oid, at, first, unlock)
 
     async def grant(self, database: str, oid: int, role: str) -> None:
         """Let another role (the session's SET ROLE, a SECURITY DEFINER function's owner) read the mailbox."""
         await self._run(database, f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}")
 
-    async def write(self, database: str, oid: int, at: int, data: bytes) -> None:
-        await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea)", oid, at, data)
+    async def write(self, database: str, oid: int, at: int, data: bytes, unlock: int | None = None) -> None:
+        """Write an answer; and let go of the advisory lock `unlock` at once, which wakes the function."""
+        if unlock is None:
+            await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea)", oid, at, data)
+        else:
+            await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea), "
+                            "pg_catalog.pg_advisory_unlock($4::bigint)", oid, at, data, unlock)
+
+    async def try_lock(self, database: str, key: int) -> bool:
+        """Take the advisory lock `key` if it is free (never wait: the connection serves every session)."""
+        return bool(await self._run(database, "SELECT pg_catalog.pg_try_advisory_lock($1::bigint)", key))
+
+    async def unlock(self, database: str, key: int) -> None:
+        with contextlib.suppress(ServiceUnavailable):  # a lost connection has let go of its locks
+            await self._run(database, "SELECT pg_catalog.pg_advisory_unlock($1::bigint)", key)
 
     async def may_manage(self, database: str, login: str, role: str) -> bool:
         """Whether a session logged in as `login` may act as `role`, and `role` may change settings and

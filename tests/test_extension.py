@@ -16,6 +16,8 @@ import numpy as np
 import psycopg
 import pytest
 
+from proxy.mailbox import Mailbox
+
 from .helpers import unique
 from .helpers_embeddings import assert_same_embeddings
 from .pgcluster import PgCluster, debian_postgres_bin, start_cluster
@@ -425,3 +427,27 @@ def test_a_back_fill_is_read_ahead_as_the_sessions_login(conn: psycopg.Connectio
     assert [body for body, _ in rows] == [f"note {i}" for i in range(1, 38)]
     for body, stored in rows:
         assert stored == constant_path(conn, body)
+
+
+def test_the_waiting_function_sleeps_on_the_sessions_lock(conn: psycopg.Connection, pg: PgCluster,
+                                                           database: str) -> None:
+    """The function waits for the proxy's answer asleep on the session's advisory lock, which the proxy
+    holds while it works the answer out and lets go of as it writes it. Held by another session (who
+    would have to know the session's secret), it costs a call at most a second: the answer is still read."""
+    oid, secret = conn.execute("SELECT current_setting('azure_local_ai.proxy_session')").fetchone()[0].split()
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs VALUES ('a text to wait for')")
+    expected = constant_path(conn, "a text to wait for")
+    conn.execute("INSERT INTO docs VALUES ('another text to wait for')")
+    with psycopg.connect(pg.dsn(database=database), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (Mailbox(int(oid), secret).lock_key,))
+        started = time.monotonic()
+        got = conn.execute(f"SELECT {CALL.format('body')}::text FROM docs WHERE body = 'another text to wait for'")
+        waited = time.monotonic() - started
+        other.execute("SELECT pg_advisory_unlock_all()")
+    assert got.fetchone()[0] == constant_path(conn, "another text to wait for")
+    assert 0.9 < waited < 5, f"the call took {waited:.2f} s with its lock held elsewhere"
+    started = time.monotonic()
+    assert conn.execute(f"SELECT {CALL.format('body')}::text FROM docs WHERE body = 'a text to wait for'"
+                        ).fetchone()[0] == expected
+    assert time.monotonic() - started < 0.9

@@ -67,6 +67,12 @@ def parse_request(body: bytes) -> Request | bool:
     return request if _REQUEST_ID.fullmatch(request.id) and 0 <= request.at < _MAX_PLACE else False
 
 
+def _retrieve(task: asyncio.Future[bool]) -> None:
+    """Mark a failure as seen: whoever needs the outcome looks at it."""
+    if not task.cancelled():
+        task.exception()
+
+
 def encode_answer(mailbox: Mailbox, request_id: str, status: str, text: str) -> bytes:
     """What the function reads: the request's id, V (value), N (NULL) or E (error, as JSON), the
     payload's length in bytes, an MD5 over the session's secret, those and the payload; then the payload."""
@@ -93,6 +99,7 @@ class ServerCalls:
         self._granted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being dropped
+        self._holding: asyncio.Future[bool] | None = None  # taking the session's lock (_hold)
 
     def notice(self, body: bytes) -> bool:
         """A NoticeResponse from the server: True if it was a request (the client must not see it)."""
@@ -105,16 +112,41 @@ class ServerCalls:
         return True
 
     async def _answer(self, request: Request) -> None:
+        working = asyncio.ensure_future(self._outcome(request))
         try:
-            status, text = await self._evaluate(request)
-        except CallError as error:
-            status, text = "E", json.dumps({"code": error.sqlstate, "message": error.message, "hint": error.hint})
-        except Exception:
-            log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
-            status, text = "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
+            await asyncio.sleep(0)  # an answer at hand (a kept vector, a setting) goes at once
+            if not working.done():
+                await self._hold()
+            status, text = await working
+        finally:
+            working.cancel()
         # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
         # cutting a service query short would leave its connection in doubt.
         await asyncio.shield(self._deliver_or_cancel(request, status, text))
+
+    async def _outcome(self, request: Request) -> tuple[str, str]:
+        try:
+            return await self._evaluate(request)
+        except CallError as error:
+            return "E", json.dumps({"code": error.sqlstate, "message": error.message, "hint": error.hint})
+        except Exception:
+            log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
+            return "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
+
+    async def _hold(self) -> None:
+        """Take the session's advisory lock while the answer is worked out: the waiting function sleeps
+        on it, rather than polling, and wakes as the answer is written. Never cut short: the lock is
+        always known to be held or not."""
+        if self._holding is None:
+            self._holding = asyncio.ensure_future(self.service.try_lock(self.database, self.mailbox.lock_key))
+            self._holding.add_done_callback(_retrieve)
+        await asyncio.wait([self._holding])
+
+    def _held(self) -> bool:
+        """Whether the lock is held (and is to be let go of with the next answer); forgets it."""
+        holding, self._holding = self._holding, None
+        return holding is not None and holding.done() and not holding.cancelled() and holding.exception() is None \
+            and holding.result()
 
     async def _deliver_or_cancel(self, request: Request, status: str, text: str) -> None:
         try:
@@ -142,16 +174,17 @@ class ServerCalls:
 
     async def _deliver(self, request: Request, status: str, text: str) -> None:
         answer = encode_answer(self.mailbox, request.id, status, text)
+        unlock = self.mailbox.lock_key if self._held() else None  # let go in the same round trip
         # Marked before the service connection answers: the function may read the answer, and the
         # statement end, before that reply reaches the proxy; its removal then waits for the making.
         if not self._granted:
             self._granted.add(request.role)
-            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, request.at, answer)
+            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, request.at, answer, unlock)
             return
         if request.role not in self._granted:
             self._granted.add(request.role)
             await self.service.grant(self.database, self.mailbox.oid, request.role)
-        await self.service.write(self.database, self.mailbox.oid, request.at, answer)
+        await self.service.write(self.database, self.mailbox.oid, request.at, answer, unlock)
 
     def look_ahead(self, lookaheads: list[Lookahead]) -> asyncio.Task[None] | None:
         """Start embedding, in batches, the texts a statement is about to ask for one by one (the caller
@@ -181,15 +214,30 @@ class ServerCalls:
         the mailbox, and any answer still being worked out for a call that was cancelled."""
         for task in list(self._tasks):
             task.cancel()
+        if self._holding is not None:  # a call cut short: its lock goes now, or once it is taken
+            self._track(self._let_go(self._holding))
+            self._holding = None
         if self._granted:
             self._granted.clear()
-            task = asyncio.get_running_loop().create_task(self.service.close_mailbox(self.database, self.mailbox.oid))
-            self._closing.add(task)  # not cancelled by a later statement's end: the next one makes it anew
-            task.add_done_callback(self._closing.discard)
+            # Not cancelled by a later statement's end: the next one makes it anew.
+            self._track(self.service.close_mailbox(self.database, self.mailbox.oid))
+
+    def _track(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _let_go(self, holding: asyncio.Future[bool]) -> None:
+        await asyncio.wait([holding])
+        if not holding.cancelled() and holding.exception() is None and holding.result():
+            await self.service.unlock(self.database, self.mailbox.lock_key)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._holding is not None:
+            self._track(self._let_go(self._holding))
+            self._holding = None
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self._granted:

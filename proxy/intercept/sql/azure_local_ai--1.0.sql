@@ -21,11 +21,13 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT '1.0'::text $$;
 CREATE FUNCTION azure_local_ai_proxy.ask(fn text, args jsonb, timeout_ms integer) RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET client_min_messages = notice
+SET lock_timeout = '1s'
 AS $ask$
 DECLARE
     session text := current_setting('azure_local_ai.proxy_session', true);
     box oid;
     secret text;
+    key bigint;  -- the advisory lock the proxy holds while it works out the answer
     id text := md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text);
     -- Where in the mailbox this answer goes: a new place each time, for rewriting one place leaves a
     -- dead row version that every later read walks past, as long as the statement's snapshot lives.
@@ -56,6 +58,7 @@ BEGIN
     END IF;
     box := split_part(session, ' ', 1)::oid;
     secret := split_part(session, ' ', 2);
+    key := ('x' || substr(md5(secret), 1, 15))::bit(60)::bigint;
     RAISE NOTICE USING ERRCODE = 'AL001', MESSAGE = 'azure-local-ai-proxy request',
         DETAIL = pg_catalog.jsonb_build_object('id', id, 'at', place, 'fn', fn, 'args', args,
                                               'role', current_user)::text;
@@ -105,10 +108,21 @@ BEGIN
             RAISE NOTICE USING ERRCODE = 'AL002', MESSAGE = 'azure-local-ai-proxy waiting';
             alive := clock_timestamp() + interval '1 second';
         END IF;
-        polls := polls + 1;
-        -- Every millisecond for the first 25 (a single text takes 5 to 20 ms), then every 4: a long
-        -- wait costs the server little of the CPU that the model needs.
-        PERFORM pg_catalog.pg_sleep(CASE WHEN polls <= 25 THEN 0.0005 ELSE 0.004 END);
+        IF pg_catalog.pg_try_advisory_lock_shared(key) THEN
+            -- The proxy has not taken the lock yet (or could not): look again soon. Every half
+            -- millisecond for the first 25 looks, then every 4 ms.
+            PERFORM pg_catalog.pg_advisory_unlock_shared(key);
+            polls := polls + 1;
+            PERFORM pg_catalog.pg_sleep(CASE WHEN polls <= 25 THEN 0.0005 ELSE 0.004 END);
+        ELSE
+            -- The proxy is working on it, and lets go of the lock as it writes the answer: sleep until
+            -- then (a second at most, lock_timeout, for the checks above), costing the server nothing.
+            BEGIN
+                PERFORM pg_catalog.pg_advisory_lock_shared(key);
+                PERFORM pg_catalog.pg_advisory_unlock_shared(key);
+            EXCEPTION WHEN lock_not_available THEN NULL;
+            END;
+        END IF;
     END LOOP;
 END
 $ask$;
