@@ -18,6 +18,14 @@ log = logging.getLogger("azure_local_ai_proxy.service")
 
 MAILBOX_COMMENT = "azure-local-ai-proxy mailbox"
 _INLINE_ANSWER = 1 << 16  # a first answer up to this size goes in the statement that makes the mailbox
+_GENERATED_EMBEDDINGS = """
+SELECT a.attname::text, a.attgenerated::text,
+       CASE WHEN a.attgenerated = 's' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END
+FROM pg_catalog.pg_attribute a
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+  AND (a.attgenerated <> 's' OR pg_catalog.pg_get_expr(d.adbin, d.adrelid) LIKE '%azure_local_ai.create_embeddings(%')
+ORDER BY a.attnum"""
 
 
 class ServiceUnavailable(Exception):
@@ -120,20 +128,29 @@ class ServiceConnections:
         ))
 
     async def read_texts(self, database: str, login: str, query: str, limit: int) -> list[str]:
-        """The texts a look-ahead query yields (lookahead.py), at most `limit`: read in a read-only
-        transaction as the session's login, so that it reads only what the session's statement could,
-        and can change nothing."""
+        """The texts a look-ahead query yields (lookahead.py), at most `limit`."""
         sql = f"SELECT t FROM ({query}) AS lookahead(t) WHERE t IS NOT NULL LIMIT {int(limit)}"
+        return [row[0] for row in await self._read(database, login, sql)]
+
+    async def generated_embeddings(self, database: str, login: str, table: str) -> tuple[list[str], list[str]]:
+        """A table's columns that are not generated, in order, and the expressions of its stored
+        generated columns that call create_embeddings (none if the login cannot see the table)."""
+        rows = await self._read(database, login, _GENERATED_EMBEDDINGS, table)
+        columns = [name for name, generated, _ in rows if generated == ""]
+        return columns, [expression for _, generated, expression in rows if generated == "s" and expression]
+
+    async def _read(self, database: str, login: str, sql: str, *args: object) -> list[asyncpg.Record]:
+        """Rows of a query run read-only as the session's login, so that it reads only what the
+        session's statement could, and can change nothing."""
         async with self._reader_locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database, self._readers)
             try:
                 async with conn.transaction(readonly=True):
                     await conn.execute(f"SET LOCAL ROLE {_ident(login)}; SET LOCAL statement_timeout = 30000; "
                                        "SET LOCAL standard_conforming_strings = on")
-                    rows = await conn.fetch(sql)
+                    return await conn.fetch(sql, *args)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"a look-ahead read failed: {exc}") from exc
-        return [row[0] for row in rows]
 
     async def close_mailbox(self, database: str, oid: int) -> None:
         try:

@@ -451,3 +451,23 @@ def test_the_waiting_function_sleeps_on_the_sessions_lock(conn: psycopg.Connecti
     assert conn.execute(f"SELECT {CALL.format('body')}::text FROM docs WHERE body = 'a text to wait for'"
                         ).fetchone()[0] == expected
     assert time.monotonic() - started < 0.9
+
+
+def test_rows_written_into_a_generated_column_are_read_ahead(conn: psycopg.Connection, proxy: ProxyProcess) -> None:
+    """INSERT ... SELECT, a many-row INSERT ... VALUES and an UPDATE of the source column name no
+    azure_local_ai function, but the table's generated column embeds: the proxy reads its expression
+    from the catalog when the server first asks, and the rows' texts ahead."""
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    conn.execute("CREATE TABLE src (n int, title text)")
+    conn.execute("INSERT INTO src SELECT i, 'title ' || i FROM generate_series(1, 41) i")
+    conn.execute("INSERT INTO docs (id, body) SELECT n, title FROM src")
+    assert "event=lookahead texts=41 " in proxy.log
+    values = ", ".join(f"({i}, 'value {i}')" for i in range(100, 143))
+    conn.execute(f"INSERT INTO docs (id, body) VALUES {values}")
+    assert "event=lookahead texts=43 " in proxy.log
+    assert conn.execute("UPDATE docs SET body = body || ' again' WHERE id <= 39").rowcount == 39
+    assert "event=lookahead texts=39 " in proxy.log
+    rows = conn.execute("SELECT body, v::text FROM docs ORDER BY id").fetchall()
+    assert len(rows) == 41 + 43
+    for body, stored in rows:
+        assert stored == constant_path(conn, body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from pglast import parse_sql
 
-from proxy.intercept.lookahead import Lookahead, lookaheads
+from proxy.intercept.lookahead import Lookahead, generated_lookaheads, lookaheads, written_tables
 from proxy.intercept.sqlcalls import LONG_CONSTANT, find_calls
 
 M = "multilingual-e5-small:v1"
@@ -67,3 +67,43 @@ def test_a_long_constant_is_restored_in_the_query() -> None:
 def test_a_constant_with_quotes_and_backslashes_is_written_for_standard_strings() -> None:
     (lookahead,) = one(f"UPDATE docs SET v = {CALL.format('body')} WHERE tag = E'it''s a \\\\ back'")
     assert lookahead.query.endswith("WHERE tag = 'it''s a \\ back'")
+
+
+GENERATED = [f"(azure_local_ai.create_embeddings('{M}'::text, body))::vector"]
+
+
+def written(sql: str) -> list[Lookahead]:
+    (stmt, table), = written_tables(sql)
+    assert table == ("public.docs" if "public." in sql else "docs")
+    return generated_lookaheads(stmt, ["id", "body"], GENERATED)
+
+
+@pytest.mark.parametrize(("sql", "query"), [
+    ("INSERT INTO docs (body) SELECT title FROM src WHERE title <> ''",
+     "SELECT CAST(body AS pg_catalog.text) FROM (SELECT title FROM src WHERE title <> '') AS lookahead_rows (body)"),
+    ("INSERT INTO public.docs SELECT n, title FROM src",
+     "SELECT CAST(body AS pg_catalog.text) FROM (SELECT n, title FROM src) AS lookahead_rows (id, body)"),
+    ("INSERT INTO docs (id, body) VALUES (1, 'a'), (2, 'b')",
+     "SELECT CAST(body AS pg_catalog.text) FROM ((VALUES (1, 'a'), (2, 'b'))) AS lookahead_rows (id, body)"),
+    ("UPDATE docs SET body = upper(body) WHERE id < 10",
+     "SELECT CAST(upper(body) AS pg_catalog.text) FROM docs WHERE id < 10"),
+])
+def test_the_rows_a_generated_column_embeds_are_read_by_a_query(sql: str, query: str) -> None:
+    assert written(sql) == [Lookahead(M, query)]
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO docs (body) VALUES ('one row')",  # its one request is on its way already
+    "INSERT INTO docs (id) SELECT n FROM src",  # body takes its default
+    "INSERT INTO docs SELECT * FROM src",  # how many columns * is, only the server knows
+    "INSERT INTO docs (body) SELECT f(title) FROM src",  # a function we know nothing of
+    "INSERT INTO docs (body) SELECT title FROM src ON CONFLICT DO NOTHING",
+    "UPDATE docs SET id = id + 1",  # body keeps its value
+])
+def test_no_generated_look_ahead_where_the_rows_are_not_plain(sql: str) -> None:
+    assert written(sql) == []
+
+
+def test_only_inserts_and_updates_write_generated_columns() -> None:
+    assert written_tables("SELECT 1; DELETE FROM docs; COPY docs FROM STDIN") == []
+    assert written_tables("INSERT INTO") == []  # the server says what is wrong with it

@@ -200,9 +200,15 @@ class Backend:
     ) -> None:
         if not which:
             return
-        vectors = await self.engine.embed(files, [texts[i] for i in which], batch_size=batch_size)
-        for i, vector in zip(which, vectors, strict=True):
-            out[i] = self.cache.put(uri, texts[i], vector)
+        # Promised while computed, so that a look-ahead started meanwhile does not compute them again.
+        promised = [texts[i] for i in which if self.cache.promise(uri, texts[i]) is not None]
+        try:
+            vectors = await self.engine.embed(files, [texts[i] for i in which], batch_size=batch_size)
+            for i, vector in zip(which, vectors, strict=True):
+                out[i] = self.cache.put(uri, texts[i], vector)
+        finally:
+            for text in promised:
+                self.cache.abandon(uri, text)  # a no-op for those computed
 
     async def get_setting(self, key: str) -> str:
         return await self._blocking(self.catalog.get_setting, key)

@@ -125,15 +125,22 @@ class InterceptHook:
         self._watching = False
         self._control: SessionControl | None = None
         self._lookaheads: list[tuple[int, asyncio.Task[None]]] = []  # (batch, task) until the batch ends
+        #: The latest Query or Parse that did not name azure_local_ai: if the server asks while it runs,
+        #: the generated columns of the tables it writes are what ask (_look_ahead_written).
+        self._unread: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------------ which messages
 
     def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool:
         if msg_type == pg.QUERY:
-            return mentions_schema(body) if marked is None else marked
+            if mentions_schema(body) if marked is None else marked:
+                return True
+            self._unread = (msg_type, body) if self.server_calls is not None else None
+            return False
         if msg_type == pg.PARSE:
             if mentions_schema(body) if marked is None else marked:
                 return True
+            self._unread = (msg_type, body) if self.server_calls is not None else None
             name = _cstring_at(body, 0) if self.statements else None
             if name is not None:
                 self.statements.pop(name, None)  # that name now means another statement
@@ -415,7 +422,25 @@ class InterceptHook:
         if self.server_calls is None or not self.server_calls.notice(body):
             return False
         self._watch(control)
+        if self._unread is not None and not self._lookaheads:
+            self._look_ahead_written(*self._unread, control)
         return True
+
+    def _look_ahead_written(self, msg_type: int, body: bytes, control: SessionControl) -> None:
+        """The server asks during a statement that names no azure_local_ai function: read ahead for the
+        generated columns of the tables it writes, once."""
+        self._unread = None
+        assert self.server_calls is not None
+        try:
+            sql = _query_text(body) if msg_type == pg.QUERY else Parse.decode(body).query
+        except ProtocolViolation:
+            return
+        plain_backslashes = control.server_parameters.get("standard_conforming_strings") == "off"
+        if sql is None or (plain_backslashes and "\\" in sql):  # read otherwise than pglast reads it
+            return
+        task = self.server_calls.look_ahead_written(sql)
+        if task is not None:
+            self._lookaheads.append((self._answered, task))
 
     def _on_server_message(self, msg_type: int, body: bytes) -> bytes | None:
         if msg_type == pg.COMMAND_COMPLETE:

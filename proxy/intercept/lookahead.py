@@ -1,21 +1,23 @@
 """The texts a statement will ask the server-evaluated create_embeddings for, where the proxy can tell
-before the server runs it: a read-only query over the same rows (prefetch.py embeds its result in
-batches, ahead of the server's requests, which come one row at a time).
+before the server runs it: a read-only query over the same rows (the proxy embeds its result in
+batches, ahead of the server's requests, which come one row at a time: servercalls.py).
 
 A look-ahead is only ever a guess that saves time: each request the server sends is answered for the
 text it names, whether or not the guess had it. So a statement is looked ahead only where the query
 is plainly the same rows and plainly harmless: a back-fill (UPDATE), a generated column added to a
-table, an INSERT ... SELECT or SELECT that embeds a column, over plain tables and a few pure
-functions. It runs read-only as the client's login, so it can neither change nor read more than
-the client's statement could."""
+table, an INSERT ... SELECT or SELECT that embeds a column, and an INSERT ... SELECT, a many-row
+INSERT ... VALUES or an UPDATE of the source column of a table whose generated column embeds;
+over plain tables and a few pure functions. It runs read-only as the client's login, so it can
+neither change nor read more than the client's statement could."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from pglast import ast
+from pglast import ast, parse_sql
 from pglast.enums import AlterTableType, ConstrType, LimitOption, SetOperation
+from pglast.parser import ParseError
 from pglast.stream import RawStream
 
 from .signatures import SCHEMA
@@ -28,6 +30,8 @@ PURE_FUNCTIONS = frozenset({
     "jsonb_extract_path_text", "json_extract_path_text", "greatest", "least", "abs", "mod",
 })
 _TEXT = ast.TypeName(names=(ast.String("pg_catalog"), ast.String("text")))
+#: Statements longer than this are not looked ahead for their tables' generated columns.
+MAX_WRITTEN_TEXT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -41,18 +45,113 @@ class Lookahead:
 def lookaheads(stmt: ast.Node, restore: Callable[[str], str] = lambda s: s) -> list[Lookahead]:
     """The look-aheads of one parsed statement (none where the rows cannot be told safely).
     `restore` gives back a string constant the caller shortened before parsing."""
+    return [found for model_uri, text_expr, source in _sources(stmt)
+            if (found := _lookahead(model_uri, text_expr, source, restore)) is not None]
+
+
+def _lookahead(model_uri: str, text_expr: ast.Node, source: _Source,
+               restore: Callable[[str], str] = lambda s: s) -> Lookahead | None:
+    query = ast.SelectStmt(
+        targetList=(ast.ResTarget(val=ast.TypeCast(arg=text_expr, typeName=_TEXT)),),
+        fromClause=source.fromClause, whereClause=source.whereClause, withClause=source.withClause,
+        limitCount=source.limitCount, limitOffset=source.limitOffset, limitOption=source.limitOption,
+        sortClause=source.sortClause,
+    )
+    if not _harmless(query):
+        return None
+    _restore_strings(query, restore)
+    return Lookahead(restore(model_uri), RawStream()(query))
+
+
+def written_tables(sql: str) -> list[tuple[ast.Node, str]]:
+    """The INSERT and UPDATE statements of `sql` (which does not name azure_local_ai), each with the
+    table it writes, as to_regclass() reads a name: their tables' generated columns may embed."""
+    if len(sql) > MAX_WRITTEN_TEXT:
+        return []
+    try:
+        raws = parse_sql(sql)
+    except (ParseError, RecursionError):
+        return []
     out = []
-    for model_uri, text_expr, source in _sources(stmt):
-        query = ast.SelectStmt(
-            targetList=(ast.ResTarget(val=ast.TypeCast(arg=text_expr, typeName=_TEXT)),),
-            fromClause=source.fromClause, whereClause=source.whereClause, withClause=source.withClause,
-            limitCount=source.limitCount, limitOffset=source.limitOffset, limitOption=source.limitOption,
-            sortClause=source.sortClause,
-        )
-        if _harmless(query):
-            _restore_strings(query, restore)
-            out.append(Lookahead(restore(model_uri), RawStream()(query)))
+    for raw in raws:
+        stmt = raw.stmt
+        if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt) and stmt.relation is not None:
+            relation = stmt.relation
+            name = RawStream()(ast.RangeVar(relname=relation.relname, schemaname=relation.schemaname, inh=True,
+                                            relpersistence="p"))
+            out.append((stmt, name))
     return out
+
+
+def generated_lookaheads(stmt: ast.Node, columns: Sequence[str], generated: Sequence[str]) -> list[Lookahead]:
+    """For an INSERT or UPDATE of a table whose stored generated columns have the expressions
+    `generated` (as pg_get_expr writes them), the look-aheads of the texts they will embed; `columns`
+    are the table's other columns, in order (an INSERT without a column list fills them so)."""
+    out = []
+    for expression in generated:
+        try:
+            (raw,) = parse_sql("SELECT " + expression)
+        except (ParseError, ValueError):
+            continue
+        for model_uri, text_expr, _ in _calls(raw.stmt.targetList[0].val, _Source()):
+            found = (_inserted(stmt, text_expr, columns) if isinstance(stmt, ast.InsertStmt)
+                     else _updated(stmt, text_expr) if isinstance(stmt, ast.UpdateStmt) else None)
+            lookahead = _lookahead(model_uri, *found) if found is not None else None
+            if lookahead is not None:
+                out.append(lookahead)
+    return out
+
+
+def _inserted(stmt: ast.InsertStmt, text_expr: ast.Node, columns: Sequence[str]) -> tuple[ast.Node, _Source] | None:
+    """The rows an INSERT writes, as a subquery named after the columns they fill."""
+    select = stmt.selectStmt
+    if not isinstance(select, ast.SelectStmt) or stmt.onConflictClause is not None:
+        return None
+    if stmt.cols:
+        names = [target.name for target in stmt.cols]
+    else:
+        width = len(select.valuesLists[0]) if select.valuesLists else len(select.targetList or ())
+        if any(isinstance(t.val, ast.ColumnRef) and isinstance(t.val.fields[-1], ast.A_Star)
+               for t in select.targetList or ()):
+            return None  # SELECT *: how many columns it fills only the server knows
+        names = list(columns[:width])
+    if select.valuesLists and len(select.valuesLists) < 2:
+        return None  # one row: its request is on its way already
+    if not _column_names(text_expr) <= set(names):
+        return None  # a column the INSERT leaves to its default
+    rows = ast.RangeSubselect(subquery=select, alias=ast.Alias(
+        aliasname="lookahead_rows", colnames=tuple(ast.String(n) for n in names)))
+    return text_expr, _Source((rows,), withClause=stmt.withClause)
+
+
+def _updated(stmt: ast.UpdateStmt, text_expr: ast.Node) -> tuple[ast.Node, _Source] | None:
+    """The rows an UPDATE writes, with the new values of the columns it sets."""
+    assigned = {t.name: t.val for t in stmt.targetList or () if not t.indirection and not isinstance(
+        t.val, ast.MultiAssignRef)}
+    if not _column_names(text_expr) & assigned.keys():
+        return None  # the source columns keep their values
+    source = _Source((stmt.relation, *(stmt.fromClause or ())), stmt.whereClause, stmt.withClause)
+    return _substitute(text_expr, assigned), source
+
+
+def _column_names(expr: ast.Node) -> set[str]:
+    return {node.fields[-1].sval for node in _walk(expr, into_subqueries=True)
+            if isinstance(node, ast.ColumnRef) and isinstance(node.fields[-1], ast.String)}
+
+
+def _substitute(node: object, values: dict[str, ast.Node]) -> object:
+    """`node` with each bare column reference to a key of `values` replaced by its value."""
+    if isinstance(node, tuple | list):
+        return type(node)(_substitute(item, values) for item in node)
+    if not isinstance(node, ast.Node):
+        return node
+    if isinstance(node, ast.ColumnRef) and len(node.fields) == 1 and isinstance(node.fields[0], ast.String):
+        return values.get(node.fields[0].sval, node)
+    for slot in type(node).__slots__:
+        value = getattr(node, slot, None)
+        if isinstance(value, ast.Node | tuple | list):
+            setattr(node, slot, _substitute(value, values))
+    return node
 
 
 @dataclass
@@ -110,7 +209,7 @@ def _calls(expr: ast.Node | None, source: _Source) -> Iterator[tuple[str, ast.No
         text = named.get("input", positional[1] if len(positional) > 1 else None)
         if "inputs" in named or not _is_string(model) or text is None or _is_constant(text):
             continue
-        yield model.val.sval, text, source
+        yield _uncast(model).val.sval, text, source
 
 
 def _harmless(query: ast.SelectStmt) -> bool:
@@ -158,10 +257,14 @@ def _name(call: ast.FuncCall) -> tuple[str, ...]:
 
 
 def _is_string(node: ast.Node | None) -> bool:
-    return isinstance(node, ast.A_Const) and isinstance(node.val, ast.String)
+    return isinstance(_uncast(node), ast.A_Const) and isinstance(_uncast(node).val, ast.String)
+
+
+def _uncast(node: ast.Node | None) -> ast.Node | None:
+    while isinstance(node, ast.TypeCast):
+        node = node.arg
+    return node
 
 
 def _is_constant(node: ast.Node) -> bool:
-    while isinstance(node, ast.TypeCast):
-        node = node.arg
-    return isinstance(node, ast.A_Const | ast.ParamRef)
+    return isinstance(_uncast(node), ast.A_Const | ast.ParamRef)

@@ -24,7 +24,7 @@ from ..service import ServiceConnections, ServiceUnavailable
 from .errors import CallError
 from .evaluate import as_text, run
 from .functions import Backend
-from .lookahead import Lookahead
+from .lookahead import Lookahead, generated_lookaheads, written_tables
 from .signatures import PRIVILEGED
 
 log = logging.getLogger("azure_local_ai_proxy.servercalls")
@@ -193,6 +193,23 @@ class ServerCalls:
         if not lookaheads or limit < 1:
             return None
         return asyncio.get_running_loop().create_task(self._look_ahead(lookaheads, limit))
+
+    def look_ahead_written(self, sql: str) -> asyncio.Task[None] | None:
+        """For a statement that does not name azure_local_ai but whose server asks: the embeddings the
+        generated columns of the tables it writes will need (INSERT ... SELECT, UPDATE of the source)."""
+        limit = self.backend.cache.max_bytes // _LOOKAHEAD_ROW_BYTES // 2
+        return asyncio.get_running_loop().create_task(self._look_ahead_written(sql, limit)) if limit >= 1 else None
+
+    async def _look_ahead_written(self, sql: str, limit: int) -> None:
+        found: list[Lookahead] = []
+        for stmt, table in await asyncio.to_thread(written_tables, sql):
+            try:
+                columns, generated = await self.service.generated_embeddings(self.database, self.login, table)
+            except ServiceUnavailable as exc:
+                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
+                return
+            found += generated_lookaheads(stmt, columns, generated)
+        await self._look_ahead(found, limit)
 
     async def _look_ahead(self, lookaheads: list[Lookahead], limit: int) -> None:
         for lookahead in lookaheads:
