@@ -127,9 +127,9 @@ class ServiceConnections:
             login, role,
         ))
 
-    async def read_texts(self, database: str, login: str, query: str, limit: int) -> list[str]:
-        """The texts a look-ahead query yields (lookahead.py), at most `limit`."""
-        sql = f"SELECT t FROM ({query}) AS lookahead(t) WHERE t IS NOT NULL LIMIT {int(limit)}"
+    async def read_texts(self, database: str, login: str, query: str, limit: int, offset: int = 0) -> list[str]:
+        """The texts a look-ahead query yields (lookahead.py), at most `limit` from `offset` on."""
+        sql = f"SELECT t FROM ({query}) AS lookahead(t) WHERE t IS NOT NULL LIMIT {int(limit)} OFFSET {int(offset)}"
         return [row[0] for row in await self._read(database, login, sql)]
 
     async def generated_embeddings(self, database: str, login: str, table: str) -> tuple[list[str], list[str]]:
@@ -146,8 +146,9 @@ class ServiceConnections:
             conn = await self._connection(database, self._readers)
             try:
                 async with conn.transaction(readonly=True):
+                    # Never waiting for a lock: a table the session's own statement locks is read before it.
                     await conn.execute(f"SET LOCAL ROLE {_ident(login)}; SET LOCAL statement_timeout = 30000; "
-                                       "SET LOCAL standard_conforming_strings = on")
+                                       "SET LOCAL lock_timeout = 100; SET LOCAL standard_conforming_strings = on")
                     return await conn.fetch(sql, *args)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"a look-ahead read failed: {exc}") from exc

@@ -471,3 +471,41 @@ def test_rows_written_into_a_generated_column_are_read_ahead(conn: psycopg.Conne
     assert len(rows) == 41 + 43
     for body, stored in rows:
         assert stored == constant_path(conn, body)
+
+
+def test_look_aheads_go_a_page_at_a_time_and_alter_table_reads_first(pg: PgCluster, database: str,
+                                                                        model_data_dir: Path, tmp_path: Path) -> None:
+    """With a cache of 1 MB a look-ahead reads 256 texts at a time, a page ahead of the server at most;
+    ALTER TABLE, which locks its table against reading, has its texts read before it runs (as many as
+    the cache keeps ahead), and with the cache off nothing is read ahead."""
+    data_dir = tmp_path / "proxy"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
+    small = start_proxy(data_dir, "--service-user", "postgres", "--cache-mb", "1", upstream=pg.url())
+    try:
+        with psycopg.connect(small.dsn(database=database), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION azure_local_ai")
+            conn.execute("CREATE TABLE docs (id int, body text, v real[])")
+            conn.execute("INSERT INTO docs SELECT i, 'paged text ' || i FROM generate_series(1, 601) i")
+            assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')}").rowcount == 601
+            assert "event=lookahead texts=601 " in small.log
+            conn.execute("CREATE TABLE more (id int, body text)")
+            conn.execute("INSERT INTO more SELECT i, 'altered text ' || i FROM generate_series(1, 300) i")
+            conn.execute(f"ALTER TABLE more ADD COLUMN v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED")
+            assert "event=lookahead texts=256 " in small.log  # all the cache keeps ahead; the rest one by one
+            for table in ("docs", "more"):
+                rows = conn.execute(f"SELECT body, v::text FROM {table} WHERE id % 50 = 1").fetchall()
+                assert len(rows) == (13 if table == "docs" else 6)
+                for body, stored in rows:  # evicted since (the cache is small): computed anew, alone
+                    assert_same_embeddings(floats(stored), floats(constant_path(conn, body)))
+    finally:
+        small.stop()
+    off = start_proxy(data_dir, "--service-user", "postgres", "--cache-mb", "0", upstream=pg.url())
+    try:
+        with psycopg.connect(off.dsn(database=database), autocommit=True) as conn:
+            conn.execute("UPDATE docs SET v = NULL WHERE id <= 5")
+            conn.execute(f"UPDATE docs SET v = {CALL.format('body')} WHERE id <= 5")
+            assert "event=lookahead" not in off.log
+            assert conn.execute("SELECT count(*) FROM docs WHERE v IS NULL").fetchone() == (0,)
+    finally:
+        off.stop()

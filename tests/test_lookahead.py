@@ -34,7 +34,8 @@ def one(sql: str) -> list[Lookahead]:
      "SELECT CAST(body AS pg_catalog.text) FROM src ORDER BY id LIMIT 10"),
 ])
 def test_the_rows_a_statement_embeds_are_read_by_a_query(sql: str, query: str) -> None:
-    assert one(sql) == [Lookahead(M, query)]
+    # ALTER TABLE locks its table against reading: its texts are read before it runs.
+    assert one(sql) == [Lookahead(M, query, before=sql.startswith("ALTER"))]
 
 
 @pytest.mark.parametrize("sql", [

@@ -191,8 +191,10 @@ class InterceptHook:
         await _breathe(len(body))
         if any(s.server_calls for s in statements):
             self._hint_missing_extension(control)
-            if control.transaction_status != "E":
-                self._look_ahead(statements, control)
+            stopped = await self._look_ahead(statements, control)
+            if stopped is not None:
+                self._fail_query(control, "", stopped)
+                return
         if not any(s.calls or s.extension for s in statements) or (
             control.transaction_status == "E" and not _ends_transaction(sql, statements)
         ):
@@ -260,8 +262,10 @@ class InterceptHook:
             return
         if any(s.server_calls for s in statements):
             self._hint_missing_extension(control)
-            if control.transaction_status != "E":
-                self._look_ahead(statements, control)
+            stopped = await self._look_ahead(statements, control)
+            if stopped is not None:
+                self._fail_parse(parse, control, stopped)
+                return
         if any(s.extension for s in statements):
             self._fail_parse(parse, control, CallError(
                 "0A000",
@@ -408,13 +412,24 @@ class InterceptHook:
         self._hinted.add(control.requests_sent)
         self._watch(control)
 
-    def _look_ahead(self, statements: list[Statement], control: SessionControl) -> None:
-        """Embed ahead what the server's calls in these statements will ask for, until their batch ends."""
+    async def _look_ahead(self, statements: list[Statement], control: SessionControl) -> CallError | None:
+        """Embed ahead what the server's calls in these statements will ask for, until their batch ends.
+        A statement that locks the table it reads (ALTER TABLE) waits until its texts are read: the
+        error if it was cancelled meanwhile."""
         found = [lookahead for s in statements for lookahead in s.lookaheads]
-        task = self.server_calls.look_ahead(found) if self.server_calls is not None else None
-        if task is not None:
-            self._lookaheads.append((control.requests_sent, task))
-            self._watch(control)
+        started = self.server_calls.look_ahead(found) if self.server_calls is not None and (
+            control.transaction_status != "E") else None
+        if started is None:
+            return None
+        task, read = started
+        self._lookaheads.append((control.requests_sent, task))
+        self._watch(control)
+        if any(lookahead.before for lookahead in found):
+            try:
+                await self._cancellable(asyncio.wait([read]))
+            except CallError as error:
+                return error
+        return None
 
     def notice(self, body: bytes, control: SessionControl) -> bool:
         """A NoticeResponse from the server: True if it was a request of the extension's functions

@@ -13,7 +13,7 @@ neither change nor read more than the client's statement could."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pglast import ast, parse_sql
 from pglast.enums import AlterTableType, ConstrType, LimitOption, SetOperation
@@ -40,12 +40,15 @@ class Lookahead:
 
     model_uri: str
     query: str
+    #: The statement locks the table against reading (ALTER TABLE): read it before the statement runs.
+    before: bool = False
 
 
 def lookaheads(stmt: ast.Node, restore: Callable[[str], str] = lambda s: s) -> list[Lookahead]:
     """The look-aheads of one parsed statement (none where the rows cannot be told safely).
     `restore` gives back a string constant the caller shortened before parsing."""
-    return [found for model_uri, text_expr, source in _sources(stmt)
+    before = isinstance(stmt, ast.AlterTableStmt)
+    return [replace(found, before=before) for model_uri, text_expr, source in _sources(stmt)
             if (found := _lookahead(model_uri, text_expr, source, restore)) is not None]
 
 

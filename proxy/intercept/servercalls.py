@@ -36,8 +36,10 @@ WAITING_CODE = "AL002"
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_PLACE = 1 << 40  # large objects end at 4 TB
 #: Cache bytes a looked-ahead text is reckoned to take (its vector, the text, the bookkeeping): a
-#: look-ahead reads no more texts than half the cache holds, so that the first are still there when asked.
-_LOOKAHEAD_ROW_BYTES = 4096
+#: look-ahead keeps no more texts ahead than half the cache holds, so that they are there when asked.
+_LOOKAHEAD_ROW_BYTES = 2048
+#: Texts a look-ahead reads at a time, and how far ahead of the server's requests it may run.
+_LOOKAHEAD_PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,16 @@ class ServerCalls:
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being dropped
         self._holding: asyncio.Future[bool] | None = None  # taking the session's lock (_hold)
+        self._asked = 0  # requests so far, and an event at each: how far the server has come
+        self._progress = asyncio.Event()
 
     def notice(self, body: bytes) -> bool:
         """A NoticeResponse from the server: True if it was a request (the client must not see it)."""
         request = parse_request(body)
         if isinstance(request, bool):
             return request
+        self._asked += 1
+        self._progress.set()
         task = asyncio.get_running_loop().create_task(self._answer(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -186,21 +192,26 @@ class ServerCalls:
             await self.service.grant(self.database, self.mailbox.oid, request.role)
         await self.service.write(self.database, self.mailbox.oid, request.at, answer, unlock)
 
-    def look_ahead(self, lookaheads: list[Lookahead]) -> asyncio.Task[None] | None:
-        """Start embedding, in batches, the texts a statement is about to ask for one by one (the caller
-        cancels the task when the statement ends). None when the cache is off."""
-        limit = self.backend.cache.max_bytes // _LOOKAHEAD_ROW_BYTES // 2
-        if not lookaheads or limit < 1:
+    def look_ahead(self, lookaheads: list[Lookahead]) -> tuple[asyncio.Task[None], asyncio.Future[None]] | None:
+        """Start embedding, in batches, the texts a statement is about to ask for one by one. Returns
+        the work (the caller cancels it when the statement ends) and a future done once the first
+        texts are read; None when the cache is off."""
+        if not lookaheads or not self._capacity():
             return None
-        return asyncio.get_running_loop().create_task(self._look_ahead(lookaheads, limit))
+        loop = asyncio.get_running_loop()
+        read = loop.create_future()
+        return loop.create_task(self._look_ahead(lookaheads, read)), read
 
     def look_ahead_written(self, sql: str) -> asyncio.Task[None] | None:
         """For a statement that does not name azure_local_ai but whose server asks: the embeddings the
         generated columns of the tables it writes will need (INSERT ... SELECT, UPDATE of the source)."""
-        limit = self.backend.cache.max_bytes // _LOOKAHEAD_ROW_BYTES // 2
-        return asyncio.get_running_loop().create_task(self._look_ahead_written(sql, limit)) if limit >= 1 else None
+        return asyncio.get_running_loop().create_task(self._look_ahead_written(sql)) if self._capacity() else None
 
-    async def _look_ahead_written(self, sql: str, limit: int) -> None:
+    def _capacity(self) -> int:
+        """How many looked-ahead texts the cache keeps, with room to spare (half of it)."""
+        return self.backend.cache.max_bytes // _LOOKAHEAD_ROW_BYTES // 2
+
+    async def _look_ahead_written(self, sql: str) -> None:
         found: list[Lookahead] = []
         for stmt, table in await asyncio.to_thread(written_tables, sql):
             try:
@@ -209,17 +220,44 @@ class ServerCalls:
                 log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
                 return
             found += generated_lookaheads(stmt, columns, generated)
-        await self._look_ahead(found, limit)
+        await self._look_ahead(found)
 
-    async def _look_ahead(self, lookaheads: list[Lookahead], limit: int) -> None:
-        for lookahead in lookaheads:
+    async def _look_ahead(self, lookaheads: list[Lookahead], read: asyncio.Future[None] | None = None) -> None:
+        try:
+            for lookahead in lookaheads:
+                await self._read_ahead(lookahead, read)
+        finally:
+            if read is not None and not read.done():
+                read.set_result(None)
+
+    async def _read_ahead(self, lookahead: Lookahead, read: asyncio.Future[None] | None) -> None:
+        """Read the texts a page at a time, never more than a page ahead of the server's requests, and
+        embed each page in batches. A statement that locks its table (ALTER TABLE) reads all it can
+        at once, before it runs."""
+        page = self._capacity() if lookahead.before else min(_LOOKAHEAD_PAGE, self._capacity())
+        asked_from, offset, total, computed = self._asked, 0, 0, 0
+        while True:
+            while self._asked - asked_from < offset - page:
+                self._progress.clear()
+                await self._progress.wait()
             try:
-                texts = await asyncio.shield(self.service.read_texts(self.database, self.login, lookahead.query, limit))
-                computed = await self.backend.embed_ahead(lookahead.model_uri, texts)
-            except (ServiceUnavailable, CallError) as exc:  # only time is lost: each request is answered anyway
+                texts = await asyncio.shield(
+                    self.service.read_texts(self.database, self.login, lookahead.query, page, offset))
+            except ServiceUnavailable as exc:  # only time is lost: each request is answered anyway
                 log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
-                continue
-            log.info("looked ahead", extra={"event": "lookahead", "texts": len(texts), "computed": computed})
+                break
+            finally:
+                if read is not None and not read.done():
+                    read.set_result(None)
+            try:
+                computed += await self.backend.embed_ahead(lookahead.model_uri, texts)
+            except CallError as exc:
+                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
+                break
+            total, offset = total + len(texts), offset + page
+            if len(texts) < page or lookahead.before:
+                break
+        log.info("looked ahead", extra={"event": "lookahead", "texts": total, "computed": computed})
 
     @property
     def open(self) -> bool:
