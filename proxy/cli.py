@@ -143,7 +143,7 @@ def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | Non
     server_calls = None
     if service is not None and info.mailbox is not None and info.server_key is not None:
         key = info.server_key
-        server_calls = ServerCalls(info.user, info.database, info.mailbox, backend, service,
+        server_calls = ServerCalls(info.user, info.database, info.mailbox, key[0], backend, service,
                                    lambda: info.upstream.send_cancel(*key))
     return InterceptHook(info, backend, server_calls)
 

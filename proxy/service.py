@@ -16,7 +16,17 @@ from .upstream import Upstream
 
 log = logging.getLogger("azure_local_ai_proxy.service")
 
-MAILBOX_COMMENT = "azure-local-ai-proxy mailbox"
+#: What a mailbox's comment begins with; it ends with the server backend the mailbox is for, so that
+#: mailboxes left by a proxy that stopped abruptly (or restored from a dump) can be told and removed.
+MAILBOX_COMMENT = "azure-local-ai-proxy mailbox of backend "
+#: Mailboxes whose backend is gone: removed whenever a service connection is opened.
+_LEFT_MAILBOXES = f"""
+SELECT count(pg_catalog.lo_unlink(m.oid))
+FROM pg_catalog.pg_largeobject_metadata m
+JOIN pg_catalog.pg_description d ON d.objoid = m.oid AND d.classoid = 'pg_catalog.pg_largeobject'::regclass
+WHERE m.lomowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
+  AND d.description LIKE '{MAILBOX_COMMENT}%'
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE d.description = '{MAILBOX_COMMENT}' || a.pid)"""
 _INLINE_ANSWER = 1 << 16  # a first answer up to this size goes in the statement that makes the mailbox
 _GENERATED_EMBEDDINGS = """
 SELECT a.attname::text, a.attgenerated::text,
@@ -64,7 +74,20 @@ class ServiceConnections:
                 f"the proxy's service login {self.user!r} cannot connect to database {database!r}: {exc}"
             ) from exc
         pool[database] = conn
+        if pool is self._connections:
+            await self._remove_left_mailboxes(conn, database)
         return conn
+
+    async def _remove_left_mailboxes(self, conn: asyncpg.Connection, database: str) -> None:
+        try:
+            removed = await conn.fetchval(_LEFT_MAILBOXES)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("mailboxes left behind were not looked for", extra={"event": "mailbox_cleanup_failed",
+                                                                            "reason": str(exc)})
+            return
+        if removed:
+            log.info("removed mailboxes left behind", extra={"event": "mailbox_cleanup", "database": database,
+                                                             "removed": removed})
 
     async def _run(self, database: str, sql: str, *args: object) -> object:
         async with self._locks.setdefault(database, asyncio.Lock()):
@@ -75,16 +98,16 @@ class ServiceConnections:
                 raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
 
     async def open_mailbox(
-        self, database: str, oid: int, role: str, at: int, first: bytes, unlock: int | None = None
+        self, database: str, oid: int, backend_pid: int, role: str, at: int, first: bytes, unlock: int | None = None
     ) -> None:
-        """Create the mailbox large object `oid` holding `first` (the statement's first answer) at
-        `at`, readable and writable by `role` only (and by the service login, its owner), and let go of
-        the advisory lock `unlock`: one round trip."""
+        """Create the mailbox large object `oid` for server backend `backend_pid`, holding `first` (the
+        statement's first answer) at `at`, readable and writable by `role` only (and by the service
+        login, its owner), and let go of the advisory lock `unlock`: one round trip."""
         inline = len(first) <= _INLINE_ANSWER
         write = f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); " if inline else ""
         release = f"; SELECT pg_catalog.pg_advisory_unlock({int(unlock)})" if unlock is not None and inline else ""
         sql = (f"SELECT pg_catalog.lo_create({int(oid)}); {write}"
-               f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}'; "
+               f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}{int(backend_pid)}'; "
                f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}{release}")
         async with self._locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database)

@@ -5,6 +5,7 @@ Each test works in a database of its own, where the extension is installed or no
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import threading
 import time
@@ -509,3 +510,72 @@ def test_look_aheads_go_a_page_at_a_time_and_alter_table_reads_first(pg: PgClust
             assert conn.execute("SELECT count(*) FROM docs WHERE v IS NULL").fetchone() == (0,)
     finally:
         off.stop()
+
+
+def test_a_lost_service_connection_ends_the_statement_and_the_next_one_works(
+    conn: psycopg.Connection, pg: PgCluster, database: str
+) -> None:
+    """The service connection is terminated mid-back-fill: the statement gets an error (or, if no answer
+    was in flight, finishes), never hangs; the proxy connects again for the next statement."""
+    conn.execute("CREATE TABLE docs (id int, body text, v real[])")
+    conn.execute("INSERT INTO docs SELECT i, 'dropped service text ' || i FROM generate_series(1, 400) i")
+    admin = psycopg.connect(pg.dsn(database=database), autocommit=True)
+    terminate = threading.Timer(1.0, lambda: admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+        "'azure-local-ai-proxy service' AND datname = current_database()"))
+    terminate.start()
+    started = time.monotonic()
+    try:
+        conn.execute(f"UPDATE docs SET v = azure_local_ai.create_embeddings('{MODEL}', body || ' ' || id, 30000)")
+        failed = None
+    except psycopg.errors.QueryCanceled as exc:
+        failed = exc
+    finally:
+        terminate.join()
+        admin.close()
+    assert time.monotonic() - started < 60
+    done = conn.execute("SELECT count(v) FROM docs").fetchone()[0]
+    assert done == (0 if failed is not None else 400)  # all or nothing: one statement
+    assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')} WHERE id <= 3").rowcount == 3
+
+
+def test_a_proxy_stopped_mid_statement_loses_no_committed_data(pg: PgCluster, database: str, model_data_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """The proxy is killed during a back-fill: the client's connection ends; the server backend,
+    whose client is gone, ends within about a second (the function's keep-alive) and its
+    transaction rolls back; committed rows are as they were; the next proxy removes the mailbox left."""
+    data_dir = tmp_path / "proxy"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
+    first = start_proxy(data_dir, "--service-user", "postgres", upstream=pg.url())
+    conn = psycopg.connect(first.dsn(database=database), autocommit=True)
+    conn.execute("CREATE EXTENSION azure_local_ai")
+    conn.execute("CREATE TABLE docs (id int, body text, v real[])")
+    conn.execute("INSERT INTO docs SELECT i, 'killed proxy text ' || i FROM generate_series(1, 400) i")
+    conn.execute(f"UPDATE docs SET v = {CALL.format('body')} WHERE id = 1")
+    committed = conn.execute("SELECT v::text FROM docs WHERE id = 1").fetchone()[0]
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    threading.Timer(1.0, first.stop, kwargs={"sig": signal.SIGKILL}).start()
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute(f"UPDATE docs SET v = {CALL.format('body')} WHERE id > 1")
+    conn.close()
+    with psycopg.connect(pg.dsn(database=database), autocommit=True) as admin:
+        deadline = time.monotonic() + 10
+        while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the backend of a session whose client is gone still runs"
+            time.sleep(0.2)
+        assert admin.execute("SELECT count(v) FROM docs").fetchone() == (1,)
+        assert admin.execute("SELECT v::text FROM docs WHERE id = 1").fetchone() == (committed,)
+        left = "SELECT count(*) FROM pg_description WHERE description LIKE 'azure-local-ai-proxy mailbox%%'"
+        assert admin.execute(left).fetchone() == (1,)  # the one of the statement cut short
+        second = start_proxy(data_dir, "--service-user", "postgres", upstream=pg.url())
+        try:
+            with psycopg.connect(second.dsn(database=database), autocommit=True) as again:
+                again.execute(f"UPDATE docs SET v = {CALL.format('body')} WHERE id = 2")
+            assert "event=mailbox_cleanup database=" + database + " removed=1" in second.log
+            deadline = time.monotonic() + 5  # the statement's own goes just after its end
+            while admin.execute(left).fetchone() != (0,):
+                assert time.monotonic() < deadline, "a mailbox is left"
+                time.sleep(0.1)
+        finally:
+            second.stop()

@@ -89,12 +89,13 @@ class ServerCalls:
     The mailbox is made at a statement's first request and dropped at its end."""
 
     def __init__(
-        self, login: str, database: str, mailbox: Mailbox, backend: Backend, service: ServiceConnections,
-        cancel_statement: Callable[[], Awaitable[None]],
+        self, login: str, database: str, mailbox: Mailbox, backend_pid: int, backend: Backend,
+        service: ServiceConnections, cancel_statement: Callable[[], Awaitable[None]],
     ) -> None:
         self.login = login
         self.database = database
         self.mailbox = mailbox
+        self.backend_pid = backend_pid  # the server backend the mailbox is for
         self.backend = backend
         self.service = service
         self._cancel_statement = cancel_statement
@@ -185,7 +186,8 @@ class ServerCalls:
         # statement end, before that reply reaches the proxy; its removal then waits for the making.
         if not self._granted:
             self._granted.add(request.role)
-            await self.service.open_mailbox(self.database, self.mailbox.oid, request.role, request.at, answer, unlock)
+            await self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, request.role,
+                                            request.at, answer, unlock)
             return
         if request.role not in self._granted:
             self._granted.add(request.role)
