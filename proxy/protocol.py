@@ -291,6 +291,11 @@ class Framer:
         return not self._skip and not self._held
 
     @property
+    def gathering(self) -> bool:
+        """A long message is being gathered whole (its pieces so far are held)."""
+        return bool(self._parts)
+
+    @property
     def undecided(self) -> bool:
         """A Partial was handed out and `decide` has not been called yet."""
         return self._undecided

@@ -184,6 +184,11 @@ class Relay:
             self.log.warning("client protocol violation", extra={"event": "protocol_violation", "reason": str(exc)})
             self.fail("08P01", str(exc))
             return
+        if framer.gathering and "turn" not in self._client_pauses:
+            # A long message read as fast as the client sends it would keep the loop from the other
+            # sessions (libuv reads up to 32 times per wake-up): one read per turn of the loop.
+            self._pause_client("turn")
+            asyncio.get_running_loop().call_soon(self._resume_client, "turn")
         if self._held is not None:
             self._held.extend(pieces)
             self._held_bytes += len(data)

@@ -338,3 +338,49 @@ def test_parameter_zero(client: RawClient) -> None:
     client.send(parse(b"SELECT azure_local_ai.get_setting($0::text[])") + SYNC)
     assert errors(outcome(client)) == ["42P02"]
     session_goes_on(client)
+
+
+def rows(client: RawClient) -> list[list[str | None]]:
+    """The DataRows up to the next ReadyForQuery, decoded (text format); errors fail the test."""
+    out = []
+    for msg_type, body in client.read_until(b"Z"):
+        assert msg_type != b"E", pg.parse_fields(body)
+        if msg_type == b"D":
+            count, pos, row = struct.unpack_from("!H", body)[0], 2, []
+            for _ in range(count):
+                (length,) = struct.unpack_from("!i", body, pos)
+                pos += 4
+                row.append(None if length < 0 else body[pos : pos + length].decode())
+                pos += max(length, 0)
+            out.append(row)
+    return out
+
+
+LONG = "x" * (2 << 20)  # a long statement (over 1 MB) is read as bytes in a worker thread
+
+
+def test_a_long_statement_with_other_characters_around_its_long_constant(client: RawClient) -> None:
+    short = "SELECT 'é' || 'ünïcode', azure_local_ai.get_setting('spin_control'), '日本語'"
+    client.send(query(short.encode()))
+    expected = rows(client)
+    client.send(query(f"SELECT 'é' || 'ünïcode', azure_local_ai.get_setting('spin_control'), '日本語', "
+                      f"length('{LONG}')".encode()))
+    assert rows(client) == [[*expected[0], str(len(LONG))]]
+
+
+def test_a_long_constant_as_an_argument_is_read_from_the_bytes(client: RawClient, proxy: ProxyProcess) -> None:
+    text = ("Ein längerer Text über Einbettungen. " * 60_000)[: 2 << 20]
+    client.send(query(f"SELECT azure_local_ai.create_embeddings('{MODEL}', '{text}')::text".encode()))
+    ((constant,),) = rows(client)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        bound = conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', %s)::text", (text,)).fetchone()[0]
+    assert constant == bound
+
+
+def test_a_long_statement_under_standard_conforming_strings_off(client: RawClient) -> None:
+    client.send(query(b"SET standard_conforming_strings = off"))
+    rows(client)
+    client.send(query(f"SELECT 'it\\'s', azure_local_ai.get_setting('spin\\_control'), length('{LONG}')".encode()))
+    ((quoted, setting, length),) = rows(client)
+    client.send(query(b"SELECT azure_local_ai.get_setting('spin_control')"))
+    assert (quoted, length) == ("it's", str(len(LONG))) and [[setting]] == rows(client)

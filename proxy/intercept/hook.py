@@ -16,6 +16,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Awaitable
+from typing import AnyStr
 
 from .. import protocol as pg
 from ..hooks import SessionControl, SessionInfo
@@ -30,7 +31,7 @@ from .render import splice, splice_parts
 from .servercalls import ServerCalls
 from .signatures import PRIVILEGED
 from .sqlcalls import SCHEMA_MARKER, Statement, find_calls, mentions_schema
-from .strings import plain_literals_as_escape_strings
+from .strings import WINDOW, plain_literals_as_escape_strings
 
 log = logging.getLogger("azure_local_ai_proxy.intercept")
 
@@ -177,14 +178,16 @@ class InterceptHook:
     # ------------------------------------------------------------------ simple protocol
 
     async def _query(self, body: bytes, control: SessionControl) -> None:
-        text = _query_text(body)
+        # A long statement is read as its bytes, in a worker thread, a window at a time (strings.py):
+        # decoding it whole would hold the GIL, and the other sessions, for a long while.
+        long = len(body) >= LONG_STATEMENT
+        text = await asyncio.to_thread(_long_query_text, body) if long else _query_text(body)
         if text is None:
             control.forward(pg.QUERY, body)
             return
-        await _breathe(len(body))
         try:
             sql = await self._as_the_server_reads(text, control)
-            statements = find_calls(sql)
+            statements = await asyncio.to_thread(find_calls, sql) if long else find_calls(sql)
         except CallError as exc:
             self._fail_query(control, "", exc)
             return
@@ -210,13 +213,15 @@ class InterceptHook:
             self._fail_query(control, "", error)
             return
         await _breathe(len(body))
-        if sql is text and text.isascii():  # offsets in the text are offsets in the bytes: splice those
+        if isinstance(sql, bytes):  # with its NUL
+            control.forward_parts(pg.QUERY, splice_parts(memoryview(sql), replacements))
+        elif sql is text and text.isascii():  # offsets in the text are offsets in the bytes: splice those
             control.forward_parts(pg.QUERY, splice_parts(memoryview(body), replacements))
         else:
             control.forward(pg.QUERY, splice(sql, replacements).encode() + b"\0")
 
     async def _rewrite(
-        self, sql: str, statements: list[Statement], control: SessionControl
+        self, sql: str | bytes, statements: list[Statement], control: SessionControl
     ) -> list[tuple[int, int, str]]:
         """Run the calls; what replaces each (start, end) span of `sql`."""
         replacements: list[tuple[int, int, str]] = []
@@ -224,7 +229,7 @@ class InterceptHook:
         for index, statement in enumerate(statements):
             if statement.extension is not None:
                 if statement.extension.tag == "CREATE EXTENSION" and self.server_calls is None:
-                    raise _StatementFailed(splice(sql[: statement.start], replacements), _NO_SERVER_CALLS)
+                    raise _StatementFailed(_spliced(sql[: statement.start], replacements), _NO_SERVER_CALLS)
                 replacements.append((statement.start, statement.end, statement.extension.sql))
                 self._retag(control, index, statement.extension.tag)
                 continue
@@ -237,7 +242,7 @@ class InterceptHook:
                     text = await replacement(call, self.backend)
                 except CallError as error:
                     # Earlier statements run (rewritten); this one fails; later ones never start.
-                    raise _StatementFailed(splice(sql[: statement.start], replacements), error) from error
+                    raise _StatementFailed(_spliced(sql[: statement.start], replacements), error) from error
                 replacements.append((call.start, call.end, text))
         return replacements
 
@@ -341,12 +346,16 @@ class InterceptHook:
 
     # ------------------------------------------------------------------ shared machinery
 
-    async def _as_the_server_reads(self, sql: str, control: SessionControl) -> str:
+    async def _as_the_server_reads(self, sql: AnyStr, control: SessionControl) -> AnyStr:
         """`sql` written so that pglast reads it as the session's server will: where plain string
         constants hold backslashes, that depends on standard_conforming_strings as it will be when
         the server reads this message, so wait for the server's answers to what went before (their
-        ParameterStatus reports any change) and, with the setting off, mark them E'' (strings.py)."""
-        escaped = plain_literals_as_escape_strings(sql)
+        ParameterStatus reports any change) and, with the setting off, mark them E'' (strings.py).
+        A long statement's bytes are read in a worker thread."""
+        if isinstance(sql, bytes):
+            escaped = await asyncio.to_thread(plain_literals_as_escape_strings, sql)
+        else:
+            escaped = plain_literals_as_escape_strings(sql)
         if escaped is None:
             return sql
         if control.in_batch:
@@ -546,5 +555,36 @@ def _with_missing_extension_hint(body: bytes) -> bytes | None:
     return pg.message(pg.ERROR_RESPONSE, body[:-1] + b"H" + _MISSING_EXTENSION_HINT.encode() + b"\0\0")
 
 
-def _ends_transaction(sql: str, statements: list[Statement]) -> bool:
-    return any(sql[s.start : s.end].lstrip().lower().startswith(_TRANSACTION_ENDS) for s in statements)
+def _ends_transaction(sql: str | bytes, statements: list[Statement]) -> bool:
+    return any(_head(sql[s.start : min(s.end, s.start + 4096)]).lstrip().lower().startswith(_TRANSACTION_ENDS)
+               for s in statements)
+
+
+def _head(part: str | bytes) -> str:
+    return part if isinstance(part, str) else part.decode(errors="replace")
+
+
+def _spliced(sql: str | bytes, replacements: list[tuple[int, int, str]]) -> str:
+    """`sql` with the replacements made, as text (the statements before a failing one)."""
+    if isinstance(sql, str):
+        return splice(sql, replacements)
+    return b"".join(splice_parts(memoryview(sql), replacements)).decode()
+
+
+def _long_query_text(body: bytes) -> bytes | None:
+    """`_query_text` for a long Query, which stays bytes: checked to be one NUL-terminated UTF-8
+    string a window at a time (run in a worker thread, which lets the event loop in between)."""
+    end = len(body) - 1
+    if end < 0 or body[end] != 0:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for start in range(0, end, WINDOW):
+            piece = body[start : min(end, start + WINDOW)]
+            if piece.find(b"\0") >= 0:
+                return None
+            decoder.decode(piece)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return None
+    return body

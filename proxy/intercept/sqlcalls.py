@@ -132,9 +132,9 @@ class Statement:
     lookaheads: list[Lookahead] = field(default_factory=list)
 
 
-def find_calls(sql: str, param_types: dict[int, int] | None = None) -> list[Statement]:
+def find_calls(sql: str | bytes, param_types: dict[int, int] | None = None) -> list[Statement]:
     """Every statement of `sql` with the azure_local_ai calls it contains; positions are offsets
-    into `sql`.
+    into `sql` (text, or the UTF-8 bytes of a long statement, see _ShortText).
 
     Raises CallError for a call that names no known function or fits no overload. A syntax error, or
     nesting too deep to walk, is not ours to report: it yields no statements, and the server will
@@ -181,17 +181,24 @@ def _leave_to_server(statement: Statement, node: ast.Node) -> None:
 class _ShortText:
     """A statement with its long string constants replaced by short placeholders, for the parser:
     pglast holds the GIL while it copies constants, for seconds on a 200 MB statement, and nothing
-    of a constant matters to it but its place. Maps positions back and placeholders to values."""
+    of a constant matters to it but its place. Maps positions back and placeholders to values.
 
-    def __init__(self, sql: str) -> None:
+    The statement may be text, or (a long statement, which is never decoded whole) its UTF-8 bytes,
+    with or without the Query message's closing NUL; positions are then byte offsets."""
+
+    def __init__(self, sql: str | bytes) -> None:
         self.sql = sql
         self._constants: dict[str, Constant] = {}  # placeholder -> the constant it stands for
         self._ends: list[int] = []  # where each placeholder ends in `text`
         self._shifts: list[int] = []  # how far `text` lies behind `sql` after that point
-        self.text = self._shrink(sql) if len(sql) >= LONG_CONSTANT else sql
+        short = self._shrink(sql) if len(sql) >= LONG_CONSTANT else sql
+        if isinstance(short, bytes):
+            short = short.removesuffix(b"\0").decode()
+        self.text: str = short
+        self._ascii = isinstance(sql, str) or short.isascii()
 
-    def _shrink(self, sql: str) -> str:
-        pieces: list[str] = []
+    def _shrink(self, sql: str | bytes) -> str | bytes:
+        pieces: list[str | bytes] = []
         cursor = shift = 0
         token = secrets.token_hex(6)
         for constant in constants(sql):
@@ -199,24 +206,35 @@ class _ShortText:
                 continue
             key = f"azure_local_ai_proxy_constant_{token}_{len(self._constants)}"
             self._constants[key] = constant
-            pieces += [sql[cursor : constant.start], f"'{key}'"]
+            placeholder = f"'{key}'"
+            pieces += [sql[cursor : constant.start], placeholder if isinstance(sql, str) else placeholder.encode()]
             shift += constant.end - constant.start - len(key) - 2
             self._ends.append(constant.end - shift)
             self._shifts.append(shift)
             cursor = constant.end
         pieces.append(sql[cursor:])
-        return "".join(pieces)
+        return sql[:0].join(pieces)  # type: ignore[arg-type]
 
     def original(self, position: int) -> int:
         """The offset in the statement of an offset in `text` (outside placeholders)."""
+        if not self._ascii:  # `text` was decoded from bytes: count the bytes before the position
+            position = len(self.text[:position].encode())
         index = bisect.bisect_right(self._ends, position)
         return position + (self._shifts[index - 1] if index else 0)
+
+    def between(self, start: int, end: int) -> str:
+        """The statement's text between two offsets of it."""
+        part = self.sql[start:end]
+        return part if isinstance(part, str) else part.decode()
 
     def value(self, sval: str) -> str:
         """A string constant's value as the parser read it, or the long constant it stands for (read
         only now: most long constants are not arguments of a call, and their value is not needed)."""
         constant = self._constants.get(sval)
-        return sval if constant is None else constant.value(self.sql)  # type: ignore[return-value]
+        if constant is None:
+            return sval
+        value = constant.value(self.sql)
+        return value if isinstance(value, str) else value.decode()  # type: ignore[union-attr]
 
 
 class _CallFinder(Visitor):
@@ -244,7 +262,7 @@ class _CallFinder(Visitor):
         positional: list[Arg] = []
         named: dict[str, Arg] = {}
         for raw, (a, b) in zip(raw_args, arg_spans, strict=True):
-            text = self.text.sql[self.text.original(a) : self.text.original(b)].strip()
+            text = self.text.between(self.text.original(a), self.text.original(b)).strip()
             if isinstance(raw, ast.NamedArgExpr):
                 text = re.sub(r"^\s*(\"[^\"]+\"|\w+)\s*(=>|:=)\s*", "", text, count=1)
                 named[raw.name] = self._arg(raw.arg, text)
