@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import trustme
 
+from .driver_scenario import Reference
 from .pgcluster import PgCluster, make_workdir, start_cluster
 from .proxyproc import ProxyProcess, start_proxy
 
@@ -77,3 +78,9 @@ def proxy(pg: PgCluster, tls_files: dict[str, Path], model_data_dir: Path) -> It
     )
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def driver_reference(proxy: ProxyProcess) -> Reference:
+    """What psycopg gets through the proxy for the driver scenario, to check the other drivers against."""
+    return Reference(proxy.dsn())
