@@ -103,7 +103,9 @@ def test_jsonb_and_text_results(run: dict, driver_reference: Reference) -> None:
     check_settings(run, driver_reference)
 
 
-def test_many_queries_in_flight(run: dict, driver_reference: Reference) -> None:
+def test_batch_of_queries(run: dict, driver_reference: Reference) -> None:
+    """node-postgres's pipeline mode and postgres.js send the queries all at once on the one connection;
+    node-postgres's plain mode, the baseline, one after another."""
     check_batch(run, driver_reference)
 
 
