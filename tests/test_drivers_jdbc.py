@@ -138,7 +138,7 @@ def test_error_in_the_middle_of_a_batch(run: dict, mode: str, driver_reference: 
     """In autocommit mode pgJDBC sends a batch with one Sync at its end, so the server runs it as one
     implicit transaction: the error (its SQLSTATE in the BatchUpdateException's next exception) undoes
     the rows before it, and every update count is EXECUTE_FAILED (-3). With preferQueryMode=simple each
-    row is its own Query, so only the failing one fails. Both as on a direct connection."""
+    row is its own Query, so only the failing one fails."""
     outcome = run["error_batches"][name]
     assert (outcome["ok"], outcome["sqlstate"]) == (False, ERROR_SQLSTATES[name])
     if mode == "simple":
