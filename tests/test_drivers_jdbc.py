@@ -119,6 +119,12 @@ def test_array_overload_with_ids(run: dict, mode: str, driver_reference: Referen
     check_with_ids(run, driver_reference)
 
 
+def test_array_overload_fetched_two_rows_at_a_time(run: dict, mode: str, driver_reference: Reference) -> None:
+    """setFetchSize(2) in a transaction: Execute with a row limit, the rows from a suspended portal
+    (preferQueryMode=simple has no portals and reads them at once)."""
+    check_with_ids({"with_ids": run["with_ids_fetched"]}, driver_reference)
+
+
 def test_vector_insert_and_nearest_neighbours(run: dict, mode: str, driver_reference: Reference) -> None:
     check_nearest(run, driver_reference)
 

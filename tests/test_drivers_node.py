@@ -95,6 +95,13 @@ def test_array_overload_with_ids(run: dict, driver_reference: Reference) -> None
     check_with_ids(run, driver_reference)
 
 
+def test_array_overload_read_through_a_cursor(postgres_js_run: dict, driver_reference: Reference) -> None:
+    """postgres.js's cursor(2): the proxy's rows come two at a time from a suspended portal."""
+    chunks = postgres_js_run["with_ids_chunks"]
+    assert [len(chunk) for chunk in chunks] == [2, 1]
+    check_with_ids({"with_ids": [row for chunk in chunks for row in chunk]}, driver_reference)
+
+
 def test_vector_insert_and_nearest_neighbours(run: dict, driver_reference: Reference) -> None:
     check_nearest(run, driver_reference)
 

@@ -116,7 +116,17 @@ public final class DriverScenario {
         out.raw("server_prepared", "[" + String.join(",", serverSide) + "]");
     }
 
+    /** The array overload with ids, read at once, then in a transaction two rows at a time (a fetch
+     * size makes the driver Execute with a row limit and the server suspend the portal). */
     private void withIds(Json out) throws SQLException {
+        out.raw("with_ids", withIds(0));
+        conn.setAutoCommit(false);
+        out.raw("with_ids_fetched", withIds(2));
+        conn.commit();
+        conn.setAutoCommit(true);
+    }
+
+    private String withIds(int fetchSize) throws SQLException {
         String[] inputs = values("input").toArray(new String[0]);
         List<String> idTexts = values("id");
         Long[] ids = new Long[idTexts.size()];
@@ -124,6 +134,7 @@ public final class DriverScenario {
         List<String> rows = new ArrayList<>();
         try (PreparedStatement ps = conn.prepareStatement(
                 "SELECT id, embedding FROM azure_local_ai.create_embeddings(?, ?::text[], ?::bigint[])")) {
+            ps.setFetchSize(fetchSize);
             ps.setString(1, model);
             ps.setArray(2, conn.createArrayOf("text", inputs));
             ps.setArray(3, conn.createArrayOf("bigint", ids));
@@ -131,7 +142,7 @@ public final class DriverScenario {
                 while (rs.next()) rows.add("[" + rs.getLong(1) + "," + floats(rs.getArray(2)) + "]");
             }
         }
-        out.raw("with_ids", "[" + String.join(",", rows) + "]");
+        return "[" + String.join(",", rows) + "]";
     }
 
     private void nearest(Json out) throws SQLException {

@@ -21,6 +21,11 @@ for (const text of s.prepared) out.prepared.push((await embed(sql, text))[0].e)
 out.with_ids = (await sql`SELECT id, embedding FROM azure_local_ai.create_embeddings(
     ${s.model}, ${sql.array(s.with_ids.inputs)}::text[], ${sql.array(s.with_ids.ids)}::bigint[])`)
   .map(r => [Number(r.id), r.embedding])
+// The same rows read two at a time through a cursor (Execute with a row limit, PortalSuspended).
+out.with_ids_chunks = []
+await sql`SELECT id, embedding FROM azure_local_ai.create_embeddings(
+    ${s.model}, ${sql.array(s.with_ids.inputs)}::text[], ${sql.array(s.with_ids.ids)}::bigint[])`
+  .cursor(2, rows => { out.with_ids_chunks.push(rows.map(r => [Number(r.id), r.embedding])) })
 await sql.unsafe(SQL.docsTable)
 for (const doc of s.docs) {
   await sql`INSERT INTO docs VALUES (${doc}, azure_local_ai.create_embeddings(${s.model}, ${doc})::vector)`
