@@ -43,6 +43,38 @@ SCENARIO: dict = {
 ERROR_SQLSTATES = {"intercepted": "42704", "server": "23505"}
 
 
+# A server with no proxy in front whose stand-in create_embeddings fails as the proxy does for a model
+# that is not registered: the drivers' error batches run against it give what each driver does with a
+# server's error, which the same batches through the proxy must match.
+STAND_IN_DATABASE = "driver_stand_in"
+STAND_IN_SQL = f"""
+CREATE EXTENSION vector;
+CREATE SCHEMA azure_local_ai;
+CREATE FUNCTION azure_local_ai.create_embeddings(model_uri text, input text) RETURNS real[]
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF model_uri IS DISTINCT FROM '{MODEL}' THEN
+        RAISE EXCEPTION 'model "%" is not registered', model_uri USING ERRCODE = '42704';
+    END IF;
+    RETURN array_fill(0.5::real, ARRAY[{DIM}]);
+END $$;
+"""
+
+
+def batch_behaviour(result: dict) -> dict:
+    """What a driver did with the error batches, without the parts only the proxy gives (the vectors
+    and the error messages' wording)."""
+    return {key: {name: _without_wording(outcome) for name, outcome in result[key].items()}
+            for key in ("error_batches", "transaction_batches") if key in result}
+
+
+def _without_wording(outcome: dict) -> dict:
+    kept = {k: v for k, v in outcome.items() if k not in ("message", "after")}
+    if "outcomes" in kept:
+        kept["outcomes"] = [_without_wording(o) for o in kept["outcomes"]]
+    return kept
+
+
 def run_program(command: list[str], stdin: str, cwd: Path, timeout: float = 180) -> dict:
     """Run a driver program; its stdout is one JSON object. A failure shows the program's stderr."""
     done = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=cwd, timeout=timeout)

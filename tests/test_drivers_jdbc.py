@@ -16,7 +16,9 @@ from .driver_scenario import (
     DRIVERS_DIR,
     ERROR_SQLSTATES,
     SCENARIO,
+    STAND_IN_DATABASE,
     Reference,
+    batch_behaviour,
     check_batch,
     check_error_batch,
     check_nearest,
@@ -25,6 +27,7 @@ from .driver_scenario import (
     check_with_ids,
     run_program,
 )
+from .pgcluster import PgCluster
 from .proxyproc import ProxyProcess
 
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")
@@ -80,12 +83,16 @@ def mode(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def run_scenario(classes: Path, port: int, database: str, mode: str, *extra: str) -> dict:
+    java = require(shutil.which("java"), "java")
+    url = f"jdbc:postgresql://127.0.0.1:{port}/{database}?user=postgres&sslmode=disable&{MODES[mode]}"
+    return run_program([java, "-cp", f"{JDBC_JAR}:{classes}", "DriverScenario", url, *extra], scenario_lines(),
+                       classes)
+
+
 @pytest.fixture(scope="module")
 def run(mode: str, scenario_classes: Path, proxy: ProxyProcess) -> dict:
-    java = require(shutil.which("java"), "java")
-    url = f"jdbc:postgresql://127.0.0.1:{proxy.port}/postgres?user=postgres&sslmode=disable&{MODES[mode]}"
-    return run_program([java, "-cp", f"{JDBC_JAR}:{scenario_classes}", "DriverScenario", url], scenario_lines(),
-                       scenario_classes)
+    return run_scenario(scenario_classes, proxy.port, "postgres", mode)
 
 
 def test_driver_version() -> None:
@@ -153,3 +160,12 @@ def test_error_in_the_middle_of_a_batch(run: dict, mode: str, driver_reference: 
     else:
         assert outcome["update_counts"] == [-3, -3, -3]
         check_error_batch(outcome, driver_reference, kept=[])
+
+
+@pytest.mark.usefixtures("stand_in_dsn")
+def test_error_batches_as_on_a_direct_server(run: dict, mode: str, scenario_classes: Path, pg: PgCluster) -> None:
+    """The same batches against a server whose own function raises the 42704 (and whose key raises the
+    23505): the SQLSTATEs, update counts and rows kept, as through the proxy."""
+    direct = batch_behaviour(run_scenario(scenario_classes, pg.port, STAND_IN_DATABASE, mode, "batches-only"))
+    assert direct["error_batches"]["intercepted"]["sqlstate"] == "42704"  # the stand-in did fail the middle row
+    assert batch_behaviour(run) == direct

@@ -18,6 +18,7 @@ from .driver_scenario import (
     ERROR_SQLSTATES,
     SCENARIO,
     Reference,
+    batch_behaviour,
     check_batch,
     check_error_batch,
     check_nearest,
@@ -59,20 +60,40 @@ def run_ids(runs: list[tuple[str, str]]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def results(node_packages: Path, proxy: ProxyProcess) -> dict[tuple[str, str], dict]:
-    """Each program's output, run once per (program, mode) on first use."""
-    class Results(dict):
-        def __missing__(self, key: tuple[str, str]) -> dict:
-            program, mode = key
-            self[key] = run_program([require("node"), program, proxy.dsn(), mode], json.dumps(SCENARIO), NODE_DIR)
-            assert self[key]["mode"] == mode
-            return self[key]
+    """Each program's output through the proxy, run once per (program, mode) on first use."""
+    return ProgramResults(proxy.dsn())
 
-    return Results()
+
+@pytest.fixture(scope="module")
+def direct_results(node_packages: Path, stand_in_dsn: str) -> dict[tuple[str, str], dict]:
+    """The programs' error batches alone, run directly against the stand-in server."""
+    return ProgramResults(stand_in_dsn, "batches-only")
+
+
+class ProgramResults(dict):
+    """Runs a (program, mode) against `dsn` when its output is first asked for."""
+
+    def __init__(self, dsn: str, *extra: str) -> None:
+        super().__init__()
+        self.command = [dsn, *extra]
+
+    def __missing__(self, key: tuple[str, str]) -> dict:
+        program, mode = key
+        dsn, *extra = self.command
+        result = run_program([require("node"), program, dsn, mode, *extra], json.dumps(SCENARIO), NODE_DIR)
+        assert result["mode"] == mode
+        self[key] = result
+        return result
 
 
 @pytest.fixture(params=RUNS, ids=run_ids(RUNS))
-def run(request: pytest.FixtureRequest, results: dict) -> dict:
-    return results[request.param]
+def run_key(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param
+
+
+@pytest.fixture
+def run(run_key: tuple[str, str], results: dict) -> dict:
+    return results[run_key]
 
 
 @pytest.fixture(params=POSTGRES_JS_RUNS, ids=run_ids(POSTGRES_JS_RUNS))
@@ -133,3 +154,11 @@ def test_error_in_a_pipelined_transaction(postgres_js_run: dict, driver_referenc
     outcome = postgres_js_run["transaction_batches"][name]
     assert (outcome["ok"], outcome["sqlstate"]) == (False, ERROR_SQLSTATES[name])
     check_error_batch(outcome, driver_reference, kept=[])
+
+
+def test_error_batches_as_on_a_direct_server(run: dict, run_key: tuple[str, str], direct_results: dict) -> None:
+    """The same batches against a server whose own function raises the 42704 (and whose key raises the
+    23505): which queries fail, with which SQLSTATE, and which rows are kept, as through the proxy."""
+    direct = batch_behaviour(direct_results[run_key])
+    assert direct["error_batches"]["intercepted"]["kept"] == [1, 3]  # the stand-in did fail the middle row
+    assert batch_behaviour(run) == direct

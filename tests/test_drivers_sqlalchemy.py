@@ -143,6 +143,31 @@ def test_executemany_batch(session: Session, driver_reference: Reference) -> Non
     check_batch({"batch": stored}, driver_reference)
 
 
+def failed_batch(session: Session, name: str) -> tuple[str, str, list[int]]:
+    """Run an error batch; the error's class and SQLSTATE, and the rows left after the rollback."""
+    rows = [{"id": i, "model": model, "body": t} for i, model, t in SCENARIO["error_batches"][name]]
+    with pytest.raises(DBAPIError) as info:
+        session.execute(INSERT_COMPUTED, rows)
+    session.rollback()
+    return type(info.value).__name__, info.value.orig.sqlstate, session.scalars(select(Document.id)).all()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", list(ERROR_SQLSTATES))
+def test_error_batch_as_on_a_direct_server(session: Session, stand_in_dsn: str, name: str) -> None:
+    """Against a server whose own function raises the 42704 (driver_scenario.py): the same exception
+    class, SQLSTATE and rows kept as through the proxy."""
+    direct_engine = create_engine(stand_in_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        Base.metadata.create_all(direct_engine)
+        with Session(direct_engine) as direct:
+            expected = failed_batch(direct, name)
+        assert expected[1] == ERROR_SQLSTATES[name]
+        assert failed_batch(session, name) == expected
+    finally:
+        Base.metadata.drop_all(direct_engine)
+        direct_engine.dispose()
+
+
 @pytest.mark.parametrize("name", list(ERROR_SQLSTATES))
 def test_error_in_the_middle_of_a_batch(session: Session, driver_reference: Reference, name: str) -> None:
     """The error surfaces as the DBAPI error with its SQLSTATE; the Session's transaction is rolled back

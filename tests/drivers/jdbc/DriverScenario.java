@@ -1,6 +1,7 @@
-// pgJDBC through the proxy: `java DriverScenario JDBC_URL < scenario` runs the scenario (tab-separated
-// lines, written by tests/test_drivers_jdbc.py) with the connection properties the URL carries (the
-// mode under test) and prints its results as one JSON object.
+// pgJDBC through the proxy: `java DriverScenario JDBC_URL [batches-only] < scenario` runs the scenario
+// (tab-separated lines, written by tests/test_drivers_jdbc.py) with the connection properties the URL
+// carries (the mode under test) and prints its results as one JSON object (batches-only: the error
+// batches alone, for a direct server).
 
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
@@ -36,7 +37,8 @@ public final class DriverScenario {
     public static void main(String[] args) throws Exception {
         Map<String, List<String[]>> scenario = readScenario();
         try (Connection conn = DriverManager.getConnection(args[0])) {
-            System.out.print(new DriverScenario(conn, scenario).run());
+            boolean batchesOnly = args.length > 1 && args[1].equals("batches-only");
+            System.out.print(new DriverScenario(conn, scenario).run(batchesOnly));
         }
     }
 
@@ -61,8 +63,20 @@ public final class DriverScenario {
         return out;
     }
 
-    private String run() throws SQLException {
+    private String run(boolean batchesOnly) throws SQLException {
         Json out = new Json();
+        try (Statement st = conn.createStatement()) {
+            st.execute("CREATE TEMP TABLE batch_rows (id bigint PRIMARY KEY, v vector(384))");
+        }
+        if (!batchesOnly) {
+            calls(out);
+            batch(out);
+        }
+        errorBatches(out);
+        return out.close();
+    }
+
+    private void calls(Json out) throws SQLException {
         try (Statement st = conn.createStatement();
              ResultSet rs = st.executeQuery("SELECT azure_local_ai.create_embeddings('" + model + "', '"
                      + value("plain").replace("'", "''") + "')")) {
@@ -76,12 +90,6 @@ public final class DriverScenario {
         out.raw("settings", single("SELECT azure_local_ai.get_setting()", null));
         out.string("setting", single("SELECT azure_local_ai.get_setting(?)", value("setting_key")));
         out.raw("metadata", single("SELECT azure_local_ai.model_metadata(?)", model));
-        try (Statement st = conn.createStatement()) {
-            st.execute("CREATE TEMP TABLE batch_rows (id bigint PRIMARY KEY, v vector(384))");
-        }
-        batch(out);
-        errorBatches(out);
-        return out.close();
     }
 
     private String embed(String text) throws SQLException {
