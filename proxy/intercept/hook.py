@@ -15,8 +15,8 @@ import codecs
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable
-from typing import AnyStr
+from collections.abc import Awaitable, Sequence
+from typing import AnyStr, TypeVar
 
 from .. import protocol as pg
 from ..hooks import SessionControl, SessionInfo
@@ -30,7 +30,7 @@ from .prepared import PreparedCalls, bind_values, failing_bind, rewrite_parse
 from .render import splice, splice_parts
 from .servercalls import ServerCalls
 from .signatures import PRIVILEGED
-from .sqlcalls import SCHEMA_MARKER, Statement, find_calls, mentions_schema
+from .sqlcalls import SCHEMA_MARKER, CallSite, Statement, find_calls, mentions_schema
 from .strings import WINDOW, plain_literals_as_escape_strings
 
 log = logging.getLogger("azure_local_ai_proxy.intercept")
@@ -42,6 +42,7 @@ PRIVILEGE_CHECK = (
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
 LONG_STATEMENT = 1 << 20
+T = TypeVar("T")
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 _NO_SERVER_CALLS = CallError(
     "0A000", "CREATE EXTENSION azure_local_ai needs the proxy's service login, and it has none",
@@ -233,17 +234,17 @@ class InterceptHook:
                 replacements.append((statement.start, statement.end, statement.extension.sql))
                 self._retag(control, index, statement.extension.tag)
                 continue
-            for call in statement.calls:
+            for group in _runs(statement.calls):
                 try:
-                    if call.function in PRIVILEGED and not checked:
+                    if group[0].function in PRIVILEGED and not checked:
                         if not await self._privileged(control):
-                            raise _denied(call.function)
+                            raise _denied(group[0].function)
                         checked = True
-                    text = await replacement(call, self.backend)
+                    texts = await _together([replacement(call, self.backend) for call in group])
                 except CallError as error:
                     # Earlier statements run (rewritten); this one fails; later ones never start.
                     raise _StatementFailed(_spliced(sql[: statement.start], replacements), error) from error
-                replacements.append((call.start, call.end, text))
+                replacements += [(call.start, call.end, text) for call, text in zip(group, texts, strict=True)]
         return replacements
 
     def _fail_query(self, control: SessionControl, before: str, error: CallError) -> None:
@@ -329,7 +330,10 @@ class InterceptHook:
 
     async def _values(self, bind: Bind, prepared: PreparedCalls) -> list[tuple[int, bytes | None]]:
         binds = bind_values(bind, prepared)
-        return [await parameter(call, self.backend, binds) for call in prepared.calls]
+        values: list[tuple[int, bytes | None]] = []
+        for group in _runs(prepared.calls):
+            values += await _together([parameter(call, self.backend, binds) for call in group])
+        return values
 
     def _fail_bind(self, bind: Bind, prepared: PreparedCalls, control: SessionControl, error: CallError) -> None:
         failing, marker = failing_bind(Bind(bind.portal, bind.statement, bind.param_formats,
@@ -553,6 +557,30 @@ def _with_missing_extension_hint(body: bytes) -> bytes | None:
     if fields.get("C") not in ("3F000", "42883") or "azure_local_ai" not in fields.get("M", "") or "H" in fields:
         return None
     return pg.message(pg.ERROR_RESPONSE, body[:-1] + b"H" + _MISSING_EXTENSION_HINT.encode() + b"\0\0")
+
+
+def _runs(calls: Sequence[CallSite]) -> list[list[CallSite]]:
+    """The calls of a statement in the order they run: consecutive create_embeddings calls together (so
+    that they share model runs: a multi-row INSERT, several columns), any other call alone (it may
+    change what the next one sees: a setting, a model)."""
+    runs: list[list[CallSite]] = []
+    for call in calls:
+        if call.function == "create_embeddings" and runs and runs[-1][0].function == "create_embeddings":
+            runs[-1].append(call)
+        else:
+            runs.append([call])
+    return runs
+
+
+async def _together(works: list[Awaitable[T]]) -> list[T]:
+    """The works' results, in order, worked out at once; the first to fail, in order, is raised, and
+    the others are cancelled."""
+    tasks = [asyncio.ensure_future(work) for work in works]
+    try:
+        return [await task for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _ends_transaction(sql: str | bytes, statements: list[Statement]) -> bool:
