@@ -15,7 +15,7 @@ import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
 from inference.build import DEFAULT_VARIANT, builtin_dir, builtin_model, is_current
-from inference.engine import EmbeddingEngine
+from inference.engine import EmbeddingEngine, Usage
 from inference.errors import EmbeddingTimeout, ModelFilesError
 from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
@@ -45,6 +45,8 @@ class Backend:
         self._builtin_lock = asyncio.Lock()
         #: What the built-in model goes through at start-up ("built", "loaded"); None once it is ready.
         self.warming: str | None = None
+        #: Why preparing the built-in model at start-up failed (None: it did not), for /healthz.
+        self.builtin_error: str | None = None
 
     @classmethod
     def open(
@@ -101,13 +103,18 @@ class Backend:
     async def prepare_builtin(self, progress: Progress | None = None) -> None:
         """Build (on the first run), load and run the built-in model once, so that the first call after
         start-up costs one model run. Calls that arrive meanwhile wait for it (the hook says why)."""
-        self.warming = "built" if self.warming_needs_build() else "loaded"
         try:
+            self.warming = "built" if self.warming_needs_build() else "loaded"
             async with self._builtin_lock:
                 await self._blocking(partial(builtin_model, self.data_dir, self.variant, progress=progress))
             files = await self.model_files(BUILTIN_URI)
             await self._blocking(self.engine.load, files)
             await self.engine.embed(files, ["query: warm-up"])
+        except Exception as exc:
+            self.builtin_error = str(exc) or type(exc).__name__
+            raise
+        else:
+            self.builtin_error = None
         finally:
             self.warming = None
 
@@ -115,7 +122,7 @@ class Backend:
 
     async def create_embeddings(
         self, uri: str, texts: Sequence[str | None], batch_size: int | None, timeout_ms: int, *,
-        max_text: int | None = None, text_per_value: int = 0,
+        max_text: int | None = None, text_per_value: int = 0, usage: Usage | None = None,
     ) -> list[np.ndarray | None]:
         """The texts' embeddings (None for a NULL text). With `max_text`, refuse (54000, before any
         work) a call whose vectors would not fit in that many bytes of SQL text."""
@@ -133,7 +140,8 @@ class Backend:
                     f"Embed at most {max_text // per_row} inputs per call.")
         present = [t for t in texts if t is not None]
         try:
-            vectors = await self.engine.embed(files, present, batch_size=batch_size, timeout=_seconds(timeout_ms))
+            vectors = await self.engine.embed(files, present, batch_size=batch_size, timeout=_seconds(timeout_ms),
+                                              usage=usage)
         except EmbeddingTimeout as exc:
             raise CallError("57014", f"canceling statement: create_embeddings did not finish within {timeout_ms} ms",
                             "Raise timeout_ms, or embed fewer inputs per call.") from exc

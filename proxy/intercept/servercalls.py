@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .. import protocol as pg
 from ..mailbox import Mailbox
 from ..service import ServiceConnections, ServiceUnavailable
+from ..stats import STATS
 from .errors import CallError
 from .evaluate import as_text, run
 from .functions import Backend
@@ -104,9 +105,11 @@ class ServerCalls:
         try:
             status, text = await self._evaluate(request)
         except CallError as error:
+            STATS.error(error.sqlstate, "server")
             status, text = "E", json.dumps({"code": error.sqlstate, "message": error.message, "hint": error.hint})
         except Exception:
             log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
+            STATS.error("XX000", "server")
             status, text = "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
         try:
             # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
@@ -125,7 +128,8 @@ class ServerCalls:
             raise CallError("42501", f"permission denied for function azure_local_ai.{request.function}")
         args = dict(request.args)
         ids_count = args.pop("ids_count", None)
-        result = await run(request.function, args, self.backend, ids_count if isinstance(ids_count, int) else None)
+        result = await run(request.function, args, self.backend, ids_count if isinstance(ids_count, int) else None,
+                           origin="server")
         text = await asyncio.to_thread(as_text, result) if result.sql_type == "rows" else as_text(result)
         return ("N", "") if text is None else ("V", text)
 
