@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import platform
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +37,7 @@ from proxy.upstream import Upstream
 
 from .pgcluster import PgCluster, free_port
 from .proxyproc import ProxyProcess, start_proxy
+from .test_portability import EMULATED_CPU, QEMU
 
 API_KEY = "test-key-4f1c"
 MAX_BODY = 1 << 20
@@ -379,3 +383,38 @@ def test_histogram_buckets_are_prometheus_le() -> None:
         histogram.observe(value)
     assert histogram.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
     assert histogram.sum == pytest.approx(8.65)
+
+
+# ---------------------------------------------------------------- native code on an older CPU
+
+EMULATED_SERVER = """
+import asyncio
+import aiohttp
+from aiohttp import _http_parser, _http_writer, web  # noqa: F401 - the C parser (llhttp) and writer
+import frozenlist._frozenlist, multidict._multidict, propcache._helpers_c, yarl._quoting_c  # noqa: F401
+
+async def main():
+    async def echo(request):
+        return web.json_response({"n": len((await request.json())["input"]), "q": request.query["a"]})
+    app = web.Application()
+    app.router.add_post("/x", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/x?a=%C3%A9"
+    async with aiohttp.ClientSession() as session, session.post(url, json={"input": ["a"] * 5}) as response:
+        print(response.status, await response.json())
+    await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an x86-64 CPU")
+def test_the_listeners_native_code_runs_on_a_cpu_without_avx512() -> None:
+    """aiohttp and its helpers ship compiled code (llhttp, multidict, yarl, ...): a build for newer CPUs than
+    the wheels' baseline would kill the proxy with SIGILL at the first request (see test_portability)."""
+    out = subprocess.run([QEMU, "-cpu", EMULATED_CPU, sys.executable, "-c", EMULATED_SERVER],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "200 {'n': 5, 'q': 'é'}"
