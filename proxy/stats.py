@@ -50,7 +50,7 @@ def _counts() -> defaultdict[tuple[str, ...], int]:
     return defaultdict(int)
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyStats:
     """Counters since the process started (the current sessions are counted by the listener's registry)."""
 
