@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import numpy as np
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -122,6 +123,22 @@ async def test_vectors_equal_the_sql_functions_bit_for_bit(
     decoded = np.array([np.frombuffer(base64.b64decode(item["embedding"]), "<f4") for item in encoded["data"]])
     assert decoded.tobytes() == batch.tobytes()
     assert encoded["usage"] == answer["usage"]
+
+
+def test_openais_own_client_gets_the_sql_functions_vectors(http_proxy: tuple[ProxyProcess, str]) -> None:
+    """The OpenAI Python SDK (which asks for base64 and decodes it itself), as applications use it."""
+    proxy, base = http_proxy
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
+    answer = client.embeddings.create(model=BUILTIN_URI, input=TEXTS[:3])
+    _, batch = asyncio.run(sql_vectors(proxy, TEXTS[:3]))
+    assert np.array([item.embedding for item in answer.data], np.float32).tobytes() == batch.tobytes()
+    assert answer.model == BUILTIN_URI and answer.usage.prompt_tokens > 3
+    assert BUILTIN_URI in [model.id for model in client.models.list()]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model=BUILTIN_URI, input="query: x")
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-model:v1", input="query: x")
 
 
 async def test_models_lists_what_the_sql_functions_take(
