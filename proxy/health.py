@@ -45,7 +45,7 @@ class HealthCheck:
                             f"{engine.stats.restarts} times so far; the next request restarts it)")
         if backend.warming is not None:
             problems.append(f"the built-in model {BUILTIN_URI} is being {backend.warming} (start-up)")
-        elif backend.builtin_error is not None:
+        elif backend.builtin_error is not None and not engine.is_loaded(BUILTIN_URI):  # a later call may load it
             problems.append(f"the built-in model {BUILTIN_URI} could not be loaded: {backend.builtin_error}")
         return problems
 

@@ -101,9 +101,9 @@ class ProxyCollector(Collector):
 def _builtin_state(backend: Backend) -> str:
     if backend.warming is not None:
         return "building" if backend.warming == "built" else "loading"
-    if backend.builtin_error is not None:
-        return "failed"
-    return "ready" if backend.engine.is_loaded(BUILTIN_URI) else "not_loaded"
+    if backend.engine.is_loaded(BUILTIN_URI):
+        return "ready"
+    return "failed" if backend.builtin_error is not None else "not_loaded"
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

@@ -4,6 +4,7 @@ cannot load and an unreachable upstream. The proxy runs as users run it, in fron
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -28,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference.build import builtin_dir
 from inference.engine import EmbeddingEngine
 from inference.errors import EmbeddingTimeout
+from proxy import config as cfg
 from proxy.embeddings_api import ApiError, check_dimensions, embeddings_response, parse_embeddings_request
 from proxy.health import HealthCheck
 from proxy.http import HttpApi, HttpListener
@@ -435,3 +437,25 @@ def test_the_listeners_native_code_runs_on_a_cpu_without_avx512() -> None:
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "200 {'n': 5, 'q': 'é'}"
+
+
+def test_a_taken_http_port_stops_the_proxy_with_a_message(pg: PgCluster, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}", "--upstream", pg.url(),
+             "--data-dir", str(tmp_path), "--preload-model", "false", "--http-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_the_http_options() -> None:
+    assert cfg.load(None).http_address is None  # off unless asked for
+    flags = argparse.Namespace(http_listen=":9187", http_api_key=None, http_max_body=None)
+    assert cfg.load(None, flags).http_address == ("127.0.0.1", 9187)  # a bare port is loopback
+    for bad in (argparse.Namespace(http_listen="9187"), argparse.Namespace(http_max_body=0)):
+        with pytest.raises(cfg.ConfigError):
+            cfg.load(None, bad)
