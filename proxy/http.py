@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -129,8 +130,8 @@ class HttpApi:
             vectors, tokens = await self._embed(parsed)
         except CallError as exc:
             raise from_call_error(exc) from exc
-        answer = embeddings_response(parsed, vectors, tokens)
-        body = await asyncio.to_thread(_dumps, answer) if len(vectors) > THREAD_VECTORS else _dumps(answer)
+        encode = partial(_embeddings_body, parsed, vectors, tokens)
+        body = await asyncio.to_thread(encode) if len(vectors) > THREAD_VECTORS else encode()
         return web.Response(body=body, content_type="application/json")
 
     async def _embed(self, parsed: EmbeddingsRequest) -> tuple[list, int]:
@@ -162,8 +163,8 @@ class HttpApi:
             raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
 
 
-def _dumps(document: object) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+def _embeddings_body(parsed: EmbeddingsRequest, vectors: list, tokens: int) -> bytes:
+    return json.dumps(embeddings_response(parsed, vectors, tokens), separators=(",", ":")).encode()
 
 
 def _error(error: ApiError) -> web.Response:
