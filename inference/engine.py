@@ -71,6 +71,15 @@ class EngineStats:
     dropped: int = 0
     session_builds: int = 0
     restarts: int = 0  # times the dispatcher thread had to be restarted (should stay 0)
+    run_rows: dict[int, int] = field(default_factory=dict)  # model runs by their number of rows
+
+
+@dataclass
+class Usage:
+    """What a caller's texts cost: tokens the model ran on, special tokens included, after truncation
+    (the embeddings API reports it as usage.prompt_tokens)."""
+
+    tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -179,11 +188,13 @@ class EmbeddingEngine:
         *,
         batch_size: int | None = None,
         timeout: float | None = None,
+        usage: Usage | None = None,
     ) -> np.ndarray:
         """L2-normalised embeddings, float32 (len(texts), dim), in input order.
 
         ``batch_size`` caps how many of these texts share one model run; ``timeout`` (seconds)
-        bounds the whole call and raises EmbeddingTimeout, dropping the queued work.
+        bounds the whole call and raises EmbeddingTimeout, dropping the queued work; ``usage``
+        gets the texts' token count added.
         """
         if not texts:
             return np.zeros((0, model.dimensions), np.float32)
@@ -191,7 +202,7 @@ class EmbeddingEngine:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                await loop.run_in_executor(self._tokenizers, self._submit, request, list(texts))
+                await loop.run_in_executor(self._tokenizers, self._submit, request, list(texts), usage)
                 return await asyncio.wrap_future(request.future)
         except TimeoutError:
             raise EmbeddingTimeout(f"embedding {len(texts)} input(s) took longer than {timeout} s") from None
@@ -225,9 +236,11 @@ class EmbeddingEngine:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         return _Request(model=model, size=size, cap=batch_size or self.batching.max_batch_size, remaining=size)
 
-    def _submit(self, request: _Request, texts: list[str]) -> None:
+    def _submit(self, request: _Request, texts: list[str], usage: Usage | None = None) -> None:
         """Tokenise and queue (in a worker thread); the request's future will get the result."""
         sequences = self._runtime(request.model).tokenize(texts)
+        if usage is not None:
+            usage.tokens += sum(len(ids) for ids in sequences)
         now = time.monotonic()
         items = [_Item(request, i, ids, now) for i, ids in enumerate(sequences)]
         with self._wakeup:
@@ -315,6 +328,18 @@ class EmbeddingEngine:
                 self._run(model, items)
         self._untrimmed = True
 
+    async def count_tokens(self, model: ModelFiles, texts: Sequence[str]) -> int:
+        """How many tokens the model would run on for these texts (special tokens included, after
+        truncation), as ``usage`` counts them: for texts whose vectors come from elsewhere (a cache)."""
+        sequences = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizers, lambda: self._runtime(model).tokenize(list(texts)))
+        return sum(len(ids) for ids in sequences)
+
+    @property
+    def queue_depth(self) -> int:
+        """Inputs tokenised and waiting for a model run."""
+        return len(self._queue)
+
     @property
     def alive(self) -> bool:
         """Whether the engine can serve: open, with its dispatcher thread running."""
@@ -346,6 +371,7 @@ class EmbeddingEngine:
         self.stats.sequences += len(items)
         self.stats.tokens += sum(len(item.ids) for item in items)
         self.stats.padded_tokens += width * len(items)
+        self.stats.run_rows[len(items)] = self.stats.run_rows.get(len(items), 0) + 1
         for item, vector in zip(items, vectors, strict=True):
             request = item.request
             if request.abandoned:

@@ -19,12 +19,16 @@ from inference.progress import ProgressPrinter
 
 from . import config as cfg
 from . import logs
+from .health import HealthCheck
 from .hooks import SessionInfo
+from .http import HttpApi, HttpListener
 from .intercept.functions import BUILTIN_URI, Backend, parse_model_roots
 from .intercept.hook import InterceptHook
 from .intercept.servercalls import ServerCalls
+from .metrics import Metrics
 from .server import ProxyServer
 from .service import ServiceConnections
+from .stats import STATS
 from .upstream import Upstream
 
 log = logging.getLogger("azure_local_ai_proxy")
@@ -117,9 +121,18 @@ async def _serve_async(config: cfg.Config) -> int:
     except OSError as exc:
         print(f"azure-local-ai-proxy: cannot listen on {config.listen}: {exc}", file=sys.stderr)
         return 1
+    code = 0
+    try:
+        http = await _start_http(config, server, backend, upstream)
+    except OSError as exc:
+        print(f"azure-local-ai-proxy: cannot listen on {config.http_listen}: {exc}", file=sys.stderr)
+        http, code = None, 1
+        stop.set()  # shut down as on SIGTERM: the embedded server and the engine are stopped too
     ready = asyncio.create_task(_announce(config, server, backend, embedded is not None))
     await stop.wait()
     ready.cancel()
+    if http is not None:
+        await http.close()
     await server.shutdown(config.shutdown_grace)
     if embedded is not None:
         with contextlib.suppress(Exception):
@@ -128,7 +141,22 @@ async def _serve_async(config: cfg.Config) -> int:
     if service is not None:
         await service.close()
     log.info("stopped", extra={"event": "stopped"})
-    return 0
+    return code
+
+
+async def _start_http(
+    config: cfg.Config, server: ProxyServer, backend: Backend, upstream: Upstream
+) -> HttpListener | None:
+    """The HTTP listener (metrics, health, embeddings API), if one is configured."""
+    address = config.http_address
+    if address is None:
+        return None
+    metrics = Metrics(STATS, backend, lambda: len(server.registry.live))
+    api = HttpApi(backend, metrics, HealthCheck(backend, upstream), api_key=config.http_api_key,
+                  max_body=config.http_max_body)
+    listener = HttpListener(api, *address)
+    await listener.start()
+    return listener
 
 
 def _service_connections(config: cfg.Config, upstream: Upstream, embedded: bool) -> ServiceConnections | None:

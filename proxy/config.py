@@ -84,6 +84,13 @@ OPTIONS: tuple[Option, ...] = (
            "auth_user); empty: postgres with the embedded server, and no server calls with an external one"),
     Option("proxy", "service_password", str, "",
            "its password, if the server asks for one (or use PGPASSWORD / ~/.pgpass)"),
+    Option("http", "http_listen", str, "",
+           "address of the HTTP listener (/metrics, /healthz, /v1/embeddings, /v1/models), HOST:PORT; a bare "
+           ":PORT is 127.0.0.1; empty: no HTTP listener"),
+    Option("http", "http_api_key", str, "",
+           "the key clients of /v1/embeddings and /v1/models must send (Authorization: Bearer KEY); empty: none. "
+           "Prefer the environment variable or the file: a flag shows in ps"),
+    Option("http", "http_max_body", int, 16 << 20, "largest HTTP request body accepted, in bytes; larger gets 413"),
 )
 
 
@@ -111,6 +118,9 @@ class Config:
     server_calls: bool
     service_user: str
     service_password: str
+    http_listen: str
+    http_api_key: str
+    http_max_body: int
 
     @property
     def listen_host(self) -> str:
@@ -119,6 +129,11 @@ class Config:
     @property
     def listen_port(self) -> int:
         return split_host_port(self.listen)[1]
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) of the HTTP listener, or None when it is off."""
+        return split_host_port(self.http_listen) if self.http_listen else None
 
     @property
     def data_path(self) -> Path:
@@ -161,6 +176,10 @@ def load(config_file: Path | None, flags: argparse.Namespace | None = None) -> C
             values[option.name] = flag_value
     config = Config(**values)
     split_host_port(config.listen)
+    if config.http_listen:
+        split_host_port(config.http_listen)
+    if config.http_max_body < 1:
+        raise ConfigError("http_max_body must be positive")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("tls_cert and tls_key must be given together")
     if config.log_format not in ("text", "json"):

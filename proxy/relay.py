@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from . import protocol as pg
 from .hooks import ServerWatcher, SessionHook, SessionInfo
+from .stats import STATS
 
 ALL_TYPES = frozenset(range(256))
 #: Client messages the server answers with a ReadyForQuery (a FunctionCall too).
@@ -174,6 +175,7 @@ class Relay:
     # ------------------------------------------------------------------ client -> server
 
     def _from_client(self, data: bytes) -> None:
+        STATS.bytes_from_clients += len(data)
         self._last_activity = self._now()
         self._in_query = True
         framer = self._client_framer
@@ -343,6 +345,7 @@ class Relay:
     # ------------------------------------------------------------------ server -> client
 
     def _from_server(self, data: bytes) -> None:
+        STATS.bytes_from_server += len(data)
         self._last_activity = self._now()
         framer = self._server_framer
         pieces = framer.feed(data)

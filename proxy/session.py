@@ -14,6 +14,7 @@ from .hooks import HookFactory, SessionInfo
 from .logs import ContextLogger
 from .mailbox import MAILBOX_SETTING, Mailbox
 from .relay import Relay
+from .stats import STATS
 from .upstream import Upstream, UpstreamError
 from .wire import ConnectionClosed, HandshakeProtocol
 
@@ -115,6 +116,7 @@ async def establish(
     try:
         server = await settings.upstream.connect()
     except UpstreamError as exc:
+        STATS.upstream_connect_failures += 1
         raise SessionRejected(exc.sqlstate, str(exc)) from exc
     mailbox = Mailbox.new() if settings.mailboxes else None
     packet = startup.raw if mailbox is None else pg.with_parameter(startup.raw, MAILBOX_SETTING, mailbox.setting)
@@ -259,6 +261,7 @@ async def handle_client(
     else:
         session.relay = relay
         registry.live.add(session)
+        STATS.sessions_total += 1
         try:
             await asyncio.shield(relay.closed)
         finally:
@@ -278,4 +281,5 @@ def _refuse(client: HandshakeProtocol, session: Session, sqlstate: str, text: st
 
 def _log_refusal(session: Session, sqlstate: str, text: str, by: str) -> None:
     """The end of a session refused at start-up: every "session start" has an end in the log."""
+    STATS.sessions_refused[(by,)] += 1
     session.log.info("session refused", extra={"event": "refused", "sqlstate": sqlstate, "reason": text, "by": by})

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from inference.engine import Usage
+
+from ..stats import STATS
 from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
 from .functions import Backend
@@ -131,13 +135,28 @@ async def compute(call: CallSite, backend: Backend, binds: BindValues | None = N
     return await run(call.function, args, backend, ids_count)
 
 
-async def run(function: str, args: dict[str, object], backend: Backend, ids_count: int | None = None) -> Value:
+async def run(
+    function: str, args: dict[str, object], backend: Backend, ids_count: int | None = None, *, origin: str = "sql",
+    usage: Usage | None = None,
+) -> Value:
     """Run one of the twelve functions with its arguments' values, by parameter name (the overload is
-    told by which are there: input or inputs, key or keys); `ids_count`, where ids were given and known."""
+    told by which are there: input or inputs, key or keys); `ids_count`, where ids were given and known.
+    Counted for the metrics by function and `origin` (stats.py); `usage` gets the tokens embedded."""
+    started = time.perf_counter()
+    try:
+        return await _run(function, args, backend, ids_count, usage)
+    finally:
+        STATS.call_done(function, origin, time.perf_counter() - started)
+
+
+async def _run(
+    function: str, args: dict[str, object], backend: Backend, ids_count: int | None, usage: Usage | None
+) -> Value:
     timeout_ms = int(args.get("timeout_ms", 0))  # type: ignore[call-overload]
     if function == "create_embeddings":
         if "input" in args:
-            (vector,) = await backend.create_embeddings(str(args["model_uri"]), [str(args["input"])], None, timeout_ms)
+            (vector,) = await backend.create_embeddings(str(args["model_uri"]), [str(args["input"])], None, timeout_ms,
+                                                        usage=usage)
             return Value("real[]", vector)
         inputs: list[str | None] = args["inputs"]  # type: ignore[assignment]
         if ids_count is not None and ids_count != len(inputs):
@@ -145,7 +164,7 @@ async def run(function: str, args: dict[str, object], backend: Backend, ids_coun
                             "Give one id per input.")
         vectors = await backend.create_embeddings(
             str(args["model_uri"]), inputs, int(args["batch_size"]), timeout_ms,  # type: ignore[call-overload]
-            max_text=MAX_ROWS_TEXT, text_per_value=_TEXT_PER_FLOAT,
+            max_text=MAX_ROWS_TEXT, text_per_value=_TEXT_PER_FLOAT, usage=usage,
         )
         return Value("rows", vectors)
     if function == "get_setting":

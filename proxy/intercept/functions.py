@@ -15,7 +15,7 @@ import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
 from inference.build import DEFAULT_VARIANT, builtin_dir, builtin_model, is_current
-from inference.engine import EmbeddingEngine
+from inference.engine import EmbeddingEngine, Usage
 from inference.errors import EmbeddingTimeout, ModelFilesError
 from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
@@ -49,6 +49,8 @@ class Backend:
         self._builtin_lock = asyncio.Lock()
         #: What the built-in model goes through at start-up ("built", "loaded"); None once it is ready.
         self.warming: str | None = None
+        #: Why preparing the built-in model at start-up failed (None: it did not), for /healthz.
+        self.builtin_error: str | None = None
 
     @classmethod
     def open(
@@ -106,13 +108,18 @@ class Backend:
     async def prepare_builtin(self, progress: Progress | None = None) -> None:
         """Build (on the first run), load and run the built-in model once, so that the first call after
         start-up costs one model run. Calls that arrive meanwhile wait for it (the hook says why)."""
-        self.warming = "built" if self.warming_needs_build() else "loaded"
         try:
+            self.warming = "built" if self.warming_needs_build() else "loaded"
             async with self._builtin_lock:
                 await self._blocking(partial(builtin_model, self.data_dir, self.variant, progress=progress))
             files = await self.model_files(BUILTIN_URI)
             await self._blocking(self.engine.load, files)
             await self.engine.embed(files, ["query: warm-up"])
+        except Exception as exc:
+            self.builtin_error = str(exc) or type(exc).__name__
+            raise
+        else:
+            self.builtin_error = None
         finally:
             self.warming = None
 
@@ -120,7 +127,7 @@ class Backend:
 
     async def create_embeddings(
         self, uri: str, texts: Sequence[str | None], batch_size: int | None, timeout_ms: int, *,
-        max_text: int | None = None, text_per_value: int = 0,
+        max_text: int | None = None, text_per_value: int = 0, usage: Usage | None = None,
     ) -> list[np.ndarray | None]:
         """The texts' embeddings (None for a NULL text). With `max_text`, refuse (54000, before any
         work) a call whose vectors would not fit in that many bytes of SQL text."""
@@ -139,20 +146,24 @@ class Backend:
         present = [t for t in texts if t is not None]
         try:
             async with asyncio.timeout(_seconds(timeout_ms)):
-                vectors = await self._vectors(files, uri, present, batch_size)
+                vectors = await self._vectors(files, uri, present, batch_size, usage)
         except (EmbeddingTimeout, TimeoutError) as exc:
             raise CallError("57014", f"canceling statement: create_embeddings did not finish within {timeout_ms} ms",
                             "Raise timeout_ms, or embed fewer inputs per call.") from exc
         rows = iter(vectors)
         return [None if t is None else next(rows) for t in texts]
 
-    async def _vectors(self, files: ModelFiles, uri: str, texts: list[str], batch_size: int | None) -> list[np.ndarray]:
+    async def _vectors(
+        self, files: ModelFiles, uri: str, texts: list[str], batch_size: int | None, usage: Usage | None = None
+    ) -> list[np.ndarray]:
         """The texts' vectors: kept ones from the cache, those a look-ahead is computing when it has them,
-        the others from one engine call (and kept)."""
+        the others from one engine call (and kept). `usage` gets the tokens of all of them."""
         out: list[np.ndarray | None] = [self.cache.get(uri, t) for t in texts]
         promised = {i: f for i, t in enumerate(texts) if out[i] is None and (f := self.cache.promised(uri, t))}
         missing = [i for i in range(len(texts)) if out[i] is None and i not in promised]
-        computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out))
+        if usage is not None and len(missing) < len(texts):  # what the model did not run on now counts too
+            usage.tokens += await self.engine.count_tokens(files, [t for i, t in enumerate(texts) if i not in missing])
+        computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out, usage))
         computing.add_done_callback(_retrieve)
         try:
             late = []
@@ -162,7 +173,7 @@ class Backend:
                 except Abandoned:
                     late.append(i)
             await computing
-            await self._compute(files, uri, texts, late, batch_size, out)
+            await self._compute(files, uri, texts, late, batch_size, out)  # counted above
         finally:
             computing.cancel()
         return out  # type: ignore[return-value]
@@ -196,14 +207,14 @@ class Backend:
 
     async def _compute(
         self, files: ModelFiles, uri: str, texts: list[str], which: list[int], batch_size: int | None,
-        out: list[np.ndarray | None],
+        out: list[np.ndarray | None], usage: Usage | None = None,
     ) -> None:
         if not which:
             return
         # Promised while computed, so that a look-ahead started meanwhile does not compute them again.
         promised = [texts[i] for i in which if self.cache.promise(uri, texts[i]) is not None]
         try:
-            vectors = await self.engine.embed(files, [texts[i] for i in which], batch_size=batch_size)
+            vectors = await self.engine.embed(files, [texts[i] for i in which], batch_size=batch_size, usage=usage)
             for i, vector in zip(which, vectors, strict=True):
                 out[i] = self.cache.put(uri, texts[i], vector)
         finally:

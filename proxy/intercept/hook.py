@@ -23,6 +23,7 @@ from ..hooks import SessionControl, SessionInfo
 from ..messages import Bind, Parse, describe_target, encode_parameter_description, parameter_description
 from ..protocol import ProtocolViolation
 from ..relay import QueryFailed
+from ..stats import STATS
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
@@ -404,6 +405,7 @@ class InterceptHook:
 
     def _expect_failure(self, control: SessionControl, error: CallError, marker: str | None = None) -> str:
         """Register the marker whose server error is to be replaced by `error`."""
+        STATS.error(error.sqlstate, "sql")
         marker = marker or f"azure_local_ai_proxy_error_{secrets.token_hex(8)}"
         replacement_error = pg.error_response(error.sqlstate, error.message, severity="ERROR", hint=error.hint)
         self._markers[marker.encode()] = (control.requests_sent, replacement_error)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .. import protocol as pg
 from ..mailbox import Mailbox
 from ..service import ServiceConnections, ServiceUnavailable
+from ..stats import STATS
 from .errors import CallError
 from .evaluate import as_text, run
 from .functions import Backend
@@ -135,9 +136,11 @@ class ServerCalls:
         try:
             return await self._evaluate(request)
         except CallError as error:
+            STATS.error(error.sqlstate, "server")
             return "E", json.dumps({"code": error.sqlstate, "message": error.message, "hint": error.hint})
         except Exception:
             log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
+            STATS.error("XX000", "server")
             return "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
 
     async def _hold(self) -> None:
@@ -175,7 +178,8 @@ class ServerCalls:
             raise CallError("42501", f"permission denied for function azure_local_ai.{request.function}")
         args = dict(request.args)
         ids_count = args.pop("ids_count", None)
-        result = await run(request.function, args, self.backend, ids_count if isinstance(ids_count, int) else None)
+        result = await run(request.function, args, self.backend, ids_count if isinstance(ids_count, int) else None,
+                           origin="server")
         text = await asyncio.to_thread(as_text, result) if result.sql_type == "rows" else as_text(result)
         return ("N", "") if text is None else ("V", text)
 
