@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from . import evalset
-from .build import BUILTIN_URI, DEFAULT_VARIANT, build_builtin, builtin_dir, builtin_model, is_current, models_dir
+from .build import BUILTIN_URI, DEFAULT_VARIANT, build_builtin, builtin_dir, is_current, models_dir
 from .engine import EmbeddingEngine
 from .errors import InferenceError
-from .fetch import fetch_official, fetched_dir
+from .fetch import OFFICIAL, builtin_files, fetch_official, fetched_dir
 from .graph import VARIANTS
 from .model_dir import ModelFiles, load_model_dir
 from .progress import ProgressPrinter
-
-OFFICIAL = "official"
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -71,11 +69,7 @@ def resolve_model(spec: str, variant: str, data_dir: Path) -> ModelFiles:
     """The built-in model (built on demand, with progress on stderr) or a model directory."""
     if spec != BUILTIN_URI:
         return load_model_dir(spec)
-    if variant == OFFICIAL:
-        if not fetched_dir(data_dir).is_dir():
-            raise InferenceError("the official export is not fetched; run: azure-local-ai-proxy models fetch")
-        return load_model_dir(fetched_dir(data_dir), uri=BUILTIN_URI)
-    return builtin_model(data_dir, variant, progress=ProgressPrinter(f"building {BUILTIN_URI} ({variant})"))
+    return builtin_files(data_dir, variant, progress=ProgressPrinter(f"building {BUILTIN_URI} ({variant})"))
 
 
 def _fail(exc: Exception) -> int:

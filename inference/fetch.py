@@ -11,8 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .build import BUILTIN_URI, models_dir
+from .build import BUILTIN_URI, builtin_dir, builtin_model, is_current, models_dir
 from .errors import FetchError, ModelFilesError
+from .graph import Progress
 from .model_dir import ModelFiles, load_model_dir
 
 REPO_ID = "intfloat/multilingual-e5-small"
@@ -20,8 +21,27 @@ FETCHED_NAME = "multilingual-e5-small-v1-official"
 FILES = ("onnx/model.onnx", "tokenizer.json", "config.json", "tokenizer_config.json", "sentence_bert_config.json")
 
 
+#: The variant name of the fetched official export, beside the variants the builder makes.
+OFFICIAL = "official"
+
+
 def fetched_dir(data_dir: Path) -> Path:
     return models_dir(data_dir) / FETCHED_NAME
+
+
+def builtin_files(data_dir: Path, variant: str, *, progress: Progress | None = None) -> ModelFiles:
+    """The built-in model's files in `variant`: one the builder makes (built first if need be), or the
+    official export, which must have been fetched (ModelFilesError otherwise)."""
+    if variant != OFFICIAL:
+        return builtin_model(data_dir, variant, progress=progress)
+    if not fetched_dir(data_dir).is_dir():
+        raise ModelFilesError("the official export is not fetched; run: azure-local-ai-proxy models fetch")
+    return load_model_dir(fetched_dir(data_dir), uri=BUILTIN_URI)
+
+
+def needs_build(data_dir: Path, variant: str) -> bool:
+    """Whether using the built-in model in `variant` first builds it (the official export is never built)."""
+    return variant != OFFICIAL and not is_current(builtin_dir(data_dir, variant))
 
 
 def fetch_official(data_dir: Path, *, revision: str | None = None) -> ModelFiles:

@@ -167,3 +167,32 @@ def test_client_leaving_mid_call_costs_nothing_further(proxy: ProxyProcess) -> N
     assert windows[-1] < busy / 8, f"work went on after the client left: CPU s per 0.5 s {windows} (busy: {busy:.2f}/s)"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_the_official_variant_is_the_fetched_export(pg: PgCluster, model_data_dir: Path, tmp_path: Path) -> None:
+    """`model_variant = official` serves the export `models fetch` downloads (a model directory under
+    the data directory; here a copy of our own build stands in for it, as no model hub is reachable),
+    and says how to get it when it is not there, without stopping the proxy."""
+    import shutil
+
+    from inference.build import builtin_dir
+    from inference.fetch import fetched_dir
+
+    data_dir = tmp_path / "official"
+    proxy = start_proxy(data_dir, "--model-variant", "official", upstream=pg.url(), preload=True)
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="models fetch"):
+                conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'x')")
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        proxy.stop()
+    shutil.copytree(builtin_dir(model_data_dir), fetched_dir(data_dir))
+    proxy = start_proxy(data_dir, "--model-variant", "official", upstream=pg.url(), preload=True)
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            (vector,) = conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'x')").fetchone()
+            metadata = conn.execute(f"SELECT azure_local_ai.model_metadata('{MODEL}')").fetchone()[0]
+        assert len(vector) == 384 and str(fetched_dir(data_dir)) in str(metadata)
+    finally:
+        proxy.stop()

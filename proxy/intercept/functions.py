@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
-from inference.build import DEFAULT_VARIANT, builtin_dir, builtin_model, is_current
+from inference.build import DEFAULT_VARIANT
 from inference.engine import EmbeddingEngine, Usage
 from inference.errors import EmbeddingTimeout, ModelFilesError
+from inference.fetch import builtin_files, needs_build
 from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
@@ -89,7 +90,7 @@ class Backend:
         record = await self._blocking(self.catalog.get_model, uri)
         if record.builtin:
             async with self._builtin_lock:
-                files = await self._blocking(builtin_model, self.data_dir, self.variant)
+                files = await self._blocking(builtin_files, self.data_dir, self.variant)
             if record.model_path != str(files.onnx_path):  # the catalog shows where the build lives
                 await self._blocking(
                     self.catalog.update_model_files, uri, str(files.onnx_path), str(files.tokenizer_path),
@@ -103,7 +104,7 @@ class Backend:
 
     def warming_needs_build(self) -> bool:
         """Whether the built-in model has yet to be built (the first run in this data directory)."""
-        return not is_current(builtin_dir(self.data_dir, self.variant))
+        return needs_build(self.data_dir, self.variant)
 
     async def prepare_builtin(self, progress: Progress | None = None) -> None:
         """Build (on the first run), load and run the built-in model once, so that the first call after
@@ -111,7 +112,7 @@ class Backend:
         try:
             self.warming = "built" if self.warming_needs_build() else "loaded"
             async with self._builtin_lock:
-                await self._blocking(partial(builtin_model, self.data_dir, self.variant, progress=progress))
+                await self._blocking(partial(builtin_files, self.data_dir, self.variant, progress=progress))
             files = await self.model_files(BUILTIN_URI)
             await self._blocking(self.engine.load, files)
             await self.engine.embed(files, ["query: warm-up"])
