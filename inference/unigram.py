@@ -31,6 +31,7 @@ WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u
 WINDOW = 4096  # characters of a long text normalised at a time
 LONG_WORD = 2048  # words longer than this are segmented incrementally, as far as the tokens needed
 _CHECK_EVERY = 512  # positions between two looks for the settled part of a long word's best path
+_LOOK_BACK = 4 * _CHECK_EVERY  # how far back those looks follow the best paths
 CACHE_WORDS = 20_000  # words whose ids are remembered (text repeats its words: most are found here)
 
 
@@ -245,10 +246,11 @@ class UnigramTokenizer:
         longest = max(self._longest.values())
         # starts whose every edge lies inside the text known so far
         reach = len(word) if complete else max(len(word) - longest, 0)
-        settled, ids = 0, []
+        settled, anchor, ids = 0, 0, []  # tokens given up to `settled`; every later best path passes `anchor`
         for until in range(_CHECK_EVERY, reach, _CHECK_EVERY):
             self._best_path(word, until, lattice)
-            common = self._common_node(lattice, until, longest, settled)
+            anchor = self._common_node(lattice, until, longest, anchor)
+            common = anchor
             while common > settled and lattice.token[common] == self._unk:
                 common = lattice.back[common]
             if common > settled:
@@ -263,21 +265,27 @@ class UnigramTokenizer:
 
     @staticmethod
     def _common_node(lattice: _Lattice, until: int, longest: int, settled: int) -> int:
-        """The last node shared by the best paths into the final nodes ``until - longest + 1 .. until``."""
-        chain = {}
+        """The last node shared by the best paths into the final nodes ``until - longest + 1 .. until``,
+        given that they all pass ``settled``; ``settled`` if they part for more than _LOOK_BACK
+        characters (text such as one letter repeated, whose best path depends on where it ends)."""
+        floor = max(settled, until - _LOOK_BACK)
+        chain = set()
         node = until
-        while node > settled:
-            chain[node] = True
+        while node > floor:
+            chain.add(node)
             node = lattice.back[node]
+        if node != settled and node not in chain and node < floor:
+            return settled
+        chain.add(node)
         common = until
         for frontier in range(max(until - longest + 1, settled + 1), until):
             node = frontier
-            while node > settled and node not in chain:
+            while node not in chain:
+                if node <= floor:
+                    return settled
                 node = lattice.back[node]
             common = min(common, node)
-            if common <= settled:
-                return settled
-        return common
+        return common if common > floor or common == settled else settled
 
 
 class _Lattice:
