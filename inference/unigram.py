@@ -32,6 +32,7 @@ WINDOW = 4096  # characters of a long text normalised at a time
 LONG_WORD = 2048  # words longer than this are segmented incrementally, as far as the tokens needed
 _CHECK_EVERY = 512  # positions between two looks for the settled part of a long word's best path
 _LOOK_BACK = 4 * _CHECK_EVERY  # how far back those looks follow the best paths
+_SURROGATE = re.compile("[\ud800-\udfff]")
 CACHE_WORDS = 20_000  # words whose ids are remembered (text repeats its words: most are found here)
 
 
@@ -77,22 +78,13 @@ class UnigramTokenizer:
         self._added_pattern = re.compile("|".join(re.escape(t.content) for t in sorted(
             model.added, key=lambda t: -len(t.content)))) if model.added else None
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._scores)
-
-    def piece_id(self, piece: str) -> int | None:
-        return self._ids.get(piece)
-
     def encode(self, text: str) -> list[int]:
         """The ids of ``text``; TypeError for a str that is not valid Unicode (lone surrogates),
         as the ``tokenizers`` library raises."""
         if not isinstance(text, str):
             raise TypeError(f"text to tokenize must be str, not {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise TypeError("text to tokenize must be valid Unicode (it holds a lone surrogate)") from None
+        if _SURROGATE.search(text):
+            raise TypeError("text to tokenize must be valid Unicode (it holds a lone surrogate)")
         budget = self.max_length - 2
         ids: list[int] = []
         for fragment, token_id in self._split_added(text):
