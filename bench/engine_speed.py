@@ -116,9 +116,9 @@ class Worker:
 
 
 def print_rss(names: list[str]) -> None:
-    """Run ``bench.rss`` in a fresh process per runner (and for our tokenizer alone); print a table."""
+    """Run ``bench.rss`` in a fresh process per runner (and for the tokenizers alone); print a table."""
     if any(name.startswith("ours-") for name in names):
-        names = [*names, "ours-tokenizer"]
+        names = [*names, "ours-tokenizer", "hf-tokenizer"]
     keys = ("imports", "loaded", "after_embed", "peak")
     rows = []
     for name in names:

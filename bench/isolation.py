@@ -54,6 +54,7 @@ import psycopg
 from bench import workloads
 from bench.common import machine_header, section_head, stop, table, write_section
 from bench.function_latency import MODEL, dsn, pct, start_proxy
+from bench.ours import load_tokenizer
 from bench.passthrough import ensure_pgbouncer, start_pgbouncer, version_of
 from inference import builtin_model
 from inference.model_dir import ModelFiles
@@ -257,10 +258,8 @@ def callers(url: str, count: int, seconds: float, texts: workloads.Pool) -> Call
 
 def short_texts(files: ModelFiles) -> list[str]:
     """Corpus sentences of 14-28 tokens, as engine_speed's short texts (counted by the model's tokenizer)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(files.tokenizer_path))
-    return workloads.build(256, workloads.SHORT_RANGE, lambda s: len(tokenizer.encode("passage: " + s).ids))
+    tokenizer = load_tokenizer(files)
+    return workloads.build(256, workloads.SHORT_RANGE, lambda s: len(tokenizer.encode_batch(["passage: " + s])[0]))
 
 
 # --------------------------------------------------------------------------- one measured run

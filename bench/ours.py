@@ -17,6 +17,8 @@ from inference.build import DEFAULT_VARIANT, build_hf_dir, builtin_model
 from inference.engine import EmbeddingEngine
 from inference.graph import VARIANTS as _GRAPH_VARIANTS
 from inference.model_dir import ModelFiles, load_model_dir
+from inference.runtime import load_tokenizer as _engine_tokenizer
+from inference.tokenizer import HFTokenizer, TextTokenizer
 
 BUILD_DIR = Path(__file__).resolve().parent / ".build"
 DATA_DIR = BUILD_DIR / "data"
@@ -44,6 +46,11 @@ class Handle:
     def close(self) -> None:
         """Stop the engine and free the model."""
         self.engine.close_sync()
+
+
+def load_tokenizer(files: ModelFiles, *, hf: bool = False) -> TextTokenizer:
+    """The engine's tokenizer of ``files``, or (``hf``) its tokenizer.json read by the ``tokenizers`` library."""
+    return HFTokenizer(files.tokenizer_path, files.max_seq_length) if hf else _engine_tokenizer(files)
 
 
 def builtin_files(variant: str) -> ModelFiles:

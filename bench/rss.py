@@ -3,7 +3,8 @@
 imports: after importing the runner's libraries; loaded: model loaded; after_embed: one short text and a
 batch of 32 long texts later, after 2 s idle (engines may hand memory back when idle); peak: the
 process's high-water mark (VmHWM), i.e. during that batch. ``ours-tokenizer`` loads only the built-in
-model's tokenizer.json with the ``tokenizers`` library (the engine's tokenizer), to show its share.
+model's tokenizer (the engine's compact Unigram tokenizer), to show its share; ``hf-tokenizer`` loads the
+same tokenizer.json with the ``tokenizers`` library, as the engine did before.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from bench import runners
 from bench.common import load_corpus
 
+TOKENIZERS = ("ours-tokenizer", "hf-tokenizer")
+
 
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -26,14 +29,12 @@ def _status_mb(field: str) -> float:
 
 def main(name: str) -> None:
     """Load runner ``name``, embed a little, print the RSS figures as one JSON line."""
-    if name == "ours-tokenizer":
-        from tokenizers import Tokenizer
-
+    if name in TOKENIZERS:
         from bench import ours
 
-        path = ours.builtin_files(ours.VARIANTS[0]).tokenizer_path
+        files = ours.builtin_files(ours.VARIANTS[0])
         figures = {"imports": _status_mb("VmRSS")}
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = ours.load_tokenizer(files, hf=name == "hf-tokenizer")
         figures["loaded"] = _status_mb("VmRSS")
         tokenizer.encode_batch(["short text"] + [r["text"] for r in load_corpus()[:32]])
         time.sleep(2)

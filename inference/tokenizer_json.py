@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .charsmap import build_charsmap
+from .unigram_file import xlmr_added_tokens
 
 METASPACE = "\u2581"
 
@@ -43,13 +44,7 @@ def unigram_tokenizer_json(
 ) -> str:
     """The tokenizer.json text; deterministic for the same inputs."""
     bos, eos = pieces[special_ids["bos"]][0], pieces[special_ids["eos"]][0]
-    specials = [
-        _special(special_ids[key], pieces[special_ids[key]][0]) for key in ("bos", "pad", "eos", "unk")
-    ]
-    mask_id = next((i for i, (piece, _) in enumerate(pieces) if piece == "<mask>"), None)
-    if mask_id is not None:
-        specials.append(_special(mask_id, "<mask>", lstrip=True))
-    specials.sort(key=lambda token: token["id"])
+    specials = [_special(t.id, t.content, lstrip=t.lstrip) for t in xlmr_added_tokens(pieces, special_ids)]
     metaspace = {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": "always", "split": True}
 
     def template(*parts: tuple[str, str, int]) -> list[dict[str, Any]]:

@@ -165,7 +165,7 @@ async def test_unload_frees_the_model(engine: EmbeddingEngine, e5_q4: ModelFiles
     assert engine.unload(e5_q4) is True and not engine.is_loaded(e5_q4)
     assert engine.unload(e5_q4) is False
     freed = loaded - _rss_mb()
-    assert loaded - base > 100 and freed > 0.7 * (loaded - base)
+    assert loaded - base > 50 and freed > 0.7 * (loaded - base)  # session ~80 MB, tokenizer ~60 MB
     vector = await engine.embed(e5_q4, ["query: loads again on use"])
     assert vector.shape == (1, 384) and engine.is_loaded(e5_q4)
 

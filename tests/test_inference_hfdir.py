@@ -38,11 +38,11 @@ def test_minilm_graph_matches_numpy_reference(minilm_dir: Path, minilm_fp32: Mod
     config = ArchConfig.from_hf(source.config)
     assert config.model_type == "bert" and config.num_layers == 6 and config.position_offset == 0
     encodings = load_tokenizer(minilm_fp32).encode_batch(SENTENCES)
-    width = max(len(e.ids) for e in encodings)
+    width = max(len(e) for e in encodings)
     ids = np.zeros((len(SENTENCES), width), np.int64)
     mask = np.zeros_like(ids)
     for row, encoding in enumerate(encodings):
-        ids[row, : len(encoding.ids)], mask[row, : len(encoding.ids)] = encoding.ids, 1
+        ids[row, : len(encoding)], mask[row, : len(encoding)] = encoding, 1
     session = ort.InferenceSession(str(minilm_fp32.onnx_path), providers=["CPUExecutionProvider"])
     hidden = session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
     expected = reference.last_hidden_state(config, source.weights, ids, mask)
@@ -71,7 +71,7 @@ def test_q4_build_from_float_weights(minilm_dir: Path, minilm_fp32: ModelFiles, 
         name: Q4Matrix.quantize(tensor).dequantize() if _is_quantised(name) else tensor
         for name, tensor in source.weights.items()
     }
-    ids = np.array([load_tokenizer(q4).encode(text).ids for text in SENTENCES[:1]])
+    ids = np.array(load_tokenizer(q4).encode_batch(SENTENCES[:1]))
     expected = reference.sentence_embeddings(config, rounded, ids, np.ones_like(ids))
     assert np.abs(ModelRuntime(q4, EngineSettings.default()).embed_texts(SENTENCES[:1]) - expected).max() < 1e-4
     # ...and close to the original: 4-bit rounding of a small model costs a few points of cosine

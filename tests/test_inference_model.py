@@ -37,12 +37,12 @@ def source():
 
 def _batch(files: ModelFiles, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     encodings = load_tokenizer(files).encode_batch(texts)
-    width = max(len(e.ids) for e in encodings)
+    width = max(len(e) for e in encodings)
     ids = np.ones((len(texts), width), np.int64)  # XLM-R's pad id; the mask hides it anyway
     mask = np.zeros_like(ids)
     for row, encoding in enumerate(encodings):
-        ids[row, : len(encoding.ids)] = encoding.ids
-        mask[row, : len(encoding.ids)] = 1
+        ids[row, : len(encoding)] = encoding
+        mask[row, : len(encoding)] = 1
     return ids, mask
 
 
@@ -82,7 +82,7 @@ def test_retrieval_check_finds_answers(e5_q4: ModelFiles) -> None:
 def test_truncation_at_512_tokens_including_specials(e5_q4: ModelFiles) -> None:
     tokenizer = load_tokenizer(e5_q4)
     long_text = "passage: " + " ".join(f"word{i}" for i in range(2000))
-    ids = tokenizer.encode(long_text).ids
+    (ids,) = tokenizer.encode_batch([long_text])
     assert len(ids) == 512 and ids[0] == 0 and ids[-1] == 2
     assert e5_q4.max_seq_length == 512
     runtime = ModelRuntime(e5_q4, EngineSettings.default())

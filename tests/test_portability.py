@@ -231,6 +231,27 @@ def test_pgvector_runs_on_a_cpu_without_avx512() -> None:
     assert not problems, "embedded PostgreSQL's pgvector fails on an emulated Haswell:\n" + "\n".join(problems)
 
 
+REGEX_CHECK = r"""
+import regex
+assert regex.findall(r"\X", "a\u0301b\r\n\u00b5\u200d") == ["a\u0301", "b", "\r\n", "\u00b5\u200d"]
+assert regex.compile(r"[\p{Grapheme_Cluster_Break=Other}--\p{Extended_Pictographic}]{2}", regex.V1).search("x\u2122yz")
+print(regex.__file__)
+"""
+
+
+def test_the_tokenizers_regex_module_runs_on_a_cpu_without_avx512() -> None:
+    """The ``regex`` module (a C extension the built-in model's tokenizer needs) on an emulated Haswell."""
+    import regex
+
+    _require_qemu()
+    # the interpreter itself (a venv's python is a link qemu would not resolve), with this venv's packages
+    env = {**os.environ, "PYTHONPATH": str(Path(regex.__file__).parent.parent)}
+    result = subprocess.run([QEMU, "-cpu", EMULATED_CPU, os.path.realpath(sys.executable), "-c", REGEX_CHECK],
+                            capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == regex.__file__
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else POSTGRES_BIN_PATH
     cpu = sys.argv[2] if len(sys.argv) > 2 else EMULATED_CPU
