@@ -101,10 +101,11 @@ class ServiceConnections:
         self, database: str, oid: int, backend_pid: int, role: str, at: int, first: bytes, unlock: int | None = None
     ) -> None:
         """Create the mailbox large object `oid` for server backend `backend_pid`, holding `first` (the
-        statement's first answer) at `at`, readable and writable by `role` only (and by the service
-        login, its owner), and let go of the advisory lock `unlock`: one round trip."""
+        statement's first answer, if any yet) at `at`, readable and writable by `role` only (and by the
+        service login, its owner), and let go of the advisory lock `unlock`: one round trip."""
         inline = len(first) <= _INLINE_ANSWER
-        write = f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); " if inline else ""
+        write = (f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); "
+                 if inline and first else "")
         release = f"; SELECT pg_catalog.pg_advisory_unlock({int(unlock)})" if unlock is not None and inline else ""
         sql = (f"SELECT pg_catalog.lo_create({int(oid)}); {write}"
                f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}{int(backend_pid)}'; "

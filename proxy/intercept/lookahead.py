@@ -78,6 +78,10 @@ def written_tables(sql: str) -> list[tuple[ast.Node, str]]:
     out = []
     for raw in raws:
         stmt = raw.stmt
+        one_row = isinstance(stmt, ast.InsertStmt) and isinstance(stmt.selectStmt, ast.SelectStmt) and len(
+            stmt.selectStmt.valuesLists or ()) == 1
+        if one_row:
+            continue  # its one request is on its way already: not worth a look at the catalog
         if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt) and stmt.relation is not None:
             relation = stmt.relation
             name = RawStream()(ast.RangeVar(relname=relation.relname, schemaname=relation.schemaname, inh=True,

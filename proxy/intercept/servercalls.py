@@ -102,7 +102,7 @@ class ServerCalls:
         self._cancel_statement = cancel_statement
         self._granted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
-        self._closing: set[asyncio.Task[None]] = set()  # mailboxes being dropped
+        self._closing: set[asyncio.Task[None]] = set()  # mailboxes being made or dropped, locks let go of
         self._holding: asyncio.Future[bool] | None = None  # taking the session's lock (_hold)
         self._asked = 0  # requests so far, and an event at each: how far the server has come
         self._progress = asyncio.Event()
@@ -124,7 +124,7 @@ class ServerCalls:
         try:
             await asyncio.sleep(0)  # an answer at hand (a kept vector, a setting) goes at once
             if not working.done():
-                await self._hold()
+                await self._hold(request.role)
             status, text = await working
         finally:
             working.cancel()
@@ -143,13 +143,17 @@ class ServerCalls:
             STATS.error("XX000", "server")
             return "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
 
-    async def _hold(self) -> None:
-        """Take the session's advisory lock while the answer is worked out: the waiting function sleeps
-        on it, rather than polling, and wakes as the answer is written. Never cut short: the lock is
-        always known to be held or not."""
+    async def _hold(self, role: str) -> None:
+        """While the answer is worked out: take the session's advisory lock (the waiting function sleeps
+        on it, rather than polling, and wakes as the answer is written), and make the statement's
+        mailbox if it has none yet, so that only the write is left once the answer is there. Never
+        cut short: the lock is always known to be held or not."""
         if self._holding is None:
             self._holding = asyncio.ensure_future(self.service.try_lock(self.database, self.mailbox.lock_key))
             self._holding.add_done_callback(_retrieve)
+        if not self._granted:
+            self._granted.add(role)  # the answer's delivery, queued behind the making, only writes
+            self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, role, 0, b""))
         await asyncio.wait([self._holding])
 
     def _held(self) -> bool:
@@ -286,7 +290,13 @@ class ServerCalls:
     def _track(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(self._tracked)
+
+    def _tracked(self, task: asyncio.Future[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the statement's own delivery says more
+            log.warning("a mailbox could not be made or removed", extra={"event": "mailbox_failed",
+                                                                         "reason": str(task.exception())})
 
     async def _let_go(self, holding: asyncio.Future[bool]) -> None:
         await asyncio.wait([holding])
