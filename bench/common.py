@@ -75,6 +75,13 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def publish(section: str, results: Path, title: str, record: bool) -> None:
+    """Print a benchmark's section, and with `record` put it in place of its own in the results file."""
+    print(section)
+    if record:
+        write_section(results, title, section)
+
+
 def write_section(results: Path, title: str, section: str) -> None:
     """Replace the section headed ``title`` of a results file with ``section`` (appended when absent),
     re-reading the file right before writing so that other sections, edited meanwhile, are kept."""

@@ -41,7 +41,7 @@ import asyncpg
 import numpy as np
 
 from bench import workloads
-from bench.common import machine_header, row_cosines, section_head, stop, table, write_section
+from bench.common import machine_header, publish, row_cosines, section_head, stop, table
 from bench.function_latency import MODEL, dsn, pct, start_proxy, wait_for_quiet
 from bench.isolation import short_texts
 from inference import builtin_model
@@ -219,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     section = "\n".join(lines)
-    print(section)
-    if args.record:
-        write_section(RESULTS, SECTION, section)
+    publish(section, RESULTS, SECTION, args.record)
     return 0
 
 

@@ -52,7 +52,7 @@ import asyncpg
 import psycopg
 
 from bench import workloads
-from bench.common import machine_header, section_head, stop, table, write_section
+from bench.common import machine_header, publish, section_head, stop, table
 from bench.function_latency import MODEL, dsn, pct, start_proxy
 from bench.ours import load_tokenizer
 from bench.passthrough import ensure_pgbouncer, start_pgbouncer, version_of
@@ -476,9 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(SETTLE_S)
     args.elapsed = time.monotonic() - started
     section = report(runs, args, paths, header, facts)
-    print(section)
-    if args.record:
-        write_section(RESULTS, SECTION, section)
+    publish(section, RESULTS, SECTION, args.record)
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import psycopg
 
 from bench import workloads
-from bench.common import machine_header, section_head, stop, table, write_section
+from bench.common import machine_header, publish, section_head, stop, table
 from bench.function_latency import MODEL, dsn, pct, start_proxy
 from bench.isolation import short_texts
 from inference import builtin_model
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     section = "\n".join(lines)
-    print(section)
-    if args.record:
-        write_section(RESULTS, SECTION, section)
+    publish(section, RESULTS, SECTION, args.record)
     return 0
 
 

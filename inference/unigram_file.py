@@ -77,7 +77,7 @@ def read_unigram_file(path: Path, tokenizer_path: Path) -> UnigramModel | None:
     """The model in ``path``, or None if it was not made from ``tokenizer_path`` as it is now."""
     with np.load(path, allow_pickle=False) as arrays:
         header = json.loads(arrays["header"].tobytes())
-        if header.get("format") != FORMAT or header.get("tokenizer_json_sha256") != _sha256(tokenizer_path):
+        if header.get("format") != FORMAT or header.get("tokenizer_json_sha256") != file_sha256(tokenizer_path):
             return None
         pieces = _split(arrays["pieces"])
         scores = arrays["scores"].tolist()
@@ -94,7 +94,8 @@ def read_unigram_file(path: Path, tokenizer_path: Path) -> UnigramModel | None:
     )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read a megabyte at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
