@@ -3,11 +3,14 @@
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml README.md Makefile config.example.toml ./
+COPY pyproject.toml setup.py README.md Makefile config.example.toml ./
 COPY proxy ./proxy
 COPY inference ./inference
 COPY catalog ./catalog
-RUN pip install --no-cache-dir .
+# The relay thread (proxy/_fastrelay.c) is compiled here; the compiler leaves with the layer.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 ENV AZURE_LOCAL_AI_PROXY_DATA_DIR=/data \
     AZURE_LOCAL_AI_PROXY_LISTEN=0.0.0.0:6432
 VOLUME /data

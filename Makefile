@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint system-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py proxy/_fastrelay.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

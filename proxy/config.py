@@ -62,6 +62,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy", "startup_timeout", float, 60.0, "seconds a client has to finish start-up and authentication"),
     Option("proxy", "idle_timeout", float, 0.0, "close sessions idle outside a query this many seconds; 0 never"),
     Option("proxy", "max_message_size", int, 0x3FFFFFFF, "largest client message accepted, in bytes"),
+    Option("proxy", "relay_thread", bool, True,
+           "move the bytes of sessions the proxy has nothing to do for in a native thread; false: all in Python"),
     Option("proxy", "shutdown_grace", float, 30.0, "on SIGTERM, seconds sessions get to finish before closing"),
     Option("proxy", "log_level", str, "info", "debug, info, warning or error"),
     Option("proxy", "log_format", str, "text", "text (key=value) or json"),
@@ -106,6 +108,7 @@ class Config:
     startup_timeout: float
     idle_timeout: float
     max_message_size: int
+    relay_thread: bool
     shutdown_grace: float
     log_level: str
     log_format: str

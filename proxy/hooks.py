@@ -9,7 +9,7 @@ message, the session stays a byte relay."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,6 +102,17 @@ class SessionHook(Protocol):
         """A NoticeResponse from the server; True if it was addressed to the proxy (the client must not
         see it). Called on the relay's path: cheap for every other notice."""
         ...
+
+    def resting(self) -> Iterable[bytes] | None:
+        """None while the hook has work under way on this session (a statement, replies it watches,
+        a read-ahead); otherwise the names of the prepared statements whose Bind, Describe or Close it
+        must see. The relay hands a resting session to its thread, which stops at those messages and
+        at every Query or Parse that names azure_local_ai."""
+        ...
+
+    def passed(self, msg_type: int, body: bytes) -> None:
+        """The last Query or Parse the relay thread forwarded without asking `wants`: what `wants`
+        would have remembered of it."""
 
     def cancel(self) -> None:
         """The client sent a CancelRequest for this session: stop local work."""

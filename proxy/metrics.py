@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import fastpath
 from .intercept.functions import BUILTIN_URI, Backend
 from .stats import Histogram, ProxyStats
 
@@ -53,9 +54,12 @@ class ProxyCollector(Collector):
                        s.upstream_connect_failures)
         relayed = CounterMetricFamily(PREFIX + "relayed_bytes", "Bytes relayed by established sessions, by direction",
                                       labels=["direction"])
-        relayed.add_metric(["client_to_server"], s.bytes_from_clients)
-        relayed.add_metric(["server_to_client"], s.bytes_from_server)
+        by_thread = fastpath.bytes_relayed()
+        relayed.add_metric(["client_to_server"], s.bytes_from_clients + by_thread[0])
+        relayed.add_metric(["server_to_client"], s.bytes_from_server + by_thread[1])
         yield relayed
+        yield _gauge("relay_thread_sessions", "Sessions whose bytes the relay thread moves now (resting sessions "
+                     "on plain connections)", fastpath.sessions_on_thread())
 
     def _calls(self) -> Iterator[Metric]:
         s = self.stats

@@ -296,6 +296,24 @@ class Framer:
         return bool(self._parts)
 
     @property
+    def skipping(self) -> int | None:
+        """Where nothing is held: how many bytes of a message's body are still to stream through
+        (0 at a boundary). None while bytes are held (a partial header or an inspected message)."""
+        if self._held or self._parts or self._undecided:
+            return None
+        return self._skip
+
+    def resume(self, skip: int, last_type: int, ready_count: int | None = None, tx_status: int | None = None) -> None:
+        """Take up the stream where another reader of it (the relay thread) left it."""
+        assert self.skipping is not None
+        self._skip = skip
+        self.last_type = last_type
+        if ready_count is not None:
+            self.ready_count = ready_count
+        if tx_status is not None:
+            self.tx_status = tx_status
+
+    @property
     def undecided(self) -> bool:
         """A Partial was handed out and `decide` has not been called yet."""
         return self._undecided

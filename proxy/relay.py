@@ -3,15 +3,23 @@
 Client-to-server traffic is framed (type and length) so that bad input is caught and hooked
 messages can be held; everything else is forwarded in the runs the framer returns. Server-to-client
 traffic is framed only to know where messages begin, and decoded only while a hook watches it.
-Backpressure: when one side's write buffer fills, reading from the other side pauses."""
+Backpressure: when one side's write buffer fills, reading from the other side pauses.
+
+A session that rests (its hook has nothing under way, nothing is held, neither side is TLS) is handed
+over to the relay thread (fastpath.py), which moves its bytes without the interpreter and hands it
+back, at the first byte of whatever the hook must see, with the counts this relay keeps."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 from collections import deque
 from collections.abc import Callable
 
+from . import fastpath
 from . import protocol as pg
 from .hooks import ServerWatcher, SessionHook, SessionInfo
 from .stats import STATS
@@ -99,6 +107,34 @@ class _Side(asyncio.Protocol):
         self._on_pause(False)
 
 
+class _Gate(asyncio.Protocol):
+    """A socket's first events after the relay thread hands it back, kept until the relay has
+    caught up with what the thread held (then they go to the relay's _Side, in order)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def eof_received(self) -> bool:
+        self.events.append(("eof", None))
+        return True  # the relay's _Side closes; the transport stays until then
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(("lost", exc))
+
+    def open(self, transport: asyncio.Transport, side: _Side) -> None:
+        transport.set_protocol(side)
+        for kind, value in self.events:
+            if kind == "data":
+                side.data_received(value)  # type: ignore[arg-type]
+            elif kind == "eof":
+                side.eof_received()
+            else:
+                side.connection_lost(value)  # type: ignore[arg-type]
+
+
 class Relay:
     """One client connection joined to one upstream connection."""
 
@@ -113,6 +149,7 @@ class Relay:
         idle_timeout: float,
         log: logging.LoggerAdapter,
         server_parameters: dict[str, str] | None = None,
+        fast: fastpath.FastPath | None = None,
     ) -> None:
         self.info = info
         #: The server's run-time parameters as it last reported them (ParameterStatus).
@@ -156,6 +193,13 @@ class Relay:
         self._now = asyncio.get_running_loop().time
         self._last_activity = self._now()
         self._idle_handle: asyncio.TimerHandle | None = None
+        #: The relay thread, where both legs are plain sockets; and the session's id there while it has it.
+        plain = all(t.get_extra_info("sslcontext") is None and t.get_extra_info("socket") is not None
+                    for t in (client, server))
+        self._fast = fast if plain else None
+        self._fast_id: int | None = None
+        self._fds: tuple[int, int] = (-1, -1)
+        self._resuming: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ wiring
 
@@ -171,6 +215,7 @@ class Relay:
             self._from_server(server_leftover)
         if client_leftover:
             self._from_client(client_leftover)
+        self._rest()
 
     # ------------------------------------------------------------------ client -> server
 
@@ -206,6 +251,8 @@ class Relay:
             self._forward_whole(data, pieces, hook)
         else:
             self._dispatch_client(deque(pieces))
+        if self._fast is not None:
+            self._rest()
 
     def _forward_whole(self, data: bytes, pieces: list[pg.Piece], hook: SessionHook) -> None:
         """The usual case: `data` is whole messages. Unless the hook wants one of them, `data` goes
@@ -310,9 +357,11 @@ class Relay:
         if self._closing:
             return
         held, self._held = self._held, None
+        self._hook_task = None
         self._resume_client("hook")
         if held:
             self._dispatch_client(held)
+        self._rest()
 
     def _client_eof(self) -> None:
         if self._client_framer.at_boundary and not self._closing:
@@ -342,6 +391,110 @@ class Relay:
         if not self._client_pauses and not self._closing:
             self.client.resume_reading()
 
+    # ------------------------------------------------------------------ the relay thread
+
+    def _rest(self) -> None:
+        """If nothing of the session needs the interpreter now, hand it over to the relay thread."""
+        if self._fast is None or self._fast_id is not None or self._closing:
+            return
+        if (self._held is not None or self._hook_task is not None or self._resuming is not None
+                or self._capture is not None or self._watcher is not None or self._client_pauses
+                or self._server_paused):
+            return
+        up_skip, down_skip = self._client_framer.skipping, self._server_framer.skipping
+        if up_skip is None or down_skip is None:
+            return  # a message is partly held
+        if self.client.get_write_buffer_size() or self.server.get_write_buffer_size():
+            return
+        watched = self.hook.resting() if self.hook is not None else ()
+        if watched is None:
+            return
+        client_sock = self.client.get_extra_info("socket")
+        server_sock = self.server.get_extra_info("socket")
+        fds = (os.dup(client_sock.fileno()), os.dup(server_sock.fileno()))
+        for transport in (self.client, self.server):
+            transport.pause_reading()
+            transport.set_protocol(asyncio.Protocol())
+            transport.abort()  # closes the transport's descriptor; the thread's duplicate stays open
+        self._fds = fds
+        self._fast_id = self._fast.hand_over(
+            fds[0], fds[1], self._back_from_thread,
+            hooked=self.hook is not None, marker=self.hook.marker if self.hook is not None else b"",
+            watched=b"".join(name + b"\0" for name in watched),
+            max_message=self._client_framer.max_length, up_skip=up_skip, up_last=self._client_framer.last_type,
+            down_skip=down_skip, down_last=self._server_framer.last_type, syncs_sent=self._syncs_sent,
+            batch_open=self._batch_open, uncertain=self._uncertain, ready_count=self._server_framer.ready_count,
+            tx_status=self._server_framer.tx_status, in_query=self._in_query, last_activity=self._last_activity,
+        )
+
+    def _back_from_thread(self, state: fastpath.FastState) -> None:
+        self._fast_id = None
+        if state.reason in (fastpath.CLIENT_CLOSED, fastpath.SERVER_CLOSED):
+            self._fast = None  # the end of the session: the interpreter sees it through
+        self._resuming = asyncio.get_running_loop().create_task(self._resume(state))
+
+    async def _resume(self, state: fastpath.FastState) -> None:
+        """Take the sockets back as transports and go on exactly where the thread stopped."""
+        loop = asyncio.get_running_loop()
+        gates = (_Gate(), _Gate())
+        sockets = [socket.socket(fileno=fd) for fd in self._fds]
+        transports: list[asyncio.Transport] = []
+        try:
+            for gate, sock in zip(gates, sockets, strict=True):
+                transports.append((await loop.connect_accepted_socket(lambda gate=gate: gate, sock=sock))[0])
+        except (OSError, asyncio.CancelledError) as exc:
+            for transport in transports:
+                transport.abort()
+            for sock in sockets[len(transports):]:
+                sock.close()
+            if isinstance(exc, OSError):
+                self.log.warning("taking a session back from the relay thread failed",
+                                 extra={"event": "relay_thread_error", "reason": str(exc)})
+                self.close()
+            return
+        self.client, self.server = transports
+        for transport in transports:
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._adopt(state)
+        if self.hook is not None and state.unread is not None:
+            self.hook.passed(state.unread[0], state.unread[5:])
+        if state.up.unsent:
+            self.server.write(state.up.unsent)
+        if state.down.unsent:
+            self.client.write(state.down.unsent)
+        if state.down.unframed:
+            self._from_server(state.down.unframed)
+        if state.up.unframed:
+            self._from_client(state.up.unframed)
+        gates[0].open(self.client, _Side(self._from_client, self._client_eof, self._client_lost, self._client_paused))
+        gates[1].open(self.server, _Side(self._from_server, self._server_eof, self._server_lost,
+                                         self._server_paused_cb))
+        self._resuming = None
+        self._rest()
+
+    def _adopt(self, state: fastpath.FastState) -> None:
+        """The counts the thread kept while it had the session."""
+        self._client_framer.resume(state.up.skip, state.up.last_type)
+        self._server_framer.resume(state.down.skip, state.down.last_type, state.ready_count, state.tx_status)
+        self._syncs_sent = state.syncs_sent
+        self._batch_open = state.batch_open
+        self._uncertain = state.uncertain
+        self._in_query = state.in_query
+        self._last_activity = state.last_activity
+
+    def _leave_thread(self, to_client: bytes = b"", to_server: bytes = b"") -> None:
+        """Closing while the thread has the session: take it back, send the last words, close."""
+        assert self._fast is not None and self._fast_id is not None
+        state = self._fast.take_back(self._fast_id)
+        self._fast_id = None
+        unsent = (state.down.unsent, state.up.unsent) if state is not None else (b"", b"")
+        for fd, data in zip(self._fds, (unsent[0] + to_client, unsent[1] + to_server), strict=True):
+            if data:
+                with contextlib.suppress(OSError):  # a few bytes into an idle socket's buffer: best effort
+                    os.write(fd, data)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     # ------------------------------------------------------------------ server -> client
 
     def _from_server(self, data: bytes) -> None:
@@ -357,6 +510,8 @@ class Relay:
         if not framer.inspect:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
                 write(piece)  # type: ignore[arg-type]
+            if self._fast is not None:
+                self._rest()
             return
         for piece in pieces:
             if type(piece) is not pg.Message:
@@ -377,6 +532,8 @@ class Relay:
             watcher = self._watcher
             replacement = watcher(piece.type, piece.body) if watcher is not None else None
             write(piece.encode() if replacement is None else replacement)
+        if self._fast is not None:
+            self._rest()
 
     def _server_eof(self) -> None:
         self._server_gone()
@@ -514,7 +671,14 @@ class Relay:
     def idle(self) -> bool:
         """No query in progress: the server's last word was ReadyForQuery and the client has sent
         nothing since."""
+        if self._fast_id is not None:
+            self._refresh_activity()
         return not self._in_query and self._held is None
+
+    def _refresh_activity(self) -> None:
+        activity = fastpath.activity(self._fast_id) if self._fast_id is not None else None
+        if activity is not None:
+            self._last_activity, self._in_query = activity
 
     def _schedule_idle_check(self, delay: float) -> None:
         self._idle_handle = asyncio.get_running_loop().call_later(delay, self._check_idle)
@@ -522,16 +686,21 @@ class Relay:
     def _check_idle(self) -> None:
         if self._closing:
             return
+        idle = self.idle
         quiet = self._now() - self._last_activity
-        if quiet >= self._idle_timeout and self.idle:
+        if quiet >= self._idle_timeout and idle:
             self.log.info("idle timeout", extra={"event": "idle_timeout"})
             self.terminate("57P05", "terminating connection due to idle-session timeout")
             return
-        self._schedule_idle_check(max(self._idle_timeout - quiet, 0.05) if self.idle else self._idle_timeout)
+        self._schedule_idle_check(max(self._idle_timeout - quiet, 0.05) if idle else self._idle_timeout)
 
     def terminate(self, sqlstate: str, text: str) -> None:
         """End the session from the proxy's side: tell the client why, say goodbye to the server."""
         if self._closing:
+            return
+        if self._fast_id is not None:
+            self._leave_thread(pg.error_response(sqlstate, text), pg.message(pg.TERMINATE))
+            self.close()
             return
         if self._client_framer.at_boundary:
             self.server.write(pg.message(pg.TERMINATE))
@@ -541,17 +710,23 @@ class Relay:
         """Send the client a FATAL error and close both connections."""
         if self._closing:
             return
-        self.client.write(pg.error_response(sqlstate, text))
+        if self._fast_id is not None:
+            self._leave_thread(pg.error_response(sqlstate, text))
+        else:
+            self.client.write(pg.error_response(sqlstate, text))
         self.close()
 
     def close(self) -> None:
         if self._closing:
             return
+        if self._fast_id is not None:
+            self._leave_thread()
         self._closing = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
-        if self._hook_task is not None and not self._hook_task.done():
-            self._hook_task.cancel()
+        for task in (self._hook_task, self._resuming):
+            if task is not None and not task.done():
+                task.cancel()
         for future in (self._answered, self._capture.done if self._capture else None):
             if future is not None and not future.done():
                 future.cancel()

@@ -39,6 +39,7 @@ class ProxyServer:
             idle_timeout=config.idle_timeout,
             hook_factory=hook_factory,
             mailboxes=mailboxes,
+            relay_thread=config.relay_thread,
         )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()

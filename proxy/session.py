@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from . import protocol as pg
+from .fastpath import fast_path
 from .hooks import HookFactory, SessionInfo
 from .logs import ContextLogger
 from .mailbox import MAILBOX_SETTING, Mailbox
@@ -74,6 +75,8 @@ class SessionSettings:
     hook_factory: HookFactory | None
     #: Give each session a mailbox for the calls its server evaluates (see intercept/servercalls.py).
     mailboxes: bool = False
+    #: Hand resting sessions to the relay thread (fastpath.py).
+    relay_thread: bool = True
 
 
 async def read_startup(client: HandshakeProtocol, tls: ssl.SSLContext | None) -> pg.StartupPacket:
@@ -141,6 +144,7 @@ async def establish(
     relay = Relay(
         info, client.transport, server.transport, hook=hook, max_message_size=settings.max_message_size,
         idle_timeout=settings.idle_timeout, log=session.log, server_parameters=server_parameters,
+        fast=fast_path() if settings.relay_thread else None,
     )
     relay.start(client.detach(), server.detach())
     return relay

@@ -71,6 +71,12 @@ class DemoHook:
             return None
         return watcher
 
+    def resting(self) -> list[bytes]:
+        return []
+
+    def passed(self, msg_type: int, body: bytes) -> None:
+        pass
+
     def cancel(self) -> None:
         self.cancelled.set()
 

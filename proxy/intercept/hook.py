@@ -161,6 +161,15 @@ class InterceptHook:
             self.statements.pop(name, None)
         return False
 
+    def resting(self) -> list[bytes] | None:
+        busy = self._watching or self._lookaheads or (self._work is not None and not self._work.done())
+        if busy:
+            return None
+        return [name.encode("utf-8", errors="surrogateescape") for name in self.statements]
+
+    def passed(self, msg_type: int, body: bytes) -> None:
+        self._unread = (msg_type, body) if self.server_calls is not None else None
+
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         self._control = control
         try:
