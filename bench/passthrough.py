@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Pass-through (pgbench)"
 TICKS = os.sysconf("SC_CLK_TCK")
-TARGET = 0.9  # proxy TPS / PgBouncer TPS at 8 clients
+TARGET = 1.0  # proxy TPS / PgBouncer TPS at 8 and 32 clients
+LATENCY_TARGET = 1.10  # proxy latency / PgBouncer latency at 1 client
 
 
 # --------------------------------------------------------------------------- the paths
@@ -215,6 +216,16 @@ def _grab(pattern: str, text: str) -> str:
     if not match:
         raise RuntimeError(f"pgbench output has no {pattern!r}:\n{text}")
     return match.group(1)
+
+
+def warm_up(port: int) -> None:
+    """One embedding through a proxy: its model is loaded (in the background, after start-up) before
+    anything is measured, as it is on a proxy that has been running."""
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+         "postgres", "-c", "select azure_local_ai.create_embeddings('multilingual-e5-small:v1', 'warm-up') is null"],
+        check=True, capture_output=True, timeout=600,
+    )
 
 
 def client_addr_via(port: int) -> str:
@@ -420,6 +431,7 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
     for mode in args.modes:
         for clients in args.clients:
             tps: dict[str, float] = {}
+            latency: dict[str, float] = {}
             for path in paths:
                 runs = sorted(
                     (r for r in bench.runs if (r.path, r.mode, r.clients) == (path, mode, clients)),
@@ -428,6 +440,7 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
                 if not runs:
                     continue
                 tps[path] = statistics.median(r.tps for r in runs)
+                latency[path] = statistics.median(r.latency_ms for r in runs)
                 user = [u for r in runs if (u := r.per_txn_us(r.middle_user_s)) is not None]
                 system = [s for r in runs if (s := r.per_txn_us(r.middle_sys_s)) is not None]
                 rows.append(
@@ -437,7 +450,7 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
                         path,
                         f"{tps[path]:.0f}",
                         " / ".join(f"{r.tps:.0f}" for r in runs),
-                        f"{statistics.median(r.latency_ms for r in runs):.3f}",
+                        f"{latency[path]:.3f}",
                         f"{statistics.median(user):.1f} + {statistics.median(system):.1f}" if user else "",
                     )
                 )
@@ -465,8 +478,15 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
                         f"{tps['pgbouncer'] / tps['direct']:.2f}" if "direct" in tps else "",
                     )
                 )
-                if clients == 8 and proxy == "proxy":
-                    verdicts.append(f"{mode} {ratio:.2f} ({'met' if ratio >= TARGET else 'not met'})")
+                if proxy != "proxy":
+                    continue
+                if clients == 1:
+                    slower = latency[proxy] / latency["pgbouncer"]
+                    verdicts.append(f"{mode}, 1 client: latency {slower:.2f} of PgBouncer's "
+                                    f"({'met' if slower <= LATENCY_TARGET else 'not met'})")
+                else:
+                    met = "met" if ratio >= TARGET else "not met"
+                    verdicts.append(f"{mode}, {clients} clients: {ratio:.2f} ({met})")
     lines = [
         *section_head(SECTION, args.command_line, args.elapsed / 60, header, facts),
         f"Each figure is the median of {args.repeats} runs of `pgbench -n -S -M MODE -c C -j min(C,2) "
@@ -481,8 +501,8 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
             ratio_rows,
         ),
         "",
-        f"Target, at 8 clients the proxy reaches {TARGET} of PgBouncer's TPS in both modes: "
-        f"{'; '.join(verdicts) or 'not measured'}.",
+        f"Targets: at 8 and 32 clients the proxy reaches {TARGET} of PgBouncer's TPS, and at 1 client its "
+        f"latency is at most {LATENCY_TARGET} of PgBouncer's, in both modes: {'; '.join(verdicts) or 'not measured'}.",
         "",
     ]
     return "\n".join(lines)
@@ -571,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, source in {"proxy": None, **args.variants}.items():
             proc, ports[label] = start_proxy(workdir, cluster.port, label, source)
             stack.callback(stop, proc)
+            warm_up(ports[label])
             pids[label] = proc.pid
             proxies[label] = proc
         bench = Bench(args.pgbench, ports, pids, args.duration)
@@ -588,8 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                 else []
             ),
             f"Proxy: `azure-local-ai-proxy serve --log-level warning` as users run it (Python "
-            f"{sys.version.split()[0]}, uvloop), its azure_local_ai hook on; pgbench's statements do not name "
-            "the schema, so everything is relayed.",
+            f"{sys.version.split()[0]}, uvloop), its azure_local_ai hook on, its model loaded; pgbench's "
+            "statements do not name the schema, so every session rests on the relay thread.",
             *[f"{label}: the same, run from `{source}`." for label, source in args.variants.items()],
             "Every leg is TCP on loopback; inet_client_addr() as the server sees it through each path: "
             + ", ".join(f"{path} {addr}" for path, addr in legs.items())
