@@ -4,6 +4,8 @@ back at the first byte of whatever the proxy must see, with nothing lost, reorde
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -24,6 +26,7 @@ from proxy.intercept.sqlcalls import SCHEMA_MARKER, mentions_schema
 from .pgcluster import PgCluster, free_port
 from .proxyproc import ProxyProcess, start_proxy
 from .test_http import wait_until_healthy
+from .test_portability import EMULATED_CPU, QEMU
 
 EMBED = f"SELECT azure_local_ai.create_embeddings('{BUILTIN_URI}', 'query: relay thread')::text"
 
@@ -70,6 +73,21 @@ def until(condition, timeout: float = 10.0) -> None:
 def test_the_threads_marker_test_is_the_hooks(before: bytes, middle: bytes, after: bytes) -> None:
     data = before + middle + after
     assert _fastrelay.has_marker(data, SCHEMA_MARKER) == mentions_schema(data)
+
+
+def run_probe(*emulator: str) -> None:
+    """tests/relay_thread_probe.py in a process of its own: its eventfd is then no event loop's."""
+    out = subprocess.run([*emulator, sys.executable, "-m", "tests.relay_thread_probe"], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_thread_forwards_stops_and_counts_over_socket_pairs() -> None:
+    run_probe()
+
+
+def test_the_thread_runs_on_a_cpu_without_avx512() -> None:
+    run_probe(QEMU, "-cpu", EMULATED_CPU)
 
 
 def test_a_marker_of_letters_only_is_found_in_any_case() -> None:
