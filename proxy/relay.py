@@ -108,31 +108,30 @@ class _Side(asyncio.Protocol):
 
 
 class _Gate(asyncio.Protocol):
-    """A socket's first events after the relay thread hands it back, kept until the relay has
-    caught up with what the thread held (then they go to the relay's _Side, in order)."""
+    """A socket's first events after the relay thread hands it back (its transport reads as soon as
+    it exists), kept until the relay has caught up with what the thread held."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, object]] = []
+        self.data = bytearray()
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
 
     def data_received(self, data: bytes) -> None:
-        self.events.append(("data", data))
+        self.data += data
 
     def eof_received(self) -> bool:
-        self.events.append(("eof", None))
+        self.eof = True
         return True  # the relay's _Side closes; the transport stays until then
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.events.append(("lost", exc))
+        self.lost = (exc,)
 
-    def open(self, transport: asyncio.Transport, side: _Side) -> None:
-        transport.set_protocol(side)
-        for kind, value in self.events:
-            if kind == "data":
-                side.data_received(value)  # type: ignore[arg-type]
-            elif kind == "eof":
-                side.eof_received()
-            else:
-                side.connection_lost(value)  # type: ignore[arg-type]
+    def hand_on(self, side: _Side) -> None:
+        """The end of stream or loss seen meanwhile, to the relay (after the data)."""
+        if self.eof:
+            side.eof_received()
+        if self.lost is not None:
+            side.connection_lost(self.lost[0])
 
 
 class Relay:
@@ -441,7 +440,9 @@ class Relay:
         transports: list[asyncio.Transport] = []
         try:
             for gate, sock in zip(gates, sockets, strict=True):
-                transports.append((await loop.connect_accepted_socket(lambda gate=gate: gate, sock=sock))[0])
+                transport = (await loop.connect_accepted_socket(lambda gate=gate: gate, sock=sock))[0]
+                transport.pause_reading()  # until the relay has framed what the thread held
+                transports.append(transport)
         except (OSError, asyncio.CancelledError) as exc:
             for transport in transports:
                 transport.abort()
@@ -453,8 +454,11 @@ class Relay:
                 self.close()
             return
         self.client, self.server = transports
-        for transport in transports:
+        sides = (_Side(self._from_client, self._client_eof, self._client_lost, self._client_paused),
+                 _Side(self._from_server, self._server_eof, self._server_lost, self._server_paused_cb))
+        for transport, side in zip(transports, sides, strict=True):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            transport.set_protocol(side)
         self._adopt(state)
         if self.hook is not None and state.unread is not None:
             self.hook.passed(state.unread[0], state.unread[5:])
@@ -462,14 +466,22 @@ class Relay:
             self.server.write(state.up.unsent)
         if state.down.unsent:
             self.client.write(state.down.unsent)
-        if state.down.unframed:
-            self._from_server(state.down.unframed)
-        if state.up.unframed:
-            self._from_client(state.up.unframed)
-        gates[0].open(self.client, _Side(self._from_client, self._client_eof, self._client_lost, self._client_paused))
-        gates[1].open(self.server, _Side(self._from_server, self._server_eof, self._server_lost,
-                                         self._server_paused_cb))
+        # What the thread read but did not frame, then what the transports read meanwhile: one stream.
+        from_server = state.down.unframed + gates[1].data
+        from_client = state.up.unframed + gates[0].data
+        if from_server:
+            self._from_server(from_server)
+        if from_client:
+            self._from_client(from_client)
+        for gate, side in zip(gates, sides, strict=True):
+            gate.hand_on(side)
         self._resuming = None
+        if self._closing:
+            return
+        if not self._client_pauses:
+            self.client.resume_reading()
+        if not self._server_paused:
+            self.server.resume_reading()
         self._rest()
 
     def _adopt(self, state: fastpath.FastState) -> None:
