@@ -28,7 +28,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define BUF_CAP (256 * 1024)
+/* A direction's buffer starts small (a resting session costs little) and grows, up to BUF_MAX, while
+ * reads fill it: bulk transfers then take fewer system calls. */
+#define BUF_START (16 * 1024)
+#define BUF_MAX (256 * 1024)
 /* Messages the thread must read whole (Query, Parse, ...) longer than this go back to Python, which
  * reads long statements a window at a time. */
 #define INSPECT_MAX (64 * 1024)
@@ -44,6 +47,7 @@ enum reason {
 
 typedef struct {
     unsigned char *buf;
+    size_t cap;
     size_t len;     /* bytes held */
     size_t ready;   /* of those, the first `ready` are framed and go to the other side as they are */
     uint64_t skip;  /* bytes of a streamed message's body still to come after the held ones */
@@ -327,7 +331,17 @@ static void on_readable(session_t *s, int from_client, uint32_t ev) {
         if (ev & (EPOLLHUP | EPOLLERR)) hand_back(s, from_client ? R_CLIENT_CLOSED : R_SERVER_CLOSED);
         return;
     }
-    ssize_t n = recv(src, st->buf + st->len, BUF_CAP - st->len, MSG_DONTWAIT);
+    if (st->len == st->cap) {
+        unsigned char *grown = st->cap < BUF_MAX ? realloc(st->buf, st->cap * 2) : NULL;
+        if (grown == NULL) { /* a message to read whole that does not fit: Python's */
+            hand_back(s, from_client ? R_CLIENT_MESSAGE : R_SERVER_MESSAGE);
+            return;
+        }
+        st->buf = grown;
+        st->cap *= 2;
+    }
+    size_t room = st->cap - st->len;
+    ssize_t n = recv(src, st->buf + st->len, room, MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
     if (n <= 0) {
         /* Python reads the end of stream (or the error) again and closes as it does. */
@@ -335,6 +349,13 @@ static void on_readable(session_t *s, int from_client, uint32_t ev) {
         return;
     }
     st->len += (size_t)n;
+    if ((size_t)n == room && st->cap < BUF_MAX) {
+        unsigned char *grown = realloc(st->buf, st->cap * 2);
+        if (grown != NULL) {
+            st->buf = grown;
+            st->cap *= 2;
+        }
+    }
     s->last_activity = now();
     if (from_client) {
         s->bytes_up += (uint64_t)n;
@@ -347,7 +368,7 @@ static void on_readable(session_t *s, int from_client, uint32_t ev) {
         hand_back(s, from_client ? R_SERVER_CLOSED : R_CLIENT_CLOSED);
         return;
     }
-    if (stop || (st->len == BUF_CAP && st->ready == 0)) {
+    if (stop) {
         hand_back(s, from_client ? R_CLIENT_MESSAGE : R_SERVER_MESSAGE);
         return;
     }
@@ -433,12 +454,11 @@ static PyObject *py_notify_fd(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(notify_fd);
 }
 
-static int init_stream(stream_t *st, const char *held, Py_ssize_t held_len, unsigned long long skip, int last) {
-    st->buf = malloc(BUF_CAP);
+static int init_stream(stream_t *st, unsigned long long skip, int last) {
+    st->buf = malloc(BUF_START);
     if (st->buf == NULL) return -1;
-    memcpy(st->buf, held, (size_t)held_len);
-    st->len = (size_t)held_len;
-    st->ready = 0;
+    st->cap = BUF_START;
+    st->len = st->ready = 0;
     st->skip = skip;
     st->last_type = last;
     return 0;
@@ -464,7 +484,7 @@ static PyObject *py_attach(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (start() < 0) return PyErr_SetFromErrno(PyExc_OSError);
     session_t *s = calloc(1, sizeof *s);
     if (s == NULL) return PyErr_NoMemory();
-    if (init_stream(&s->up, "", 0, up_skip, up_last) < 0 || init_stream(&s->down, "", 0, down_skip, down_last) < 0 ||
+    if (init_stream(&s->up, up_skip, up_last) < 0 || init_stream(&s->down, down_skip, down_last) < 0 ||
         (watched_len && (s->watched = malloc((size_t)watched_len)) == NULL) ||
         (marker_len && (s->marker = malloc((size_t)marker_len)) == NULL)) {
         free_session(s);
@@ -654,7 +674,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastrelay", NULL, -
 PyMODINIT_FUNC PyInit__fastrelay(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    PyModule_AddIntConstant(m, "BUFFER", BUF_CAP);
+    PyModule_AddIntConstant(m, "BUFFER_MAX", BUF_MAX);
     PyModule_AddIntConstant(m, "INSPECT_MAX", INSPECT_MAX);
     PyModule_AddIntConstant(m, "CLIENT_MESSAGE", R_CLIENT_MESSAGE);
     PyModule_AddIntConstant(m, "SERVER_MESSAGE", R_SERVER_MESSAGE);

@@ -7,6 +7,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import threading
 
 from proxy import _fastrelay
 
@@ -56,8 +57,10 @@ def probe() -> None:
     assert recv_exactly(server, len(query + parse)) == query + parse
     big_row = message(b"D", b"\0\1" + struct.pack("!i", 600_000) + b"r" * 600_000)  # streamed, never held whole
     answers = message(b"C", b"SELECT 1\0") + message(b"Z", b"T") + big_row + message(b"Z", b"I")
-    server.sendall(answers)
+    sender = threading.Thread(target=server.sendall, args=(answers,))  # more than the sockets buffer
+    sender.start()
     assert recv_exactly(client, len(answers)) == answers
+    sender.join()
     activity = _fastrelay.activity(session)
     assert activity is not None and activity[1] is False  # the last word was ReadyForQuery
 
