@@ -503,6 +503,34 @@ class Relay:
         self.server.write(pg.message(pg.QUERY, sql.encode() + b"\0"))
         return await done
 
+    # ------------------------------------------------------------------ the admin console's controls
+
+    def pause(self) -> None:
+        """PAUSE: read nothing more from the client (what it sent goes on; the server's answers still
+        reach it), so that its next queries wait."""
+        self._pause_client("paused")
+
+    def resume(self) -> None:
+        self._resume_client("paused")
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing of the client's is in progress: no message partly read, none held by the hook, no
+        request the server has yet to answer, no extended-protocol batch waiting for its Sync."""
+        if self.hook is None:  # requests are not counted without a hook
+            return self.idle
+        return (self._held is None and self.outstanding <= 0 and not self._batch_open
+                and self._client_framer.at_boundary)
+
+    def set_idle_timeout(self, seconds: float) -> None:
+        """A reload changed idle_timeout: from now on, this session is closed after `seconds` idle."""
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self._idle_timeout = seconds
+        if seconds > 0 and not self._closing:
+            self._schedule_idle_check(seconds)
+
     # ------------------------------------------------------------------ life cycle
 
     def cancel(self) -> None:
