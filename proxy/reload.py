@@ -89,8 +89,6 @@ class Reloader:
                 log.error("configuration not reloaded; the running one is kept",
                           extra={"event": "reload_failed", "reason": str(exc)})
                 raise
-            if "log_level" in report.changed or "log_format" in report.changed:
-                logs.configure(config.log_level, config.log_format)
             self.server.reconfigure(config, tls, upstream)
             self.backend.model_roots = parse_model_roots(config.model_roots, config.data_path)
             self.backend.engine.batching = batching
@@ -99,11 +97,14 @@ class Reloader:
                     part.upstream = upstream
             if self.http is not None:
                 self.http.api_key = config.http_api_key
-        for name in report.restart:
-            log.warning("option changed, but takes effect only at a restart: the running value is kept",
-                        extra={"event": "reload_needs_restart", "option": name})
-        log.info("configuration reloaded", extra={"event": "reload", "changed": ",".join(report.changed) or "-",
-                                                  "tls": "re-read" if tls is not None else "off"})
+            for name in report.restart:
+                log.warning("option changed, but takes effect only at a restart: the running value is kept",
+                            extra={"event": "reload_needs_restart", "option": name})
+            # Said at the level in force until now, then the new level and format apply.
+            log.info("configuration reloaded", extra={"event": "reload", "changed": ",".join(report.changed) or "-",
+                                                      "tls": "re-read" if tls is not None else "off"})
+            if "log_level" in report.changed or "log_format" in report.changed:
+                logs.configure(config.log_level, config.log_format)
         return report
 
     def _upstream(self, config: cfg.Config) -> Upstream:
