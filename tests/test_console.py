@@ -7,6 +7,7 @@ import asyncio
 import re
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import trustme
 
 from .conftest import SCRAM_PASSWORD
 from .pgcluster import PgCluster
@@ -31,6 +33,7 @@ def roles(pg: PgCluster) -> None:
 
 def start(pg: PgCluster, directory: Path, config: str = "", *args: str) -> ProxyProcess:
     """A proxy in front of `pg` reading `config` (TOML) from a file it can be told to read again."""
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "proxy.toml"
     path.write_text(config)
     return start_proxy(directory, "--config", str(path), *args, upstream=pg.url())
@@ -301,3 +304,55 @@ async def test_a_cancelled_pause_resumes(fresh: ProxyProcess) -> None:
     finally:
         await busy.close()
         await admin.close()
+
+
+async def test_sighup_reads_a_rotated_certificate_for_new_sessions(pg: PgCluster, tmp_path: Path) -> None:
+    authorities = [trustme.CA(), trustme.CA()]
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def issue(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+
+    def trusting(ca: trustme.CA) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    issue(authorities[0])
+    proxy = start(pg, tmp_path, "", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        old = await asyncpg.connect(proxy.dsn(sslmode="verify-full"), ssl=trusting(authorities[0]))
+        issue(authorities[1])
+        proxy.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for_log, proxy, "event=reload .*tls=re-read")
+        new = await asyncpg.connect(proxy.dsn(sslmode="verify-full"), ssl=trusting(authorities[1]))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncpg.connect(proxy.dsn(sslmode="verify-full"), ssl=trusting(authorities[0]))
+        assert await old.fetchval("SELECT 1") == await new.fetchval("SELECT 1") == 1  # the old session stays
+        await old.close()
+        await new.close()
+    finally:
+        proxy.stop()
+
+
+async def test_reload_changes_the_model_roots(pg: PgCluster, tmp_path: Path) -> None:
+    root = tmp_path / "elsewhere"
+    root.mkdir()
+    proxy = start(pg, tmp_path / "data", "", "--service-user", "postgres")
+    try:
+        conn = await asyncpg.connect(proxy.dsn())
+        try:
+            register = "SELECT azure_local_ai.model_register('rooted:1', $1)"
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval(register, str(root))
+            write_config(proxy, f'[proxy]\nmodel_roots = "{root}"\n')
+            proxy.proc.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_for_log, proxy, "event=reload .*changed=model_roots")
+            with pytest.raises(asyncpg.InvalidParameterValueError):  # allowed now; but the directory holds no model
+                await conn.fetchval(register, str(root))
+        finally:
+            await conn.close()
+    finally:
+        proxy.stop()
