@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", parents=[common], help="run the proxy",
         description="Run the proxy. With no upstream, an embedded PostgreSQL with pgvector is started in the "
-        "data directory. Every option can also be set in the config file or the environment.",
+        "data directory. Every option can also be set in the config file or the environment. SIGHUP re-reads "
+        "them and applies the options marked 'a reload applies it'; the others need a restart.",
     )
     cfg.add_flags(serve)
     serve.set_defaults(func=_serve)
