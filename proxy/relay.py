@@ -152,6 +152,7 @@ class Relay:
         self._client_pauses: set[str] = set()
         self._server_paused = False
         self._closing = False
+        self._pause_wanted = False  # PAUSE (admin console): stop reading from the client once it is quiet
         self._idle_timeout = idle_timeout
         self._now = asyncio.get_running_loop().time
         self._last_activity = self._now()
@@ -313,6 +314,7 @@ class Relay:
         self._resume_client("hook")
         if held:
             self._dispatch_client(held)
+        self._pause_if_quiet()
 
     def _client_eof(self) -> None:
         if self._client_framer.at_boundary and not self._closing:
@@ -353,6 +355,8 @@ class Relay:
             self._in_query = False
             if self._answered is not None and not self._answered.done() and self.outstanding <= 0:
                 self._answered.set_result(None)
+            if self._pause_wanted:
+                self._pause_if_quiet()
         write = self.client.write
         if not framer.inspect:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
@@ -506,21 +510,28 @@ class Relay:
     # ------------------------------------------------------------------ the admin console's controls
 
     def pause(self) -> None:
-        """PAUSE: read nothing more from the client (what it sent goes on; the server's answers still
-        reach it), so that its next queries wait."""
-        self._pause_client("paused")
+        """PAUSE: read nothing more from the client once the request in progress, if any, is done (the
+        server's answers still reach it), so that its next queries wait. A request in progress is let
+        finish, the rest of a message or an extended-protocol batch's Sync included: cutting the client
+        off in the middle would keep it in progress for ever."""
+        self._pause_wanted = True
+        self._pause_if_quiet()
 
     def resume(self) -> None:
+        self._pause_wanted = False
         self._resume_client("paused")
+
+    def _pause_if_quiet(self) -> None:
+        if self._pause_wanted and self.quiet:
+            self._pause_client("paused")
 
     @property
     def quiet(self) -> bool:
-        """Nothing of the client's is in progress: no message partly read, none held by the hook, no
-        request the server has yet to answer, no extended-protocol batch waiting for its Sync."""
-        if self.hook is None:  # requests are not counted without a hook
-            return self.idle
-        return (self._held is None and self.outstanding <= 0 and not self._batch_open
-                and self._client_framer.at_boundary)
+        """Nothing of the client's is in progress: the server's last word was ReadyForQuery and the
+        client has sent nothing since (so no extended-protocol batch is waiting for its Sync, and no
+        message is partly read), no request is left unanswered (a pipelined Query after it), and
+        the hook holds nothing."""
+        return self.idle and self.outstanding <= 0 and self._client_framer.at_boundary
 
     def set_idle_timeout(self, seconds: float) -> None:
         """A reload changed idle_timeout: from now on, this session is closed after `seconds` idle."""

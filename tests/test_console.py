@@ -17,9 +17,13 @@ import asyncpg
 import pytest
 import trustme
 
+from proxy import messages
+from proxy import protocol as pg
+
 from .conftest import SCRAM_PASSWORD
 from .pgcluster import PgCluster
 from .proxyproc import ProxyProcess, start_proxy
+from .rawclient import RawClient
 
 CONSOLE = "azure_local_ai_proxy"
 OPS, APP = "console_ops", "console_app"  # an admin_users login, and a login that is not one (neither superuser)
@@ -63,6 +67,10 @@ def table(proxy: ProxyProcess, command: str, user: str = OPS) -> list[list[str]]
     """psql's unaligned, tuples-only output of one console command, split into rows and columns."""
     out = proxy.psql("-A", "-t", "-F", "\t", "-c", command, dsn=console(proxy, user))
     return [line.split("\t") for line in out.stdout.splitlines()]
+
+
+def frame(msg_type: int, body: bytes = b"") -> bytes:
+    return pg.message(msg_type, body)
 
 
 def write_config(proxy: ProxyProcess, text: str) -> None:
@@ -356,3 +364,32 @@ async def test_reload_changes_the_model_roots(pg: PgCluster, tmp_path: Path) -> 
             await conn.close()
     finally:
         proxy.stop()
+
+
+async def test_pause_lets_a_batch_in_progress_reach_its_sync(fresh: ProxyProcess) -> None:
+    """A session cut off before its Sync would keep its batch in progress, and PAUSE waiting, for ever."""
+    client = RawClient(fresh.port)
+    admin = await asyncpg.connect(console(fresh, "postgres"))
+    try:
+        client.login()
+        client.send(frame(pg.PARSE, messages.Parse("", "SELECT 1", ()).encode())
+                    + frame(pg.BIND, messages.Bind("", "", (), (), ()).encode())
+                    + frame(pg.EXECUTE, b"\0\0\0\0\0"))
+        pause = asyncio.ensure_future(admin.execute("PAUSE"))
+        await asyncio.sleep(0.5)
+        assert not pause.done()  # the batch is in progress
+        client.send(frame(pg.SYNC))
+        answer = await asyncio.to_thread(client.read_until, b"Z")
+        assert [kind for kind, _ in answer] == [b"1", b"2", b"D", b"C", b"Z"]
+        assert await asyncio.wait_for(pause, 5) == "PAUSE"
+        client.send(frame(pg.QUERY, b"SELECT 2\0"))
+        client.sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            client.read_message()  # paused: the query waits
+        client.sock.settimeout(10)
+        assert await admin.execute("RESUME") == "RESUME"
+        rows = [body for kind, body in await asyncio.to_thread(client.read_until, b"Z") if kind == b"D"]
+        assert [messages.parse_data_row(body) for body in rows] == [("2",)]
+    finally:
+        client.close()
+        await admin.close()

@@ -12,7 +12,7 @@ SHOW_ITEMS = ("STATS", "SESSIONS", "CLIENTS", "MODELS", "CONFIG", "VERSION", "HE
 #: Commands that take no argument, with what each does (SHOW HELP lists them).
 ACTIONS = {
     "RELOAD": "re-read the config file and apply what can change live (as SIGHUP)",
-    "PAUSE": "stop reading from every client session, then wait until no query is in progress",
+    "PAUSE": "stop reading from each client session once its request in progress is done; return when all are",
     "RESUME": "read from the client sessions again",
 }
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
