@@ -44,7 +44,8 @@ class Registry:
 
     live: set[Session] = field(default_factory=set)
     by_key: dict[tuple[int, bytes], Session] = field(default_factory=dict)
-    #: PAUSE (admin console): no session's client is read from until RESUME, new sessions' included.
+    #: PAUSE (admin console): each session's client is read from no more once its request in progress is
+    #: done, until RESUME; new sessions' too.
     paused: bool = False
 
     def pause(self) -> None:
