@@ -393,3 +393,22 @@ async def test_pause_lets_a_batch_in_progress_reach_its_sync(fresh: ProxyProcess
     finally:
         client.close()
         await admin.close()
+
+
+def test_execute_with_max_rows_suspends_the_portal(listed: ProxyProcess) -> None:
+    client = RawClient(listed.port)
+    try:
+        client.login(user=OPS, database=CONSOLE)
+        client.send(frame(pg.PARSE, messages.Parse("help", "SHOW HELP", ()).encode())
+                    + frame(pg.BIND, messages.Bind("", "help", (), (), (1,)).encode())
+                    + frame(pg.DESCRIBE, b"P\0")
+                    + frame(pg.EXECUTE, b"\0\0\0\0\x03") + frame(pg.EXECUTE, b"\0\0\0\0\0") + frame(pg.SYNC))
+        kinds = [kind for kind, _ in client.read_until(b"Z")]
+        assert kinds == [b"1", b"2", b"T", b"D", b"D", b"D", b"s", *[b"D"] * 7, b"C", b"Z"]
+        client.send(frame(pg.BIND, messages.Bind("", "nope", (), (), ()).encode()) + frame(pg.EXECUTE, b"\0\0\0\0\0")
+                    + frame(pg.SYNC))
+        answer = client.read_until(b"Z")
+        assert [kind for kind, _ in answer] == [b"E", b"Z"]  # the Execute after the error is skipped
+        assert pg.parse_fields(answer[0][1])["C"] == "26000"
+    finally:
+        client.close()
