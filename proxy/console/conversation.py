@@ -39,7 +39,6 @@ class _Portal:
     formats: tuple[int, ...]
     rows: list[tuple[str | None, ...]] | None = None  # once executed: the rows not sent yet
     tag: str = ""
-    described: bool = False
 
 
 @dataclass
@@ -165,7 +164,6 @@ class Conversation:
         if portal is None:
             raise ConsoleError("34000", f'portal "{name}" does not exist')
         columns = columns_of(portal.command)
-        portal.described = True
         self.client.write(messages.row_description(columns, portal.formats) if columns else messages.NO_DATA)
 
     async def _execute(self, execute: messages.Execute) -> None:

@@ -69,24 +69,24 @@ class AdminConsole:
 
     async def execute(self, command: Command, cancelled: asyncio.Event) -> Result:
         if command.verb == "SHOW":
-            return Result("SHOW", await self._show(command.item))
+            return Result(command.tag, await self._show(command.item))
         if command.verb == "RELOAD":
             try:
                 report = await self.reload()
             except ConfigError as exc:
                 raise ConsoleError("F0000", f"the configuration was not reloaded: {exc}",
                                    "The running configuration is kept; fix the file and reload again.") from exc
-            return Result("RELOAD", notices=tuple(report.notices()))
+            return Result(command.tag, notices=tuple(report.notices()))
         if command.verb == "PAUSE":
             await self._pause(cancelled)
-            return Result("PAUSE")
+            return Result(command.tag)
         assert command.verb == "RESUME"
         registry = self.server.registry
         if not registry.paused:
             raise ConsoleError("55000", "the proxy is not paused")
         registry.resume()
         log.info("resumed", extra={"event": "resume"})
-        return Result("RESUME")
+        return Result(command.tag)
 
     async def _show(self, item: str) -> views.Table:
         server = self.server
