@@ -624,11 +624,13 @@ static PyObject *py_activity(PyObject *self, PyObject *arg) {
     if (PyErr_Occurred()) return NULL;
     pthread_mutex_lock(&lock);
     session_t *s = find(live, id);
-    double last = s ? s->last_activity : 0;
-    int in_query = s ? s->in_query : 0;
+    PyObject *out = s == NULL ? NULL
+                              : Py_BuildValue("(diKKii)", s->last_activity, s->in_query,
+                                              (unsigned long long)s->syncs_sent, (unsigned long long)s->ready_count,
+                                              s->tx_status, s->up.len == s->up.ready && s->up.skip == 0);
     pthread_mutex_unlock(&lock);
     if (s == NULL) Py_RETURN_NONE;
-    return Py_BuildValue("(dO)", last, in_query ? Py_True : Py_False);
+    return out;
 }
 
 static PyObject *py_bytes_relayed(PyObject *self, PyObject *unused) {
@@ -663,7 +665,9 @@ static PyMethodDef methods[] = {
      "Relay a resting session's two sockets in the thread; returns its id."},
     {"take", py_take, METH_NOARGS, "The states of the sessions handed back since the last call."},
     {"detach", py_detach, METH_O, "Take a session back now; its state, or None if it was taken already."},
-    {"activity", py_activity, METH_O, "(last activity, in a query) of an attached session, or None."},
+    {"activity", py_activity, METH_O,
+     "(last activity, in a query, requests sent, answered, transaction status, client at a message boundary) "
+     "of an attached session, or None."},
     {"bytes_relayed", py_bytes_relayed, METH_NOARGS, "(client to server, server to client) bytes moved."},
     {"has_marker", py_has_marker, METH_VARARGS, "has_marker(data, marker): the thread's test for a marker."},
     {NULL, NULL, 0, NULL},

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from inference.progress import ProgressPrinter
 
 from . import config as cfg
 from . import logs
+from .console.entry import AdminConsole
 from .health import HealthCheck
 from .hooks import SessionInfo
 from .http import HttpApi, HttpListener
@@ -26,6 +28,7 @@ from .intercept.functions import BUILTIN_URI, Backend, parse_model_roots
 from .intercept.hook import InterceptHook
 from .intercept.servercalls import ServerCalls
 from .metrics import Metrics
+from .reload import Reloader
 from .server import ProxyServer
 from .service import ServiceConnections
 from .stats import STATS
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", parents=[common], help="run the proxy",
         description="Run the proxy. With no upstream, an embedded PostgreSQL with pgvector is started in the "
-        "data directory. Every option can also be set in the config file or the environment.",
+        "data directory. Every option can also be set in the config file or the environment. SIGHUP re-reads "
+        "them and applies the options marked 'a reload applies it'; the others need a restart.",
     )
     cfg.add_flags(serve)
     serve.set_defaults(func=_serve)
@@ -73,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except cfg.ConfigError as exc:
         print(f"azure-local-ai-proxy: {exc}", file=sys.stderr)
         return 2
-    args.data_dir = config.data_path
     logs.configure(config.log_level, config.log_format)
-    return int(args.func(args, config) if args.command == "serve" else args.func(args))
+    if args.command == "serve":  # its flags stay as given: a reload reads them again
+        return int(args.func(args, config))
+    args.data_dir = config.data_path
+    return int(args.func(args))
 
 
 #: How long a thread holding the GIL (engine, parsing a long statement) may keep the event loop waiting
@@ -88,11 +94,11 @@ def _serve(args: argparse.Namespace, config: cfg.Config) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        return asyncio.run(_serve_async(config))
-    return uvloop.run(_serve_async(config))
+        return asyncio.run(_serve_async(config, args))
+    return uvloop.run(_serve_async(config, args))
 
 
-async def _serve_async(config: cfg.Config) -> int:
+async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     embedded = None
     if config.upstream:
         try:
@@ -112,10 +118,13 @@ async def _serve_async(config: cfg.Config) -> int:
     )
     service = _service_connections(config, upstream, embedded is not None)
     server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service), mailboxes=service is not None)
+    reloader = Reloader(args.config, args, server, backend, service=service)
+    server.settings = replace(server.settings, console=AdminConsole(server, backend, reloader.reload, _version()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
     try:
         await server.start()
     except OSError as exc:
@@ -128,12 +137,14 @@ async def _serve_async(config: cfg.Config) -> int:
         print(f"azure-local-ai-proxy: cannot listen on {config.http_listen}: {exc}", file=sys.stderr)
         http, code = None, 1
         stop.set()  # shut down as on SIGTERM: the embedded server and the engine are stopped too
+    if http is not None:
+        reloader.http, reloader.health = http.api, http.api.health
     ready = asyncio.create_task(_announce(config, server, backend, embedded is not None))
     await stop.wait()
     ready.cancel()
     if http is not None:
         await http.close()
-    await server.shutdown(config.shutdown_grace)
+    await server.shutdown(server.config.shutdown_grace)  # as the last reload left it
     if embedded is not None:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(embedded.cleanup)  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "AZURE_LOCAL_AI_PROXY_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Option:
     type: type
     default: Any
     help: str
+    #: Whether a reload (SIGHUP, the admin console's RELOAD) applies a new value; others need a restart.
+    live: bool = False
 
     @property
     def env(self) -> str:
@@ -55,22 +58,30 @@ OPTIONS: tuple[Option, ...] = (
         str,
         "",
         "directories model_register may read models from, separated by ':'; empty means DATA_DIR/models",
+        live=True,
     ),
-    Option("proxy", "tls_cert", str, "", "PEM certificate offered to clients that ask for TLS (with tls_key)"),
-    Option("proxy", "tls_key", str, "", "PEM private key of tls_cert"),
-    Option("proxy", "connect_timeout", float, 10.0, "seconds to wait for the upstream server to accept"),
-    Option("proxy", "startup_timeout", float, 60.0, "seconds a client has to finish start-up and authentication"),
-    Option("proxy", "idle_timeout", float, 0.0, "close sessions idle outside a query this many seconds; 0 never"),
-    Option("proxy", "max_message_size", int, 0x3FFFFFFF, "largest client message accepted, in bytes"),
+    Option("proxy", "tls_cert", str, "", "PEM certificate offered to clients that ask for TLS (with tls_key)",
+           live=True),
+    Option("proxy", "tls_key", str, "", "PEM private key of tls_cert", live=True),
+    Option("proxy", "connect_timeout", float, 10.0, "seconds to wait for the upstream server to accept",
+           live=True),
+    Option("proxy", "startup_timeout", float, 60.0, "seconds a client has to finish start-up and authentication",
+           live=True),
+    Option("proxy", "idle_timeout", float, 0.0, "close sessions idle outside a query this many seconds; 0 never",
+           live=True),
+    Option("proxy", "max_message_size", int, 0x3FFFFFFF, "largest client message accepted, in bytes",
+           live=True),
     Option("proxy", "relay_thread", bool, True,
            "move the bytes of sessions the proxy has nothing to do for in a native thread; false: all in Python"),
-    Option("proxy", "shutdown_grace", float, 30.0, "on SIGTERM, seconds sessions get to finish before closing"),
-    Option("proxy", "log_level", str, "info", "debug, info, warning or error"),
-    Option("proxy", "log_format", str, "text", "text (key=value) or json"),
+    Option("proxy", "shutdown_grace", float, 30.0, "on SIGTERM, seconds sessions get to finish before closing",
+           live=True),
+    Option("proxy", "log_level", str, "info", "debug, info, warning or error", live=True),
+    Option("proxy", "log_format", str, "text", "text (key=value) or json", live=True),
     Option("engine", "batch_wait_ms", float, 2.0,
-           "how long a queued input waits for others to share its model run, in milliseconds"),
-    Option("engine", "max_batch_tokens", int, 8192, "padded tokens per model run (bounds the memory of a run)"),
-    Option("engine", "max_batch_size", int, 128, "inputs per model run"),
+           "how long a queued input waits for others to share its model run, in milliseconds", live=True),
+    Option("engine", "max_batch_tokens", int, 8192, "padded tokens per model run (bounds the memory of a run)",
+           live=True),
+    Option("engine", "max_batch_size", int, 128, "inputs per model run", live=True),
     Option("engine", "model_variant", str, "q4",
            "build of the built-in model: q4 (4-bit, default), q4i8, fp32, or official (after `models fetch`)"),
     Option("engine", "preload_model", bool, True,
@@ -91,8 +102,17 @@ OPTIONS: tuple[Option, ...] = (
            ":PORT is 127.0.0.1; empty: no HTTP listener"),
     Option("http", "http_api_key", str, "",
            "the key clients of /v1/embeddings and /v1/models must send (Authorization: Bearer KEY); empty: none. "
-           "Prefer the environment variable or the file: a flag shows in ps"),
+           "Prefer the environment variable or the file: a flag shows in ps", live=True),
     Option("http", "http_max_body", int, 16 << 20, "largest HTTP request body accepted, in bytes; larger gets 413"),
+    Option("admin", "admin_database", str, "azure_local_ai_proxy",
+           "the database name that reaches the proxy's admin console (SHOW STATS, SHOW SESSIONS, RELOAD, PAUSE, "
+           "...) rather than the server; empty: no console", live=True),
+    Option("admin", "admin_users", str, "",
+           "logins allowed in the admin console, separated by ','; the server checks each one's password as for "
+           "any session. Empty: the server's superusers when the proxy listens on loopback, nobody otherwise",
+           live=True),
+    Option("admin", "admin_auth_database", str, "postgres",
+           "the server database an admin login is authenticated against (the connection closes at once)", live=True),
 )
 
 
@@ -124,6 +144,9 @@ class Config:
     http_listen: str
     http_api_key: str
     http_max_body: int
+    admin_database: str
+    admin_users: str
+    admin_auth_database: str
 
     @property
     def listen_host(self) -> str:
@@ -141,6 +164,10 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
+
+    @property
+    def admin_logins(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.admin_users.split(",") if name.strip())
 
 
 assert [f.name for f in fields(Config)] == [o.name for o in OPTIONS], "Config and OPTIONS must match"
@@ -161,7 +188,8 @@ def split_host_port(value: str) -> tuple[str, int]:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per option; unset flags stay None so that lower layers show through."""
     for option in OPTIONS:
-        kwargs: dict[str, Any] = {"default": None, "help": f"{option.help} (env {option.env})"}
+        live = "; a reload applies it" if option.live else ""
+        kwargs: dict[str, Any] = {"default": None, "help": f"{option.help} (env {option.env}{live})"}
         kwargs["type"] = option.type if option.type is not bool else _parse_bool
         parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(), **kwargs)
 
@@ -189,6 +217,10 @@ def load(config_file: Path | None, flags: argparse.Namespace | None = None) -> C
         raise ConfigError("log_format must be 'text' or 'json'")
     if config.cache_mb < 0:
         raise ConfigError("cache_mb must be 0 (off) or more")
+    if config.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+    if config.batch_wait_ms < 0 or config.max_batch_tokens < 1 or config.max_batch_size < 1:
+        raise ConfigError("batch_wait_ms must not be negative; max_batch_tokens and max_batch_size must be positive")
     return config
 
 

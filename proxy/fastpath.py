@@ -110,9 +110,22 @@ def sessions_on_thread() -> int:
     return sum(path.sessions for path in _paths.values())
 
 
-def activity(session_id: int) -> tuple[float, bool] | None:
-    """(last activity on the loop's clock, in a query) of a session the thread has, or None."""
-    return _fastrelay.activity(session_id)
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """A session the thread has, as it is now."""
+
+    last_activity: float  # on the event loop's clock (CLOCK_MONOTONIC)
+    in_query: bool
+    syncs_sent: int
+    ready_count: int
+    tx_status: int
+    client_at_boundary: bool
+
+
+def activity(session_id: int) -> Activity | None:
+    """A session the thread has, as it is now; None if it is on its way back."""
+    raw = _fastrelay.activity(session_id)
+    return None if raw is None else Activity(raw[0], bool(raw[1]), raw[2], raw[3], raw[4], bool(raw[5]))
 
 
 def bytes_relayed() -> tuple[int, int]:

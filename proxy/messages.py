@@ -1,12 +1,13 @@
 """Bodies of the extended-query messages the interception rewrites (Parse, Bind, Describe, Close,
-ParameterDescription), decoded and encoded as plain values. Sans-I/O, like protocol.py."""
+ParameterDescription), and the ones the admin console reads (Query, Execute), decoded and encoded as
+plain values; and the result-set messages the admin console answers with. Sans-I/O, like protocol.py."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-from .protocol import ProtocolViolation
+from .protocol import ProtocolViolation, message
 
 _U16 = struct.Struct("!H")  # counts: PostgreSQL reads them unsigned (up to 65,535)
 _I32 = struct.Struct("!i")
@@ -132,3 +133,95 @@ def parameter_description(body: bytes) -> tuple[int, ...]:
 
 def encode_parameter_description(types: tuple[int, ...]) -> bytes:
     return _U16.pack(len(types)) + struct.pack(f"!{len(types)}I", *types)
+
+
+@dataclass(frozen=True)
+class Execute:
+    portal: str
+    max_rows: int  # 0: all rows
+
+    @classmethod
+    def decode(cls, body: bytes) -> Execute:
+        portal, pos = _cstring(body, 0)
+        try:
+            (max_rows,) = _I32.unpack_from(body, pos)
+        except struct.error as exc:
+            raise ProtocolViolation("malformed Execute message") from exc
+        _check_end(body, pos + 4, "Execute")
+        return cls(portal, max_rows)
+
+
+def query_text(body: bytes) -> str:
+    """The SQL of a Query message."""
+    text, end = _cstring(body, 0)
+    _check_end(body, end, "Query")
+    return text
+
+
+# --------------------------------------------------------------------------- answers the proxy gives itself
+# (the admin console): result sets whose columns are all `text`, whose binary form is its text form.
+
+TEXT_OID = 25
+_FIELD = struct.Struct("!IhIhih")  # table oid, column number, type oid, type length, type modifier, format
+
+
+def row_description(columns: tuple[str, ...], formats: tuple[int, ...] = ()) -> bytes:
+    """A RowDescription of `text` columns; `formats` as a Bind gives them (none: text; one: for all)."""
+    parts = [_U16.pack(len(columns))]
+    for index, name in enumerate(columns):
+        fmt = formats[0] if len(formats) == 1 else formats[index] if formats else 0
+        parts.append(_encode_cstring(name) + _FIELD.pack(0, 0, TEXT_OID, -1, -1, fmt))
+    return message(ord("T"), b"".join(parts))
+
+
+def data_row(values: tuple[str | None, ...]) -> bytes:
+    parts = [_U16.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_I32.pack(-1))
+        else:
+            data = value.encode()
+            parts.append(_I32.pack(len(data)) + data)
+    return message(ord("D"), b"".join(parts))
+
+
+def parse_data_row(body: bytes) -> tuple[str | None, ...]:
+    """A DataRow's values, read as text."""
+    try:
+        (count,) = _U16.unpack_from(body, 0)
+        pos = 2
+        values: list[str | None] = []
+        for _ in range(count):
+            (length,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if length < 0:
+                values.append(None)
+                continue
+            if pos + length > len(body):
+                raise ProtocolViolation("insufficient data left in message")
+            values.append(body[pos : pos + length].decode(errors="replace"))
+            pos += length
+    except struct.error as exc:
+        raise ProtocolViolation("malformed DataRow message") from exc
+    _check_end(body, pos, "DataRow")
+    return tuple(values)
+
+
+def command_complete(tag: str) -> bytes:
+    return message(ord("C"), _encode_cstring(tag))
+
+
+def ready_for_query(status: str = "I") -> bytes:
+    return message(ord("Z"), status.encode())
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(ord("S"), _encode_cstring(name) + _encode_cstring(value))
+
+
+EMPTY_QUERY_RESPONSE = message(ord("I"))
+PARSE_COMPLETE = message(ord("1"))
+BIND_COMPLETE = message(ord("2"))
+CLOSE_COMPLETE = message(ord("3"))
+NO_DATA = message(ord("n"))
+PORTAL_SUSPENDED = message(ord("s"))

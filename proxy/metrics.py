@@ -54,9 +54,9 @@ class ProxyCollector(Collector):
                        s.upstream_connect_failures)
         relayed = CounterMetricFamily(PREFIX + "relayed_bytes", "Bytes relayed by established sessions, by direction",
                                       labels=["direction"])
-        by_thread = fastpath.bytes_relayed()
-        relayed.add_metric(["client_to_server"], s.bytes_from_clients + by_thread[0])
-        relayed.add_metric(["server_to_client"], s.bytes_from_server + by_thread[1])
+        to_server, to_client = s.relayed()
+        relayed.add_metric(["client_to_server"], to_server)
+        relayed.add_metric(["server_to_client"], to_client)
         yield relayed
         yield _gauge("relay_thread_sessions", "Sessions whose bytes the relay thread moves now (resting sessions "
                      "on plain connections)", fastpath.sessions_on_thread())

@@ -108,6 +108,14 @@ def _parse_parameters(packet: bytes) -> dict[str, str]:
     return params
 
 
+def startup_message(parameters: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    """A StartupMessage (length word included) carrying `parameters`."""
+    body = _I32.pack(version) + b"".join(
+        name.encode() + b"\0" + value.encode() + b"\0" for name, value in parameters.items()
+    ) + b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
 def with_parameter(packet: bytes, name: str, value: str) -> bytes:
     """A StartupMessage (length word included) with one more parameter, before its terminator."""
     body = packet[4:-1] + name.encode() + b"\0" + value.encode() + b"\0\0"

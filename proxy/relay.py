@@ -188,6 +188,7 @@ class Relay:
         self._client_pauses: set[str] = set()
         self._server_paused = False
         self._closing = False
+        self._pause_wanted = False  # PAUSE (admin console): stop reading from the client once it is quiet
         self._idle_timeout = idle_timeout
         self._now = asyncio.get_running_loop().time
         self._last_activity = self._now()
@@ -360,6 +361,7 @@ class Relay:
         self._resume_client("hook")
         if held:
             self._dispatch_client(held)
+        self._pause_if_quiet()
         self._rest()
 
     def _client_eof(self) -> None:
@@ -398,7 +400,7 @@ class Relay:
             return
         if (self._held is not None or self._hook_task is not None or self._resuming is not None
                 or self._capture is not None or self._watcher is not None or self._client_pauses
-                or self._server_paused):
+                or self._server_paused or self._pause_wanted):
             return
         up_skip, down_skip = self._client_framer.skipping, self._server_framer.skipping
         if up_skip is None or down_skip is None:
@@ -478,6 +480,7 @@ class Relay:
         self._resuming = None
         if self._closing:
             return
+        self._pause_if_quiet()
         if not self._client_pauses:
             self.client.resume_reading()
         if not self._server_paused:
@@ -518,6 +521,8 @@ class Relay:
             self._in_query = False
             if self._answered is not None and not self._answered.done() and self.outstanding <= 0:
                 self._answered.set_result(None)
+            if self._pause_wanted:
+                self._pause_if_quiet()
         write = self.client.write
         if not framer.inspect:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
@@ -640,6 +645,7 @@ class Relay:
     @property
     def transaction_status(self) -> str:
         """The server's transaction status as of its last ReadyForQuery: I (idle), T (in a block), E (failed)."""
+        self._look_at_thread()
         return chr(self._server_framer.tx_status)
 
     async def settled(self) -> None:
@@ -672,6 +678,48 @@ class Relay:
         self.server.write(pg.message(pg.QUERY, sql.encode() + b"\0"))
         return await done
 
+    # ------------------------------------------------------------------ the admin console's controls
+
+    def pause(self) -> None:
+        """PAUSE: read nothing more from the client once the request in progress, if any, is done (the
+        server's answers still reach it), so that its next queries wait. A request in progress is let
+        finish, the rest of a message or an extended-protocol batch's Sync included: cutting the client
+        off in the middle would keep it in progress for ever."""
+        self._pause_wanted = True
+        if self._fast_id is not None:  # the thread reads on regardless: the session comes back to pause
+            assert self._fast is not None
+            state = self._fast.take_back(self._fast_id)
+            if state is not None:
+                self._back_from_thread(state)
+            return
+        self._pause_if_quiet()
+
+    def resume(self) -> None:
+        self._pause_wanted = False
+        self._resume_client("paused")
+
+    def _pause_if_quiet(self) -> None:
+        if self._pause_wanted and self.quiet:
+            self._pause_client("paused")
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing of the client's is in progress: the server's last word was ReadyForQuery and the
+        client has sent nothing since (so no extended-protocol batch is waiting for its Sync, and no
+        message is partly read), no request is left unanswered (a pipelined Query after it), and
+        the hook holds nothing."""
+        at_boundary = self._look_at_thread()
+        return self.idle and self.outstanding <= 0 and at_boundary
+
+    def set_idle_timeout(self, seconds: float) -> None:
+        """A reload changed idle_timeout: from now on, this session is closed after `seconds` idle."""
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self._idle_timeout = seconds
+        if seconds > 0 and not self._closing:
+            self._schedule_idle_check(seconds)
+
     # ------------------------------------------------------------------ life cycle
 
     def cancel(self) -> None:
@@ -683,14 +731,19 @@ class Relay:
     def idle(self) -> bool:
         """No query in progress: the server's last word was ReadyForQuery and the client has sent
         nothing since."""
-        if self._fast_id is not None:
-            self._refresh_activity()
-        return not self._in_query and self._held is None
+        self._look_at_thread()
+        return not self._in_query and self._held is None and self._resuming is None
 
-    def _refresh_activity(self) -> None:
+    def _look_at_thread(self) -> bool:
+        """Where the thread has the session: its counts as they are now (the thread hands them back
+        the same way when it stops); and whether the client is between messages."""
         activity = fastpath.activity(self._fast_id) if self._fast_id is not None else None
-        if activity is not None:
-            self._last_activity, self._in_query = activity
+        if activity is None:
+            return self._client_framer.at_boundary
+        self._last_activity, self._in_query = activity.last_activity, activity.in_query
+        self._syncs_sent = activity.syncs_sent
+        self._server_framer.ready_count, self._server_framer.tx_status = activity.ready_count, activity.tx_status
+        return activity.client_at_boundary
 
     def _schedule_idle_check(self, delay: float) -> None:
         self._idle_handle = asyncio.get_running_loop().call_later(delay, self._check_idle)

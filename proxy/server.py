@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from dataclasses import replace
 
 from .config import Config
 from .hooks import HookFactory
@@ -43,6 +44,17 @@ class ProxyServer:
         )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def reconfigure(self, config: Config, tls: ssl.SSLContext | None, upstream: Upstream) -> None:
+        """A reload: new sessions get the new settings; live sessions keep theirs, but for idle_timeout."""
+        idle_changed = config.idle_timeout != self.config.idle_timeout
+        self.config = config
+        self.settings = replace(self.settings, upstream=upstream, tls=tls, max_message_size=config.max_message_size,
+                                idle_timeout=config.idle_timeout)
+        if idle_changed:
+            for session in list(self.registry.live):
+                if session.relay is not None:
+                    session.relay.set_idle_timeout(config.idle_timeout)
 
     @property
     def port(self) -> int:

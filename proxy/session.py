@@ -7,7 +7,10 @@ import asyncio
 import logging
 import secrets
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import protocol as pg
 from .fastpath import fast_path
@@ -42,6 +45,21 @@ class Registry:
 
     live: set[Session] = field(default_factory=set)
     by_key: dict[tuple[int, bytes], Session] = field(default_factory=dict)
+    #: PAUSE (admin console): each session's client is read from no more once its request in progress is
+    #: done, until RESUME; new sessions' too.
+    paused: bool = False
+
+    def pause(self) -> None:
+        self.paused = True
+        for session in self.live:
+            if session.relay is not None:
+                session.relay.pause()
+
+    def resume(self) -> None:
+        self.paused = False
+        for session in self.live:
+            if session.relay is not None:
+                session.relay.resume()
 
     def allocate_key(self, pid: int, secret_length: int) -> tuple[int, bytes]:
         """A cancel key for a client: the server's real process id, so that pg_backend_pid(), NOTIFY
@@ -62,6 +80,24 @@ class Session:
     proxy_key: tuple[int, bytes] | None = None
     upstream_key: tuple[int, bytes] | None = None
     relay: Relay | None = None
+    connected_at: float = field(default_factory=time.time)
+    client_addr: str = ""
+    #: What a CancelRequest naming this session does when it has no upstream backend (the admin console).
+    on_cancel: Callable[[], None] | None = None
+
+
+class Console(Protocol):
+    """The admin console, as the listener sees it (console/entry.py)."""
+
+    def claims(self, parameters: dict[str, str]) -> bool:
+        """Whether a start-up packet asks for the console rather than the server."""
+        ...
+
+    async def login(self, session: Session, client: HandshakeProtocol, startup: pg.StartupPacket,
+                    settings: SessionSettings, registry: Registry) -> Callable[[], Awaitable[None]]:
+        """Authenticate and admit an admin (raising SessionRejected otherwise); return what runs the
+        console session after start-up."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -77,6 +113,7 @@ class SessionSettings:
     mailboxes: bool = False
     #: Hand resting sessions to the relay thread (fastpath.py).
     relay_thread: bool = True
+    console: Console | None = None
 
 
 async def read_startup(client: HandshakeProtocol, tls: ssl.SSLContext | None) -> pg.StartupPacket:
@@ -161,6 +198,29 @@ async def _relay_authentication(
     proxy's own (with the server's real pid), so that cancel requests come to the proxy, which knows
     the session they belong to."""
     parameters: dict[str, str] = {}
+
+    def after_authentication(msg: pg.Message) -> None:
+        if msg.type == pg.BACKEND_KEY_DATA:
+            session.upstream_key = pg.parse_backend_key_data(msg.body)
+            session.proxy_key = registry.allocate_key(session.upstream_key[0], len(session.upstream_key[1]))
+            registry.by_key[session.proxy_key] = session
+            client.write(pg.backend_key_data(*session.proxy_key))
+            return
+        client.write(msg.encode())
+        if msg.type == pg.PARAMETER_STATUS:
+            name, value = pg.parse_parameter_status(msg.body)
+            parameters[name] = value
+
+    await relay_authentication(client, server, max_size, after_authentication)
+    return parameters
+
+
+async def relay_authentication(
+    client: HandshakeProtocol, server: HandshakeProtocol, max_size: int, rest: Callable[[pg.Message], None]
+) -> None:
+    """Relay the server's authentication requests and the client's answers; hand every other message
+    the server sends, up to and including its ReadyForQuery, to `rest`. An ErrorResponse goes to the
+    client and raises ServerRefused."""
     while True:
         try:
             msg = await server.read_message()
@@ -175,22 +235,14 @@ async def _relay_authentication(
                 if reply.type != pg.PASSWORD:
                     raise pg.ProtocolViolation(f"expected password response, got message type {reply.type}")
                 server.write(reply.encode())
-        elif msg.type == pg.BACKEND_KEY_DATA:
-            session.upstream_key = pg.parse_backend_key_data(msg.body)
-            session.proxy_key = registry.allocate_key(session.upstream_key[0], len(session.upstream_key[1]))
-            registry.by_key[session.proxy_key] = session
-            client.write(pg.backend_key_data(*session.proxy_key))
         elif msg.type == pg.ERROR_RESPONSE:
             client.write(_explain_startup_error(msg))
             fields = pg.parse_fields(msg.body)
             raise ServerRefused(fields.get("C", "08006"), fields.get("M", "the server refused the session"))
         else:
-            client.write(msg.encode())
-            if msg.type == pg.PARAMETER_STATUS:
-                name, value = pg.parse_parameter_status(msg.body)
-                parameters[name] = value
-            elif msg.type == pg.READY_FOR_QUERY:
-                return parameters
+            rest(msg)
+            if msg.type == pg.READY_FOR_QUERY:
+                return
 
 
 def _explain_startup_error(msg: pg.Message) -> bytes:
@@ -208,6 +260,10 @@ def _explain_startup_error(msg: pg.Message) -> bytes:
 async def deliver_cancel(packet: pg.StartupPacket, upstream: Upstream, registry: Registry) -> None:
     """Forward a CancelRequest to the upstream backend of the session it names; ignore unknown keys."""
     session = registry.by_key.get((packet.cancel_pid, packet.cancel_secret))
+    if session is not None and session.on_cancel is not None:
+        session.log.info("cancel request", extra={"event": "cancel"})
+        session.on_cancel()
+        return
     if session is None or session.upstream_key is None:
         log.info("cancel request with unknown key ignored", extra={"event": "cancel_unknown"})
         return
@@ -230,7 +286,10 @@ async def handle_client(
 ) -> None:
     """Drive one accepted connection through start-up, then wait for its relay to end."""
     session = new_session()
+    peer = client.transport.get_extra_info("peername") if client.transport is not None else None
+    session.client_addr = _address(peer)
     started = False
+    console = None
     try:
         async with asyncio.timeout(startup_timeout):
             startup = await read_startup(client, settings.tls)
@@ -245,7 +304,10 @@ async def handle_client(
                        "database": startup.parameters.get("database", startup.parameters.get("user")),
                        "application_name": startup.parameters.get("application_name", "")},
             )
-            relay = await establish(session, client, startup, settings, registry)
+            if settings.console is not None and settings.console.claims(startup.parameters):
+                console = await settings.console.login(session, client, startup, settings, registry)
+            else:
+                relay = await establish(session, client, startup, settings, registry)
     except pg.ProtocolViolation as exc:
         _refuse(client, session, "08P01", str(exc))
     except ServerRefused as exc:
@@ -263,9 +325,18 @@ async def handle_client(
         session.log.info("TLS handshake failed", extra={"event": "tls_failed", "reason": str(exc)})
         client.close()
     else:
+        if console is not None:
+            try:
+                await console()
+            finally:
+                client.close()
+                session.log.info("session end", extra={"event": "disconnect"})
+            return
         session.relay = relay
         registry.live.add(session)
         STATS.sessions_total += 1
+        if registry.paused:
+            relay.pause()
         try:
             await asyncio.shield(relay.closed)
         finally:
@@ -275,6 +346,13 @@ async def handle_client(
     finally:
         if session.proxy_key is not None:
             registry.by_key.pop(session.proxy_key, None)
+
+
+def _address(peer: object) -> str:
+    """host:port of a TCP peer; a Unix socket's peer has no address."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "")
 
 
 def _refuse(client: HandshakeProtocol, session: Session, sqlstate: str, text: str) -> None:

@@ -11,6 +11,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from . import fastpath
+
 #: Upper bounds (seconds) of the latency histograms: a cached single embedding takes about a
 #: millisecond, a back-fill of thousands of rows tens of seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -58,7 +60,8 @@ class ProxyStats:
     #: Sessions refused at start-up, by who refused them ("proxy" or "server").
     sessions_refused: defaultdict[tuple[str, ...], int] = field(default_factory=_counts)
     upstream_connect_failures: int = 0
-    #: Bytes read from clients and from the server by established sessions (start-up not counted).
+    #: Bytes read from clients and from the server by established sessions in the event loop (start-up
+    #: not counted); relayed() adds the relay thread's.
     bytes_from_clients: int = 0
     bytes_from_server: int = 0
     #: azure_local_ai function calls by (function, origin): origin "sql" (a statement the proxy read),
@@ -80,4 +83,10 @@ class ProxyStats:
 
 
 #: The one instance the proxy's modules count into.
+
+    def relayed(self) -> tuple[int, int]:
+        """(client to server, server to client) bytes of established sessions, the relay thread's included."""
+        by_thread = fastpath.bytes_relayed()
+        return self.bytes_from_clients + by_thread[0], self.bytes_from_server + by_thread[1]
+
 STATS = ProxyStats()

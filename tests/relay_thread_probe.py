@@ -62,7 +62,7 @@ def probe() -> None:
     assert recv_exactly(client, len(answers)) == answers
     sender.join()
     activity = _fastrelay.activity(session)
-    assert activity is not None and activity[1] is False  # the last word was ReadyForQuery
+    assert activity is not None and activity[1:] == (0, 3 + 2, 3 + 2, ord("I"), 1)  # all answered
 
     # A Query naming the schema, in any case: the thread stops at its first byte.
     call = message(b"Q", b"SELECT Azure_Local_AI.create_embeddings('m', 'x')\0")
