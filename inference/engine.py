@@ -43,9 +43,6 @@ log = logging.getLogger("azure_local_ai_proxy.engine")
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
 TRIM_IDLE_SECONDS = 0.5  # idle time after model runs before their freed memory is returned to the OS
-# A run of this many padded tokens takes ~0.5 s: returning its freed buffers to the OS right after it
-# (~1 ms) keeps the next run from stacking its own on top of them, which bounds the peak of a batch.
-TRIM_AFTER_TOKENS = 2048
 MODEL_NICENESS = 5  # how much nicer than the process the threads of model work run
 
 
@@ -326,10 +323,10 @@ class EmbeddingEngine:
     def _dispatch(self, snapshot: list[_Item]) -> None:
         model = snapshot[0].request.model
         runs = plan_runs([len(i.ids) for i in snapshot], [i.request.cap for i in snapshot], self.batching)
-        for run in runs:
+        for number, run in enumerate(runs, 1):
             items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
             if items:
-                self._run(model, items)
+                self._run(model, items, release=number == len(runs) and not self._queue)
         self._untrimmed = True
 
     async def count_tokens(self, model: ModelFiles, texts: Sequence[str]) -> int:
@@ -363,10 +360,11 @@ class EmbeddingEngine:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 request.future.set_exception(exc)
 
-    def _run(self, model: ModelFiles, items: list[_Item]) -> None:
+    def _run(self, model: ModelFiles, items: list[_Item], *, release: bool) -> None:
+        """One model run; ``release``: nothing else is queued, so the arena is shrunk after it."""
         try:
             runtime = self._runtime(model)
-            vectors = runtime.run([item.ids for item in items])
+            vectors = runtime.run([item.ids for item in items], release=release)
         except Exception as exc:  # deliver any failure to the callers, keep serving others
             self._fail(items, exc)
             return
@@ -387,8 +385,6 @@ class EmbeddingEngine:
             if request.remaining == 0:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     request.future.set_result(request.out)
-        if width * len(items) >= TRIM_AFTER_TOKENS:
-            _return_freed_memory()
 
     # ---- shutdown ---------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy", "log_format", str, "text", "text (key=value) or json"),
     Option("engine", "batch_wait_ms", float, 2.0,
            "how long a queued input waits for others to share its model run, in milliseconds"),
-    Option("engine", "max_batch_tokens", int, 8192, "padded tokens per model run (bounds the memory of a run)"),
+    Option("engine", "max_batch_tokens", int, 4096, "padded tokens per model run (bounds the memory of a run)"),
     Option("engine", "max_batch_size", int, 128, "inputs per model run"),
     Option("engine", "model_variant", str, "q4",
            "build of the built-in model: q4 (4-bit, default), q4i8, fp32, or official (after `models fetch`)"),
