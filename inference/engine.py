@@ -43,9 +43,10 @@ log = logging.getLogger("azure_local_ai_proxy.engine")
 
 SNAPSHOT_RUNS = 4  # one dispatch takes at most this many runs' worth of queued tokens
 TRIM_IDLE_SECONDS = 0.5  # idle time after model runs before their freed memory is returned to the OS
-# A run of this many padded tokens takes ~0.5 s: returning its freed buffers to the OS right after it
-# (~1 ms) keeps the next run from stacking its own on top of them, which bounds the peak of a batch.
-TRIM_AFTER_TOKENS = 2048
+# A burst of model runs whose largest run held this many padded tokens (~15 MB of activations) or
+# more hands the arena's memory back at its end; smaller ones leave it for the next calls to reuse
+# (allocating it again for every short call cost them ~5%).
+RELEASE_AFTER_TOKENS = 1024
 MODEL_NICENESS = 5  # how much nicer than the process the threads of model work run
 
 
@@ -120,6 +121,7 @@ class EmbeddingEngine:
         self._wakeup = threading.Condition()
         self._closed = False
         self._untrimmed = False  # model runs happened since memory was last returned to the OS
+        self._burst_tokens = 0  # padded tokens of the largest run since the arena was last shrunk
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="embed-tokenize", initializer=_lower_priority)
         # ONNX Runtime's threads inherit their priority from the thread that creates the session.
@@ -326,10 +328,15 @@ class EmbeddingEngine:
     def _dispatch(self, snapshot: list[_Item]) -> None:
         model = snapshot[0].request.model
         runs = plan_runs([len(i.ids) for i in snapshot], [i.request.cap for i in snapshot], self.batching)
-        for run in runs:
+        for number, run in enumerate(runs, 1):
             items = [snapshot[i] for i in run if not snapshot[i].request.abandoned]
-            if items:
-                self._run(model, items)
+            if not items:
+                continue
+            self._burst_tokens = max(self._burst_tokens, len(items) * max(len(item.ids) for item in items))
+            release = number == len(runs) and not self._queue and self._burst_tokens >= RELEASE_AFTER_TOKENS
+            if release:
+                self._burst_tokens = 0
+            self._run(model, items, release=release)
         self._untrimmed = True
 
     async def count_tokens(self, model: ModelFiles, texts: Sequence[str]) -> int:
@@ -363,10 +370,11 @@ class EmbeddingEngine:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 request.future.set_exception(exc)
 
-    def _run(self, model: ModelFiles, items: list[_Item]) -> None:
+    def _run(self, model: ModelFiles, items: list[_Item], *, release: bool) -> None:
+        """One model run; ``release``: a burst of large runs ends with it, so the arena is shrunk after it."""
         try:
             runtime = self._runtime(model)
-            vectors = runtime.run([item.ids for item in items])
+            vectors = runtime.run([item.ids for item in items], release=release)
         except Exception as exc:  # deliver any failure to the callers, keep serving others
             self._fail(items, exc)
             return
@@ -387,8 +395,6 @@ class EmbeddingEngine:
             if request.remaining == 0:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     request.future.set_result(request.out)
-        if width * len(items) >= TRIM_AFTER_TOKENS:
-            _return_freed_memory()
 
     # ---- shutdown ---------------------------------------------------------------------
 

@@ -79,6 +79,41 @@ async def test_runs_respect_the_token_budget(e5_q4: ModelFiles) -> None:
         await engine.close()
 
 
+def _peak_rss_reset() -> None:
+    """Start a new high-water mark of resident memory (VmHWM) for this process (Linux)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        kb = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
+    return kb * 1024 / 1e6
+
+
+async def test_a_long_batch_is_split_into_bounded_runs_with_the_same_vectors(e5_q4: ModelFiles) -> None:
+    """32 texts of ~400 tokens in one call: split into runs of at most max_batch_tokens padded tokens,
+    each vector as the text gets alone, and the batch's peak memory bounded (the arena's work: ~20 MB
+    over the loaded engine; with a malloc per tensor, glibc kept freed activations: ~180 MB here)."""
+    words = [f"w{i % 97}" for i in range(200)]
+    texts = [f"passage: {i} " + " ".join(words[i:] + words[:i]) for i in range(32)]
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=0))
+    try:
+        engine.load(e5_q4)
+        start_mb = _rss_mb()
+        _peak_rss_reset()
+        vectors = await engine.embed(e5_q4, texts)
+        peak_mb = _peak_rss_mb() - start_mb
+        runs, padded = engine.stats.runs, engine.stats.padded_tokens
+        assert padded >= 32 * 400 and runs >= padded / engine.batching.max_batch_tokens
+        assert padded <= runs * engine.batching.max_batch_tokens
+        alone = np.vstack([await engine.embed(e5_q4, [text]) for text in texts[::4]])
+        assert np.abs(vectors[::4] - alone).max() < 1e-4
+        assert peak_mb < 100, peak_mb
+    finally:
+        await engine.close()
+
+
 async def _busy(engine: EmbeddingEngine, files: ModelFiles) -> asyncio.Task:
     """Start a request of several long runs; return once its first run has finished."""
     before = engine.stats.runs

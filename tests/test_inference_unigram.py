@@ -14,6 +14,8 @@ import random
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -141,7 +143,7 @@ def test_texts_past_the_token_limit(reference: Tokenizer, ours: UnigramTokenizer
 @pytest.mark.parametrize("kind", ["corpus", "no spaces", "spaces", "controls", "marks", "one character", "unknown"])
 def test_megabyte_inputs(reference: Tokenizer, ours: UnigramTokenizer, corpus: list[str], kind: str) -> None:
     """10 MB of text; 1 MB of one letter, or of unknown characters: one word, whose best path depends on
-    where it ends (so all of it is segmented, in Python ~10 s a MB, against ~1 s for the reference)."""
+    where it ends (so all of it is segmented: ~1 s a MB, as for the reference)."""
     unit = {
         "corpus": " ".join(corpus),
         "no spaces": "".join(corpus).replace(" ", ""),
@@ -155,6 +157,37 @@ def test_megabyte_inputs(reference: Tokenizer, ours: UnigramTokenizer, corpus: l
     text = unit * (size // len(unit.encode("utf-8")))
     assert len(text.encode("utf-8")) > 0.9 * size
     assert_same(reference, ours, [text, "passage: " + text] if size > MB else [text])
+
+
+def test_runs_of_one_character_repeated(reference: Tokenizer, ours: UnigramTokenizer) -> None:
+    """Deep inside a run of one character only that character's repeats are tried as pieces: runs of
+    letters, digits and punctuation with few and many repeat pieces, of unknown and mapped characters,
+    just shorter and longer than the longest piece, at the start, middle and end of words, and around
+    the lengths at which a long word is segmented a prefix at a time."""
+    texts = []
+    for char in ["a", ".", "-", "=", "0", "x", "日", "\u2581", "\U0001d518", "ｶ", "e\u0301"]:
+        for length in [1, 2, 15, 16, 17, 18, 33, 100, 2047, 2049, 4100, 9000]:
+            run = char * length
+            texts += [run, f"b{run}c", f"{run}.", f"pre{run}", f"x {run} y", f"{run}{'b' * 20}{run}", f"{run}ab{run}"]
+    texts += [char * 70_000 + "b" for char in ["a", ".", "-"]]
+    assert_same(reference, ours, texts)
+
+
+def _seconds(encode: Callable[[list[str]], object], text: str) -> float:
+    started = time.perf_counter()
+    encode([text])
+    return time.perf_counter() - started
+
+
+def test_one_letter_repeated_over_a_megabyte_is_about_as_fast_as_the_reference(
+    reference: Tokenizer, ours: UnigramTokenizer
+) -> None:
+    """One word whose best path depends on where it ends is segmented whole, once (it took ~10x the
+    reference's time when each longer prefix was segmented afresh, every length tried everywhere)."""
+    text = "a" * MB
+    ours_seconds = min(_seconds(ours.encode_batch, text) for _ in range(2))
+    reference_seconds = min(_seconds(reference.encode_batch, text) for _ in range(2))
+    assert ours_seconds < 3 * reference_seconds + 0.5, (ours_seconds, reference_seconds)
 
 
 def test_lone_surrogates_are_refused_as_the_reference_does(reference: Tokenizer, ours: UnigramTokenizer) -> None:
