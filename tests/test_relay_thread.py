@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import _fastrelay
 from proxy.intercept.functions import BUILTIN_URI
 from proxy.intercept.sqlcalls import SCHEMA_MARKER, mentions_schema
+from proxy.relay import STAY_AFTER_HAND_BACK
 
 from .pgcluster import PgCluster, free_port
 from .proxyproc import ProxyProcess, start_proxy
@@ -59,6 +60,14 @@ def metric(base: str, name: str, **labels: str) -> float:
 
 def on_thread(base: str) -> float:
     return metric(base, "relay_thread_sessions")
+
+
+def rest_on_thread(conn: psycopg.Connection, base: str) -> None:
+    """Let the session go back to the thread: once its stay with the event loop is over, the next
+    statement hands it over."""
+    time.sleep(STAY_AFTER_HAND_BACK + 0.1)
+    conn.execute("SELECT 1")
+    until(lambda: on_thread(base) >= 1)
 
 
 def until(condition, timeout: float = 10.0) -> None:
@@ -106,7 +115,8 @@ def test_a_resting_session_moves_to_the_thread_and_comes_back_for_each_call(prox
         for _ in range(3):
             assert conn.execute(EMBED).fetchone() == ref.execute(EMBED).fetchone()
             assert conn.execute("SELECT 'plain', 2").fetchone() == ("plain", 2)
-        until(lambda: on_thread(base) == before + 1)
+            assert on_thread(base) == before  # it stays with the event loop a while after a call
+            rest_on_thread(conn, base)
         assert metric(base, "relayed_bytes_total", direction="client_to_server") > sent_before
     until(lambda: on_thread(base) == before)
 
@@ -130,8 +140,7 @@ def test_server_notices_and_parameter_changes_reach_the_client_through_the_threa
         conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
         conn.execute("SET escape_string_warning = off")
         for round_ in range(3):
-            conn.execute("SELECT 1")
-            until(lambda: on_thread(base) >= 1)
+            rest_on_thread(conn, base)
             conn.execute(f"DO $$ BEGIN RAISE NOTICE 'notice {round_}'; END $$")
             conn.execute(f"SET application_name = 'relay-thread-{round_}'")
             assert conn.info.parameter_status("application_name") == f"relay-thread-{round_}"
@@ -153,6 +162,7 @@ def test_long_statements_results_and_copy_pass_through_the_thread_whole(proxies)
         until(lambda: on_thread(base) >= 1)
         literal = "x" * 300_000  # longer than the thread reads whole: handed back, then over again
         assert conn.execute(f"SELECT length('{literal}')").fetchone() == (300_000,)
+        rest_on_thread(conn, base)
         (big,) = conn.execute("SELECT repeat('y', 20000000)").fetchone()
         assert len(big) == 20_000_000 and set(big) == {"y"}
         conn.execute("CREATE TEMP TABLE copied (n int, t text)")
@@ -171,7 +181,8 @@ async def test_prepared_calls_pipelines_and_errors_in_batches_keep_their_counts(
     try:
         embed = await conn.prepare(f"SELECT azure_local_ai.create_embeddings('{BUILTIN_URI}', $1)::text")
         plain = await conn.prepare("SELECT $1::int + 1")
-        for n in range(5):
+        for n in range(3):
+            await asyncio.sleep(STAY_AFTER_HAND_BACK + 0.1)
             assert await plain.fetchval(n) == n + 1
             await asyncio.to_thread(until, lambda: on_thread(base) >= 1)
             assert (await embed.fetchval(f"query: {n}")).count(",") == 383
