@@ -4,6 +4,7 @@ promises that a look-ahead keeps or abandons."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_kept_vectors_are_copies_that_cannot_change() -> None:
 
 
 def test_the_least_recently_used_go_first_and_the_bytes_stay_bounded() -> None:
-    cache = EmbeddingCache(10 * (384 * 4 + 210))
+    cache = EmbeddingCache(10 * (384 * 4 + sys.getsizeof("u99") + 200))  # ten entries of the longest key
     for i in range(10):
         cache.put(M, f"t{i}", vector(i))
     assert len(cache) == 10
@@ -58,7 +59,14 @@ def test_forgetting_a_model_drops_its_vectors_only() -> None:
     cache.put("other:v1", "a", vector(2))
     cache.forget_model(M)
     assert cache.get(M, "a") is None and cache.get("other:v1", "a") is not None
-    assert cache.bytes == 384 * 4 + 1 + 200
+    assert cache.bytes == 384 * 4 + sys.getsizeof("a") + 200
+
+
+def test_a_text_counts_the_bytes_python_stores_it_in() -> None:
+    ascii_, wide = EmbeddingCache(1 << 20), EmbeddingCache(1 << 20)
+    ascii_.put(M, "n" * 10_000, vector(1))
+    wide.put(M, "猫" * 10_000, vector(1))  # two bytes a character
+    assert wide.bytes - ascii_.bytes >= 10_000
 
 
 def test_a_promise_is_kept_by_put_and_broken_by_abandon() -> None:

@@ -9,13 +9,14 @@ every path that asks while it is kept: a call the proxy answers and one the serv
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import OrderedDict
 
 import numpy as np
 
 #: Texts longer than this are not kept: they would crowd out many short ones, and are rarely repeated.
 MAX_CACHED_TEXT = 1 << 16
-_ENTRY_OVERHEAD = 200  # the key tuple, the dictionary slot, the array object
+_ENTRY_OVERHEAD = 200  # the key tuple, the dictionary slot, the array object (the text is counted as stored)
 
 
 class Abandoned(Exception):
@@ -93,4 +94,5 @@ class EmbeddingCache:
 
 
 def _cost(text: str, vector: np.ndarray) -> int:
-    return len(text) + vector.nbytes + _ENTRY_OVERHEAD
+    """Bytes an entry holds: the text as Python stores it (1, 2 or 4 bytes a character, by its widest)."""
+    return sys.getsizeof(text) + vector.nbytes + _ENTRY_OVERHEAD
