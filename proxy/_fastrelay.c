@@ -537,13 +537,12 @@ static PyObject *state_of(session_t *s) {
                                  : (Py_INCREF(Py_None), Py_None);
     if (unread == NULL) return NULL;
     PyObject *out = Py_BuildValue(
-        "(Kiy#y#Kiy#y#KiKiiKiidKKN)", (unsigned long long)s->id, s->reason, (const char *)s->up.buf,
+        "(Kiy#y#Kiy#y#KiKiiKiidN)", (unsigned long long)s->id, s->reason, (const char *)s->up.buf,
         (Py_ssize_t)s->up.ready, (const char *)s->up.buf + s->up.ready, (Py_ssize_t)(s->up.len - s->up.ready),
         (unsigned long long)s->up.skip, s->up.last_type, (const char *)s->down.buf, (Py_ssize_t)s->down.ready,
         (const char *)s->down.buf + s->down.ready, (Py_ssize_t)(s->down.len - s->down.ready),
         (unsigned long long)s->down.skip, s->down.last_type, (unsigned long long)s->syncs_sent, s->batch_open,
-        s->uncertain, (unsigned long long)s->ready_count, s->tx_status, s->in_query, s->last_activity,
-        (unsigned long long)s->bytes_up, (unsigned long long)s->bytes_down, unread);
+        s->uncertain, (unsigned long long)s->ready_count, s->tx_status, s->in_query, s->last_activity, unread);
     return out;
 }
 

@@ -12,11 +12,8 @@ from dataclasses import dataclass
 
 from . import _fastrelay
 
-CLIENT_MESSAGE = _fastrelay.CLIENT_MESSAGE
-SERVER_MESSAGE = _fastrelay.SERVER_MESSAGE
 CLIENT_CLOSED = _fastrelay.CLIENT_CLOSED
 SERVER_CLOSED = _fastrelay.SERVER_CLOSED
-DETACHED = _fastrelay.DETACHED
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +50,7 @@ class FastState:
     @classmethod
     def decode(cls, raw: tuple) -> FastState:
         (id_, reason, up_unsent, up_unframed, up_skip, up_last, down_unsent, down_unframed, down_skip, down_last,
-         syncs, batch_open, uncertain, ready, tx_status, in_query, last_activity, _up, _down, unread) = raw
+         syncs, batch_open, uncertain, ready, tx_status, in_query, last_activity, unread) = raw
         return cls(id_, reason, StreamState(up_unsent, up_unframed, up_skip, up_last),
                    StreamState(down_unsent, down_unframed, down_skip, down_last), syncs, bool(batch_open),
                    bool(uncertain), ready, tx_status, bool(in_query), last_activity, unread)

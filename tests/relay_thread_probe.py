@@ -69,7 +69,7 @@ def probe() -> None:
     client.sendall(call + query)
     state = handed_back()
     (sid, reason, up_unsent, up_unframed, up_skip, up_last, down_unsent, down_unframed, down_skip, down_last,
-     syncs, batch_open, uncertain, ready, tx_status, in_query, _last, _up, _down, unread) = state
+     syncs, batch_open, uncertain, ready, tx_status, in_query, _last, unread) = state
     assert (sid, reason) == (session, _fastrelay.CLIENT_MESSAGE)
     assert up_unsent == b"" and up_unframed == call + query and up_skip == 0 and up_last == ord("S")
     assert down_unsent == down_unframed == b"" and down_skip == 0 and down_last == ord("Z")
