@@ -67,7 +67,9 @@ class ServiceConnections:
                 host=self.upstream.host, port=self.upstream.port, user=self.user, password=self.password or None,
                 database=database, ssl=_ssl(self.upstream), timeout=self.upstream.connect_timeout,
                 server_settings={"application_name": "azure-local-ai-proxy service", "synchronous_commit": "off"},
-                statement_cache_size=0,
+                # The writer runs a few statements over and over: prepared once, each is one round trip.
+                # Readers run each look-ahead's own query once.
+                statement_cache_size=100 if pool is self._connections else 0,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             raise ServiceUnavailable(
@@ -130,6 +132,11 @@ class ServiceConnections:
         else:
             await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea), "
                             "pg_catalog.pg_advisory_unlock($4::bigint)", oid, at, data, unlock)
+
+    async def write_many(self, database: str, oid: int, places: list[int], answers: list[bytes]) -> None:
+        """Write answers at their places, in one round trip."""
+        await self._run(database, "SELECT count(pg_catalog.lo_put($1::oid, u.p, u.d)) "
+                        "FROM unnest($2::bigint[], $3::bytea[]) AS u(p, d)", oid, places, answers)
 
     async def try_lock(self, database: str, key: int) -> bool:
         """Take the advisory lock `key` if it is free (never wait: the connection serves every session)."""

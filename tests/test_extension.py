@@ -17,6 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from proxy.intercept.servercalls import encode_answer, kept_key, kept_place
 from proxy.mailbox import Mailbox
 
 from .helpers import unique
@@ -210,7 +211,7 @@ def test_psql_lists_the_twelve_and_the_extension_statements(proxy: ProxyProcess,
     skip = proxy.psql("-c", "CREATE EXTENSION IF NOT EXISTS azure_local_ai", dsn=dsn)
     assert 'extension "azure_local_ai" already exists, skipping' in skip.stderr
     update = proxy.psql("-c", "ALTER EXTENSION azure_local_ai UPDATE", dsn=dsn)
-    assert update.stdout.strip() == "ALTER EXTENSION" and '"1.0" of extension' in update.stderr
+    assert update.stdout.strip() == "ALTER EXTENSION" and '"1.1" of extension' in update.stderr
     proxy.psql("-c", f"CREATE TABLE d (b text, v real[] GENERATED ALWAYS AS ({CALL.format('b')}) STORED)", dsn=dsn)
     refused = proxy.psql("-c", "DROP EXTENSION azure_local_ai", dsn=dsn, check=False)
     assert "cannot drop extension azure_local_ai because other objects depend on it" in refused.stderr
@@ -579,3 +580,66 @@ def test_a_proxy_stopped_mid_statement_loses_no_committed_data(pg: PgCluster, da
                 time.sleep(0.1)
         finally:
             second.stop()
+
+
+def answered(proxy: ProxyProcess) -> tuple[int, int]:
+    """create_embeddings calls the server evaluated so far: (requests answered, answers kept ahead)."""
+    with psycopg.connect(proxy.dsn(database="azure_local_ai_proxy"), autocommit=True) as admin:
+        stats = dict(admin.execute("SHOW STATS").fetchall())
+    return (int(stats.get("calls create_embeddings server", 0)), int(stats.get("calls create_embeddings ahead", 0)))
+
+
+def test_a_back_fills_answers_are_kept_ahead_of_its_requests(conn: psycopg.Connection, proxy: ProxyProcess) -> None:
+    """The proxy computes a back-fill's texts in batches and writes each answer into the mailbox
+    before the server asks for it, where the function finds it: most rows send no request at all."""
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, v real[])")
+    conn.execute("INSERT INTO docs SELECT i, 'kept ahead ' || i FROM generate_series(1, 600) i")
+    before = answered(proxy)
+    assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')}").rowcount == 600
+    after = answered(proxy)
+    asked, ahead = after[0] - before[0], after[1] - before[1]
+    assert ahead >= 400 and asked <= 200, (asked, ahead)
+    for body, stored in conn.execute("SELECT body, v::text FROM docs WHERE id % 60 = 1").fetchall():
+        assert stored == constant_path(conn, body)
+
+
+def test_an_answer_kept_ahead_without_the_sessions_secret_is_refused(conn: psycopg.Connection, pg: PgCluster,
+                                                                     database: str) -> None:
+    """A role that may write the mailbox, but does not know the session's secret, cannot put an answer
+    where the function looks for it: the function refuses it (28000), and returns nothing."""
+    oid = int(conn.execute("SELECT current_setting('azure_local_ai.proxy_session')").fetchone()[0].split()[0])
+    key = kept_key(MODEL, "a forged text")
+    assert key is not None
+    forged = encode_answer(Mailbox(oid, "0" * 32), key, "V", "{1,2,3}")
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs VALUES ('a forged text')")
+    with psycopg.connect(pg.dsn(database=database), autocommit=True) as admin:
+        admin.execute("SELECT lo_create(%s), lo_put(%s, %s, %s)", (oid, oid, kept_place(key), forged))
+        try:
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification, match="did not come from"):
+                conn.execute(f"SELECT {CALL.format('body')} FROM docs")
+        finally:
+            admin.execute("SELECT lo_unlink(%s)", (oid,))
+
+
+def test_version_1_0_answers_is_updated_and_has_no_way_back(proxy: ProxyProcess, database: str) -> None:
+    """Objects of version 1.0 (no answers kept ahead) keep working, asking for every row; ALTER
+    EXTENSION ... UPDATE brings them to 1.1, as PostgreSQL runs an extension's update scripts."""
+    with psycopg.connect(proxy.dsn(database=database), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION azure_local_ai VERSION '1.0'")
+        assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.0",)
+        conn.execute("CREATE TABLE docs (id int, body text, v real[])")
+        conn.execute("INSERT INTO docs SELECT i, 'version one ' || i FROM generate_series(1, 40) i")
+        before = answered(proxy)
+        assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')}").rowcount == 40
+        after = answered(proxy)
+        assert (after[0] - before[0], after[1] - before[1]) == (40, 0)
+        conn.execute("ALTER EXTENSION azure_local_ai UPDATE")
+        assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.1",)
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match=r'no update path from version "1\.1" to version "1\.0"'):
+            conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '1.0'")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=r'for version "2\.0"'):
+            conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '2.0'")
+        for body, stored in conn.execute("SELECT body, v::text FROM docs WHERE id % 10 = 1").fetchall():
+            assert stored == constant_path(conn, body)

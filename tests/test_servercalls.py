@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 
+import numpy as np
+
 from proxy import protocol as pg
-from proxy.intercept.servercalls import REQUEST_CODE, WAITING_CODE, encode_answer, parse_request
+from proxy.intercept.servercalls import (
+    KEPT_BASE,
+    KEPT_SLOT,
+    REQUEST_CODE,
+    WAITING_CODE,
+    encode_answer,
+    kept_answers,
+    kept_key,
+    kept_place,
+    parse_request,
+)
 from proxy.mailbox import MAILBOX_SETTING, Mailbox
 
 
@@ -58,3 +71,29 @@ def test_an_answer_is_what_the_sql_function_reads_and_checks() -> None:
     # The function's check: md5(secret || the first 43 characters || the payload), in hex.
     assert head[43:].decode() == hashlib.md5(mailbox.secret.encode() + head[:43] + payload).hexdigest()
     assert encode_answer(Mailbox(1 << 31, "t" * 32), request_id, "V", "{0.5,-1}ü")[43:75] != head[43:]
+
+
+def test_answers_kept_ahead_take_one_place_each() -> None:
+    """The key is what the SQL function computes (md5 of the model, a newline and the text); a place
+    holds the first text that falls on it, and an answer larger than a place is not kept."""
+    mailbox = Mailbox(1 << 31, "s" * 32)
+    key = kept_key("m", "héllo")
+    assert key == hashlib.md5("m\nhéllo".encode()).hexdigest()
+    assert kept_place(key) == KEPT_BASE + int(key[:5], 16) * KEPT_SLOT < 1 << 40
+    assert kept_key("m", "lone \ud800 surrogate") is None
+    seen: dict[int, str] = {}
+    for i in itertools.count():
+        text = f"text {i}"
+        place = kept_place(kept_key("m", text))
+        if place in seen:
+            first, second = seen[place], text
+            break
+        seen[place] = text
+    vectors = [np.full(4, n, dtype=np.float32) for n in (1, 2, 3)]
+    kept = kept_answers(mailbox, "m", [first, second, "another"], vectors)
+    assert len(kept) == 2 and kept[place] == encode_answer(mailbox, kept_key("m", first), "V", "{1,1,1,1}")
+    assert kept_answers(mailbox, "m", ["wide"], [np.full(8192, 0.123456789, dtype=np.float32)]) == {}
+    request = {"id": "0" * 32, "at": 0, "fn": "create_embeddings", "args": {}, "role": "r"}
+    for extra, reads_kept in (({}, False), ({"kept": True}, True)):
+        parsed = parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", json.dumps({**request, **extra})))
+        assert not isinstance(parsed, bool) and parsed.reads_kept is reads_kept

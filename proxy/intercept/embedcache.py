@@ -48,6 +48,10 @@ class EmbeddingCache:
         self.hits += 1
         return vector
 
+    def peek(self, model_uri: str, text: str) -> np.ndarray | None:
+        """The kept vector, if any, neither counted nor made recent (a look-ahead looking)."""
+        return self._entries.get((model_uri, text))
+
     def promised(self, model_uri: str, text: str) -> asyncio.Future[np.ndarray] | None:
         """The vector a look-ahead is computing for this text, if one is."""
         return self._promised.get((model_uri, text))

@@ -1,8 +1,12 @@
 """CREATE, DROP and ALTER EXTENSION azure_local_ai, sent through the proxy: the server has no such
 extension (nothing can be installed on it), so each becomes a DO block that creates or removes the
-extension's SQL objects (sql/azure_local_ai--1.0.sql) in the client's own session, with its privileges
-and inside its transaction, raising what PostgreSQL raises for a real extension. The statement's
-command tag is put back (the server says DO)."""
+extension's SQL objects in the client's own session, with its privileges and inside its transaction,
+raising what PostgreSQL raises for a real extension. The statement's command tag is put back (the
+server says DO).
+
+As for a real extension, a version is installed by its first script (sql/azure_local_ai--1.0.sql)
+and the update scripts after it (sql/azure_local_ai--1.0--1.1.sql, ...), and ALTER EXTENSION ... UPDATE
+runs the update scripts from the version installed (azure_local_ai_proxy.version()) on."""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from pglast.enums import DropBehavior, ObjectType
 from .errors import CallError
 
 NAME = "azure_local_ai"
-VERSION = "1.0"
+#: Every version, oldest first; the last is the default. Each after the first has an update script.
+VERSIONS = ("1.0", "1.1")
+VERSION = VERSIONS[-1]
 #: The schemas the script creates: the extension's functions, and what they need to reach the proxy.
 SCHEMAS = (NAME, "azure_local_ai_proxy")
 _INSTALLED = "EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'azure_local_ai_proxy')"
@@ -45,8 +51,19 @@ class ExtensionCommand:
 
 
 @functools.cache
+def _file(name: str) -> str:
+    return resources.files(__package__).joinpath(f"sql/{NAME}--{name}.sql").read_text(encoding="utf-8")
+
+
 def script(version: str = VERSION) -> str:
-    return resources.files(__package__).joinpath(f"sql/{NAME}--{version}.sql").read_text(encoding="utf-8")
+    """What installs `version`: the first version's script, then each update script up to it."""
+    return "\n".join([_file(VERSIONS[0]), *_updates(VERSIONS[0], version)])
+
+
+def _updates(installed: str, version: str) -> list[str]:
+    """The update scripts from `installed` to `version` (a later one), in order."""
+    start, end = VERSIONS.index(installed), VERSIONS.index(version)
+    return [_file(f"{VERSIONS[i]}--{VERSIONS[i + 1]}") for i in range(start, end)]
 
 
 def extension_command(node: ast.Node) -> ExtensionCommand | None:
@@ -76,14 +93,17 @@ def _option(node: ast.CreateExtensionStmt | ast.AlterExtensionStmt, name: str) -
     return None
 
 
-def _check_version(version: str | None) -> None:
-    if version is not None and version != VERSION:
+def _check_version(version: str | None) -> str:
+    if version is None:
+        return VERSION
+    if version not in VERSIONS:
         raise CallError(
             "22023", f'extension "{NAME}" has no installation script nor update path for version "{version}"')
+    return version
 
 
 def _create(node: ast.CreateExtensionStmt) -> str:
-    _check_version(_option(node, "new_version"))
+    version = _check_version(_option(node, "new_version"))
     schema = _option(node, "schema")
     if schema is not None and schema != NAME:
         raise CallError("0A000", f'extension "{NAME}" must be installed in schema "{NAME}"')
@@ -93,17 +113,32 @@ def _create(node: ast.CreateExtensionStmt) -> str:
         exists = f"RAISE EXCEPTION 'extension \"{NAME}\" already exists' USING ERRCODE = '42710'"
     return _do(
         f"IF {_INSTALLED} THEN {exists}; RETURN; END IF;\n"
-        f"EXECUTE {_dollar(script())};"
+        f"EXECUTE {_dollar(script(version))};"
     )
 
 
-def _update(version: str | None) -> str:
-    _check_version(version)
+def _update(wanted: str | None) -> str:
+    """Run the update scripts from the installed version to `wanted` (the latest if None), as
+    PostgreSQL does: a NOTICE if it is installed already, an error for a way back."""
+    version = _check_version(wanted)
+    steps = "".join(
+        f"WHEN {_quote(installed)} THEN\n" + "".join(f"  EXECUTE {_dollar(update)};\n"
+                                                     for update in _updates(installed, version))
+        for installed in VERSIONS[: VERSIONS.index(version)]
+    )
     return _do(
         f"IF NOT {_INSTALLED} THEN\n"
         f"  RAISE EXCEPTION 'extension \"{NAME}\" does not exist' USING ERRCODE = '42704';\n"
         "END IF;\n"
-        f"RAISE NOTICE 'version \"{VERSION}\" of extension \"{NAME}\" is already installed';"
+        "installed := azure_local_ai_proxy.version();\n"
+        "CASE installed\n"
+        f"WHEN {_quote(version)} THEN\n"
+        f"  RAISE NOTICE 'version \"{version}\" of extension \"{NAME}\" is already installed';\n"
+        f"{steps}"
+        "ELSE\n"
+        f"  RAISE EXCEPTION 'extension \"{NAME}\" has no update path from version \"%\" to version "
+        f"\"{version}\"', installed USING ERRCODE = '22023';\n"
+        "END CASE;"
     )
 
 
@@ -130,7 +165,11 @@ def _drop(missing_ok: bool, cascade: bool) -> str:
 
 
 def _do(body: str) -> str:
-    return f"DO {_dollar('DECLARE detail text; BEGIN ' + body + ' END')}"
+    return f"DO {_dollar('DECLARE detail text; installed text; BEGIN ' + body + ' END')}"
+
+
+def _quote(version: str) -> str:
+    return "'" + version.replace("'", "''") + "'"
 
 
 def _dollar(text: str) -> str:

@@ -27,7 +27,9 @@ from .errors import CallError
 
 BUILTIN_URI = "multilingual-e5-small:v1"
 DEFAULT_CACHE_BYTES = 64 << 20
-LOOKAHEAD_CHUNK = 64  # texts per engine call of a look-ahead: two such keep the engine's batches full
+LOOKAHEAD_CHUNK = 256  # texts per engine call of a look-ahead: two such keep the engine's batches full
+#: What a look-ahead is told of texts whose vectors it has: (model, texts, their vectors).
+Ready = Callable[[str, list[str], list[np.ndarray]], None]
 
 
 def from_catalog(exc: CatalogError) -> CallError:
@@ -179,18 +181,23 @@ class Backend:
             computing.cancel()
         return out  # type: ignore[return-value]
 
-    async def embed_ahead(self, uri: str, texts: Sequence[str]) -> int:
+    async def embed_ahead(self, uri: str, texts: Sequence[str], ready: Ready | None = None) -> int:
         """Compute texts into the cache, a chunk at a time with the next one queued, so that the engine
         runs full batches while a statement asks for them one by one; those not yet computed are
-        promised, so that a call for one waits for it rather than computing it again. Returns how many
-        were computed."""
+        promised, so that a call for one waits for it rather than computing it again. `ready` is given
+        the texts kept already, then each chunk as it is computed. Returns how many were computed."""
         files = await self.model_files(uri)
-        promised = [t for t in dict.fromkeys(texts) if self.cache.promise(uri, t) is not None]
+        unique = list(dict.fromkeys(texts))
+        if ready is not None:
+            kept = [(t, v) for t in unique if (v := self.cache.peek(uri, t)) is not None]
+            if kept:
+                ready(uri, [t for t, _ in kept], [v for _, v in kept])
+        promised = [t for t in unique if self.cache.promise(uri, t) is not None]
         chunks = [promised[i : i + LOOKAHEAD_CHUNK] for i in range(0, len(promised), LOOKAHEAD_CHUNK)]
         running: list[asyncio.Task[None]] = []
         try:
             for chunk in chunks:
-                running.append(asyncio.ensure_future(self._keep(files, uri, chunk)))
+                running.append(asyncio.ensure_future(self._keep(files, uri, chunk, ready)))
                 if len(running) > 1:
                     await running.pop(0)
             for task in running:
@@ -202,9 +209,11 @@ class Backend:
                 self.cache.abandon(uri, text)  # a no-op for those computed
         return len(promised)
 
-    async def _keep(self, files: ModelFiles, uri: str, texts: list[str]) -> None:
-        for text, vector in zip(texts, await self.engine.embed(files, texts), strict=True):
-            self.cache.put(uri, text, vector)
+    async def _keep(self, files: ModelFiles, uri: str, texts: list[str], ready: Ready | None) -> None:
+        vectors = [self.cache.put(uri, text, vector)
+                   for text, vector in zip(texts, await self.engine.embed(files, texts), strict=True)]
+        if ready is not None:
+            ready(uri, texts, vectors)
 
     async def _compute(
         self, files: ModelFiles, uri: str, texts: list[str], which: list[int], batch_size: int | None,

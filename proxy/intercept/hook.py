@@ -461,7 +461,9 @@ class InterceptHook:
         if self.server_calls is None or not self.server_calls.notice(body):
             return False
         self._watch(control)
-        if self._unread is not None and not self._lookaheads:
+        # From the second request on: a statement that asks once (a one-row INSERT) has its answer under
+        # way already, and reading ahead would only take time from it.
+        if self._unread is not None and not self._lookaheads and self.server_calls.asked_in_statement > 1:
             self._look_ahead_written(*self._unread, control)
         return True
 

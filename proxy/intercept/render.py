@@ -3,6 +3,7 @@ the same column names, types and row counts, wherever the call stood."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 
@@ -24,8 +25,15 @@ def string_literal(text: str) -> str:
 
 
 def real_array_text(vector: np.ndarray) -> str:
-    """The real[] text of a float32 vector; repr of the float64 widening reads back to the same float32."""
-    return "{" + ",".join(map(repr, vector.tolist())) + "}"
+    """The real[] text of a float32 vector. Nine significant digits read back to the same float32 (as
+    repr's seventeen would), in two thirds of the text, which the server parses in less time."""
+    values = vector.tolist()
+    return "{" + _nine_digits(len(values)) % tuple(values) + "}"
+
+
+@functools.cache
+def _nine_digits(count: int) -> str:
+    return ",".join(["%.9g"] * count)
 
 
 def real_array_literal(vector: np.ndarray | None) -> str:

@@ -18,6 +18,8 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import protocol as pg
 from ..mailbox import Mailbox
 from ..service import ServiceConnections, ServiceUnavailable
@@ -26,6 +28,7 @@ from .errors import CallError
 from .evaluate import as_text, run
 from .functions import Backend
 from .lookahead import Lookahead, generated_lookaheads, written_tables
+from .render import real_array_text
 from .signatures import PRIVILEGED
 
 log = logging.getLogger("azure_local_ai_proxy.servercalls")
@@ -41,6 +44,10 @@ _MAX_PLACE = 1 << 40  # large objects end at 4 TB
 _LOOKAHEAD_ROW_BYTES = 2048
 #: Texts a look-ahead reads at a time, and how far ahead of the server's requests it may run.
 _LOOKAHEAD_PAGE = 4096
+#: Answers kept ahead (sql/azure_local_ai--1.0--1.1.sql): 2^20 places of 64 kB from 16 GB on, chosen by
+#: the first 20 bits of the answer's key, the MD5 of the model and the text.
+KEPT_BASE = 1 << 34
+KEPT_SLOT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class Request:
     function: str
     args: dict[str, object]
     role: str
+    reads_kept: bool = False  # the function looks for answers kept ahead before it asks (version 1.1)
 
 
 def parse_request(body: bytes) -> Request | bool:
@@ -64,7 +72,8 @@ def parse_request(body: bytes) -> Request | bool:
         return False
     try:
         data = json.loads(fields.get("D", ""))
-        request = Request(str(data["id"]), int(data["at"]), str(data["fn"]), dict(data["args"]), str(data["role"]))
+        request = Request(str(data["id"]), int(data["at"]), str(data["fn"]), dict(data["args"]), str(data["role"]),
+                          data.get("kept") is True)
     except (ValueError, KeyError, TypeError):
         return False
     return request if _REQUEST_ID.fullmatch(request.id) and 0 <= request.at < _MAX_PLACE else False
@@ -85,9 +94,38 @@ def encode_answer(mailbox: Mailbox, request_id: str, status: str, text: str) -> 
     return (head + mac).encode() + payload
 
 
+def kept_key(model_uri: str, text: str) -> str | None:
+    """The key of a text's answer kept ahead, as the SQL function computes it (md5 of the model, a
+    newline and the text, in UTF-8); None for a text that UTF-8 cannot hold (it is asked for)."""
+    try:
+        data = f"{model_uri}\n{text}".encode()
+    except UnicodeEncodeError:
+        return None
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def kept_place(key: str) -> int:
+    return KEPT_BASE + int(key[:5], 16) * KEPT_SLOT
+
+
+def kept_answers(mailbox: Mailbox, model_uri: str, texts: list[str], vectors: list[np.ndarray]) -> dict[int, bytes]:
+    """The answers to keep ahead for these texts, by place (the first text of a place has it; a text
+    whose place is taken, or whose answer is larger than a place, is asked for)."""
+    out: dict[int, bytes] = {}
+    for text, vector in zip(texts, vectors, strict=True):
+        key = kept_key(model_uri, text)
+        if key is None or kept_place(key) in out:
+            continue
+        answer = encode_answer(mailbox, key, "V", real_array_text(vector))
+        if len(answer) <= KEPT_SLOT:
+            out[kept_place(key)] = answer
+    return out
+
+
 class ServerCalls:
-    """One per session (with a mailbox): answers its backend's requests, one at a time as they come.
-    The mailbox is made at a statement's first request and dropped at its end."""
+    """One per session (with a mailbox): answers its backend's requests, one at a time as they come,
+    and writes the answers a look-ahead computes into the mailbox ahead of their requests. The
+    mailbox is made at a statement's first request and dropped at its end."""
 
     def __init__(
         self, login: str, database: str, mailbox: Mailbox, backend_pid: int, backend: Backend,
@@ -104,8 +142,15 @@ class ServerCalls:
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being made or dropped, locks let go of
         self._holding: asyncio.Future[bool] | None = None  # taking the session's lock (_hold)
-        self._asked = 0  # requests so far, and an event at each: how far the server has come
+        self._asked = 0  # requests so far, and answers kept ahead, with an event at each: how far the
+        self._ahead = 0  # server has come
         self._progress = asyncio.Event()
+        self.asked_in_statement = 0
+        self._statement = 0  # statements ended: what is kept ahead goes into its own statement's mailbox
+        self._kept_role: str | None = None  # the statement's function reads answers kept ahead, as this role
+        self._kept: set[int] = set()  # the places of the statement's mailbox that hold an answer kept ahead
+        #: Computed before the statement's first request said whether its function reads them.
+        self._unkept: list[tuple[str, list[str], list[np.ndarray]]] = []
 
     def notice(self, body: bytes) -> bool:
         """A NoticeResponse from the server: True if it was a request (the client must not see it)."""
@@ -113,7 +158,13 @@ class ServerCalls:
         if isinstance(request, bool):
             return request
         self._asked += 1
+        self.asked_in_statement += 1
         self._progress.set()
+        if request.reads_kept and self._kept_role is None:
+            self._kept_role = request.role
+            unkept, self._unkept = self._unkept, []
+            for model_uri, texts, vectors in unkept:
+                self._keep_ahead(model_uri, texts, vectors)
         task = asyncio.get_running_loop().create_task(self._answer(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -202,6 +253,36 @@ class ServerCalls:
             await self.service.grant(self.database, self.mailbox.oid, request.role)
         await self.service.write(self.database, self.mailbox.oid, request.at, answer, unlock)
 
+    def _keep_ahead(self, model_uri: str, texts: list[str], vectors: list[np.ndarray]) -> None:
+        """Texts a look-ahead has computed: their answers go into the mailbox before they are asked
+        for, if the statement's function reads them there."""
+        if self._kept_role is not None:
+            self._track(self._write_ahead(self._statement, self._kept_role, model_uri, texts, vectors))
+        elif not self.asked_in_statement:
+            self._unkept.append((model_uri, texts, vectors))
+
+    async def _write_ahead(self, statement: int, role: str, model_uri: str, texts: list[str],
+                           vectors: list[np.ndarray]) -> None:
+        answers = await asyncio.to_thread(kept_answers, self.mailbox, model_uri, texts, vectors)
+        if statement != self._statement:
+            return  # its statement is over
+        for place in self._kept.intersection(answers):
+            del answers[place]
+        if not answers:
+            return
+        self._kept.update(answers)
+        if not self._granted:
+            self._granted.add(role)
+            self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, role, 0, b""))
+        try:
+            await self.service.write_many(self.database, self.mailbox.oid, list(answers), list(answers.values()))
+        except ServiceUnavailable as exc:  # only time is lost: each is asked for instead
+            log.debug("answers were not kept ahead", extra={"event": "keep_ahead_failed", "reason": str(exc)})
+            return
+        self._ahead += len(answers)
+        self._progress.set()
+        STATS.calls[("create_embeddings", "ahead")] += len(answers)
+
     def look_ahead(self, lookaheads: list[Lookahead]) -> tuple[asyncio.Task[None], asyncio.Future[None]] | None:
         """Start embedding, in batches, the texts a statement is about to ask for one by one. Returns
         the work (the caller cancels it when the statement ends) and a future done once the first
@@ -245,9 +326,9 @@ class ServerCalls:
         embed each page in batches. A statement that locks its table (ALTER TABLE) reads all it can
         at once, before it runs."""
         page = self._capacity() if lookahead.before else min(_LOOKAHEAD_PAGE, self._capacity())
-        asked_from, offset, total, computed = self._asked, 0, 0, 0
+        asked_from, offset, total, computed = self._asked + self._ahead, 0, 0, 0
         while True:
-            while self._asked - asked_from < offset - page:
+            while self._asked + self._ahead - asked_from < offset - page:
                 self._progress.clear()
                 await self._progress.wait()
             try:
@@ -260,7 +341,7 @@ class ServerCalls:
                 if read is not None and not read.done():
                     read.set_result(None)
             try:
-                computed += await self.backend.embed_ahead(lookahead.model_uri, texts)
+                computed += await self.backend.embed_ahead(lookahead.model_uri, texts, self._keep_ahead)
             except CallError as exc:
                 log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
                 break
@@ -277,6 +358,11 @@ class ServerCalls:
     def statement_done(self) -> None:
         """The server finished the statement (ReadyForQuery): no function waits any more, so drop
         the mailbox, and any answer still being worked out for a call that was cancelled."""
+        self._statement += 1
+        self.asked_in_statement = 0
+        self._kept_role = None
+        self._kept.clear()
+        self._unkept.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._holding is not None:  # a call cut short: its lock goes now, or once it is taken
