@@ -166,6 +166,8 @@ class Backend:
         missing = [i for i in range(len(texts)) if out[i] is None and i not in promised]
         if usage is not None and len(missing) < len(texts):  # what the model did not run on now counts too
             usage.tokens += await self.engine.count_tokens(files, [t for i, t in enumerate(texts) if i not in missing])
+        if not missing and not promised:
+            return out  # type: ignore[return-value]  # all kept: at once, without a turn of the event loop
         computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out, usage))
         computing.add_done_callback(_retrieve)
         try:

@@ -45,10 +45,10 @@ _MAX_PLACE = 1 << 40  # large objects end at 4 TB
 _LOOKAHEAD_ROW_BYTES = 2048
 #: Texts a look-ahead reads at a time, and how far ahead of the server's requests it may run.
 _LOOKAHEAD_PAGE = 4096
-#: Answers kept ahead (sql/azure_local_ai--1.0--1.1.sql): 2^20 places of 64 kB from 16 GB on, chosen by
-#: the first 20 bits of the answer's key, the MD5 of the model and the text.
-KEPT_BASE = 1 << 34
-KEPT_SLOT = 1 << 16
+#: Answers kept ahead (sql/azure_local_ai--1.0--1.1.sql): the mailbox's first 4,096 places of 16 kB,
+#: chosen by the first 12 bits of the answer's key, the MD5 of the model and the text. A later answer
+#: takes the place of an earlier one (read by then, most likely: else its request asks).
+KEPT_SLOT = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,12 @@ def kept_key(model_uri: str, text: str) -> str | None:
 
 
 def kept_place(key: str) -> int:
-    return KEPT_BASE + int(key[:5], 16) * KEPT_SLOT
+    return int(key[:3], 16) * KEPT_SLOT
 
 
 def kept_answers(mailbox: Mailbox, model_uri: str, texts: list[str], vectors: list[np.ndarray]) -> dict[int, bytes]:
-    """The answers to keep ahead for these texts, by place (the first text of a place has it; a text
-    whose place is taken, or whose answer is larger than a place, is asked for)."""
+    """The answers to keep ahead for these texts, by place (the first of these texts to fall on a place
+    has it; the others, and answers larger than a place, are asked for)."""
     out: dict[int, bytes] = {}
     for text, vector in zip(texts, vectors, strict=True):
         key = kept_key(model_uri, text)
@@ -149,7 +149,6 @@ class ServerCalls:
         self.asked_in_statement = 0
         self._statement = 0  # statements ended: what is kept ahead goes into its own statement's mailbox
         self._kept_role: str | None = None  # the statement's function reads answers kept ahead, as this role
-        self._kept: set[int] = set()  # the places of the statement's mailbox that hold an answer kept ahead
         #: Computed before the statement's first request said whether its function reads them.
         self._unkept: list[tuple[str, list[str], list[np.ndarray]]] = []
 
@@ -265,13 +264,8 @@ class ServerCalls:
     async def _write_ahead(self, statement: int, role: str, model_uri: str, texts: list[str],
                            vectors: list[np.ndarray]) -> None:
         answers = await asyncio.to_thread(kept_answers, self.mailbox, model_uri, texts, vectors)
-        if statement != self._statement:
+        if statement != self._statement or not answers:
             return  # its statement is over
-        for place in self._kept.intersection(answers):
-            del answers[place]
-        if not answers:
-            return
-        self._kept.update(answers)
         if not self._granted:
             self._granted.add(role)
             self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, role, 0, b""))
@@ -362,7 +356,6 @@ class ServerCalls:
         self._statement += 1
         self.asked_in_statement = 0
         self._kept_role = None
-        self._kept.clear()
         self._unkept.clear()
         for task in list(self._tasks):
             task.cancel()
