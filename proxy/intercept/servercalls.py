@@ -27,7 +27,7 @@ from ..service import ServiceConnections, ServiceUnavailable
 from ..stats import STATS
 from .errors import CallError
 from .evaluate import as_text, run
-from .functions import Backend
+from .functions import LOOKAHEAD_CHUNK, Backend
 from .lookahead import Lookahead, generated_lookaheads, written_tables
 from .render import real_array_text
 from .signatures import PRIVILEGED
@@ -257,7 +257,10 @@ class ServerCalls:
         """Texts a look-ahead has computed: their answers go into the mailbox before they are asked
         for, if the statement's function reads them there."""
         if self._kept_role is not None:
-            self._track(self._write_ahead(self._statement, self._kept_role, model_uri, texts, vectors))
+            # A chunk per write: the writer connection serves every session's answers meanwhile.
+            for i in range(0, len(texts), LOOKAHEAD_CHUNK):
+                self._track(self._write_ahead(self._statement, self._kept_role, model_uri,
+                                              texts[i : i + LOOKAHEAD_CHUNK], vectors[i : i + LOOKAHEAD_CHUNK]))
         elif not self.asked_in_statement:
             self._unkept.append((model_uri, texts, vectors))
 
@@ -265,7 +268,7 @@ class ServerCalls:
                            vectors: list[np.ndarray]) -> None:
         answers = await asyncio.to_thread(kept_answers, self.mailbox, model_uri, texts, vectors)
         if statement != self._statement or not answers:
-            return  # its statement is over
+            return  # its statement is over, or none fits a place
         if not self._granted:
             self._granted.add(role)
             self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, role, 0, b""))
