@@ -71,7 +71,8 @@ typedef struct session {
     double last_activity;
     uint64_t bytes_up, bytes_down;
     uint32_t max_message;
-    unsigned char *marker; /* what Query and Parse messages the hook must see contain, in lower case */
+    unsigned char *marker; /* what Query and Parse messages the hook must see contain, in lower case: */
+                           /* markers, each NUL-terminated, any one of which will do */
     size_t marker_len;
     unsigned char *watched; /* the prepared statements the hook must see, each NUL-terminated */
     size_t watched_len;
@@ -137,6 +138,18 @@ static int has_marker(const unsigned char *data, size_t len, const unsigned char
     return 0;
 }
 
+/* Whether any of the session's markers occurs in `data`. */
+static int has_any_marker(const session_t *s, const unsigned char *data, size_t len) {
+    size_t pos = 0;
+    while (pos < s->marker_len) {
+        const unsigned char *nul = memchr(s->marker + pos, 0, s->marker_len - pos);
+        size_t n = nul == NULL ? s->marker_len - pos : (size_t)(nul - (s->marker + pos));
+        if (has_marker(data, len, s->marker + pos, n)) return 1;
+        pos += n + 1;
+    }
+    return 0;
+}
+
 /* The NUL-terminated name at body[pos]; its length, or -1 when there is none. */
 static long cstring(const unsigned char *body, size_t len, size_t pos) {
     if (pos >= len) return -1;
@@ -170,9 +183,9 @@ static int hook_wants(const session_t *s, int t, const unsigned char *body, size
     long n;
     switch (t) {
     case 'Q':
-        return has_marker(body, len, s->marker, s->marker_len);
+        return has_any_marker(s, body, len);
     case 'P':
-        if (has_marker(body, len, s->marker, s->marker_len)) return 1;
+        if (has_any_marker(s, body, len)) return 1;
         n = cstring(body, len, 0);
         return s->watching && (n < 0 || is_watched(s, body, (size_t)n));
     case 'B': {

@@ -24,6 +24,7 @@ from .console.entry import AdminConsole
 from .health import HealthCheck
 from .hooks import SessionInfo
 from .http import HttpApi, HttpListener
+from .intercept.embeddingtables import EmbeddingTables
 from .intercept.functions import BUILTIN_URI, Backend, parse_model_roots
 from .intercept.hook import InterceptHook
 from .intercept.servercalls import ServerCalls
@@ -117,7 +118,9 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
         EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20,
     )
     service = _service_connections(config, upstream, embedded is not None)
-    server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service), mailboxes=service is not None)
+    tables = EmbeddingTables(service) if service is not None else None
+    server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service, tables),
+                         mailboxes=service is not None)
     reloader = Reloader(args.config, args, server, backend, service=service)
     server.settings = replace(server.settings, console=AdminConsole(server, backend, reloader.reload, _version()))
     stop = asyncio.Event()
@@ -178,12 +181,13 @@ def _service_connections(config: cfg.Config, upstream: Upstream, embedded: bool)
     return ServiceConnections(upstream, user, config.service_password)
 
 
-def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | None) -> InterceptHook:
+def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | None,
+          tables: EmbeddingTables | None) -> InterceptHook:
     server_calls = None
     if service is not None and info.mailbox is not None and info.server_key is not None:
         key = info.server_key
         server_calls = ServerCalls(info.user, info.database, info.mailbox, key[0], backend, service,
-                                   lambda: info.upstream.send_cancel(*key))
+                                   lambda: info.upstream.send_cancel(*key), tables)
     return InterceptHook(info, backend, server_calls)
 
 

@@ -96,6 +96,11 @@ class SessionHook(Protocol):
 
     def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool: ...
 
+    def markers(self) -> list[bytes]:
+        """Lower-case bytes of which the relay thread stops at a Query or Parse that contains any one:
+        `marker`, and any more the hook wants to see now."""
+        ...
+
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None: ...
 
     def notice(self, body: bytes, control: SessionControl) -> bool:

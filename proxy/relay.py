@@ -427,7 +427,7 @@ class Relay:
         self._fds = fds
         self._fast_id = self._fast.hand_over(
             fds[0], fds[1], self._back_from_thread,
-            hooked=self.hook is not None, marker=self.hook.marker if self.hook is not None else b"",
+            hooked=self.hook is not None, marker=b"\0".join(self.hook.markers()) if self.hook is not None else b"",
             watched=b"".join(name + b"\0" for name in watched),
             max_message=self._client_framer.max_length, up_skip=up_skip, up_last=self._client_framer.last_type,
             down_skip=down_skip, down_last=self._server_framer.last_type, syncs_sent=self._syncs_sent,

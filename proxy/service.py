@@ -170,6 +170,13 @@ class ServiceConnections:
         columns = [name for name, generated, _ in rows if generated == ""]
         return columns, [expression for _, generated, expression in rows if generated == "s" and expression]
 
+    async def reads_handed_over(self, database: str, login: str) -> bool:
+        """Whether the database's create_embeddings reads an answer handed over with the statement
+        (the extension's objects are of version 1.2 or later)."""
+        rows = await self._read(database, login, "SELECT pg_catalog.to_regprocedure("
+                                "'azure_local_ai_proxy.handed_over(text, text)') IS NOT NULL")
+        return bool(rows and rows[0][0])
+
     async def _read(self, database: str, login: str, sql: str, *args: object) -> list[asyncpg.Record]:
         """Rows of a query run read-only as the session's login, so that it reads only what the
         session's statement could, and can change nothing."""

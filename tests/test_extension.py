@@ -211,7 +211,7 @@ def test_psql_lists_the_twelve_and_the_extension_statements(proxy: ProxyProcess,
     skip = proxy.psql("-c", "CREATE EXTENSION IF NOT EXISTS azure_local_ai", dsn=dsn)
     assert 'extension "azure_local_ai" already exists, skipping' in skip.stderr
     update = proxy.psql("-c", "ALTER EXTENSION azure_local_ai UPDATE", dsn=dsn)
-    assert update.stdout.strip() == "ALTER EXTENSION" and '"1.1" of extension' in update.stderr
+    assert update.stdout.strip() == "ALTER EXTENSION" and '"1.2" of extension' in update.stderr
     proxy.psql("-c", f"CREATE TABLE d (b text, v real[] GENERATED ALWAYS AS ({CALL.format('b')}) STORED)", dsn=dsn)
     refused = proxy.psql("-c", "DROP EXTENSION azure_local_ai", dsn=dsn, check=False)
     assert "cannot drop extension azure_local_ai because other objects depend on it" in refused.stderr
@@ -623,9 +623,62 @@ def test_an_answer_kept_ahead_without_the_sessions_secret_is_not_used(conn: psyc
     assert got == constant_path(conn, "a forged text") != "{1,2,3}"
 
 
+def learnt(conn: psycopg.Connection, proxy: ProxyProcess) -> None:
+    """Insert rows into docs until the proxy answers one before it runs (it has looked the table up)."""
+    for attempt in range(50):
+        before = answered(proxy)
+        conn.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (-1 - attempt, f"learning {attempt}"))
+        if answered(proxy)[1] > before[1]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the proxy never learnt that docs embeds")
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["unnamed statements", "prepared statements"])
+def test_one_row_inserts_are_answered_before_they_run(conn: psycopg.Connection, proxy: ProxyProcess,
+                                                      database: str, prepare: bool) -> None:
+    """Once the server has asked during a one-row INSERT into a table whose generated column embeds,
+    the proxy reads the next ones' texts from the statement (constants, bound parameters) and has the
+    answer there before it runs: handed over with a prepared statement's Bind or a Query, kept in the
+    mailbox where the INSERT's Parse is in the same batch. None asks; the rows are the same."""
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    learnt(conn, proxy)
+    texts = [f"answered before it runs {i}" for i in range(8)]
+    before = answered(proxy)
+    with psycopg.connect(proxy.dsn(database=database), autocommit=True,
+                         prepare_threshold=0 if prepare else None) as session:
+        for i, text in enumerate(texts[:4]):
+            session.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (i, text))
+        for i, text in enumerate(texts[4:], 4):  # constants, in unnamed statements
+            session.execute(f"INSERT INTO docs VALUES ({i}, '{text}')".encode(), prepare=False)
+    with session_of(proxy, database) as simple:
+        simple.execute("INSERT INTO docs (body, id) VALUES ('sent as a query', 100)")
+    after = answered(proxy)
+    assert (after[0] - before[0], after[1] - before[1]) == (0, 9)
+    stored = dict(conn.execute("SELECT body, v::text FROM docs WHERE id >= 0").fetchall())
+    assert stored == {t: constant_path(conn, t) for t in [*texts, "sent as a query"]}
+
+
+def session_of(proxy: ProxyProcess, database: str) -> psycopg.Connection:
+    """A session whose statements go as simple-protocol Queries (psycopg's client-side binding)."""
+    return psycopg.connect(proxy.dsn(database=database), autocommit=True, cursor_factory=psycopg.ClientCursor)
+
+
+def test_an_answer_handed_over_without_the_sessions_secret_is_not_used(conn: psycopg.Connection) -> None:
+    """A value set in the session where the proxy hands answers over, with the right key but not
+    signed with the session's secret, is not used: the function asks, and gets the real answer."""
+    text = "a forged hand-over"
+    key = kept_key(MODEL, text)
+    forged = encode_answer(Mailbox(1, "not the secret"), key, "V", "{1,2,3}").decode()
+    conn.execute("CREATE TABLE docs (id int, body text)")
+    conn.execute("INSERT INTO docs VALUES (1, %s)", (text,))
+    conn.execute("SELECT set_config('azure_local_ai.proxy_kept', %s, false)", (forged,))
+    assert conn.execute(f"SELECT {CALL.format('body')}::text FROM docs").fetchone()[0] == constant_path(conn, text)
+
+
 def test_version_1_0_answers_is_updated_and_has_no_way_back(proxy: ProxyProcess, database: str) -> None:
     """Objects of version 1.0 (no answers kept ahead) keep working, asking for every row; ALTER
-    EXTENSION ... UPDATE brings them to 1.1, as PostgreSQL runs an extension's update scripts."""
+    EXTENSION ... UPDATE brings them to the latest, as PostgreSQL runs an extension's update scripts."""
     with psycopg.connect(proxy.dsn(database=database), autocommit=True) as conn:
         conn.execute("CREATE EXTENSION azure_local_ai VERSION '1.0'")
         assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.0",)
@@ -635,10 +688,12 @@ def test_version_1_0_answers_is_updated_and_has_no_way_back(proxy: ProxyProcess,
         assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')}").rowcount == 40
         after = answered(proxy)
         assert (after[0] - before[0], after[1] - before[1]) == (40, 0)
-        conn.execute("ALTER EXTENSION azure_local_ai UPDATE")
+        conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '1.1'")
         assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.1",)
+        conn.execute("ALTER EXTENSION azure_local_ai UPDATE")
+        assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.2",)
         with pytest.raises(psycopg.errors.InvalidParameterValue,
-                           match=r'no update path from version "1\.1" to version "1\.0"'):
+                           match=r'no update path from version "1\.2" to version "1\.0"'):
             conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '1.0'")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=r'for version "2\.0"'):
             conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '2.0'")

@@ -43,6 +43,9 @@ class DemoHook:
     def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool:
         return b"hook_" in body if marked is None else marked
 
+    def markers(self) -> list[bytes]:
+        return [self.marker]
+
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         if b"hook_answer" in body:
             await asyncio.sleep(0.05)  # local work, while later messages wait their turn

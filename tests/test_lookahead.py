@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 from pglast import parse_sql
 
-from proxy.intercept.lookahead import Lookahead, generated_lookaheads, lookaheads, written_tables
+from proxy.intercept.lookahead import (
+    Lookahead,
+    RowInput,
+    generated_lookaheads,
+    lookaheads,
+    one_row_insert,
+    row_inputs,
+    written_tables,
+)
 from proxy.intercept.sqlcalls import LONG_CONSTANT, find_calls
 
 M = "multilingual-e5-small:v1"
@@ -108,3 +116,32 @@ def test_only_inserts_and_updates_write_generated_columns() -> None:
     assert written_tables("SELECT 1; DELETE FROM docs; COPY docs FROM STDIN") == []
     assert written_tables("INSERT INTO docs (body) VALUES ('one row')") == []  # its one request is on its way
     assert written_tables("INSERT INTO") == []  # the server says what is wrong with it
+
+
+GENERATED = (f"(azure_local_ai.create_embeddings('{M}'::text, body))::vector(384)",)
+
+
+@pytest.mark.parametrize(("sql", "table", "inputs"), [
+    ("INSERT INTO docs (body) VALUES ($1)", "docs", [RowInput(M, param=1)]),
+    ("insert into public.docs values (7, 'it''s a text'::text)", "public.docs", [RowInput(M, text="it's a text")]),
+    ('INSERT INTO "Docs" (id, body) VALUES ($2, $1) RETURNING id', '"Docs"', [RowInput(M, param=1)]),
+    ("INSERT INTO docs (id, body) VALUES (1, lower($1))", "docs", []),  # an expression: it asks
+    ("INSERT INTO docs (id) VALUES (1)", "docs", []),  # no text: the column's default
+    ("INSERT INTO docs (id, body) VALUES (1, DEFAULT)", "docs", []),
+])
+def test_a_one_row_inserts_text_is_read_from_the_statement(sql: str, table: str, inputs: list[RowInput]) -> None:
+    found = one_row_insert(sql)
+    assert found is not None and found[1] == table
+    assert row_inputs(found[0], ["id", "body"], GENERATED) == inputs
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO docs (body) VALUES ('a'), ('b')",  # many rows: read ahead as they are asked for
+    "INSERT INTO docs (body) SELECT body FROM src",
+    "INSERT INTO docs (body) VALUES ('a'); INSERT INTO docs (body) VALUES ('b')",
+    "WITH t AS (SELECT 1) INSERT INTO docs (body) VALUES ('a')",
+    "UPDATE docs SET body = 'a'",
+    "INSERT INTO docs (body VALUES",
+])
+def test_other_statements_are_not_one_row_inserts(sql: str) -> None:
+    assert one_row_insert(sql) is None

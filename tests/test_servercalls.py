@@ -9,6 +9,8 @@ import json
 import numpy as np
 
 from proxy import protocol as pg
+from proxy.intercept.hook import _bound_inputs
+from proxy.intercept.lookahead import RowInput
 from proxy.intercept.servercalls import (
     KEPT_SLOT,
     REQUEST_CODE,
@@ -20,6 +22,9 @@ from proxy.intercept.servercalls import (
     parse_request,
 )
 from proxy.mailbox import MAILBOX_SETTING, Mailbox
+from proxy.messages import Bind
+
+MODEL = "multilingual-e5-small:v1"
 
 
 def notice(code: str, message: str, detail: str | None = None) -> bytes:
@@ -96,3 +101,18 @@ def test_answers_kept_ahead_take_one_place_each() -> None:
     for extra, reads_kept in (({}, False), ({"kept": True}, True)):
         parsed = parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", json.dumps({**request, **extra})))
         assert not isinstance(parsed, bool) and parsed.reads_kept is reads_kept
+
+
+def test_a_bound_text_is_read_in_text_format_or_as_binary_text() -> None:
+    """A prepared one-row INSERT's text comes from its Bind: any value in text format, and a binary one
+    only where the parameter is declared text (a binary integer's bytes are not its text)."""
+    inputs = [RowInput(MODEL, param=1), RowInput(MODEL, text="a constant")]
+    text_format = Bind("", "s", (), ("héllo".encode(), b"2"), ())
+    assert _bound_inputs(text_format, inputs, ()) == [(MODEL, "héllo"), (MODEL, "a constant")]
+    binary = Bind("", "s", (1,), (b"bin", b"\0\0\0\2"), ())
+    assert _bound_inputs(binary, inputs, (25, 23)) == [(MODEL, "bin"), (MODEL, "a constant")]
+    assert _bound_inputs(binary, inputs, (23, 23)) == [(MODEL, "a constant")]
+    mixed = Bind("", "s", (0, 1), (None, b"x"), ())
+    assert _bound_inputs(mixed, inputs, ()) == [(MODEL, "a constant")]  # NULL: nothing to embed
+    invalid = Bind("", "s", (), (b"\xff\xfe", b"2"), ())
+    assert _bound_inputs(invalid, inputs, ()) == [(MODEL, "a constant")]

@@ -21,7 +21,7 @@ from .errors import CallError
 
 NAME = "azure_local_ai"
 #: Every version, oldest first; the last is the default. Each after the first has an update script.
-VERSIONS = ("1.0", "1.1")
+VERSIONS = ("1.0", "1.1", "1.2")
 VERSION = VERSIONS[-1]
 #: The schemas the script creates: the extension's functions, and what they need to reach the proxy.
 SCHEMAS = (NAME, "azure_local_ai_proxy")
@@ -160,6 +160,9 @@ def _drop(missing_ok: bool, cascade: bool) -> str:
         "    HINT = 'Use DROP ... CASCADE to drop the dependent objects too.';\n"
         "END;\n"
         "DROP FUNCTION azure_local_ai_proxy.ask(text, jsonb, integer), azure_local_ai_proxy.version();\n"
+        "IF pg_catalog.to_regprocedure('azure_local_ai_proxy.handed_over(text, text)') IS NOT NULL THEN\n"  # 1.2 on
+        "  DROP FUNCTION azure_local_ai_proxy.handed_over(text, text);\n"
+        "END IF;\n"
         f"DROP SCHEMA {', '.join(SCHEMAS)};"
     )
 

@@ -27,6 +27,7 @@ from ..stats import STATS
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
+from .lookahead import RowInput, one_row_insert, row_inputs
 from .prepared import PreparedCalls, bind_values, failing_bind, rewrite_parse
 from .render import splice, splice_parts
 from .servercalls import ServerCalls
@@ -43,6 +44,13 @@ PRIVILEGE_CHECK = (
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")
 LONG_STATEMENT = 1 << 20
+#: One-row INSERTs up to this long are read for the texts their tables' generated columns embed.
+KEEP_BEFORE_MAX = 1 << 16
+_TEXT_TYPES = frozenset({0, 25, 1043})  # unknown, text, varchar: a binary value of these is its text
+#: The statement and portal that hand an answer over (_hand_over), and the server's replies to them.
+_HANDED = "azure_local_ai_proxy_hand_over"
+_HAND_OVER_SQL = "SELECT pg_catalog.set_config('azure_local_ai.proxy_kept', $1, false)"
+_HAND_OVER_REPLIES = frozenset(b"123DCEZ")
 T = TypeVar("T")
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 _NO_SERVER_CALLS = CallError(
@@ -131,6 +139,10 @@ class InterceptHook:
         #: The latest Query or Parse that did not name azure_local_ai: if the server asks while it runs,
         #: the generated columns of the tables it writes are what ask (_look_ahead_written).
         self._unread: tuple[int, bytes] | None = None
+        #: Prepared one-row INSERTs into tables whose generated columns embed: what they embed, the
+        #: statement's parameter types, and whether an answer may be handed over (_keep_before).
+        self.inserts: dict[str, tuple[list[RowInput], tuple[int, ...], bool]] = {}
+        self._handing_over = False  # the server's replies to _hand_over are on their way: drop them
 
     # ------------------------------------------------------------------ which messages
 
@@ -139,33 +151,53 @@ class InterceptHook:
             if mentions_schema(body) if marked is None else marked:
                 return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
-            return False
+            return self._may_keep_before(body)
         if msg_type == pg.PARSE:
             if mentions_schema(body) if marked is None else marked:
                 return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
-            name = _cstring_at(body, 0) if self.statements else None
-            if name is not None:
-                self.statements.pop(name, None)  # that name now means another statement
-            return False
-        if not self.statements:
+            name = _cstring_at(body, 0) if self.statements or self.inserts else None
+            if name is not None:  # that name now means another statement
+                self.statements.pop(name, None)
+                self.inserts.pop(name, None)
+            return self._may_keep_before(body)
+        if not self.statements and not self.inserts:
             return False
         if msg_type == pg.BIND:  # also asked with only the first bytes of a long Bind (Framer.peek)
             portal_end = body.find(b"\0")
             name = _cstring_at(body, portal_end + 1) if portal_end >= 0 else None
-            return name is None or name in self.statements  # unreadable: handle() forwards it as it is
+            # unreadable: handle() forwards it as it is
+            return name is None or name in self.statements or name in self.inserts
         if msg_type == pg.DESCRIBE:
             return body[:1] == b"S"
         name = _cstring_at(body, 1) if msg_type == pg.CLOSE and body[:1] == b"S" else None
         if name is not None:
             self.statements.pop(name, None)
+            self.inserts.pop(name, None)
         return False
+
+    def _may_keep_before(self, body: bytes) -> bool:
+        """Whether a Query or Parse that names no azure_local_ai function may be a one-row INSERT into a
+        table whose generated column embeds: the cheap test (_row_inputs reads it)."""
+        if self.server_calls is None or len(body) > KEEP_BEFORE_MAX:
+            return False
+        names = self.server_calls.tables.names(self.info.database)
+        if not names:
+            return False
+        lowered = body.lower()
+        return b"insert" in lowered and any(name in lowered for name in names)
+
+    def markers(self) -> list[bytes]:
+        """What the relay thread stops at in a Query or Parse: the schema's name, and the names of the
+        tables whose one-row INSERTs this hook answers before they run."""
+        tables = self.server_calls.tables.names(self.info.database) if self.server_calls is not None else ()
+        return [self.marker, *tables]
 
     def resting(self) -> list[bytes] | None:
         busy = self._watching or self._lookaheads or (self._work is not None and not self._work.done())
         if busy:
             return None
-        return [name.encode("utf-8", errors="surrogateescape") for name in self.statements]
+        return [name.encode("utf-8", errors="surrogateescape") for name in (*self.statements, *self.inserts)]
 
     def passed(self, msg_type: int, body: bytes) -> None:
         self._unread = (msg_type, body) if self.server_calls is not None else None
@@ -194,6 +226,15 @@ class InterceptHook:
         long = len(body) >= LONG_STATEMENT
         text = await asyncio.to_thread(_long_query_text, body) if long else _query_text(body)
         if text is None:
+            control.forward(pg.QUERY, body)
+            return
+        if not long and not mentions_schema(body):  # wanted as a one-row INSERT (_may_keep_before)
+            inputs, handed_over = self._row_inputs(text, control)
+            stopped = await self._keep_before([(i.model_uri, i.text) for i in inputs if i.text is not None],
+                                              handed_over, control)
+            if stopped is not None:
+                self._fail_query(control, "", stopped)
+                return
             control.forward(pg.QUERY, body)
             return
         try:
@@ -267,8 +308,15 @@ class InterceptHook:
 
     async def _parse(self, parse: Parse, control: SessionControl) -> None:
         self.statements.pop(parse.statement, None)
+        self.inserts.pop(parse.statement, None)
         if not _is_utf8(parse.query):
             control.forward(pg.PARSE, parse.encode())  # the server refuses it (22021)
+            return
+        if not mentions_schema(parse.query.encode()):  # wanted as a one-row INSERT (_may_keep_before)
+            inputs, handed_over = self._row_inputs(parse.query, control)
+            if inputs:
+                self.inserts[parse.statement] = (inputs, parse.param_types, handed_over)
+            control.forward(pg.PARSE, parse.encode())
             return
         try:
             parse = Parse(parse.statement, await self._as_the_server_reads(parse.query, control), parse.param_types)
@@ -313,6 +361,11 @@ class InterceptHook:
     async def _bind(self, bind: Bind, control: SessionControl) -> None:
         prepared = self.statements.get(bind.statement)
         if prepared is None:
+            insert = self.inserts.get(bind.statement)
+            stopped = await self._keep_before(_bound_inputs(bind, *insert[:2]), insert[2], control) if insert else None
+            if stopped is not None:  # a Bind of a statement that is not there, whose error is replaced
+                marker = self._expect_failure(control, stopped)
+                bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
             control.forward(pg.BIND, bind.encode())
             return
         if len(bind.values) != prepared.client_params:
@@ -436,6 +489,55 @@ class InterceptHook:
         self._hinted.add(control.requests_sent)
         self._watch(control)
 
+    def _row_inputs(self, sql: str, control: SessionControl) -> tuple[list[RowInput], bool]:
+        """What a one-row INSERT into a table known to embed gives its generated columns (none for any
+        other statement), and whether its database reads an answer handed over."""
+        assert self.server_calls is not None
+        plain_backslashes = control.server_parameters.get("standard_conforming_strings") == "off"
+        found = one_row_insert(sql) if not (plain_backslashes and "\\" in sql) else None
+        known = self.server_calls.tables.get(self.info.database, self.info.user, found[1]) if found else None
+        if found is None or known is None:
+            return [], False
+        return row_inputs(found[0], known.columns, known.generated), known.handed_over
+
+    async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
+                           control: SessionControl) -> CallError | None:
+        """Compute a statement's inputs before it goes to the server, where nothing else of the session
+        is before it: one answer is handed over with it, on the session's own connection, where its
+        batch is the first thing the server is to read (_hand_over); others are kept in its mailbox
+        (servercalls.keep_before). The error if a cancel request stopped it: then the statement
+        fails, as it would have on the server (57014)."""
+        if not inputs or control.outstanding or control.transaction_status == "E" or self.server_calls is None:
+            return None
+        hand_over = handed_over and len(inputs) == 1 and not control.in_batch and not self._watching
+        self._watch(control)  # the statement's end drops the mailbox; the hand-over's replies are dropped
+        try:
+            if hand_over:
+                answer = await self._cancellable(self.server_calls.handed_answer(*inputs[0]))
+                if answer is not None:
+                    self._hand_over(answer, control)  # type: ignore[arg-type]
+            else:
+                await self._cancellable(self.server_calls.keep_before(inputs))
+        except CallError as error:
+            return error
+        return None
+
+    def _hand_over(self, answer: bytes, control: SessionControl) -> None:
+        """Set the answer in the session (azure_local_ai.proxy_kept) in an extended-protocol batch of
+        the proxy's own, sent just before the statement: no round trip of its own, and its Sync keeps
+        any error of it to itself. Its replies never reach the client (_on_server_message)."""
+        name = _HANDED.encode() + b"\0"
+        control.send_upstream(b"".join([
+            pg.message(pg.CLOSE, b"S" + name),  # left by a batch of this kind cut short
+            pg.message(pg.PARSE, Parse(_HANDED, _HAND_OVER_SQL, (25,)).encode()),
+            pg.message(pg.BIND, Bind(_HANDED, _HANDED, (0,), (answer,), ()).encode()),
+            pg.message(pg.EXECUTE, name + b"\0\0\0\0"),
+            pg.message(pg.CLOSE, b"P" + name),
+            pg.message(pg.CLOSE, b"S" + name),
+        ]))
+        control.forward(pg.SYNC, b"")
+        self._handing_over = True
+
     async def _look_ahead(self, statements: list[Statement], control: SessionControl) -> CallError | None:
         """Embed ahead what the server's calls in these statements will ask for, until their batch ends.
         A statement that locks the table it reads (ALTER TABLE) waits until its texts are read: the
@@ -465,7 +567,23 @@ class InterceptHook:
         # way already, and reading ahead would only take time from it.
         if self._unread is not None and not self._lookaheads and self.server_calls.asked_in_statement > 1:
             self._look_ahead_written(*self._unread, control)
+        elif self._unread is not None and self.server_calls.asked_in_statement == 1:
+            self._learn_table(*self._unread)
         return True
+
+    def _learn_table(self, msg_type: int, body: bytes) -> None:
+        """The server asks during a statement that names no azure_local_ai function: if it is a one-row
+        INSERT, the table it writes embeds in a generated column (EmbeddingTables)."""
+        assert self.server_calls is not None
+        if len(body) > KEEP_BEFORE_MAX:
+            return
+        try:
+            sql = _query_text(body) if msg_type == pg.QUERY else Parse.decode(body).query
+        except ProtocolViolation:
+            return
+        found = one_row_insert(sql) if sql is not None else None
+        if found is not None:
+            self.server_calls.learn_table(found[1])
 
     def _look_ahead_written(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         """The server asks during a statement that names no azure_local_ai function: read ahead for the
@@ -484,6 +602,15 @@ class InterceptHook:
             self._lookaheads.append((self._answered, task))
 
     def _on_server_message(self, msg_type: int, body: bytes) -> bytes | None:
+        if self._handing_over and msg_type in _HAND_OVER_REPLIES:
+            if msg_type == pg.ERROR_RESPONSE:  # only time is lost: the statement's function asks
+                log.debug("an answer was not handed over", extra={"event": "hand_over_failed",
+                                                                  "reason": pg.parse_fields(body).get("M")})
+            if msg_type != pg.READY_FOR_QUERY:
+                return b""
+            self._handing_over = False
+            self._ready()
+            return b""
         if msg_type == pg.COMMAND_COMPLETE:
             self._completed += 1
             return self._tags.pop((self._answered, self._completed - 1), None)
@@ -511,24 +638,28 @@ class InterceptHook:
                     types = parameter_description(body)
                     return pg.message(msg_type, encode_parameter_description(types[: len(types) - extra]))
         elif msg_type == pg.READY_FOR_QUERY:
-            self._answered += 1
-            self._completed = 0
-            if self.server_calls is not None:
-                self.server_calls.statement_done()
-            for batch, task in self._lookaheads:
-                if batch < self._answered:
-                    task.cancel()
-            self._lookaheads = [(b, t) for b, t in self._lookaheads if b >= self._answered]
-            self._markers = {m: v for m, v in self._markers.items() if v[0] >= self._answered}
-            self._tags = {k: v for k, v in self._tags.items() if k[0] >= self._answered}
-            self._hinted = {b for b in self._hinted if b >= self._answered}
-            while self._describes and self._describes[0][0] < self._answered:
-                self._describes.popleft()
-            busy = self._markers or self._describes or self._tags or self._hinted or self._lookaheads
-            if not busy and self._control is not None:
-                self._watching = False
-                self._control.stop_watching()
+            self._ready()
         return None
+
+    def _ready(self) -> None:
+        """A ReadyForQuery: what was kept for the batch it ends goes."""
+        self._answered += 1
+        self._completed = 0
+        if self.server_calls is not None:
+            self.server_calls.statement_done()
+        for batch, task in self._lookaheads:
+            if batch < self._answered:
+                task.cancel()
+        self._lookaheads = [(b, t) for b, t in self._lookaheads if b >= self._answered]
+        self._markers = {m: v for m, v in self._markers.items() if v[0] >= self._answered}
+        self._tags = {k: v for k, v in self._tags.items() if k[0] >= self._answered}
+        self._hinted = {b for b in self._hinted if b >= self._answered}
+        while self._describes and self._describes[0][0] < self._answered:
+            self._describes.popleft()
+        busy = self._markers or self._describes or self._tags or self._hinted or self._lookaheads
+        if not busy and self._control is not None:
+            self._watching = False
+            self._control.stop_watching()
 
     def _drop_describes_of_batch(self) -> None:
         """After an error the server skips to the next Sync: Describes of this batch get no answer."""
@@ -610,6 +741,28 @@ def _spliced(sql: str | bytes, replacements: list[tuple[int, int, str]]) -> str:
     if isinstance(sql, str):
         return splice(sql, replacements)
     return b"".join(splice_parts(memoryview(sql), replacements)).decode()
+
+
+def _bound_inputs(bind: Bind, inputs: list[RowInput], param_types: Sequence[int]) -> list[tuple[str, str]]:
+    """The (model, text) inputs of a prepared one-row INSERT, with its parameters' values as bound:
+    in text format, or binary where the parameter's type is text; other values ask as the row is made."""
+    out = []
+    for found in inputs:
+        if found.text is not None:
+            out.append((found.model_uri, found.text))
+            continue
+        index = (found.param or 0) - 1
+        value = bind.values[index] if 0 <= index < len(bind.values) else None
+        formats = bind.param_formats
+        binary = (formats[0] if len(formats) == 1 else formats[index] if index < len(formats) else 0) == 1
+        declared = param_types[index] if index < len(param_types) else 0
+        if value is None or (binary and declared not in _TEXT_TYPES):
+            continue
+        try:
+            out.append((found.model_uri, bytes(value).decode("utf-8")))
+        except UnicodeDecodeError:
+            continue
+    return out
 
 
 def _long_query_text(body: bytes) -> bytes | None:

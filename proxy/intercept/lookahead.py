@@ -66,6 +66,63 @@ def _lookahead(model_uri: str, text_expr: ast.Node, source: _Source,
     return Lookahead(restore(model_uri), RawStream()(query))
 
 
+@dataclass(frozen=True)
+class RowInput:
+    """The text a one-row INSERT gives a generated column's create_embeddings with model `model_uri`:
+    a string constant (`text`), or the value of parameter number `param`."""
+
+    model_uri: str
+    text: str | None = None
+    param: int | None = None
+
+
+def one_row_insert(sql: str) -> tuple[ast.InsertStmt, str] | None:
+    """If `sql` is one INSERT ... VALUES of one row: the statement and the table it writes, as
+    to_regclass() reads a name."""
+    if len(sql) > MAX_WRITTEN_TEXT:
+        return None
+    try:
+        raws = parse_sql(sql)
+    except (ParseError, RecursionError):
+        return None
+    if len(raws) != 1 or not isinstance(stmt := raws[0].stmt, ast.InsertStmt) or stmt.relation is None:
+        return None
+    select = stmt.selectStmt
+    if not isinstance(select, ast.SelectStmt) or len(select.valuesLists or ()) != 1 or stmt.withClause:
+        return None
+    return stmt, _table_name(stmt.relation)
+
+
+def row_inputs(stmt: ast.InsertStmt, columns: Sequence[str], generated: Sequence[str]) -> list[RowInput]:
+    """The inputs of the generated columns (expressions `generated`, as pg_get_expr writes them) that
+    embed a column the INSERT's row gives as a constant or a parameter; `columns` are the table's
+    other columns, in order. Others (an expression over columns, a default) ask as they run."""
+    (row,) = stmt.selectStmt.valuesLists
+    names = [target.name for target in stmt.cols] if stmt.cols else list(columns[: len(row)])
+    values = dict(zip(names, row, strict=False))
+    out = []
+    for model_uri, text_expr in _generated_calls(generated):
+        column = _uncast(text_expr)
+        if isinstance(column, ast.ColumnRef) and len(column.fields) == 1:
+            value = _uncast(values.get(column.fields[0].sval))
+            if isinstance(value, ast.A_Const) and isinstance(value.val, ast.String):
+                out.append(RowInput(model_uri, text=value.val.sval))
+            elif isinstance(value, ast.ParamRef):
+                out.append(RowInput(model_uri, param=value.number))
+    return out
+
+
+def _generated_calls(generated: Sequence[str]) -> Iterator[tuple[str, ast.Node]]:
+    """(model, input expression) of each create_embeddings call in these generated columns' expressions."""
+    for expression in generated:
+        try:
+            (raw,) = parse_sql("SELECT " + expression)
+        except (ParseError, ValueError):
+            continue
+        for model_uri, text_expr, _ in _calls(raw.stmt.targetList[0].val, _Source()):
+            yield model_uri, text_expr
+
+
 def written_tables(sql: str) -> list[tuple[ast.Node, str]]:
     """The INSERT and UPDATE statements of `sql` (which does not name azure_local_ai), each with the
     table it writes, as to_regclass() reads a name: their tables' generated columns may embed."""
@@ -83,11 +140,13 @@ def written_tables(sql: str) -> list[tuple[ast.Node, str]]:
         if one_row:
             continue  # its one request is on its way already: not worth a look at the catalog
         if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt) and stmt.relation is not None:
-            relation = stmt.relation
-            name = RawStream()(ast.RangeVar(relname=relation.relname, schemaname=relation.schemaname, inh=True,
-                                            relpersistence="p"))
-            out.append((stmt, name))
+            out.append((stmt, _table_name(stmt.relation)))
     return out
+
+
+def _table_name(relation: ast.RangeVar) -> str:
+    return RawStream()(ast.RangeVar(relname=relation.relname, schemaname=relation.schemaname, inh=True,
+                                    relpersistence="p"))
 
 
 def generated_lookaheads(stmt: ast.Node, columns: Sequence[str], generated: Sequence[str]) -> list[Lookahead]:
@@ -95,17 +154,12 @@ def generated_lookaheads(stmt: ast.Node, columns: Sequence[str], generated: Sequ
     `generated` (as pg_get_expr writes them), the look-aheads of the texts they will embed; `columns`
     are the table's other columns, in order (an INSERT without a column list fills them so)."""
     out = []
-    for expression in generated:
-        try:
-            (raw,) = parse_sql("SELECT " + expression)
-        except (ParseError, ValueError):
-            continue
-        for model_uri, text_expr, _ in _calls(raw.stmt.targetList[0].val, _Source()):
-            found = (_inserted(stmt, text_expr, columns) if isinstance(stmt, ast.InsertStmt)
-                     else _updated(stmt, text_expr) if isinstance(stmt, ast.UpdateStmt) else None)
-            lookahead = _lookahead(model_uri, *found) if found is not None else None
-            if lookahead is not None:
-                out.append(lookahead)
+    for model_uri, text_expr in _generated_calls(generated):
+        found = (_inserted(stmt, text_expr, columns) if isinstance(stmt, ast.InsertStmt)
+                 else _updated(stmt, text_expr) if isinstance(stmt, ast.UpdateStmt) else None)
+        lookahead = _lookahead(model_uri, *found) if found is not None else None
+        if lookahead is not None:
+            out.append(lookahead)
     return out
 
 

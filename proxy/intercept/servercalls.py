@@ -25,6 +25,7 @@ from .. import protocol as pg
 from ..mailbox import Mailbox
 from ..service import ServiceConnections, ServiceUnavailable
 from ..stats import STATS
+from .embeddingtables import EmbeddingTables
 from .errors import CallError
 from .evaluate import as_text, run
 from .functions import LOOKAHEAD_CHUNK, Backend
@@ -131,6 +132,7 @@ class ServerCalls:
     def __init__(
         self, login: str, database: str, mailbox: Mailbox, backend_pid: int, backend: Backend,
         service: ServiceConnections, cancel_statement: Callable[[], Awaitable[None]],
+        tables: EmbeddingTables,
     ) -> None:
         self.login = login
         self.database = database
@@ -138,6 +140,9 @@ class ServerCalls:
         self.backend_pid = backend_pid  # the server backend the mailbox is for
         self.backend = backend
         self.service = service
+        #: The tables whose generated columns embed, as learnt from this proxy's sessions' requests.
+        self.tables = tables
+        self._role = login  # the role of the session's latest request: what its functions run as, likely
         self._cancel_statement = cancel_statement
         self._granted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
@@ -160,6 +165,7 @@ class ServerCalls:
         self._asked += 1
         self.asked_in_statement += 1
         self._progress.set()
+        self._role = request.role
         if request.reads_kept and self._kept_role is None:
             self._kept_role = request.role
             unkept, self._unkept = self._unkept, []
@@ -280,6 +286,53 @@ class ServerCalls:
         self._ahead += len(answers)
         self._progress.set()
         STATS.calls[("create_embeddings", "ahead")] += len(answers)
+
+    def learn_table(self, table: str) -> None:
+        """The server asked during a one-row INSERT into `table` that named no azure_local_ai function:
+        its generated columns embed. Known, the table's next one-row INSERTs are answered before they
+        run (keep_before), if this database's functions read answers kept ahead."""
+        if self._kept_role is not None and self.tables.get(self.database, self.login, table) is None:
+            self.tables.learn(self.database, self.login, table)
+
+    async def keep_before(self, inputs: list[tuple[str, str]]) -> None:
+        """Compute the (model, text) inputs a statement about to run will ask for, and keep their answers
+        in its mailbox, so that its function finds them there and asks nothing. Only time is at stake:
+        what fails here is asked for, and answered or refused, as the statement runs."""
+        by_model: dict[str, list[str]] = {}
+        for model_uri, text in inputs:
+            by_model.setdefault(model_uri, []).append(text)
+        try:
+            for model_uri, texts in by_model.items():
+                vectors = await self.backend.create_embeddings(model_uri, texts, None, 0)
+                answers = list(kept_answers(self.mailbox, model_uri, texts, vectors).items())  # type: ignore[arg-type]
+                if answers and not self._granted:  # made with the first answer: one round trip
+                    self._granted.add(self._role)
+                    (place, first), answers = answers[0], answers[1:]
+                    await self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, self._role,
+                                                    place, first)
+                    STATS.calls[("create_embeddings", "ahead")] += 1
+                if answers:
+                    await self.service.write_many(self.database, self.mailbox.oid, [p for p, _ in answers],
+                                                  [a for _, a in answers])
+                    STATS.calls[("create_embeddings", "ahead")] += len(answers)
+        except (CallError, ServiceUnavailable) as exc:
+            log.debug("answers were not kept before a statement", extra={"event": "keep_before_failed",
+                                                                          "reason": str(exc)})
+
+    async def handed_answer(self, model_uri: str, text: str) -> bytes | None:
+        """The answer to hand over with a statement about to run, signed as the mailbox's are (version
+        1.2: azure_local_ai_proxy.handed_over reads it); None where it cannot be computed now (the
+        statement's function asks, and gets the error)."""
+        key = kept_key(model_uri, text)
+        if key is None:
+            return None
+        try:
+            (vector,) = await self.backend.create_embeddings(model_uri, [text], None, 0)
+        except CallError as exc:
+            log.debug("no answer was handed over", extra={"event": "hand_over_failed", "reason": exc.message})
+            return None
+        STATS.calls[("create_embeddings", "ahead")] += 1
+        return encode_answer(self.mailbox, key, "V", real_array_text(vector))  # type: ignore[arg-type]
 
     def look_ahead(self, lookaheads: list[Lookahead]) -> tuple[asyncio.Task[None], asyncio.Future[None]] | None:
         """Start embedding, in batches, the texts a statement is about to ask for one by one. Returns

@@ -1,0 +1,80 @@
+"""The tables whose stored generated columns call create_embeddings, as the proxy learns them: a
+one-row INSERT into such a table names no azure_local_ai function, yet its server asks. Once a table
+is known, the proxy reads the next one-row INSERT's text from the statement itself and has its answer
+in the mailbox before the statement runs (hook.py, servercalls.py).
+
+What is known is only ever a guess that saves time: a table changed since costs an embedding computed
+for nothing, or a request that asks as before. So each table is looked at again in the catalog, in
+the background, once it has been known for a while."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ..service import ServiceConnections, ServiceUnavailable
+
+log = logging.getLogger("azure_local_ai_proxy.embeddingtables")
+
+#: Seconds a table's columns are used as looked up, before they are looked up again.
+RECHECK_AFTER = 5.0
+
+
+@dataclass(frozen=True)
+class EmbeddingTable:
+    columns: tuple[str, ...]  # the columns that are not generated, in order
+    generated: tuple[str, ...]  # the expressions of the stored generated columns that embed
+    handed_over: bool  # its create_embeddings reads an answer handed over with the statement (1.2)
+    checked: float  # when (time.monotonic())
+
+
+class EmbeddingTables:
+    """One per proxy: by (database, login, the table's name as the statement writes it)."""
+
+    def __init__(self, service: ServiceConnections) -> None:
+        self.service = service
+        self._tables: dict[tuple[str, str, str], EmbeddingTable] = {}
+        #: Per database, the tables' names in lower case: what a statement must contain to be looked at.
+        self._names: dict[str, frozenset[bytes]] = {}
+        self._looking: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+
+    def names(self, database: str) -> frozenset[bytes]:
+        return self._names.get(database, frozenset())
+
+    def get(self, database: str, login: str, table: str) -> EmbeddingTable | None:
+        """The table's columns, if it is known to embed; once they are a while old, looked up again."""
+        key = (database, login, table)
+        found = self._tables.get(key)
+        if found is not None and time.monotonic() - found.checked > RECHECK_AFTER:
+            self.learn(database, login, table)
+        return found
+
+    def learn(self, database: str, login: str, table: str) -> None:
+        """Look the table up in the catalog, in the background (once at a time)."""
+        key = (database, login, table)
+        if key not in self._looking:
+            task = asyncio.get_running_loop().create_task(self._look_up(key))
+            self._looking[key] = task
+            task.add_done_callback(lambda _: self._looking.pop(key, None))
+
+    async def _look_up(self, key: tuple[str, str, str]) -> None:
+        database, login, table = key
+        try:
+            columns, generated = await self.service.generated_embeddings(database, login, table)
+            handed_over = await self.service.reads_handed_over(database, login) if generated else False
+        except ServiceUnavailable as exc:
+            log.debug("a table was not looked up", extra={"event": "table_lookup_failed", "reason": str(exc)})
+            return
+        if generated:
+            self._tables[key] = EmbeddingTable(tuple(columns), tuple(generated), handed_over, time.monotonic())
+        else:
+            self._tables.pop(key, None)
+        self._names[database] = frozenset(
+            _bare_name(name).lower().encode() for (db, _, name) in self._tables if db == database)
+
+
+def _bare_name(table: str) -> str:
+    """The table's own name, without schema or quotes, as a statement naming it must contain it."""
+    return table.rsplit(".", 1)[-1].strip('"')
