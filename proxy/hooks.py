@@ -69,6 +69,10 @@ class SessionControl(Protocol):
     def forward_parts(self, msg_type: int, parts: list[bytes | memoryview]) -> None:
         """`forward`, with the body in parts that are written as they are, never joined."""
 
+    def cork(self) -> None:
+        """Send what goes upstream from now on in one write, once the hook's message and the messages
+        held behind it have gone; only where the hook awaits nothing more of the server."""
+
     async def settled(self) -> None:
         """Wait until the server has answered everything sent so far."""
 

@@ -87,6 +87,21 @@ def _decode_row(body: bytes) -> tuple[str | None, ...]:
     return tuple(values)
 
 
+class _Corked:
+    """The server's transport while the hook's last messages gather (SessionControl.cork): what is
+    written waits, and goes in one write, one system call, when the relay is done with them."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.parts: list[bytes | memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.parts.append(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transport, name)
+
+
 class _Side(asyncio.Protocol):
     """Routes one transport's events to the relay."""
 
@@ -354,18 +369,22 @@ class Relay:
             body = await asyncio.to_thread(msg.body) if isinstance(msg, pg.LongMessage) else msg.body
             await self.hook.handle(msg.type, body, self)
         except asyncio.CancelledError:
+            self._uncork()
             return
         except Exception:
+            self._uncork()
             self.log.exception("hook failed", extra={"event": "hook_error"})
             self.fail("XX000", "internal error in azure-local-ai-proxy while handling this statement")
             return
         if self._closing:
+            self._uncork()
             return
         held, self._held = self._held, None
         self._hook_task = None
         self._resume_client("hook")
         if held:
             self._dispatch_client(held)
+        self._uncork()
         self._pause_if_quiet()
         self._rest()
 
@@ -597,6 +616,20 @@ class Relay:
         self._count(msg_type)
         if not self._closing:
             self._write_upstream(msg_type, body)
+
+    def cork(self) -> None:
+        """Gather what goes upstream from now until the hook's message, and those held behind it, have
+        gone, and send it all in one write: on a small machine each system call that wakes the server
+        costs a good part of a millisecond. Only where the hook awaits nothing more of the server."""
+        if not isinstance(self.server, _Corked):
+            self.server = _Corked(self.server)  # type: ignore[assignment]
+
+    def _uncork(self) -> None:
+        corked = self.server
+        if isinstance(corked, _Corked):
+            self.server = corked.transport
+            if corked.parts and not self._closing:
+                self.server.write(b"".join(corked.parts))
 
     def forward_parts(self, msg_type: int, parts: list[bytes | memoryview]) -> None:
         """`forward` of a body given in parts, written as they are (the transport keeps references)."""

@@ -49,7 +49,7 @@ KEEP_BEFORE_MAX = 1 << 16
 _TEXT_TYPES = frozenset({0, 25, 1043})  # unknown, text, varchar: a binary value of these is its text
 #: The statement and portal that hand an answer over (_hand_over), and the server's replies to them.
 _HANDED = "azure_local_ai_proxy_hand_over"
-_HAND_OVER_SQL = "SELECT pg_catalog.set_config('azure_local_ai.proxy_kept', $1, false)"
+_HAND_OVER_SQL = "SELECT pg_catalog.set_config('azure_local_ai.proxy_kept', $1, false) IS NULL"  # not it again
 _HAND_OVER_REPLIES = frozenset(b"123DCEZ")
 T = TypeVar("T")
 _CANCELLED = CallError("57014", "canceling statement due to user request")
@@ -366,6 +366,7 @@ class InterceptHook:
             if stopped is not None:  # a Bind of a statement that is not there, whose error is replaced
                 marker = self._expect_failure(control, stopped)
                 bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
+            control.cork()
             control.forward(pg.BIND, bind.encode())
             return
         if len(bind.values) != prepared.client_params:
@@ -389,6 +390,7 @@ class InterceptHook:
         except CallError as error:
             self._fail_bind(bind, prepared, control, error)
             return
+        control.cork()  # with the Execute and Sync behind it, in one write
         control.forward(pg.BIND, bind.with_extra_values([(0, None), *values]).encode())
 
     async def _values(self, bind: Bind, prepared: PreparedCalls) -> list[tuple[int, bytes | None]]:
@@ -527,6 +529,7 @@ class InterceptHook:
         the proxy's own, sent just before the statement: no round trip of its own, and its Sync keeps
         any error of it to itself. Its replies never reach the client (_on_server_message)."""
         name = _HANDED.encode() + b"\0"
+        control.cork()  # with the statement's own messages, in one write
         control.send_upstream(b"".join([
             pg.message(pg.CLOSE, b"S" + name),  # left by a batch of this kind cut short
             pg.message(pg.PARSE, Parse(_HANDED, _HAND_OVER_SQL, (25,)).encode()),
