@@ -173,8 +173,9 @@ class ServiceConnections:
     async def reads_handed_over(self, database: str, login: str) -> bool:
         """Whether the database's create_embeddings reads an answer handed over with the statement
         (the extension's objects are of version 1.2 or later)."""
-        rows = await self._read(database, login, "SELECT pg_catalog.to_regprocedure("
-                                "'azure_local_ai_proxy.handed_over(text, text)') IS NOT NULL")
+        rows = await self._read(database, login, "SELECT prosrc LIKE '%azure_local_ai.proxy_kept%' FROM "
+                                "pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure("
+                                "'azure_local_ai.create_embeddings(text, text, integer)')")
         return bool(rows and rows[0][0])
 
     async def _read(self, database: str, login: str, sql: str, *args: object) -> list[asyncpg.Record]:

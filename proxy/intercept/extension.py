@@ -160,9 +160,7 @@ def _drop(missing_ok: bool, cascade: bool) -> str:
         "    HINT = 'Use DROP ... CASCADE to drop the dependent objects too.';\n"
         "END;\n"
         "DROP FUNCTION azure_local_ai_proxy.ask(text, jsonb, integer), azure_local_ai_proxy.version();\n"
-        "IF pg_catalog.to_regprocedure('azure_local_ai_proxy.handed_over(text, text)') IS NOT NULL THEN\n"  # 1.2 on
-        "  DROP FUNCTION azure_local_ai_proxy.handed_over(text, text);\n"
-        "END IF;\n"
+
         f"DROP SCHEMA {', '.join(SCHEMAS)};"
     )
 

@@ -321,7 +321,7 @@ class ServerCalls:
 
     async def handed_answer(self, model_uri: str, text: str) -> bytes | None:
         """The answer to hand over with a statement about to run, signed as the mailbox's are (version
-        1.2: azure_local_ai_proxy.handed_over reads it); None where it cannot be computed now (the
+        1.2: create_embeddings of one text reads it); None where it cannot be computed now (the
         statement's function asks, and gets the error)."""
         key = kept_key(model_uri, text)
         if key is None:
