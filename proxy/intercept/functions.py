@@ -168,6 +168,9 @@ class Backend:
             usage.tokens += await self.engine.count_tokens(files, [t for i, t in enumerate(texts) if i not in missing])
         if not missing and not promised:
             return out  # type: ignore[return-value]  # all kept: at once, without a turn of the event loop
+        if not promised:  # computed here, in this task: no task of its own to wait for
+            await self._compute(files, uri, texts, missing, batch_size, out, usage)
+            return out  # type: ignore[return-value]
         computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out, usage))
         computing.add_done_callback(_retrieve)
         try:
