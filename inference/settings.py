@@ -46,10 +46,6 @@ class EngineSettings:
         spin = "1" if self.spin_control else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        # Spinning is for the gaps between a run's operators; after the run, the threads stop at once:
-        # on a small machine they would otherwise take the cores from the server and the event loop
-        # that the run's result is going to.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Activations come from ORT's arena, not from malloc tensor by tensor: glibc kept the freed
         # tensors of runs (its mmap threshold rises to the size of the last one freed), 350-900 MB at
