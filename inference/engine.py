@@ -169,11 +169,17 @@ class EmbeddingEngine:
         """Use new thread settings from the next model run on (sessions are rebuilt lazily)."""
         self.settings = settings
 
-    def _ready(self, model: ModelFiles) -> bool:
-        """Whether the model's runtime is loaded under the current settings (_runtime returns at once)."""
-        with self._load_lock:
+    def _loaded(self, model: ModelFiles) -> ModelRuntime | None:
+        """The model's runtime if it is loaded under the current settings; None if not, or if the lock
+        is held (a session being built, for seconds): never waits, as the event loop calls it."""
+        if not self._load_lock.acquire(blocking=False):
+            return None
+        try:
             runtime = self._runtimes.get(model.uri)
-            return runtime is not None and runtime.files == model and runtime.settings == self.settings
+            return runtime if runtime is not None and runtime.files == model and runtime.settings == self.settings \
+                else None
+        finally:
+            self._load_lock.release()
 
     def _runtime(self, model: ModelFiles) -> ModelRuntime:
         """The model's runtime under the current settings, loading or rebuilding as needed."""
@@ -217,8 +223,9 @@ class EmbeddingEngine:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS and self._ready(model):
-                    self._submit(request, list(texts), usage)  # tens of microseconds: a thread's wake-up costs more
+                runtime = self._loaded(model) if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS else None
+                if runtime is not None:  # tens of microseconds: a thread's wake-up costs more
+                    self._submit(request, list(texts), usage, runtime)
                 else:
                     await loop.run_in_executor(self._tokenizers, self._submit, request, list(texts), usage)
                 return await asyncio.wrap_future(request.future)
@@ -254,9 +261,11 @@ class EmbeddingEngine:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         return _Request(model=model, size=size, cap=batch_size or self.batching.max_batch_size, remaining=size)
 
-    def _submit(self, request: _Request, texts: list[str], usage: Usage | None = None) -> None:
-        """Tokenise and queue (in a worker thread); the request's future will get the result."""
-        sequences = self._runtime(request.model).tokenize(texts)
+    def _submit(self, request: _Request, texts: list[str], usage: Usage | None = None,
+                runtime: ModelRuntime | None = None) -> None:
+        """Tokenise (with `runtime`, or the model's, loaded if need be: then in a worker thread) and queue;
+        the request's future will get the result."""
+        sequences = (runtime or self._runtime(request.model)).tokenize(texts)
         if usage is not None:
             usage.tokens += sum(len(ids) for ids in sequences)
         now = time.monotonic()

@@ -1,7 +1,8 @@
 """The tables whose stored generated columns call create_embeddings, as the proxy learns them: a
 one-row INSERT into such a table names no azure_local_ai function, yet its server asks. Once a table
 is known, the proxy reads the next one-row INSERT's text from the statement itself and has its answer
-in the mailbox before the statement runs (hook.py, servercalls.py).
+there before the statement runs: handed over on the session's connection, or in its mailbox (hook.py,
+servercalls.py).
 
 What is known is only ever a guess that saves time: a table changed since costs an embedding computed
 for nothing, or a request that asks as before. So each table is looked at again in the catalog, in
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..service import ServiceConnections, ServiceUnavailable
+from .lookahead import embedded_columns
 
 log = logging.getLogger("azure_local_ai_proxy.embeddingtables")
 
@@ -25,7 +27,7 @@ RECHECK_AFTER = 5.0
 @dataclass(frozen=True)
 class EmbeddingTable:
     columns: tuple[str, ...]  # the columns that are not generated, in order
-    generated: tuple[str, ...]  # the expressions of the stored generated columns that embed
+    embedded: tuple[tuple[str, str], ...]  # (model, column) each generated column embeds (embedded_columns)
     handed_over: bool  # its create_embeddings reads an answer handed over with the statement (1.2)
     checked: float  # when (time.monotonic())
 
@@ -68,7 +70,8 @@ class EmbeddingTables:
             log.debug("a table was not looked up", extra={"event": "table_lookup_failed", "reason": str(exc)})
             return
         if generated:
-            self._tables[key] = EmbeddingTable(tuple(columns), tuple(generated), handed_over, time.monotonic())
+            self._tables[key] = EmbeddingTable(tuple(columns), tuple(embedded_columns(generated)), handed_over,
+                                               time.monotonic())
         else:
             self._tables.pop(key, None)
         self._names[database] = frozenset(

@@ -16,7 +16,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Sequence
-from typing import AnyStr, TypeVar
+from typing import AnyStr, NamedTuple, TypeVar
 
 from .. import protocol as pg
 from ..hooks import SessionControl, SessionInfo
@@ -141,7 +141,7 @@ class InterceptHook:
         self._unread: tuple[int, bytes] | None = None
         #: Prepared one-row INSERTs into tables whose generated columns embed: what they embed, the
         #: statement's parameter types, and whether an answer may be handed over (_keep_before).
-        self.inserts: dict[str, tuple[list[RowInput], tuple[int, ...], bool]] = {}
+        self.inserts: dict[str, _PreparedInsert] = {}
         self._handing_over = False  # the server's replies to _hand_over are on their way: drop them
 
     # ------------------------------------------------------------------ which messages
@@ -315,7 +315,7 @@ class InterceptHook:
         if not mentions_schema(parse.query.encode()):  # wanted as a one-row INSERT (_may_keep_before)
             inputs, handed_over = self._row_inputs(parse.query, control)
             if inputs:
-                self.inserts[parse.statement] = (inputs, parse.param_types, handed_over)
+                self.inserts[parse.statement] = _PreparedInsert(inputs, parse.param_types, handed_over)
             control.forward(pg.PARSE, parse.encode())
             return
         try:
@@ -362,7 +362,8 @@ class InterceptHook:
         prepared = self.statements.get(bind.statement)
         if prepared is None:
             insert = self.inserts.get(bind.statement)
-            stopped = await self._keep_before(_bound_inputs(bind, *insert[:2]), insert[2], control) if insert else None
+            stopped = await self._keep_before(_bound_inputs(bind, insert.inputs, insert.param_types),
+                                              insert.handed_over, control) if insert else None
             if stopped is not None:  # a Bind of a statement that is not there, whose error is replaced
                 marker = self._expect_failure(control, stopped)
                 bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
@@ -500,7 +501,7 @@ class InterceptHook:
         known = self.server_calls.tables.get(self.info.database, self.info.user, found[1]) if found else None
         if found is None or known is None:
             return [], False
-        return row_inputs(found[0], known.columns, known.generated), known.handed_over
+        return row_inputs(found[0], known.columns, known.embedded), known.handed_over
 
     async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
                            control: SessionControl) -> CallError | None:
@@ -679,6 +680,14 @@ class InterceptHook:
             task.cancel()
         if self.server_calls is not None:  # its mailbox, if a statement was cut short with it open
             self._closing = asyncio.get_running_loop().create_task(self.server_calls.close())
+
+
+class _PreparedInsert(NamedTuple):
+    """A prepared one-row INSERT into a table whose generated column embeds."""
+
+    inputs: list[RowInput]
+    param_types: tuple[int, ...]
+    handed_over: bool  # its database reads an answer handed over (version 1.2)
 
 
 class _StatementFailed(Exception):

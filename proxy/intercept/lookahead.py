@@ -93,22 +93,31 @@ def one_row_insert(sql: str) -> tuple[ast.InsertStmt, str] | None:
     return stmt, _table_name(stmt.relation)
 
 
-def row_inputs(stmt: ast.InsertStmt, columns: Sequence[str], generated: Sequence[str]) -> list[RowInput]:
-    """The inputs of the generated columns (expressions `generated`, as pg_get_expr writes them) that
-    embed a column the INSERT's row gives as a constant or a parameter; `columns` are the table's
-    other columns, in order. Others (an expression over columns, a default) ask as they run."""
-    (row,) = stmt.selectStmt.valuesLists
-    names = [target.name for target in stmt.cols] if stmt.cols else list(columns[: len(row)])
-    values = dict(zip(names, row, strict=False))
+def embedded_columns(generated: Sequence[str]) -> list[tuple[str, str]]:
+    """(model, column) for each generated column (expressions `generated`, as pg_get_expr writes them)
+    that embeds another column as it is; one that embeds an expression over columns asks as it runs."""
     out = []
     for model_uri, text_expr in _generated_calls(generated):
         column = _uncast(text_expr)
         if isinstance(column, ast.ColumnRef) and len(column.fields) == 1:
-            value = _uncast(values.get(column.fields[0].sval))
-            if isinstance(value, ast.A_Const) and isinstance(value.val, ast.String):
-                out.append(RowInput(model_uri, text=value.val.sval))
-            elif isinstance(value, ast.ParamRef):
-                out.append(RowInput(model_uri, param=value.number))
+            out.append((model_uri, column.fields[0].sval))
+    return out
+
+
+def row_inputs(stmt: ast.InsertStmt, columns: Sequence[str], embedded: Sequence[tuple[str, str]]) -> list[RowInput]:
+    """The inputs of the generated columns that embed a column (`embedded`: embedded_columns) the
+    INSERT's row gives as a constant or a parameter; `columns` are the table's other columns, in order.
+    Others (an expression, a default) ask as they run."""
+    (row,) = stmt.selectStmt.valuesLists
+    names = [target.name for target in stmt.cols] if stmt.cols else list(columns[: len(row)])
+    values = dict(zip(names, row, strict=False))
+    out = []
+    for model_uri, column in embedded:
+        value = _uncast(values.get(column))
+        if isinstance(value, ast.A_Const) and isinstance(value.val, ast.String):
+            out.append(RowInput(model_uri, text=value.val.sval))
+        elif isinstance(value, ast.ParamRef):
+            out.append(RowInput(model_uri, param=value.number))
     return out
 
 

@@ -401,11 +401,6 @@ class ServerCalls:
                 break
         log.info("looked ahead", extra={"event": "lookahead", "texts": total, "computed": computed})
 
-    @property
-    def open(self) -> bool:
-        """Whether the mailbox exists (from the first request of a statement to the statement's end)."""
-        return bool(self._granted)
-
     def statement_done(self) -> None:
         """The server finished the statement (ReadyForQuery): no function waits any more, so drop
         the mailbox, and any answer still being worked out for a call that was cancelled."""
