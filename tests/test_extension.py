@@ -552,7 +552,9 @@ def test_a_proxy_stopped_mid_statement_loses_no_committed_data(pg: PgCluster, da
     conn = psycopg.connect(first.dsn(database=database), autocommit=True)
     conn.execute("CREATE EXTENSION azure_local_ai")
     conn.execute("CREATE TABLE docs (id int, body text, v real[])")
-    conn.execute("INSERT INTO docs SELECT i, 'killed proxy text ' || i FROM generate_series(1, 400) i")
+    # Rows enough that the back-fill is still running when the proxy is killed, a second in (400 short
+    # texts took less than that on an idle machine).
+    conn.execute("INSERT INTO docs SELECT i, 'killed proxy text ' || i FROM generate_series(1, 4000) i")
     conn.execute(f"UPDATE docs SET v = {CALL.format('body')} WHERE id = 1")
     committed = conn.execute("SELECT v::text FROM docs WHERE id = 1").fetchone()[0]
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
