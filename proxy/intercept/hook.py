@@ -27,6 +27,7 @@ from ..stats import STATS
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
+from .handover import HandOverReplies, hand_over_messages
 from .lookahead import RowInput, one_row_insert, row_inputs
 from .prepared import PreparedCalls, bind_values, failing_bind, rewrite_parse
 from .render import splice, splice_parts
@@ -47,10 +48,6 @@ LONG_STATEMENT = 1 << 20
 #: One-row INSERTs up to this long are read for the texts their tables' generated columns embed.
 KEEP_BEFORE_MAX = 1 << 16
 _TEXT_TYPES = frozenset({0, 25, 1043})  # unknown, text, varchar: a binary value of these is its text
-#: The statement and portal that hand an answer over (_hand_over), and the server's replies to them.
-_HANDED = "azure_local_ai_proxy_hand_over"
-_HAND_OVER_SQL = "SELECT pg_catalog.set_config('azure_local_ai.proxy_kept', $1, false) IS NULL"  # not it again
-_HAND_OVER_REPLIES = frozenset(b"123DCEZ")
 T = TypeVar("T")
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 _NO_SERVER_CALLS = CallError(
@@ -142,7 +139,7 @@ class InterceptHook:
         #: Prepared one-row INSERTs into tables whose generated columns embed: what they embed, the
         #: statement's parameter types, and whether an answer may be handed over (_keep_before).
         self.inserts: dict[str, _PreparedInsert] = {}
-        self._handing_over = False  # the server's replies to _hand_over are on their way: drop them
+        self._handing_over: HandOverReplies | None = None  # the server's replies to _hand_over, to drop
 
     # ------------------------------------------------------------------ which messages
 
@@ -231,7 +228,7 @@ class InterceptHook:
         if not long and not mentions_schema(body):  # wanted as a one-row INSERT (_may_keep_before)
             inputs, handed_over = self._row_inputs(text, control)
             stopped = await self._keep_before([(i.model_uri, i.text) for i in inputs if i.text is not None],
-                                              handed_over, control)
+                                              handed_over, control, before_query=True)
             if stopped is not None:
                 self._fail_query(control, "", stopped)
                 return
@@ -363,7 +360,7 @@ class InterceptHook:
         if prepared is None:
             insert = self.inserts.get(bind.statement)
             stopped = await self._keep_before(_bound_inputs(bind, insert.inputs, insert.param_types),
-                                              insert.handed_over, control) if insert else None
+                                              insert.handed_over, control, before_query=False) if insert else None
             if stopped is not None:  # a Bind of a statement that is not there, whose error is replaced
                 marker = self._expect_failure(control, stopped)
                 bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
@@ -504,7 +501,7 @@ class InterceptHook:
         return row_inputs(found[0], known.columns, known.embedded), known.handed_over
 
     async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
-                           control: SessionControl) -> CallError | None:
+                           control: SessionControl, *, before_query: bool) -> CallError | None:
         """Compute a statement's inputs before it goes to the server, where nothing else of the session
         is before it: one answer is handed over with it, on the session's own connection, where its
         batch is the first thing the server is to read (_hand_over); others are kept in its mailbox
@@ -518,29 +515,24 @@ class InterceptHook:
             if hand_over:
                 answer = await self._cancellable(self.server_calls.handed_answer(*inputs[0]))
                 if answer is not None:
-                    self._hand_over(answer, control)  # type: ignore[arg-type]
+                    self._hand_over(answer, control, synced=before_query)
             else:
                 await self._cancellable(self.server_calls.keep_before(inputs))
         except CallError as error:
             return error
         return None
 
-    def _hand_over(self, answer: bytes, control: SessionControl) -> None:
-        """Set the answer in the session (azure_local_ai.proxy_kept) in an extended-protocol batch of
-        the proxy's own, sent just before the statement: no round trip of its own, and its Sync keeps
-        any error of it to itself. Its replies never reach the client (_on_server_message)."""
-        name = _HANDED.encode() + b"\0"
+    def _hand_over(self, answer: bytes, control: SessionControl, *, synced: bool) -> None:
+        """Set the answer in the session just before the statement, on its own connection: no round
+        trip of its own (handover.py); `synced` (before a Query): with a Sync of its own."""
+        messages = hand_over_messages(answer)
+        if messages is None:
+            return
         control.cork()  # with the statement's own messages, in one write
-        control.send_upstream(b"".join([
-            pg.message(pg.CLOSE, b"S" + name),  # left by a batch of this kind cut short
-            pg.message(pg.PARSE, Parse(_HANDED, _HAND_OVER_SQL, (25,)).encode()),
-            pg.message(pg.BIND, Bind(_HANDED, _HANDED, (0,), (answer,), ()).encode()),
-            pg.message(pg.EXECUTE, name + b"\0\0\0\0"),
-            pg.message(pg.CLOSE, b"P" + name),
-            pg.message(pg.CLOSE, b"S" + name),
-        ]))
-        control.forward(pg.SYNC, b"")
-        self._handing_over = True
+        control.send_upstream(messages)
+        if synced:
+            control.forward(pg.SYNC, b"")
+        self._handing_over = HandOverReplies(synced)
 
     async def _look_ahead(self, statements: list[Statement], control: SessionControl) -> CallError | None:
         """Embed ahead what the server's calls in these statements will ask for, until their batch ends.
@@ -606,15 +598,18 @@ class InterceptHook:
             self._lookaheads.append((self._answered, task))
 
     def _on_server_message(self, msg_type: int, body: bytes) -> bytes | None:
-        if self._handing_over and msg_type in _HAND_OVER_REPLIES:
-            if msg_type == pg.ERROR_RESPONSE:  # only time is lost: the statement's function asks
+        replies = self._handing_over
+        if replies is not None:
+            ours = replies.take(msg_type)
+            if replies.done:
+                self._handing_over = None
+            if msg_type == pg.ERROR_RESPONSE:
                 log.debug("an answer was not handed over", extra={"event": "hand_over_failed",
                                                                   "reason": pg.parse_fields(body).get("M")})
-            if msg_type != pg.READY_FOR_QUERY:
+            if ours:
+                if msg_type == pg.READY_FOR_QUERY:
+                    self._ready()
                 return b""
-            self._handing_over = False
-            self._ready()
-            return b""
         if msg_type == pg.COMMAND_COMPLETE:
             self._completed += 1
             return self._tags.pop((self._answered, self._completed - 1), None)
