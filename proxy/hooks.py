@@ -89,6 +89,10 @@ class SessionControl(Protocol):
 
     def stop_watching(self) -> None: ...
 
+    def observe_client(self, types: frozenset[int]) -> None:
+        """From now on, show the hook (`SessionHook.observe`) the client's messages of these types, each
+        as it goes upstream unchanged (none: frozenset())."""
+
 
 class SessionHook(Protocol):
     """Per-session interception logic (see the module docstring)."""
@@ -122,6 +126,10 @@ class SessionHook(Protocol):
     def passed(self, msg_type: int, body: bytes) -> None:
         """The last Query or Parse the relay thread forwarded without asking `wants`: what `wants`
         would have remembered of it."""
+
+    def observe(self, msg_type: int, body: bytes) -> None:
+        """A client message of a type the hook asked to observe (SessionControl.observe_client), on its
+        way upstream as it is. Called on the relay's path: cheap."""
 
     def cancel(self) -> None:
         """The client sent a CancelRequest for this session: stop local work."""

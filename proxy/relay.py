@@ -192,6 +192,8 @@ class Relay:
             self._client_framer.marker = hook.marker
             self._client_framer.marker_types = hook.message_types
             self._client_framer.long_parts = LONG_BODY
+        #: Client message types the hook observes as they go upstream (observe_client).
+        self._observed: frozenset[int] = frozenset()
         self._syncs_sent = 0
         self._batch_open = False
         #: A Query or FunctionCall went upstream inside an unsynchronised extended-protocol batch: the
@@ -280,6 +282,7 @@ class Relay:
         syncs = 0
         batch_open = self._batch_open
         types = hook.message_types
+        observed = self._observed
         for index, piece in enumerate(pieces):
             if type(piece) is not pg.Message:
                 batch_open = True  # raw runs hold only message types that are not sync points
@@ -299,6 +302,8 @@ class Relay:
                         write(before)  # type: ignore[arg-type]
                 self._hold(piece, deque(pieces[index + 1 :]))
                 return
+            if msg_type in observed:
+                hook.observe(msg_type, piece.body)
             if msg_type == pg.SYNC:
                 syncs += 1
                 batch_open = False
@@ -335,6 +340,8 @@ class Relay:
                 if piece.type in hook.message_types and hook.wants(piece.type, piece.parts[0], piece.marked):
                     self._hold(piece, pieces)
                     return
+                if piece.type in self._observed:
+                    hook.observe(piece.type, b"".join(piece.parts))
                 self._count(piece.type)
                 write(pg.header(piece.type, piece.size))
                 for part in piece.parts:  # as they came: nothing of a long message is copied
@@ -346,6 +353,8 @@ class Relay:
                 continue
             assert isinstance(piece, pg.Message)
             if piece.type not in hook.message_types or not hook.wants(piece.type, piece.body, piece.marked):
+                if piece.type in self._observed:
+                    hook.observe(piece.type, piece.body)
                 self._count(piece.type)
                 self._write_upstream(piece.type, piece.body)
                 continue
@@ -669,6 +678,11 @@ class Relay:
     def watch_server(self, watcher: ServerWatcher) -> None:
         self._watcher = watcher
         self._update_server_inspection()
+
+    def observe_client(self, types: frozenset[int]) -> None:
+        assert self.hook is not None
+        self._observed = types
+        self._client_framer.inspect = self.hook.message_types | SYNC_POINTS | types
 
     def stop_watching(self) -> None:
         self._watcher = None

@@ -591,6 +591,31 @@ def answered(proxy: ProxyProcess) -> tuple[int, int]:
     return (int(stats.get("calls create_embeddings server", 0)), int(stats.get("calls create_embeddings ahead", 0)))
 
 
+@pytest.mark.parametrize("csv", [False, True], ids=["text", "csv"])
+def test_a_copys_rows_are_computed_ahead_on_their_way_to_the_server(conn: psycopg.Connection, proxy: ProxyProcess,
+                                                                   csv: bool) -> None:
+    """COPY FROM STDIN into a table whose generated column embeds, the table's first COPY: the proxy
+    looks the table up at the COPY, reads the rows from the client's data as it goes upstream,
+    computes their texts in batches and keeps the answers ahead. Most rows ask nothing; the vectors
+    are the constant path's."""
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    texts = [f"copied row {i}: tab\there, a backslash \\, \"quotes\", été" for i in range(400)]
+    if csv:
+        data = "".join(f'{i},"{t.replace(chr(34), chr(34) * 2)}"\n' for i, t in enumerate(texts)).encode()
+    else:
+        data = "".join(f"{i}\t{t.replace(chr(92), chr(92) * 2).replace(chr(9), chr(92) + 't')}\n"
+                       for i, t in enumerate(texts)).encode()
+    before = answered(proxy)
+    with conn.cursor().copy(f"COPY docs (id, body) FROM STDIN{' (FORMAT csv)' if csv else ''}") as copy:
+        for start in range(0, len(data), 4096):
+            copy.write(data[start : start + 4096])
+    after = answered(proxy)
+    asked, ahead = after[0] - before[0], after[1] - before[1]
+    assert ahead >= 300 and asked <= 100, (asked, ahead)
+    stored = dict(conn.execute("SELECT body, v::text FROM docs WHERE id IN (0, 199, 399)").fetchall())
+    assert stored == {t: constant_path(conn, t) for t in (texts[0], texts[199], texts[399])}
+
+
 def test_a_back_fills_answers_are_kept_ahead_of_its_requests(conn: psycopg.Connection, proxy: ProxyProcess) -> None:
     """The proxy computes a back-fill's texts in batches and writes each answer into the mailbox
     before the server asks for it, where the function finds it: most rows send no request at all."""

@@ -22,6 +22,8 @@ log = logging.getLogger("azure_local_ai_proxy.embeddingtables")
 
 #: Seconds a table's columns are used as looked up, before they are looked up again.
 RECHECK_AFTER = 5.0
+#: Tables found not to embed that are remembered (each spares a COPY into it a look-up for a while).
+MAX_ABSENT = 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class EmbeddingTables:
     def __init__(self, service: ServiceConnections) -> None:
         self.service = service
         self._tables: dict[tuple[str, str, str], EmbeddingTable] = {}
+        self._absent: dict[tuple[str, str, str], float] = {}  # looked up, not found to embed: when
         #: Per database, the tables' names in lower case: what a statement must contain to be looked at.
         self._names: dict[str, frozenset[bytes]] = {}
         self._looking: dict[tuple[str, str, str], asyncio.Task[None]] = {}
@@ -53,13 +56,21 @@ class EmbeddingTables:
             self.learn(database, login, table)
         return found
 
-    def learn(self, database: str, login: str, table: str) -> None:
-        """Look the table up in the catalog, in the background (once at a time)."""
+    def looked_up_lately(self, database: str, login: str, table: str) -> bool:
+        """Whether the table was looked up less than RECHECK_AFTER ago (it embeds, or does not)."""
         key = (database, login, table)
-        if key not in self._looking:
+        checked = self._tables[key].checked if key in self._tables else self._absent.get(key)
+        return checked is not None and time.monotonic() - checked <= RECHECK_AFTER
+
+    def learn(self, database: str, login: str, table: str) -> asyncio.Task[None]:
+        """Look the table up in the catalog, in the background (once at a time): the look-up."""
+        key = (database, login, table)
+        task = self._looking.get(key)
+        if task is None:
             task = asyncio.get_running_loop().create_task(self._look_up(key))
             self._looking[key] = task
             task.add_done_callback(lambda _: self._looking.pop(key, None))
+        return task
 
     async def _look_up(self, key: tuple[str, str, str]) -> None:
         database, login, table = key
@@ -72,8 +83,13 @@ class EmbeddingTables:
         if generated:
             self._tables[key] = EmbeddingTable(tuple(columns), tuple(embedded_columns(generated)), handed_over,
                                                time.monotonic())
+            self._absent.pop(key, None)
         else:
             self._tables.pop(key, None)
+            self._absent[key] = time.monotonic()
+            if len(self._absent) > MAX_ABSENT:  # the oldest half goes
+                for old in sorted(self._absent, key=self._absent.__getitem__)[: MAX_ABSENT // 2]:
+                    del self._absent[old]
         self._names[database] = frozenset(
             _bare_name(name).lower().encode() for (db, _, name) in self._tables if db == database)
 

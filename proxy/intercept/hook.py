@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import secrets
 from collections import deque
@@ -24,6 +25,7 @@ from ..messages import Bind, Parse, describe_target, encode_parameter_descriptio
 from ..protocol import ProtocolViolation
 from ..relay import QueryFailed
 from ..stats import STATS
+from .copyrows import CopyFrom, CopyRows, copy_from_stdin
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
@@ -48,6 +50,8 @@ LONG_STATEMENT = 1 << 20
 #: One-row INSERTs up to this long are read for the texts their tables' generated columns embed.
 KEEP_BEFORE_MAX = 1 << 16
 _TEXT_TYPES = frozenset({0, 25, 1043})  # unknown, text, varchar: a binary value of these is its text
+_COPY_TYPES = frozenset({pg.COPY_DATA, pg.COPY_DONE, pg.COPY_FAIL})
+LOOK_UP_WAIT = 2.0
 T = TypeVar("T")
 _CANCELLED = CallError("57014", "canceling statement due to user request")
 _NO_SERVER_CALLS = CallError(
@@ -140,6 +144,9 @@ class InterceptHook:
         #: statement's parameter types, and whether an answer may be handed over (_keep_before).
         self.inserts: dict[str, _PreparedInsert] = {}
         self._handing_over: HandOverReplies | None = None  # the server's replies to _hand_over, to drop
+        #: A COPY FROM STDIN into a table whose generated columns embed: its rows, read as they go
+        #: upstream, and the model of each input read (_copy_rows).
+        self._copying: tuple[CopyRows, list[str]] | None = None
 
     # ------------------------------------------------------------------ which messages
 
@@ -148,7 +155,7 @@ class InterceptHook:
             if mentions_schema(body) if marked is None else marked:
                 return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
-            return self._may_keep_before(body)
+            return self._may_keep_before(body, copy=True)
         if msg_type == pg.PARSE:
             if mentions_schema(body) if marked is None else marked:
                 return True
@@ -157,7 +164,7 @@ class InterceptHook:
             if name is not None:  # that name now means another statement
                 self.statements.pop(name, None)
                 self.inserts.pop(name, None)
-            return self._may_keep_before(body)
+            return self._may_keep_before(body, copy=False)
         if not self.statements and not self.inserts:
             return False
         if msg_type == pg.BIND:  # also asked with only the first bytes of a long Bind (Framer.peek)
@@ -173,22 +180,24 @@ class InterceptHook:
             self.inserts.pop(name, None)
         return False
 
-    def _may_keep_before(self, body: bytes) -> bool:
+    def _may_keep_before(self, body: bytes, *, copy: bool) -> bool:
         """Whether a Query or Parse that names no azure_local_ai function may be a one-row INSERT into a
-        table whose generated column embeds: the cheap test (_row_inputs reads it)."""
+        table whose generated column embeds, or (`copy`, a Query) a COPY FROM STDIN: the cheap test
+        (_row_inputs, copy_from_stdin read it)."""
         if self.server_calls is None or len(body) > KEEP_BEFORE_MAX:
             return False
         names = self.server_calls.tables.names(self.info.database)
-        if not names:
-            return False
         lowered = body.lower()
+        if copy and b"copy" in lowered and b"stdin" in lowered:  # into any table (_copy_rows)
+            return True
         return b"insert" in lowered and any(name in lowered for name in names)
 
     def markers(self) -> list[bytes]:
-        """What the relay thread stops at in a Query or Parse: the schema's name, and the names of the
-        tables whose one-row INSERTs this hook answers before they run."""
-        tables = self.server_calls.tables.names(self.info.database) if self.server_calls is not None else ()
-        return [self.marker, *tables]
+        """What the relay thread stops at in a Query or Parse: the schema's name, the names of the
+        tables whose one-row INSERTs this hook answers before they run, and COPY FROM STDIN's."""
+        if self.server_calls is None:
+            return [self.marker]
+        return [self.marker, b"stdin", *self.server_calls.tables.names(self.info.database)]
 
     def resting(self) -> list[bytes] | None:
         busy = self._watching or self._lookaheads or (self._work is not None and not self._work.done())
@@ -198,6 +207,21 @@ class InterceptHook:
 
     def passed(self, msg_type: int, body: bytes) -> None:
         self._unread = (msg_type, body) if self.server_calls is not None else None
+
+    def observe(self, msg_type: int, body: bytes) -> None:
+        """The client's COPY data on its way upstream: the inputs of its rows are computed ahead."""
+        if self._copying is None or self.server_calls is None:
+            return
+        rows, models = self._copying
+        if msg_type == pg.COPY_DATA:
+            read = rows.feed(body)
+        else:  # CopyDone, CopyFail: no more rows come
+            read = rows.finish() if msg_type == pg.COPY_DONE else []
+            self._stop_copying()
+        inputs = [(model, text) for row in read for model, text in zip(models, row, strict=True) if text is not None]
+        task = self.server_calls.copy_ahead(inputs) if inputs else None
+        if task is not None:
+            self._lookaheads.append((self._answered, task))
 
     async def handle(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         self._control = control
@@ -225,7 +249,13 @@ class InterceptHook:
         if text is None:
             control.forward(pg.QUERY, body)
             return
-        if not long and not mentions_schema(body):  # wanted as a one-row INSERT (_may_keep_before)
+        if not long and not mentions_schema(body):  # wanted as a one-row INSERT or a COPY (_may_keep_before)
+            copy = copy_from_stdin(text) if self.server_calls is not None else None
+            if copy is not None:
+                await self._look_up(copy.table)
+                self._copy_rows(copy, control)
+                control.forward(pg.QUERY, body)
+                return
             inputs, handed_over = self._row_inputs(text, control)
             stopped = await self._keep_before([(i.model_uri, i.text) for i in inputs if i.text is not None],
                                               handed_over, control, before_query=True)
@@ -500,6 +530,39 @@ class InterceptHook:
             return [], False
         return row_inputs(found[0], known.columns, known.embedded), known.handed_over
 
+    async def _look_up(self, table: str) -> None:
+        """Look a table up in the catalog, unless it was lately: whether its generated columns embed
+        (a COPY into it waits for that, at most LOOK_UP_WAIT seconds)."""
+        assert self.server_calls is not None
+        tables = self.server_calls.tables
+        if not tables.looked_up_lately(self.info.database, self.info.user, table):
+            looking = tables.learn(self.info.database, self.info.user, table)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(looking), LOOK_UP_WAIT)
+
+    def _copy_rows(self, copy: CopyFrom, control: SessionControl, *, midway: bool = False) -> None:
+        """Read the rows of a COPY into a table known to embed as they go upstream (observe), where the
+        client's data is UTF-8. `midway`: the COPY is under way (its first rows went unread)."""
+        assert self.server_calls is not None
+        known = self.server_calls.tables.get(self.info.database, self.info.user, copy.table)
+        if known is None or control.server_parameters.get("client_encoding", "UTF8").upper() not in ("UTF8", "UTF-8"):
+            return
+        if midway and copy.format.csv:  # a line end may be inside a quoted field: no place to join at
+            return
+        names = copy.columns or known.columns
+        wanted = [(model, names.index(column)) for model, column in known.embedded if column in names]
+        if not wanted:
+            return
+        rows = CopyRows(copy.format, [index for _, index in wanted], resync=midway)
+        self._copying = (rows, [model for model, _ in wanted])
+        self._watch(control)  # its end (ReadyForQuery) ends the reading
+        control.observe_client(_COPY_TYPES)
+
+    def _stop_copying(self) -> None:
+        if self._copying is not None and self._control is not None:
+            self._control.observe_client(frozenset())
+        self._copying = None
+
     async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
                            control: SessionControl, *, before_query: bool) -> CallError | None:
         """Compute a statement's inputs before it goes to the server, where nothing else of the session
@@ -569,7 +632,8 @@ class InterceptHook:
 
     def _learn_table(self, msg_type: int, body: bytes) -> None:
         """The server asks during a statement that names no azure_local_ai function: if it is a one-row
-        INSERT, the table it writes embeds in a generated column (EmbeddingTables)."""
+        INSERT or a COPY, the table it writes embeds in a generated column (EmbeddingTables). A COPY's
+        rows still to come are read as they go, once the table is looked up (_copy_rows)."""
         assert self.server_calls is not None
         if len(body) > KEEP_BEFORE_MAX:
             return
@@ -580,6 +644,16 @@ class InterceptHook:
         found = one_row_insert(sql) if sql is not None else None
         if found is not None:
             self.server_calls.learn_table(found[1])
+            return
+        copy = copy_from_stdin(sql) if sql is not None and msg_type == pg.QUERY else None
+        looking = self.server_calls.learn_table(copy.table) if copy is not None and self._copying is None else None
+        if looking is not None:
+            statement = self._answered
+            looking.add_done_callback(lambda _: self._copy_midway(copy, statement))  # type: ignore[arg-type]
+
+    def _copy_midway(self, copy: CopyFrom, statement: int) -> None:
+        if self._answered == statement and self._copying is None and self._control is not None:
+            self._copy_rows(copy, self._control, midway=True)
 
     def _look_ahead_written(self, msg_type: int, body: bytes, control: SessionControl) -> None:
         """The server asks during a statement that names no azure_local_ai function: read ahead for the
@@ -643,6 +717,7 @@ class InterceptHook:
     def _ready(self) -> None:
         """A ReadyForQuery: what was kept for the batch it ends goes."""
         self._answered += 1
+        self._stop_copying()
         self._completed = 0
         if self.server_calls is not None:
             self.server_calls.statement_done()

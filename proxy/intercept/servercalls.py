@@ -156,6 +156,9 @@ class ServerCalls:
         self._kept_role: str | None = None  # the statement's function reads answers kept ahead, as this role
         #: Computed before the statement's first request said whether its function reads them.
         self._unkept: list[tuple[str, list[str], list[np.ndarray]]] = []
+        #: (model, text) a COPY's rows give its table's generated columns, not yet computed (copy_ahead).
+        self._copied: list[tuple[str, str]] = []
+        self._copying: asyncio.Task[None] | None = None
 
     def notice(self, body: bytes) -> bool:
         """A NoticeResponse from the server: True if it was a request (the client must not see it)."""
@@ -287,12 +290,48 @@ class ServerCalls:
         self._progress.set()
         STATS.calls[("create_embeddings", "ahead")] += len(answers)
 
-    def learn_table(self, table: str) -> None:
-        """The server asked during a one-row INSERT into `table` that named no azure_local_ai function:
-        its generated columns embed. Known, the table's next one-row INSERTs are answered before they
-        run (keep_before), if this database's functions read answers kept ahead."""
+    def learn_table(self, table: str) -> asyncio.Task[None] | None:
+        """The server asked during a one-row INSERT or a COPY into `table` that named no azure_local_ai
+        function: its generated columns embed. Known, the table's next one-row INSERTs are answered
+        before they run (keep_before), and the rows of its next COPYs computed ahead (copy_ahead), if
+        this database's functions read answers kept ahead. Returns the look-up under way, if any."""
         if self._kept_role is not None and self.tables.get(self.database, self.login, table) is None:
-            self.tables.learn(self.database, self.login, table)
+            return self.tables.learn(self.database, self.login, table)
+        return None
+
+    def copy_ahead(self, inputs: list[tuple[str, str]]) -> asyncio.Task[None] | None:
+        """(model, text) inputs that a COPY's rows give its table's generated columns, read from the
+        client's data on its way to the server: computed in batches and kept ahead of the server's
+        requests, never more than a page ahead of them. Returns the task that computes them, when
+        this starts one (the caller cancels it at the statement's end)."""
+        if not self._capacity():
+            return None
+        self._copied += inputs
+        if self._copying is not None and not self._copying.done():
+            return None
+        self._copying = asyncio.get_running_loop().create_task(self._copy_ahead())
+        return self._copying
+
+    async def _copy_ahead(self) -> None:
+        page = min(_LOOKAHEAD_PAGE, self._capacity())
+        asked_from, sent, computed = self._asked + self._ahead, 0, 0
+        while self._copied:
+            while self._asked + self._ahead - asked_from < sent - page:
+                self._progress.clear()
+                await self._progress.wait()
+            taken, self._copied = self._copied[:page], self._copied[page:]
+            by_model: dict[str, list[str]] = {}
+            for model_uri, text in taken:
+                by_model.setdefault(model_uri, []).append(text)
+            try:
+                for model_uri, texts in by_model.items():
+                    computed += await self.backend.embed_ahead(model_uri, texts, self._keep_ahead)
+            except CallError as exc:
+                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
+                self._copied = []
+                break
+            sent += len(taken)
+        log.debug("looked ahead", extra={"event": "lookahead", "texts": sent, "computed": computed})
 
     async def keep_before(self, inputs: list[tuple[str, str]]) -> None:
         """Compute the (model, text) inputs a statement about to run will ask for, and keep their answers
@@ -408,6 +447,7 @@ class ServerCalls:
         self.asked_in_statement = 0
         self._kept_role = None
         self._unkept.clear()
+        self._copied = []
         for task in list(self._tasks):
             task.cancel()
         if self._holding is not None:  # a call cut short: its lock goes now, or once it is taken
