@@ -77,8 +77,9 @@ class EmbeddingTables:
         try:
             columns, generated = await self.service.generated_embeddings(database, login, table)
             handed_over = await self.service.reads_handed_over(database, login) if generated else False
-        except ServiceUnavailable as exc:
+        except ServiceUnavailable as exc:  # taken as not embedding for a while: a COPY waits for no look-up
             log.debug("a table was not looked up", extra={"event": "table_lookup_failed", "reason": str(exc)})
+            self._not_embedding(key)
             return
         if generated:
             self._tables[key] = EmbeddingTable(tuple(columns), tuple(embedded_columns(generated)), handed_over,
@@ -86,12 +87,15 @@ class EmbeddingTables:
             self._absent.pop(key, None)
         else:
             self._tables.pop(key, None)
-            self._absent[key] = time.monotonic()
-            if len(self._absent) > MAX_ABSENT:  # the oldest half goes
-                for old in sorted(self._absent, key=self._absent.__getitem__)[: MAX_ABSENT // 2]:
-                    del self._absent[old]
+            self._not_embedding(key)
         self._names[database] = frozenset(
             _bare_name(name).lower().encode() for (db, _, name) in self._tables if db == database)
+
+    def _not_embedding(self, key: tuple[str, str, str]) -> None:
+        self._absent[key] = time.monotonic()
+        if len(self._absent) > MAX_ABSENT:  # the oldest half goes
+            for old in sorted(self._absent, key=self._absent.__getitem__)[: MAX_ABSENT // 2]:
+                del self._absent[old]
 
 
 def _bare_name(table: str) -> str:
