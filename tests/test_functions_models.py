@@ -99,7 +99,7 @@ def test_timeout_ms(conn) -> None:
     texts = [f"passage: a long enough text number {i} " * 20 for i in range(400)]
     started = time.monotonic()
     with pytest.raises(psycopg.errors.QueryCanceled, match="100 ms"):
-        conn.execute("SELECT count(*) FROM azure_local_ai.create_embeddings(%s, %s, timeout_ms => 100)",
+        conn.execute("SELECT count(*) FROM azure_local_ai.create_embeddings(%s, %s::text[], timeout_ms => 100)",
                      [MODEL, texts])
     assert time.monotonic() - started < 10
     assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -111,7 +111,8 @@ def test_cancel_request_stops_local_work(conn) -> None:
     started = time.monotonic()
     timer.start()
     with pytest.raises(psycopg.errors.QueryCanceled):
-        conn.execute("SELECT count(*) FROM azure_local_ai.create_embeddings(%s, %s)", [MODEL, texts])
+        # text[]: psycopg sends a list of str untyped, which the server reads as one text (the array's)
+        conn.execute("SELECT count(*) FROM azure_local_ai.create_embeddings(%s, %s::text[])", [MODEL, texts])
     assert time.monotonic() - started < 10
     assert conn.execute("SELECT 2").fetchone() == (2,)
 
