@@ -127,9 +127,10 @@ class SessionHook(Protocol):
         """The last Query or Parse the relay thread forwarded without asking `wants`: what `wants`
         would have remembered of it."""
 
-    def observe(self, msg_type: int, body: bytes) -> None:
+    def observe(self, msg_type: int, body: bytes | None) -> None:
         """A client message of a type the hook asked to observe (SessionControl.observe_client), on its
-        way upstream as it is. Called on the relay's path: cheap."""
+        way upstream as it is (`body` None: a message too long to be read on the relay's path, over
+        relay.OBSERVE_MAX). Called on the relay's path: cheap."""
 
     def cancel(self) -> None:
         """The client sent a CancelRequest for this session: stop local work."""

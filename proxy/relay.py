@@ -32,6 +32,9 @@ ASYNCHRONOUS = frozenset(b"ANS")
 WRITE_HIGH_WATER = 1 << 20
 #: Bodies at least this long are written after their header rather than copied into one buffer with it.
 LONG_BODY = 1 << 16
+#: Client messages the hook observes (observe_client) are shown to it up to this long (psycopg's COPY
+#: sends up to 128 kB a message).
+OBSERVE_MAX = 1 << 18
 #: How much a client may send while a hook holds its session before reading from it pauses.
 HELD_LIMIT = 1 << 20
 #: After the relay thread hands a session back, it stays with the event loop this long (seconds):
@@ -340,8 +343,8 @@ class Relay:
                 if piece.type in hook.message_types and hook.wants(piece.type, piece.parts[0], piece.marked):
                     self._hold(piece, pieces)
                     return
-                if piece.type in self._observed:
-                    hook.observe(piece.type, b"".join(piece.parts))
+                if piece.type in self._observed:  # a longer one is neither joined nor read on the event loop
+                    hook.observe(piece.type, b"".join(piece.parts) if piece.size <= OBSERVE_MAX else None)
                 self._count(piece.type)
                 write(pg.header(piece.type, piece.size))
                 for part in piece.parts:  # as they came: nothing of a long message is copied

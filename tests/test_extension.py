@@ -17,6 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from proxy import protocol as pg
 from proxy.intercept.servercalls import encode_answer, kept_key, kept_place
 from proxy.mailbox import Mailbox
 
@@ -24,6 +25,7 @@ from .helpers import unique
 from .helpers_embeddings import assert_same_embeddings
 from .pgcluster import PgCluster, debian_postgres_bin, start_cluster
 from .proxyproc import ProxyProcess, start_proxy
+from .rawclient import RawClient
 
 MODEL = "multilingual-e5-small:v1"
 CALL = f"azure_local_ai.create_embeddings('{MODEL}', {{}})"
@@ -614,6 +616,29 @@ def test_a_copys_rows_are_computed_ahead_on_their_way_to_the_server(conn: psycop
     assert ahead >= 300 and asked <= 100, (asked, ahead)
     stored = dict(conn.execute("SELECT body, v::text FROM docs WHERE id IN (0, 199, 399)").fetchall())
     assert stored == {t: constant_path(conn, t) for t in (texts[0], texts[199], texts[399])}
+
+
+def test_copy_data_in_a_message_too_long_to_read_on_the_way_is_embedded_row_by_row(
+        conn: psycopg.Connection, proxy: ProxyProcess, database: str) -> None:
+    """One CopyData message of 300 kB (over relay.OBSERVE_MAX) is not read on the event loop: the COPY
+    reads no further, its rows ask as they run, and every row is stored right."""
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    texts = [f"row {i} " + "a long text " * 850 for i in range(30)]
+    data = "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)).encode()
+    assert len(data) > 300_000
+    client = RawClient(proxy.port, timeout=120)
+    client.login(database=database)
+    before = answered(proxy)
+    client.send(pg.message(pg.QUERY, b"COPY docs (id, body) FROM STDIN\0"))
+    assert client.read_message()[0] == b"G"  # CopyInResponse
+    client.send(pg.message(pg.COPY_DATA, data) + pg.message(pg.COPY_DONE))
+    replies = client.read_until(b"Z")
+    client.close()
+    assert [t for t, _ in replies] == [b"C", b"Z"]
+    asked, ahead = (a - b for a, b in zip(answered(proxy), before, strict=True))
+    assert (asked, ahead) == (30, 0)
+    stored = dict(conn.execute("SELECT body, v::text FROM docs WHERE id IN (0, 29)").fetchall())
+    assert stored == {t: constant_path(conn, t) for t in (texts[0], texts[29])}
 
 
 def test_a_back_fills_answers_are_kept_ahead_of_its_requests(conn: psycopg.Connection, proxy: ProxyProcess) -> None:

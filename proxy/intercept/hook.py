@@ -208,11 +208,15 @@ class InterceptHook:
     def passed(self, msg_type: int, body: bytes) -> None:
         self._unread = (msg_type, body) if self.server_calls is not None else None
 
-    def observe(self, msg_type: int, body: bytes) -> None:
-        """The client's COPY data on its way upstream: the inputs of its rows are computed ahead."""
+    def observe(self, msg_type: int, body: bytes | None) -> None:
+        """The client's COPY data on its way upstream: the inputs of its rows are computed ahead. A
+        message too long to read here ends the reading (the rows after it ask as they run)."""
         if self._copying is None or self.server_calls is None:
             return
         rows, models = self._copying
+        if body is None:
+            self._stop_copying()
+            return
         if msg_type == pg.COPY_DATA:
             read = rows.feed(body)
         else:  # CopyDone, CopyFail: no more rows come
