@@ -1,6 +1,6 @@
 """The rows of a COPY ... FROM STDIN, read from the client's CopyData as the server will read them, so
 that the texts a table's generated column embeds can be computed in batches ahead of the server's
-requests (servercalls.CopyAhead). Pure code over bytes.
+requests (ServerCalls.copy_ahead). Pure code over bytes.
 
 Only a guess that saves time: a field read otherwise than the server reads it gives a text that no
 request names (the key is the MD5 of the text the row really has), so its row asks as it would have.
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
 
-from .lookahead import MAX_WRITTEN_TEXT
-from .lookahead import _table_name as table_name
+from .lookahead import MAX_WRITTEN_TEXT, table_name
 
 #: Options that change nothing of how the rows read.
 _HARMLESS = frozenset({"freeze", "on_error", "log_verbosity"})

@@ -54,7 +54,6 @@ class HandOverReplies:
         self.synced = synced
         self._expected = REPLIES + (b"Z" if synced else b"")
         self._seen = 0
-        self.failed = False  # the server refused them: the error, and what it skipped
 
     @property
     def done(self) -> bool:
@@ -66,7 +65,6 @@ class HandOverReplies:
         if self.done:
             return False
         if msg_type == pg.ERROR_RESPONSE:
-            self.failed = True
             if not self.synced:  # the server skips to the client's Sync: the error is the statement's
                 self._seen = len(self._expected)
                 return False

@@ -90,7 +90,7 @@ def one_row_insert(sql: str) -> tuple[ast.InsertStmt, str] | None:
     select = stmt.selectStmt
     if not isinstance(select, ast.SelectStmt) or len(select.valuesLists or ()) != 1 or stmt.withClause:
         return None
-    return stmt, _table_name(stmt.relation)
+    return stmt, table_name(stmt.relation)
 
 
 def embedded_columns(generated: Sequence[str]) -> list[tuple[str, str]]:
@@ -149,11 +149,12 @@ def written_tables(sql: str) -> list[tuple[ast.Node, str]]:
         if one_row:
             continue  # its one request is on its way already: not worth a look at the catalog
         if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt) and stmt.relation is not None:
-            out.append((stmt, _table_name(stmt.relation)))
+            out.append((stmt, table_name(stmt.relation)))
     return out
 
 
-def _table_name(relation: ast.RangeVar) -> str:
+def table_name(relation: ast.RangeVar) -> str:
+    """A statement's table, written as to_regclass() reads a name (schema-qualified where it was)."""
     return RawStream()(ast.RangeVar(relname=relation.relname, schemaname=relation.schemaname, inh=True,
                                     relpersistence="p"))
 
