@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
+from .intercept.lookahead import Lookahead
+from .intercept.readguard import TableFacts, qualified, verdict
 from .upstream import Upstream
 
 log = logging.getLogger("azure_local_ai_proxy.service")
@@ -28,18 +31,60 @@ WHERE m.lomowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_
   AND d.description LIKE '{MAILBOX_COMMENT}%'
   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE d.description = '{MAILBOX_COMMENT}' || a.pid)"""
 _INLINE_ANSWER = 1 << 16  # a first answer up to this size goes in the statement that makes the mailbox
+#: The search_path of every service connection: no name the proxy's queries use (nor a look-ahead's
+#: operators, functions and types) can resolve to an object another role made (readguard.py).
+SEARCH_PATH = "pg_catalog, pg_temp"
+#: Lock waits of the writer, which serves every session of a database: a session that locks its own
+#: mailbox's pages (it may write it) stalls only its own answer, and not for long.
+WRITER_LOCK_TIMEOUT_MS = 20
 _GENERATED_EMBEDDINGS = """
 SELECT a.attname::text, a.attgenerated::text,
-       CASE WHEN a.attgenerated = 's' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END
-FROM pg_catalog.pg_attribute a
-LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
-  AND (a.attgenerated <> 's' OR pg_catalog.pg_get_expr(d.adbin, d.adrelid) LIKE '%azure_local_ai.create_embeddings(%')
+       CASE WHEN a.attgenerated = 's' THEN pg_get_expr(d.adbin, d.adrelid) END
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped
+  AND (a.attgenerated <> 's' OR pg_get_expr(d.adbin, d.adrelid) LIKE '%azure_local_ai.create_embeddings(%')
 ORDER BY a.attnum"""
+#: A look-ahead's table names, as the session's login would resolve them (under its search_path).
+_RESOLVE = ("SELECT pg_catalog.to_regclass(n.name)::pg_catalog.oid FROM pg_catalog.unnest($1::pg_catalog.text[]) "
+            "WITH ORDINALITY AS n(name, i) ORDER BY n.i")
+#: What readguard.verdict needs of a look-ahead's tables ($1), for the login $2 and the column names $3.
+_TABLE_FACTS = """
+WITH RECURSIVE tree(top, rel) AS (
+    SELECT t.oid, t.oid FROM unnest($1::oid[]) AS t(oid)
+    UNION SELECT tree.top, i.inhrelid FROM tree JOIN pg_inherits i ON i.inhparent = tree.rel)
+SELECT c.oid, n.nspname::text, c.relname::text,
+       c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND NOT EXISTS (
+           SELECT 1 FROM tree JOIN pg_class d ON d.oid = tree.rel
+           WHERE tree.top = c.oid AND d.relkind NOT IN ('r', 'p')),
+       has_any_column_privilege($2::name, c.oid, 'SELECT'),
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+       ARRAY(SELECT a.attname::text FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+             LEFT JOIN pg_type base ON base.oid = ty.typbasetype
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = ANY($3::name[])
+               AND (coalesce(base.typnamespace, ty.typnamespace) <> 'pg_catalog'::regnamespace
+                    OR NOT has_column_privilege($2::name, c.oid, a.attnum, 'SELECT')))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = ANY($1::oid[])"""
 
 
 class ServiceUnavailable(Exception):
     """The service login cannot reach the server (or is not configured): the call gets this error."""
+
+
+class LookaheadRefused(ServiceUnavailable):
+    """A look-ahead's tables are not plainly readable (readguard.py): its rows ask one by one."""
+
+
+async def _table_facts(conn: asyncpg.Connection, oids: list[int | None], login: str, columns: Sequence[str]
+                       ) -> list[TableFacts | None]:
+    """The catalog's facts of each table (None for a name that resolved to none)."""
+    if not oids:
+        return []
+    rows = {row[0]: TableFacts(row[1], row[2], row[3], row[4], frozenset(row[5]), frozenset(row[6]))
+            for row in await conn.fetch(_TABLE_FACTS, [o for o in oids if o is not None], login, list(columns))}
+    return [rows.get(oid) if oid is not None else None for oid in oids]
 
 
 class ServiceConnections:
@@ -62,11 +107,13 @@ class ServiceConnections:
         conn = pool.get(database)
         if conn is not None and not conn.is_closed():
             return conn
+        writer = {"lock_timeout": str(WRITER_LOCK_TIMEOUT_MS)} if pool is self._connections else {}
         try:
             conn = await asyncpg.connect(
                 host=self.upstream.host, port=self.upstream.port, user=self.user, password=self.password or None,
                 database=database, ssl=_ssl(self.upstream), timeout=self.upstream.connect_timeout,
-                server_settings={"application_name": "azure-local-ai-proxy service", "synchronous_commit": "off"},
+                server_settings={"application_name": "azure-local-ai-proxy service", "synchronous_commit": "off",
+                                 "search_path": SEARCH_PATH, **writer},
                 # The writer runs a few statements over and over: prepared once, each is one round trip.
                 # Readers run each look-ahead's own query once.
                 statement_cache_size=100 if pool is self._connections else 0,
@@ -146,49 +193,70 @@ class ServiceConnections:
         with contextlib.suppress(ServiceUnavailable):  # a lost connection has let go of its locks
             await self._run(database, "SELECT pg_catalog.pg_advisory_unlock($1::bigint)", key)
 
-    async def may_manage(self, database: str, login: str, role: str) -> bool:
-        """Whether a session logged in as `login` may act as `role`, and `role` may change settings and
-        models: what the extension's SQL functions check themselves, checked again where the request
-        cannot be forged."""
-        return bool(await self._run(
-            database,
-            "SELECT pg_catalog.pg_has_role($1, $2, 'MEMBER') AND ((SELECT rolsuper FROM pg_catalog.pg_roles "
-            "WHERE rolname = $2) OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname IN "
-            "('azure_pg_admin', 'azure_local_ai_setting_manager') AND pg_catalog.pg_has_role($2, r.oid, 'MEMBER')))",
-            login, role,
-        ))
+    async def read_texts(self, database: str, login: str, lookahead: Lookahead, limit: int, offset: int = 0
+                         ) -> list[str]:
+        """The texts a look-ahead query yields (lookahead.py), at most `limit` from `offset` on: only
+        once its tables, locked against change, are found plain and readable by the session's login
+        (readguard.py). Raises LookaheadRefused where they are not."""
+        plan = lookahead.plan
 
-    async def read_texts(self, database: str, login: str, query: str, limit: int, offset: int = 0) -> list[str]:
-        """The texts a look-ahead query yields (lookahead.py), at most `limit` from `offset` on."""
-        sql = f"SELECT t FROM ({query}) AS lookahead(t) WHERE t IS NOT NULL LIMIT {int(limit)} OFFSET {int(offset)}"
-        return [row[0] for row in await self._read(database, login, sql)]
+        async def read(conn: asyncpg.Connection, oids: list[int | None]) -> list[asyncpg.Record]:
+            facts = await _table_facts(conn, oids, login, plan.columns)
+            refused = verdict(plan, facts)
+            names = {name: (f.schema, f.name) for name, f in zip(plan.tables, facts, strict=True) if f}
+            if refused is None and names:
+                # Locked, the tables cannot become views or gain row security before the read: look again.
+                await conn.execute("LOCK TABLE " + ", ".join(f"{_ident(s)}.{_ident(n)}" for s, n in names.values())
+                                   + " IN ACCESS SHARE MODE")
+                if await _table_facts(conn, oids, login, plan.columns) != facts:
+                    refused = "its tables changed as they were checked"
+            if refused is not None:
+                raise LookaheadRefused(refused)
+            return await conn.fetch(f"SELECT t FROM ({qualified(lookahead.query, names)}) AS lookahead(t) "
+                                    f"WHERE t IS NOT NULL LIMIT {int(limit)} OFFSET {int(offset)}")
+
+        return [row[0] for row in await self._read(database, login, plan.tables, read)]
 
     async def generated_embeddings(self, database: str, login: str, table: str) -> tuple[list[str], list[str]]:
         """A table's columns that are not generated, in order, and the expressions of its stored
-        generated columns that call create_embeddings (none if the login cannot see the table)."""
-        rows = await self._read(database, login, _GENERATED_EMBEDDINGS, table)
+        generated columns that call create_embeddings (none for a name that is not a table)."""
+        async def read(conn: asyncpg.Connection, oids: list[int | None]) -> list[asyncpg.Record]:
+            return await conn.fetch(_GENERATED_EMBEDDINGS, oids[0]) if oids[0] is not None else []
+
+        rows = await self._read(database, login, (table,), read)
         columns = [name for name, generated, _ in rows if generated == ""]
         return columns, [expression for _, generated, expression in rows if generated == "s" and expression]
 
     async def reads_handed_over(self, database: str, login: str) -> bool:
         """Whether the database's create_embeddings reads an answer handed over with the statement
         (the extension's objects are of version 1.2 or later)."""
-        rows = await self._read(database, login, "SELECT prosrc LIKE '%azure_local_ai.proxy_kept%' FROM "
-                                "pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure("
-                                "'azure_local_ai.create_embeddings(text, text, integer)')")
+        async def read(conn: asyncpg.Connection, _: list[int | None]) -> list[asyncpg.Record]:
+            return await conn.fetch("SELECT prosrc OPERATOR(pg_catalog.~~) '%azure_local_ai.proxy_kept%' FROM "
+                                    "pg_catalog.pg_proc WHERE oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure("
+                                    "'azure_local_ai.create_embeddings(text, text, integer)')")
+
+        rows = await self._read(database, login, (), read)
         return bool(rows and rows[0][0])
 
-    async def _read(self, database: str, login: str, sql: str, *args: object) -> list[asyncpg.Record]:
-        """Rows of a query run read-only as the session's login, so that it reads only what the
-        session's statement could, and can change nothing."""
+    async def _read(self, database: str, login: str, tables: Sequence[str],
+                    read: Callable[[asyncpg.Connection, list[int | None]], Awaitable[list[asyncpg.Record]]]
+                    ) -> list[asyncpg.Record]:
+        """`read`'s rows, in a read-only transaction that waits for no lock. The names `tables` are
+        resolved as the session's login would by default (its own schema, then public), to OIDs
+        passed to `read`; all else runs under the connection's search_path, pg_catalog's alone."""
         async with self._reader_locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database, self._readers)
             try:
                 async with conn.transaction(readonly=True):
                     # Never waiting for a lock: a table the session's own statement locks is read before it.
-                    await conn.execute(f"SET LOCAL ROLE {_ident(login)}; SET LOCAL statement_timeout = 30000; "
-                                       "SET LOCAL lock_timeout = 100; SET LOCAL standard_conforming_strings = on")
-                    return await conn.fetch(sql, *args)
+                    await conn.execute("SET LOCAL statement_timeout = 30000; SET LOCAL lock_timeout = 100; "
+                                       "SET LOCAL standard_conforming_strings = on")
+                    oids: list[int | None] = []
+                    if tables:
+                        await conn.execute(f"SET LOCAL search_path = {_ident(login)}, public")
+                        oids = [row[0] for row in await conn.fetch(_RESOLVE, list(tables))]
+                        await conn.execute(f"SET LOCAL search_path = {SEARCH_PATH}")
+                    return await read(conn, oids)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"a look-ahead read failed: {exc}") from exc
 

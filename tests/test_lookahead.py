@@ -36,7 +36,7 @@ def one(sql: str) -> list[Lookahead]:
     (f"ALTER TABLE public.docs ADD COLUMN g vector(384) GENERATED ALWAYS AS ({CALL.format('body')}::vector) STORED",
      "SELECT CAST(body AS pg_catalog.text) FROM public.docs"),
     (f"INSERT INTO dst SELECT id, {CALL.format('lower(body)')} FROM src WHERE body <> ''",
-     "SELECT CAST(lower(body) AS pg_catalog.text) FROM src WHERE body <> ''"),
+     "SELECT CAST(pg_catalog.lower(body) AS pg_catalog.text) FROM src WHERE body <> ''"),
     (f"WITH s AS (SELECT * FROM src) INSERT INTO dst SELECT id, {CALL.format('body')} FROM s",
      "WITH s AS (SELECT * FROM src) SELECT CAST(body AS pg_catalog.text) FROM s"),
     (f"SELECT id, azure_local_ai.create_embeddings(model_uri => '{M}', input => body) FROM src ORDER BY id LIMIT 10",
@@ -96,7 +96,7 @@ def written(sql: str) -> list[Lookahead]:
     ("INSERT INTO docs (id, body) VALUES (1, 'a'), (2, 'b')",
      "SELECT CAST(body AS pg_catalog.text) FROM ((VALUES (1, 'a'), (2, 'b'))) AS lookahead_rows (id, body)"),
     ("UPDATE docs SET body = upper(body) WHERE id < 10",
-     "SELECT CAST(upper(body) AS pg_catalog.text) FROM docs WHERE id < 10"),
+     "SELECT CAST(pg_catalog.upper(body) AS pg_catalog.text) FROM docs WHERE id < 10"),
 ])
 def test_the_rows_a_generated_column_embeds_are_read_by_a_query(sql: str, query: str) -> None:
     assert written(sql) == [Lookahead(M, query)]

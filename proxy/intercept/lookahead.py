@@ -7,28 +7,23 @@ text it names, whether or not the guess had it. So a statement is looked ahead o
 is plainly the same rows and plainly harmless: a back-fill (UPDATE), a generated column added to a
 table, an INSERT ... SELECT or SELECT that embeds a column, and an INSERT ... SELECT, a many-row
 INSERT ... VALUES or an UPDATE of the source column of a table whose generated column embeds;
-over plain tables and a few pure functions. It runs read-only as the client's login, so it can
-neither change nor read more than the client's statement could."""
+over plain tables and a few pure functions. It runs read-only on the proxy's service connection,
+and only once readguard.py has found that it runs no code but PostgreSQL's own and reads nothing the
+client's login may not read."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pglast import ast, parse_sql
 from pglast.enums import AlterTableType, ConstrType, LimitOption, SetOperation
 from pglast.parser import ParseError
 from pglast.stream import RawStream
 
+from .readguard import ReadPlan, guard, table_name
 from .signatures import SCHEMA
 
-#: Functions a looked-ahead query may call: pure ones, as used to build the text to embed.
-PURE_FUNCTIONS = frozenset({
-    "lower", "upper", "initcap", "concat", "concat_ws", "substr", "substring", "left", "right", "trim", "btrim",
-    "ltrim", "rtrim", "replace", "regexp_replace", "split_part", "format", "coalesce", "nullif", "length",
-    "char_length", "array_to_string", "to_char", "translate", "repeat", "md5",
-    "jsonb_extract_path_text", "json_extract_path_text", "greatest", "least", "abs", "mod",
-})
 _TEXT = ast.TypeName(names=(ast.String("pg_catalog"), ast.String("text")))
 #: Statements longer than this are not looked ahead for their tables' generated columns.
 MAX_WRITTEN_TEXT = 1 << 20
@@ -42,6 +37,8 @@ class Lookahead:
     query: str
     #: The statement locks the table against reading (ALTER TABLE): read it before the statement runs.
     before: bool = False
+    #: What the query reads, checked in the catalog before each read (readguard.py).
+    plan: ReadPlan = field(default=ReadPlan((), (), ()), compare=False)
 
 
 def lookaheads(stmt: ast.Node, restore: Callable[[str], str] = lambda s: s) -> list[Lookahead]:
@@ -60,10 +57,11 @@ def _lookahead(model_uri: str, text_expr: ast.Node, source: _Source,
         limitCount=source.limitCount, limitOffset=source.limitOffset, limitOption=source.limitOption,
         sortClause=source.sortClause,
     )
-    if not _harmless(query):
+    plan = guard(query)
+    if plan is None:
         return None
     _restore_strings(query, restore)
-    return Lookahead(restore(model_uri), RawStream()(query))
+    return Lookahead(restore(model_uri), RawStream()(query), plan=plan)
 
 
 @dataclass(frozen=True)
@@ -151,12 +149,6 @@ def written_tables(sql: str) -> list[tuple[ast.Node, str]]:
         if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt) and stmt.relation is not None:
             out.append((stmt, table_name(stmt.relation)))
     return out
-
-
-def table_name(relation: ast.RangeVar) -> str:
-    """A statement's table, written as to_regclass() reads a name (schema-qualified where it was)."""
-    return RawStream()(ast.RangeVar(relname=relation.relname, schemaname=relation.schemaname, inh=True,
-                                    relpersistence="p"))
 
 
 def generated_lookaheads(stmt: ast.Node, columns: Sequence[str], generated: Sequence[str]) -> list[Lookahead]:
@@ -281,26 +273,6 @@ def _calls(expr: ast.Node | None, source: _Source) -> Iterator[tuple[str, ast.No
         if "inputs" in named or not _is_string(model) or text is None or _is_constant(text):
             continue
         yield _uncast(model).val.sval, text, source
-
-
-def _harmless(query: ast.SelectStmt) -> bool:
-    """Whether the query reads plain rows only: no functions but pure ones, no parameters, no locks, and
-    common table expressions that are queries."""
-    return not any(_unsafe(node) for node in _walk(query, into_subqueries=True))
-
-
-_UNSAFE_NODES = (ast.ParamRef, ast.RangeFunction, ast.RangeTableFunc, ast.RangeTableSample)
-
-
-def _unsafe(node: ast.Node) -> bool:
-    if isinstance(node, ast.FuncCall):
-        name = _name(node)
-        return len(name) > 2 or name[-1] not in PURE_FUNCTIONS or (len(name) == 2 and name[0] != "pg_catalog")
-    if isinstance(node, ast.CommonTableExpr):
-        return not isinstance(node.ctequery, ast.SelectStmt)
-    if isinstance(node, ast.SelectStmt):
-        return bool(node.lockingClause)
-    return isinstance(node, _UNSAFE_NODES)
 
 
 def _restore_strings(query: ast.Node, restore: Callable[[str], str]) -> None:

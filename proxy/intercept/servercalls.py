@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import protocol as pg
 from ..mailbox import Mailbox
-from ..service import ServiceConnections, ServiceUnavailable
+from ..service import LookaheadRefused, ServiceConnections, ServiceUnavailable
 from ..stats import STATS
 from .embeddingtables import EmbeddingTables
 from .errors import CallError
@@ -60,6 +60,7 @@ class Request:
     args: dict[str, object]
     role: str
     reads_kept: bool = False  # the function looks for answers kept ahead before it asks (version 1.1)
+    keyed: bool = False  # the function waits on a lock of this request's own (version 1.3)
 
 
 def parse_request(body: bytes) -> Request | bool:
@@ -75,10 +76,19 @@ def parse_request(body: bytes) -> Request | bool:
     try:
         data = json.loads(fields.get("D", ""))
         request = Request(str(data["id"]), int(data["at"]), str(data["fn"]), dict(data["args"]), str(data["role"]),
-                          data.get("kept") is True)
+                          data.get("kept") is True, data.get("keyed") is True)
     except (ValueError, KeyError, TypeError):
         return False
     return request if _REQUEST_ID.fullmatch(request.id) and 0 <= request.at < _MAX_PLACE else False
+
+
+def server_evaluated_privileged(function: str) -> CallError:
+    """The error of a function that changes settings or models, evaluated by the server."""
+    return CallError(
+        "0A000", f"azure_local_ai.{function} cannot be evaluated by the server through azure-local-ai-proxy",
+        f"Call azure_local_ai.{function} with constant arguments or bind parameters, in a statement the client "
+        "sends (for example SELECT azure_local_ai.set_setting('intra_op_parallelism', '2')): the proxy checks "
+        "the caller's rights there. Not inside a function, a DO block, a trigger or a view.")
 
 
 def _retrieve(task: asyncio.Future[bool]) -> None:
@@ -147,7 +157,8 @@ class ServerCalls:
         self._granted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being made or dropped, locks let go of
-        self._holding: asyncio.Future[bool] | None = None  # taking the session's lock (_hold)
+        #: The request's advisory lock, and taking it (_hold).
+        self._holding: tuple[int, asyncio.Future[bool]] | None = None
         self._asked = 0  # requests so far, and answers kept ahead, with an event at each: how far the
         self._ahead = 0  # server has come
         self._progress = asyncio.Event()
@@ -184,7 +195,7 @@ class ServerCalls:
         try:
             await asyncio.sleep(0)  # an answer at hand (a kept vector, a setting) goes at once
             if not working.done():
-                await self._hold(request.role)
+                await self._hold(request)
             status, text = await working
         finally:
             working.cancel()
@@ -203,24 +214,30 @@ class ServerCalls:
             STATS.error("XX000", "server")
             return "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
 
-    async def _hold(self, role: str) -> None:
-        """While the answer is worked out: take the session's advisory lock (the waiting function sleeps
+    async def _hold(self, request: Request) -> None:
+        """While the answer is worked out: take the request's advisory lock (the waiting function sleeps
         on it, rather than polling, and wakes as the answer is written), and make the statement's
         mailbox if it has none yet, so that only the write is left once the answer is there. Never
         cut short: the lock is always known to be held or not."""
         if self._holding is None:
-            self._holding = asyncio.ensure_future(self.service.try_lock(self.database, self.mailbox.lock_key))
-            self._holding.add_done_callback(_retrieve)
+            key = self.mailbox.request_lock_key(request.id) if request.keyed else self.mailbox.lock_key
+            taking = asyncio.ensure_future(self.service.try_lock(self.database, key))
+            taking.add_done_callback(_retrieve)
+            self._holding = key, taking
         if not self._granted:
-            self._granted.add(role)  # the answer's delivery, queued behind the making, only writes
-            self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, role, 0, b""))
-        await asyncio.wait([self._holding])
+            self._granted.add(request.role)  # the answer's delivery, queued behind the making, only writes
+            self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, request.role,
+                                                  0, b""))
+        await asyncio.wait([self._holding[1]])
 
-    def _held(self) -> bool:
-        """Whether the lock is held (and is to be let go of with the next answer); forgets it."""
+    def _held(self) -> int | None:
+        """The lock held (to be let go of with the next answer), if any; forgets it."""
         holding, self._holding = self._holding, None
-        return holding is not None and holding.done() and not holding.cancelled() and holding.exception() is None \
-            and holding.result()
+        if holding is None:
+            return None
+        key, taking = holding
+        held = taking.done() and not taking.cancelled() and taking.exception() is None and taking.result()
+        return key if held else None
 
     async def _deliver_or_cancel(self, request: Request, status: str, text: str) -> None:
         try:
@@ -236,10 +253,10 @@ class ServerCalls:
                                                                           "reason": str(cancel_failed)})
 
     async def _evaluate(self, request: Request) -> tuple[str, str]:
-        if request.function in PRIVILEGED and not await self.service.may_manage(
-            self.database, self.login, request.role
-        ):
-            raise CallError("42501", f"permission denied for function azure_local_ai.{request.function}")
+        if request.function in PRIVILEGED:
+            # Any code in the session can raise a notice shaped like a request, naming any role: who
+            # asks cannot be told here, so what changes settings and models is never taken from one.
+            raise server_evaluated_privileged(request.function)
         args = dict(request.args)
         ids_count = args.pop("ids_count", None)
         result = await run(request.function, args, self.backend, ids_count if isinstance(ids_count, int) else None,
@@ -249,7 +266,7 @@ class ServerCalls:
 
     async def _deliver(self, request: Request, status: str, text: str) -> None:
         answer = encode_answer(self.mailbox, request.id, status, text)
-        unlock = self.mailbox.lock_key if self._held() else None  # let go in the same round trip
+        unlock = self._held()  # let go in the same round trip
         # Marked before the service connection answers: the function may read the answer, and the
         # statement end, before that reply reaches the proxy; its removal then waits for the making.
         if not self._granted:
@@ -423,7 +440,11 @@ class ServerCalls:
                 await self._progress.wait()
             try:
                 texts = await asyncio.shield(
-                    self.service.read_texts(self.database, self.login, lookahead.query, page, offset))
+                    self.service.read_texts(self.database, self.login, lookahead, page, offset))
+            except LookaheadRefused as exc:
+                log.info("a statement's rows were not read ahead", extra={"event": "lookahead_refused",
+                                                                          "reason": str(exc)})
+                break
             except ServiceUnavailable as exc:  # only time is lost: each request is answered anyway
                 log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
                 break
@@ -451,7 +472,7 @@ class ServerCalls:
         for task in list(self._tasks):
             task.cancel()
         if self._holding is not None:  # a call cut short: its lock goes now, or once it is taken
-            self._track(self._let_go(self._holding))
+            self._track(self._let_go(*self._holding))
             self._holding = None
         if self._granted:
             self._granted.clear()
@@ -469,16 +490,16 @@ class ServerCalls:
             log.warning("a mailbox could not be made or removed", extra={"event": "mailbox_failed",
                                                                          "reason": str(task.exception())})
 
-    async def _let_go(self, holding: asyncio.Future[bool]) -> None:
+    async def _let_go(self, key: int, holding: asyncio.Future[bool]) -> None:
         await asyncio.wait([holding])
         if not holding.cancelled() and holding.exception() is None and holding.result():
-            await self.service.unlock(self.database, self.mailbox.lock_key)
+            await self.service.unlock(self.database, key)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._holding is not None:
-            self._track(self._let_go(self._holding))
+            self._track(self._let_go(*self._holding))
             self._holding = None
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
