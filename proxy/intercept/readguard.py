@@ -33,7 +33,7 @@ PURE_FUNCTIONS = frozenset({
     "lower", "upper", "initcap", "concat", "concat_ws", "substr", "substring", "left", "right", "trim", "btrim",
     "ltrim", "rtrim", "replace", "regexp_replace", "split_part", "format", "length", "char_length",
     "array_to_string", "to_char", "translate", "repeat", "md5", "jsonb_extract_path_text",
-    "json_extract_path_text", "abs", "mod",
+    "json_extract_path_text", "abs", "mod", "chr", "lpad", "rpad", "reverse", "strpos", "position", "overlay",
 })
 #: The kinds of operator expressions allowed (their operators resolve in pg_catalog only).
 _EXPRESSION_KINDS = frozenset({
@@ -137,8 +137,9 @@ def _check(node: object, found: _Found, in_cte: bool) -> None:
     if isinstance(node, ast.FuncCall):
         _function(node)
     elif isinstance(node, ast.A_Expr):
-        if node.kind not in _EXPRESSION_KINDS:
-            raise _Unsafe(f"operator expression {node.kind.name}")
+        names = tuple(n.sval for n in node.name or ())
+        if node.kind not in _EXPRESSION_KINDS or (len(names) > 1 and names[:-1] != (_CATALOG,)):
+            raise _Unsafe(f"operator {'.'.join(names)} ({node.kind.name})")
     elif isinstance(node, ast.TypeCast):
         _type(node.typeName)
     elif isinstance(node, ast.SortBy):

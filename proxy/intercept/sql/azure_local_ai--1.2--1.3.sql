@@ -10,7 +10,8 @@
 --   any code in the session can raise in any role's name. Called with constant arguments or bind
 --   parameters in a statement the client sends, the proxy answers them itself, checking the caller.
 -- * The advisory lock a waiting function sleeps on is keyed by the MD5 of the session's secret and
---   the request's id, new for each request: another role that sees one held cannot hold the next.
+--   the request's id, new for each request: another role that sees one held cannot hold the next,
+--   and it sleeps 50 ms at a time, not a second.
 
 CREATE OR REPLACE FUNCTION azure_local_ai_proxy.version() RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT '1.3'::text $$;
@@ -18,7 +19,7 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT '1.3'::text $$;
 CREATE OR REPLACE FUNCTION azure_local_ai_proxy.ask(fn text, args jsonb, timeout_ms integer) RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET client_min_messages = notice
-SET lock_timeout = '1s'
+SET lock_timeout = '50ms'
 SET search_path = pg_catalog, pg_temp
 AS $ask$
 DECLARE
@@ -145,7 +146,8 @@ BEGIN
             PERFORM pg_catalog.pg_sleep(CASE WHEN polls <= 5 THEN 0.0002 WHEN polls <= 25 THEN 0.0005 ELSE 0.004 END);
         ELSE
             -- The proxy is working on it, and lets go of the lock as it writes the answer: sleep until
-            -- then (a second at most, lock_timeout, for the checks above), costing the server nothing.
+            -- then (50 ms at most, lock_timeout, for the checks above: another role that took the lock as the
+            -- proxy let go of it costs a call no more), costing the server nothing.
             BEGIN
                 PERFORM pg_catalog.pg_advisory_lock_shared(key);
                 PERFORM pg_catalog.pg_advisory_unlock_shared(key);
