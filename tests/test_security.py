@@ -156,18 +156,18 @@ ESCALATIONS = {
         "CREATE FUNCTION public.cat(a text, b text) RETURNS text LANGUAGE sql AS "
         "$$ SELECT CASE WHEN public.payload() THEN a || b END $$;"
         "CREATE OPERATOR public.### (LEFTARG = text, RIGHTARG = text, FUNCTION = public.cat)",
-        f"UPDATE t SET v = {CALL.format('body ### chr(32)')}"),
+        "UPDATE t SET v = " + CALL.format("body ### ' '")),
     "schema-qualified operator": (
         "CREATE FUNCTION public.cat(a text, b text) RETURNS text LANGUAGE sql AS "
         "$$ SELECT CASE WHEN public.payload() THEN a || b END $$;"
         "CREATE OPERATOR public.### (LEFTARG = text, RIGHTARG = text, FUNCTION = public.cat)",
-        f"UPDATE t SET v = {CALL.format('body OPERATOR(public.###) chr(32)')}"),
+        "UPDATE t SET v = " + CALL.format("body OPERATOR(public.###) ' '")),
     "operator on the search_path": (
         "CREATE FUNCTION public.cat(a text, b text) RETURNS text LANGUAGE sql AS "
         "$$ SELECT CASE WHEN public.payload() THEN pg_catalog.textcat(a, b) END $$;"
         "CREATE OPERATOR public.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = public.cat);"
         "SET search_path = public, pg_catalog",
-        f"UPDATE t SET v = {CALL.format('body || chr(32)')}"),
+        "UPDATE t SET v = " + CALL.format("body || ' '")),
     "shadowed function": (
         "CREATE FUNCTION public.lower(x varchar) RETURNS text LANGUAGE sql AS "
         "$$ SELECT CASE WHEN public.payload() THEN pg_catalog.lower(x::text) END $$;"
@@ -216,8 +216,8 @@ def test_an_escalation_through_the_look_ahead_leaves_no_trace(target: Target, at
                 assert vector == own.execute(f"SELECT {CALL.format('%s')}::text", (text,)).fetchone()[0]
         else:
             own.execute("ALTER TABLE t DISABLE ROW LEVEL SECURITY")
-            text_sql = {"operator": "body || chr(32)", "schema-qualified operator": "body || chr(32)",
-                        "operator on the search_path": "body || chr(32)"}.get(
+            text_sql = {"operator": "body || ' '", "schema-qualified operator": "body || ' '",
+                        "operator on the search_path": "body || ' '"}.get(
                 attack, "body")
             assert_embedded_right(own, "t", text_sql)
     assert_no_trace(target, attacker)
@@ -264,13 +264,19 @@ def test_a_forged_request_changes_no_setting(target: Target, attacker: Attacker)
 
 
 def _grab_every_advisory_lock(dsn: str, stop: threading.Event, grabbed: list[int]) -> None:
-    """Another role: takes every advisory lock it sees in pg_locks, and keeps it."""
+    """Another role: takes every advisory lock it has ever seen in pg_locks, as soon as it is free,
+    and keeps it (a session's fixed key, seen once, would be held against all its later requests)."""
+    seen: set[int] = set()
+    held: set[int] = set()
     with psycopg.connect(dsn, autocommit=True) as eve:
         while not stop.is_set():
-            rows = eve.execute(
-                "SELECT pg_try_advisory_lock(((l.classid::bigint << 32) | l.objid::bigint)) FROM pg_locks l "
-                "WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.pid <> pg_backend_pid()").fetchall()
-            grabbed.extend(1 for (took,) in rows if took)
+            seen.update(key for (key,) in eve.execute(
+                "SELECT (l.classid::bigint << 32) | l.objid::bigint FROM pg_locks l "
+                "WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.pid <> pg_backend_pid()").fetchall())
+            taken = [key for (key,) in eve.execute(
+                "SELECT k FROM unnest(%s::bigint[]) AS k WHERE pg_try_advisory_lock(k)", (sorted(seen - held),))]
+            held.update(taken)
+            grabbed.extend(taken)
             time.sleep(0.002)
 
 

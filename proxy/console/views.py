@@ -14,7 +14,7 @@ from ..stats import ProxyStats
 from .commands import ACTIONS, SHOW_ITEMS
 
 #: Options whose values SHOW CONFIG hides (it shows whether they are set).
-SECRETS = frozenset({"service_password", "http_api_key"})
+SECRETS = frozenset(option.name for option in OPTIONS if option.secret)
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "STATS": ("stat", "value"),
