@@ -320,3 +320,17 @@ def test_a_role_holding_the_locks_it_sees_stalls_no_one(target: Target, attacker
     slowed = statistics.median(attacked) - statistics.median(plain)
     assert slowed < 0.05, f"slowed by {slowed * 1000:.0f} ms (plain {plain}, attacked {attacked})"
     assert grabbed, "the other role took no lock: the attack was not made"
+
+
+def test_an_operator_of_the_sessions_schemas_cannot_answer_the_privilege_check(target: Target,
+                                                                               attacker: Attacker) -> None:
+    """The proxy checks a constant set_setting's caller in the caller's own session: an `=` of the
+    attacker's, first on its search_path, that says every name is a superuser's, changes nothing."""
+    with psycopg.connect(attacker.dsn(target), autocommit=True) as own:
+        own.execute("CREATE FUNCTION public.yes(a name, b name) RETURNS boolean LANGUAGE sql AS 'SELECT true';"
+                    "CREATE OPERATOR public.= (LEFTARG = name, RIGHTARG = name, FUNCTION = public.yes)")
+        own.execute("SET search_path = public, pg_catalog")
+        before = own.execute("SELECT azure_local_ai.get_setting('intra_op_parallelism')").fetchone()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            own.execute("SELECT azure_local_ai.set_setting('intra_op_parallelism', '1')")
+        assert own.execute("SELECT azure_local_ai.get_setting('intra_op_parallelism')").fetchone() == before

@@ -40,9 +40,12 @@ from .strings import WINDOW, plain_literals_as_escape_strings
 
 log = logging.getLogger("azure_local_ai_proxy.intercept")
 
+#: Run in the client's session, under its search_path: every operator is named as pg_catalog's, so
+#: that no operator of the session's schemas can answer for it.
 PRIVILEGE_CHECK = (
-    "SELECT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) OR EXISTS ("
-    "SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname IN ('azure_pg_admin', 'azure_local_ai_setting_manager') "
+    "SELECT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) "
+    "current_user), false) OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) "
+    "ANY (ARRAY['azure_pg_admin', 'azure_local_ai_setting_manager']::pg_catalog.name[]) "
     "AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))"
 )
 _TRANSACTION_ENDS = ("rollback", "commit", "abort", "end")

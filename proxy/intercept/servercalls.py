@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -157,6 +158,7 @@ class ServerCalls:
         self._granted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being made or dropped, locks let go of
+        self._mailbox_work: asyncio.Future[None] | None = None  # the last operation on the mailbox (_in_order)
         #: The request's advisory lock, and taking it (_hold).
         self._holding: tuple[int, asyncio.Future[bool]] | None = None
         self._asked = 0  # requests so far, and answers kept ahead, with an event at each: how far the
@@ -226,8 +228,8 @@ class ServerCalls:
             self._holding = key, taking
         if not self._granted:
             self._granted.add(request.role)  # the answer's delivery, queued behind the making, only writes
-            self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, request.role,
-                                                  0, b""))
+            self._track(self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
+                                               self.backend_pid, request.role, 0, b"")))
         await asyncio.wait([self._holding[1]])
 
     def _held(self) -> int | None:
@@ -271,13 +273,13 @@ class ServerCalls:
         # statement end, before that reply reaches the proxy; its removal then waits for the making.
         if not self._granted:
             self._granted.add(request.role)
-            await self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, request.role,
-                                            request.at, answer, unlock)
+            await self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
+                                         self.backend_pid, request.role, request.at, answer, unlock))
             return
         if request.role not in self._granted:
             self._granted.add(request.role)
-            await self.service.grant(self.database, self.mailbox.oid, request.role)
-        await self.service.write(self.database, self.mailbox.oid, request.at, answer, unlock)
+            await self._in_order(partial(self.service.grant, self.database, self.mailbox.oid, request.role))
+        await self._in_order(partial(self.service.write, self.database, self.mailbox.oid, request.at, answer, unlock))
 
     def _keep_ahead(self, model_uri: str, texts: list[str], vectors: list[np.ndarray]) -> None:
         """Texts a look-ahead has computed: their answers go into the mailbox before they are asked
@@ -297,9 +299,11 @@ class ServerCalls:
             return  # its statement is over, or none fits a place
         if not self._granted:
             self._granted.add(role)
-            self._track(self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, role, 0, b""))
+            self._track(self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
+                                               self.backend_pid, role, 0, b"")))
         try:
-            await self.service.write_many(self.database, self.mailbox.oid, list(answers), list(answers.values()))
+            await self._in_order(partial(self.service.write_many, self.database, self.mailbox.oid, list(answers),
+                                         list(answers.values())))
         except ServiceUnavailable as exc:  # only time is lost: each is asked for instead
             log.debug("answers were not kept ahead", extra={"event": "keep_ahead_failed", "reason": str(exc)})
             return
@@ -364,12 +368,12 @@ class ServerCalls:
                 if answers and not self._granted:  # made with the first answer: one round trip
                     self._granted.add(self._role)
                     (place, first), answers = answers[0], answers[1:]
-                    await self.service.open_mailbox(self.database, self.mailbox.oid, self.backend_pid, self._role,
-                                                    place, first)
+                    await self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
+                                                 self.backend_pid, self._role, place, first))
                     STATS.calls[("create_embeddings", "ahead")] += 1
                 if answers:
-                    await self.service.write_many(self.database, self.mailbox.oid, [p for p, _ in answers],
-                                                  [a for _, a in answers])
+                    await self._in_order(partial(self.service.write_many, self.database, self.mailbox.oid,
+                                                 [p for p, _ in answers], [a for _, a in answers]))
                     STATS.calls[("create_embeddings", "ahead")] += len(answers)
         except (CallError, ServiceUnavailable) as exc:
             log.debug("answers were not kept before a statement", extra={"event": "keep_before_failed",
@@ -439,8 +443,10 @@ class ServerCalls:
                 self._progress.clear()
                 await self._progress.wait()
             try:
-                texts = await asyncio.shield(
+                reading = asyncio.ensure_future(
                     self.service.read_texts(self.database, self.login, lookahead, page, offset))
+                reading.add_done_callback(_retrieve)  # read on when the statement ends: its failure is seen here
+                texts = await asyncio.shield(reading)
             except LookaheadRefused as exc:
                 log.info("a statement's rows were not read ahead", extra={"event": "lookahead_refused",
                                                                           "reason": str(exc)})
@@ -477,7 +483,23 @@ class ServerCalls:
         if self._granted:
             self._granted.clear()
             # Not cancelled by a later statement's end: the next one makes it anew.
-            self._track(self.service.close_mailbox(self.database, self.mailbox.oid))
+            self._track(self._in_order(partial(self.service.close_mailbox, self.database, self.mailbox.oid)))
+
+    def _in_order(self, work: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
+        """Run `work`, an operation on the session's mailbox, once every one asked for before it has
+        ended, whichever task asks and however the tasks are scheduled: a write never overtakes the
+        mailbox's making, nor a making the last statement's removal. Never cut short once asked for."""
+        previous = self._mailbox_work
+
+        async def after() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await work()
+
+        task = asyncio.ensure_future(after())
+        task.add_done_callback(_retrieve)
+        self._mailbox_work = task
+        return asyncio.shield(task)
 
     def _track(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -504,4 +526,4 @@ class ServerCalls:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self._granted:
-            await self.service.close_mailbox(self.database, self.mailbox.oid)
+            await self._in_order(partial(self.service.close_mailbox, self.database, self.mailbox.oid))
