@@ -211,7 +211,8 @@ static void count_client_message(session_t *s, int t) {
     } else if (t == 'Q' || t == 'F') {
         s->syncs_sent++;
         s->uncertain = s->uncertain || s->batch_open;
-    } else {
+    } else if (t != 'd' && t != 'c' && t != 'f') {
+        /* COPY FROM STDIN data belongs to the request that started the COPY: it opens no batch. */
         s->batch_open = 1;
     }
 }

@@ -27,6 +27,9 @@ from .stats import STATS
 ALL_TYPES = frozenset(range(256))
 #: Client messages the server answers with a ReadyForQuery (a FunctionCall too).
 SYNC_POINTS = frozenset({pg.QUERY, pg.SYNC, pg.FUNCTION_CALL})
+#: The client's COPY FROM STDIN data: part of the request that started the COPY, in either protocol, so
+#: neither opening nor closing an extended-protocol batch (a COPY by a simple Query opens none).
+COPY_IN = frozenset({pg.COPY_DATA, pg.COPY_DONE, pg.COPY_FAIL})
 #: Server messages that belong to no request: they reach the client even while the proxy runs its own query.
 ASYNCHRONOUS = frozenset(b"ANS")
 WRITE_HIGH_WATER = 1 << 20
@@ -189,7 +192,7 @@ class Relay:
         self._server_framer.inspect = self._server_always
         if hook is not None:
             # Query and Sync are framed too, so that the relay can count the requests the server owes answers to.
-            self._client_framer.inspect = hook.message_types | SYNC_POINTS
+            self._client_framer.inspect = hook.message_types | SYNC_POINTS | COPY_IN
             # A long Bind is held whole only if the hook wants it, so large values to other statements stream.
             self._client_framer.peek_types = frozenset({pg.BIND})
             self._client_framer.marker = hook.marker
@@ -313,7 +316,7 @@ class Relay:
             elif msg_type in SYNC_POINTS:
                 syncs += 1
                 self._uncertain = self._uncertain or batch_open
-            else:
+            elif msg_type not in COPY_IN:
                 batch_open = True
         self._syncs_sent += syncs
         self._batch_open = batch_open
@@ -335,7 +338,7 @@ class Relay:
                 hold = piece.type in hook.message_types and hook.wants(piece.type, piece.body_start)
                 self._client_framer.decide(hold)
                 if not hold:
-                    self._batch_open = True
+                    self._batch_open = self._batch_open or piece.type not in COPY_IN
                     write(piece.data)
                 continue
             if type(piece) is pg.LongMessage:
@@ -665,7 +668,7 @@ class Relay:
         elif msg_type in SYNC_POINTS:
             self._syncs_sent += 1  # counted as answered: the count may run high, never low
             self._uncertain = self._uncertain or self._batch_open
-        else:
+        elif msg_type not in COPY_IN:
             self._batch_open = True
 
     @property
@@ -685,7 +688,7 @@ class Relay:
     def observe_client(self, types: frozenset[int]) -> None:
         assert self.hook is not None
         self._observed = types
-        self._client_framer.inspect = self.hook.message_types | SYNC_POINTS | types
+        self._client_framer.inspect = self.hook.message_types | SYNC_POINTS | COPY_IN | types
 
     def stop_watching(self) -> None:
         self._watcher = None

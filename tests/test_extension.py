@@ -738,3 +738,133 @@ def test_version_1_0_answers_is_updated_and_has_no_way_back(proxy: ProxyProcess,
             conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '2.0'")
         for body, stored in conn.execute("SELECT body, v::text FROM docs WHERE id % 10 = 1").fetchall():
             assert stored == constant_path(conn, body)
+
+
+def test_sql_prepare_and_execute(proxy: ProxyProcess, database: str, conn: psycopg.Connection) -> None:
+    """SQL's PREPARE with a parameter, then EXECUTE, as a psql script: $1 is the prepared statement's,
+    and the server evaluates the call with EXECUTE's value."""
+    script = (f"PREPARE p(text) AS SELECT {CALL.format('$1')}::text;\n"
+              "EXECUTE p('hello');\nEXECUTE p('hola');\nDEALLOCATE p;\n")
+    out = proxy.psql("-qAt", "-f", "-", dsn=proxy.dsn(database=database), input=script)
+    assert out.stdout.split() == [constant_path(conn, "hello"), constant_path(conn, "hola")]
+
+
+#: What pg_dump writes for a database of a server where azure_local_ai is a native extension.
+NATIVE_DUMP = """SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+CREATE EXTENSION IF NOT EXISTS azure_local_ai WITH SCHEMA azure_local_ai;
+COMMENT ON EXTENSION azure_local_ai IS 'Azure Local AI: embeddings in the database';
+CREATE TABLE public.docs (
+    id integer,
+    body text,
+    v real[] GENERATED ALWAYS AS (azure_local_ai.create_embeddings('multilingual-e5-small:v1'::text, body)) STORED
+);
+COPY public.docs (id, body) FROM stdin;
+{rows}
+\\.
+"""
+
+
+def restored_database(pg: PgCluster) -> Iterator[str]:
+    name = unique("restored")
+    pg.psql(f"CREATE DATABASE {name}")
+    yield name
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture()
+def restored(pg: PgCluster) -> Iterator[str]:
+    yield from restored_database(pg)
+
+
+def test_a_dump_of_a_server_with_the_native_extension_restores_through_the_proxy(
+    conn: psycopg.Connection, proxy: ProxyProcess, restored: str
+) -> None:
+    """CREATE EXTENSION ... WITH SCHEMA and COMMENT ON EXTENSION, as pg_dump writes them, restore with
+    ON_ERROR_STOP; the generated column is recomputed, its COPY's rows in batches."""
+    rows = "\n".join(f"{i}\tnative text {i}" for i in range(1, 41))
+    before = answered(proxy)
+    proxy.psql("-q", "-f", "-", dsn=proxy.dsn(database=restored), input=NATIVE_DUMP.format(rows=rows))
+    after = answered(proxy)
+    assert after[1] - before[1] >= 30, f"{after[1] - before[1]} of 40 rows computed ahead"
+    with psycopg.connect(proxy.dsn(database=restored), autocommit=True) as again:
+        got = again.execute("SELECT body, v::text FROM docs ORDER BY id").fetchall()
+        assert again.execute("SELECT obj_description('azure_local_ai'::regnamespace)").fetchone() == (
+            "Azure Local AI: embeddings in the database",)
+    assert got == [(f"native text {i}", constant_path(conn, f"native text {i}")) for i in range(1, 41)]
+
+
+def test_dumps_made_through_the_proxy_restore_with_exit_on_error(
+    conn: psycopg.Connection, proxy: ProxyProcess, pg: PgCluster, database: str, tmp_path: Path
+) -> None:
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    conn.execute("INSERT INTO docs (id, body) SELECT i, 'dumped text ' || i FROM generate_series(1, 30) i")
+    conn.execute("COMMENT ON EXTENSION azure_local_ai IS 'embeddings'")
+    expected = conn.execute("SELECT body, v::text FROM docs ORDER BY id").fetchall()
+    custom = tmp_path / "dump.custom"
+    subprocess.run([str(pg.bin_dir / "pg_dump"), "--no-owner", "-Fc", "-f", str(custom),
+                    proxy.dsn(database=database)], check=True, capture_output=True, timeout=120)
+    plain = subprocess.run([str(pg.bin_dir / "pg_dump"), "--no-owner", proxy.dsn(database=database)],
+                           check=True, capture_output=True, text=True, timeout=120).stdout
+    for restore in ("plain", "custom"):
+        for name in restored_database(pg):
+            if restore == "plain":
+                proxy.psql("-q", "-f", "-", dsn=proxy.dsn(database=name), input=plain)
+            else:
+                subprocess.run([str(pg.bin_dir / "pg_restore"), "--no-owner", "--exit-on-error",
+                                "--single-transaction", "-d", proxy.dsn(database=name), str(custom)],
+                               check=True, capture_output=True, timeout=120)
+            with psycopg.connect(proxy.dsn(database=name), autocommit=True) as again:
+                assert again.execute("SELECT body, v::text FROM docs ORDER BY id").fetchall() == expected, restore
+
+
+def test_concurrent_create_extension_if_not_exists(proxy: ProxyProcess, restored: str) -> None:
+    """Two sessions' CREATE EXTENSION IF NOT EXISTS at once: they take turns, and both succeed."""
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            with psycopg.connect(proxy.dsn(database=restored), autocommit=True) as session:
+                session.execute("CREATE EXTENSION IF NOT EXISTS azure_local_ai")
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=create) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        with psycopg.connect(proxy.dsn(database=restored), autocommit=True) as session:
+            session.execute("DROP EXTENSION azure_local_ai")
+
+
+BACKSLASHED = r"'a \ b'"  # a constant whose value depends on standard_conforming_strings
+
+
+@pytest.mark.parametrize("relay_thread", [True, False], ids=["relay thread", "python"])
+def test_after_copy_from_stdin_the_session_still_answers(pg: PgCluster, model_data_dir: Path, tmp_path: Path,
+                                                        database: str, relay_thread: bool) -> None:
+    """psql's \\copy (COPY FROM STDIN by a simple Query): the COPY's data opens no extended-protocol
+    batch, so the calls after it that the proxy answers with the session's server are answered."""
+    data_dir = tmp_path / "proxy"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
+    proxy = start_proxy(data_dir, "--service-user", "postgres", "--relay-thread", str(relay_thread).lower(),
+                        upstream=pg.url())
+    try:
+        (tmp_path / "one.txt").write_text("first line\nsecond line\n")
+        script = "\n".join([
+            "CREATE TEMP TABLE tt (a text);",
+            f"\\copy tt from '{tmp_path / 'one.txt'}'",
+            "SELECT count(*) FROM tt;",
+            f"SELECT array_length({CALL.format(BACKSLASHED)}, 1);",
+            "SELECT azure_local_ai.set_setting('spin_control', 'true');",
+            "SELECT azure_local_ai.get_setting('spin_control');", ""])
+        out = proxy.psql("-qAt", "-f", "-", dsn=proxy.dsn(database=database), input=script)
+        assert out.stdout.split("\n")[:4] == ["2", "384", "", "true"], out.stdout + out.stderr
+    finally:
+        proxy.stop()

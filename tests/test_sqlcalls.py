@@ -227,3 +227,13 @@ def test_real_array_text_reads_back_as_the_same_floats_on_the_server(pg) -> None
             got = conn.execute("SELECT string_agg(encode(float4send(u), 'hex'), '' ORDER BY n) "
                                "FROM unnest(%s::real[]) WITH ORDINALITY AS x(u, n)", (text,)).fetchone()[0]
             assert got == vector.astype(">f4").tobytes().hex()
+
+
+def test_a_parameter_of_sql_prepare_is_the_servers() -> None:
+    """In PREPARE, $1 is the prepared statement's, given by EXECUTE: the server evaluates the call
+    (a constant in it is still the proxy's)."""
+    (prepared,) = find_calls(f"PREPARE p(text) AS SELECT azure_local_ai.create_embeddings({M}, $1)")
+    assert (prepared.calls, prepared.server_calls) == ([], 1)
+    (constant,) = find_calls(f"PREPARE q AS SELECT azure_local_ai.create_embeddings({M}, 'hello')")
+    assert len(constant.calls) == 1 and constant.server_calls == 0
+    assert only_call(f"SELECT azure_local_ai.create_embeddings({M}, $1)").argument("input").value == BindRef(1)

@@ -72,6 +72,9 @@ def extension_command(node: ast.Node) -> ExtensionCommand | None:
     schema this extension cannot have)."""
     if isinstance(node, ast.CreateExtensionStmt) and node.extname == NAME:
         return ExtensionCommand(_create(node), "CREATE EXTENSION")
+    if (isinstance(node, ast.CommentStmt) and node.objtype == ObjectType.OBJECT_EXTENSION
+            and getattr(node.object, "sval", None) == NAME):
+        return ExtensionCommand(_comment(node.comment), "COMMENT")
     if isinstance(node, ast.AlterExtensionStmt) and node.extname == NAME:
         return ExtensionCommand(_update(_option(node, "new_version")), "ALTER EXTENSION")
     if isinstance(node, ast.DropStmt) and node.removeType == ObjectType.OBJECT_EXTENSION:
@@ -102,8 +105,18 @@ def _check_version(version: str | None) -> str:
     return version
 
 
+#: Held while the extension is created: two sessions' CREATE EXTENSION IF NOT EXISTS take turns, and
+#: the second finds the first's objects (a unique violation otherwise).
+_CREATING_LOCK = "PERFORM pg_catalog.pg_advisory_xact_lock(1634496617, 1)"
+
+
 def _create(node: ast.CreateExtensionStmt) -> str:
-    version = _check_version(_option(node, "new_version"))
+    wanted = _option(node, "new_version")
+    # A version of another numbering (Azure's own, in a dump of a server where the extension is native)
+    # installs the latest of ours, and says so: a restore must not stop there.
+    version = _check_version(wanted if wanted in VERSIONS else None)
+    foreign = (f"RAISE NOTICE 'version \"%\" of extension \"{NAME}\" is not one of azure-local-ai-proxy''s: "
+               f"installing {version}', {_quote(wanted)};\n" if wanted is not None and wanted not in VERSIONS else "")
     schema = _option(node, "schema")
     if schema is not None and schema != NAME:
         raise CallError("0A000", f'extension "{NAME}" must be installed in schema "{NAME}"')
@@ -112,8 +125,20 @@ def _create(node: ast.CreateExtensionStmt) -> str:
     else:
         exists = f"RAISE EXCEPTION 'extension \"{NAME}\" already exists' USING ERRCODE = '42710'"
     return _do(
+        f"{_CREATING_LOCK};\n"
         f"IF {_INSTALLED} THEN {exists}; RETURN; END IF;\n"
-        f"EXECUTE {_dollar(script(version))};"
+        f"{foreign}EXECUTE {_dollar(script(version))};"
+    )
+
+
+def _comment(comment: str | None) -> str:
+    """COMMENT ON EXTENSION, as pg_dump writes it: the comment goes on the extension's schema."""
+    text = "NULL" if comment is None else _quote(comment)
+    return _do(
+        f"IF NOT {_INSTALLED} THEN\n"
+        f"  RAISE EXCEPTION 'extension \"{NAME}\" does not exist' USING ERRCODE = '42704';\n"
+        "END IF;\n"
+        f"EXECUTE pg_catalog.format('COMMENT ON SCHEMA {NAME} IS %s', pg_catalog.quote_nullable({text}));"
     )
 
 

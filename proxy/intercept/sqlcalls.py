@@ -149,6 +149,7 @@ def find_calls(sql: str | bytes, param_types: dict[int, int] | None = None) -> l
             statement = Statement(text.original(raw.stmt_location), text.original(end))
             finder.statement = statement
             finder.statement_index = index
+            finder.prepared = isinstance(raw.stmt, ast.PrepareStmt)
             finder(raw)
             statement.extension = extension_command(raw.stmt)
             _leave_to_server(statement, raw.stmt)
@@ -247,6 +248,8 @@ class _CallFinder(Visitor):
         self.param_types = param_types
         self.statement: Statement | None = None
         self.statement_index = 0
+        #: In SQL's PREPARE, $n is the prepared statement's parameter, which EXECUTE gives the server.
+        self.prepared = False
 
     def visit_FuncCall(self, ancestors: Ancestor, node: ast.FuncCall) -> None:
         names = [n.sval for n in node.funcname]
@@ -331,6 +334,8 @@ class _CallFinder(Visitor):
                 return Const(val.fval), "bigint" if whole else "numeric"
             return Dependent("an unsupported constant"), UNKNOWN
         if isinstance(node, ast.ParamRef):
+            if self.prepared:
+                return Dependent("a parameter of PREPARE"), UNKNOWN
             if node.number < 1:
                 raise CallError("42P02", f"there is no parameter ${node.number}")
             return BindRef(node.number), _OID_TYPES.get(self.param_types.get(node.number, 0), UNKNOWN)
