@@ -149,6 +149,7 @@ class HttpApi:
         return list(value.value), usage.tokens  # type: ignore[call-overload]
 
     async def _json_body(self, request: web.Request) -> object:
+        """The request's body, decoded; whatever keeps it from being read as JSON is the client's error (400)."""
         if request.content_length is not None and request.content_length > self.max_body:
             raise ApiError(413, f"The request body is {request.content_length} bytes; at most {self.max_body} "
                            "are accepted (the proxy's http_max_body).")
@@ -161,6 +162,9 @@ class HttpApi:
             return await asyncio.to_thread(json.loads, raw) if len(raw) > THREAD_BODY else json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # the decoder's depth limit, which it reports as no ValueError
+            raise ApiError(400, "The request body nests JSON arrays or objects too deeply to be decoded "
+                           "(an embeddings request needs two levels).") from exc
 
 
 def _embeddings_body(parsed: EmbeddingsRequest, vectors: list, tokens: int) -> bytes:

@@ -461,9 +461,8 @@ class Framer:
         whole_read = pos == 0 and len(view) <= need and isinstance(view.obj, bytes)
         chunk = view.obj if whole_read else bytes(view[pos : pos + need])  # a whole read is kept, not copied
         if self._marked is False:
-            previous = self._parts[-1] if self._parts else self._held
-            overlap = len(self.marker) - 1  # a marker across the seam of two pieces
-            seam = bytes(previous[-overlap:]) + chunk[:overlap] if overlap else b""
+            overlap = len(self.marker) - 1  # a marker across the seam of this piece and those before it
+            seam = self._body_tail(overlap) + chunk[:overlap]
             self._marked = _has_marker(seam, self.marker) or _has_marker(chunk, self.marker)
         self._parts.append(chunk)
         self._parts_size += len(chunk)
@@ -473,6 +472,17 @@ class Framer:
             out.append(LongMessage(self._held[0], parts, self._marked))
             self._held, self._hold_total, self._marked, self._parts, self._parts_size = bytearray(), 0, None, [], 0
         return pos + len(chunk)
+
+    def _body_tail(self, size: int) -> bytes:
+        """The last `size` bytes of a long message's body gathered so far. They may lie in several
+        pieces (a read can be shorter than the marker), so a marker begun two pieces back is still
+        seen; and never in the header, whose length bytes can look like the marker's first letters."""
+        tail = b""
+        for part in reversed(self._parts):
+            tail = part[max(0, len(part) - (size - len(tail))) :] + tail
+            if len(tail) == size:
+                return tail
+        return bytes(self._held[max(5, len(self._held) - (size - len(tail))) :]) + tail
 
     def _marker_in_held(self, start: int) -> bool:
         return _has_marker(self._held[start:], self.marker)

@@ -64,7 +64,14 @@ class HandshakeProtocol(asyncio.Protocol):
         return pg.Message(header[0], await self.read_exactly(length - 4))
 
     def write(self, data: bytes) -> None:
+        """Send `data`, or raise ConnectionClosed if the peer has gone: the caller's exchange is over.
+        A closed transport would not say so itself (uvloop raises RuntimeError, asyncio drops the bytes
+        with warnings), and a hand-over to the relay must not start on a connection already lost."""
         assert self.transport is not None
+        if self._closed is not None:
+            raise self._closed
+        if self.transport.is_closing():
+            raise ConnectionClosed("connection closed")
         self.transport.write(data)
 
     def detach(self) -> bytes:
@@ -79,9 +86,12 @@ class HandshakeProtocol(asyncio.Protocol):
             raise pg.ProtocolViolation("received unencrypted data after SSL request")
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        new_transport = await loop.start_tls(
-            self.transport, self, context, server_side=server_side, server_hostname=server_hostname
-        )
+        try:
+            new_transport = await loop.start_tls(
+                self.transport, self, context, server_side=server_side, server_hostname=server_hostname
+            )
+        except ConnectionError as exc:  # the peer left during the handshake, as a read would have told
+            raise ConnectionClosed(str(exc) or "connection closed during the TLS handshake") from exc
         self.transport = new_transport  # type: ignore[assignment]
 
     def close(self) -> None:

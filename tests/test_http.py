@@ -221,6 +221,33 @@ async def test_bodies_are_bounded_and_large_ones_decoded(
     assert proxy.alive()
 
 
+def nested(depth: int, opening: str, closing: str) -> bytes:
+    return (opening * depth + closing * depth).encode()
+
+
+@pytest.mark.parametrize("body", [
+    nested(100_000, "[", "]"),
+    nested(100_000, '{"a":', "}"),
+    b'{"model": "' + BUILTIN_URI.encode() + b'", "input": ' + nested(100_000, "[", "]") + b"}",
+    nested(5_000, "[", "]"),  # short enough to be decoded on the event loop, not in a worker thread
+], ids=["array", "object", "input", "short-array"])
+async def test_deeply_nested_json_is_a_bad_request(
+    http_proxy: tuple[ProxyProcess, str], http: aiohttp.ClientSession, body: bytes
+) -> None:
+    """JSON nested past the decoder's depth limit is the client's error (400, in OpenAI's shape), not the
+    proxy's (500 and a traceback in its log)."""
+    proxy, base = http_proxy
+    assert len(body) < MAX_BODY
+    logged = len(proxy.log)
+    async with http.post(f"{base}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error" and "too deeply" in error["message"]
+    new_lines = proxy.log[logged:]
+    assert "RecursionError" not in new_lines and "Traceback" not in new_lines and "level=error" not in new_lines
+    assert proxy.alive()
+
+
 # ---------------------------------------------------------------- /metrics and /healthz
 
 

@@ -218,3 +218,47 @@ def test_framer_finds_the_marker_in_held_messages_as_they_arrive(
         if marked is not None:
             assert msg_type in b"QP"
             assert marked == (marker in body.lower())
+
+
+MARKER = b"azure_local_ai"
+MARKER_CASES = [MARKER, MARKER.upper(), MARKER.title(),
+                bytes(c ^ 0x20 * (i % 2 and c >= ord("a")) for i, c in enumerate(MARKER)),
+                bytes(c ^ 0x20 * (not i % 2 and c >= ord("a")) for i, c in enumerate(MARKER))]
+
+
+def marked_as_fed(msg: bytes, cuts: tuple[int, ...], long_parts: int) -> bool | None:
+    """Feed `msg` to a framer looking for MARKER in Query messages, cut at `cuts`; what it says of it."""
+    framer = pg.Framer(valid_types=pg.FRONTEND_TYPES)
+    framer.inspect = framer.marker_types = frozenset(b"Q")
+    framer.marker, framer.long_parts = MARKER, long_parts
+    points = (0, *cuts, len(msg))
+    pieces = [piece for a, b in itertools.pairwise(points) for piece in framer.feed(msg[a:b])]
+    assert len(pieces) == 1 and isinstance(pieces[0], pg.Message | pg.LongMessage)
+    body = pieces[0].body() if isinstance(pieces[0], pg.LongMessage) else pieces[0].body
+    assert frame(b"Q", body) == msg
+    return pieces[0].marked
+
+
+@pytest.mark.parametrize("long_parts", [0, 40])
+@pytest.mark.parametrize("word", MARKER_CASES, ids=lambda word: word.decode())
+def test_framer_finds_the_marker_however_the_message_is_cut(word: bytes, long_parts: int) -> None:
+    """A 49-byte Query with the marker at offset 30, cut into 3 and 4 pieces every way: found each time,
+    also when it spans three or four pieces (a piece shorter than the marker does not hide its start)."""
+    msg = frame(b"Q", b"x" * 25 + word + b"y" * 5)
+    assert len(msg) == 49 and msg.lower().index(MARKER) == 30
+    missed = [cuts for n in (2, 3) for cuts in itertools.combinations(range(1, len(msg)), n)
+              if marked_as_fed(msg, cuts, long_parts) is not True]
+    assert missed == []
+
+
+@pytest.mark.parametrize("long_parts", [0, 40])
+def test_framer_finds_no_marker_that_is_not_there(long_parts: int) -> None:
+    """Near misses across every 3-piece cut say False: the marker with its last letter changed, and a
+    body that begins with the marker's tail after a length word whose last byte is its first letter."""
+    near = frame(b"Q", b"x" * 25 + MARKER[:-1] + b"b" + b"y" * 5)
+    tail_only = frame(b"Q", MARKER[1:] + b"z" * (ord("a") - 4 - len(MARKER[1:])))
+    assert tail_only[4:5] == b"a"
+    for msg in (near, tail_only):
+        wrong = [cuts for cuts in itertools.combinations(range(1, len(msg)), 2)
+                 if marked_as_fed(msg, cuts, long_parts) is not False]
+        assert wrong == []
