@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,7 +24,7 @@ from . import config as cfg
 from . import logs
 from .console.entry import AdminConsole
 from .console.login import is_loopback
-from .health import HealthCheck
+from .health import HealthCheck, upstream_problem
 from .hooks import SessionInfo
 from .http import HttpApi, HttpListener
 from .intercept.embeddingtables import EmbeddingTables
@@ -133,6 +134,7 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
         EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20,
     )
     service = _service_connections(config, upstream, embedded)
+    _in_background(_check_at_start(upstream, service, _service_database(config)))
     tables = EmbeddingTables(service) if service is not None else None
     server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service, tables),
                          mailboxes=service is not None)
@@ -141,7 +143,7 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_stop_signal, stop, server)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
     try:
         await server.start()
@@ -150,7 +152,7 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
         return 1
     code = 0
     try:
-        http = await _start_http(config, server, backend, upstream)
+        http = await _start_http(config, server, backend, upstream, service)
     except OSError as exc:
         print(f"azure-local-ai-proxy: cannot listen on {config.http_listen}: {exc}", file=sys.stderr)
         http, code = None, 1
@@ -173,16 +175,25 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     return code
 
 
+def _on_stop_signal(stop: asyncio.Event, server: ProxyServer) -> None:
+    """The first SIGTERM or SIGINT starts the shutdown; another one hurries it (PostgreSQL's fast
+    shutdown after its smart one): the sessions still given the grace end now."""
+    if stop.is_set():
+        server.hurry()
+    else:
+        stop.set()
+
+
 async def _start_http(
-    config: cfg.Config, server: ProxyServer, backend: Backend, upstream: Upstream
+    config: cfg.Config, server: ProxyServer, backend: Backend, upstream: Upstream, service: ServiceConnections | None
 ) -> HttpListener | None:
     """The HTTP listener (metrics, health, embeddings API), if one is configured."""
     address = config.http_address
     if address is None:
         return None
     metrics = Metrics(STATS, backend, lambda: len(server.registry.live))
-    api = HttpApi(backend, metrics, HealthCheck(backend, upstream), api_key=config.http_api_key,
-                  max_body=config.http_max_body)
+    health = HealthCheck(backend, upstream, service, _service_database(config))
+    api = HttpApi(backend, metrics, health, api_key=config.http_api_key, max_body=config.http_max_body)
     listener = HttpListener(api, *address)
     await listener.start()
     return listener
@@ -219,6 +230,45 @@ def _service_connections(config: cfg.Config, upstream: Upstream,
     if embedded is None:
         return None
     return ServiceConnections(upstream, embedded.service_user, embedded.service_password)
+
+
+#: Work started at start-up that nobody awaits, held here until it ends (the loop keeps only weak references).
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[object, object, None]) -> None:
+    """Run `work` beside the proxy, without holding up what follows (its outcome goes to the log)."""
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+def _service_database(config: cfg.Config) -> str:
+    """Where the service login is tried, at start-up and by /healthz: the database admin logins are
+    authenticated against, which every login may reach as a rule."""
+    return config.admin_auth_database or "postgres"
+
+
+async def _check_at_start(upstream: Upstream, service: ServiceConnections | None, database: str) -> None:
+    """Say in the log at once what would otherwise show only in each client's error: an upstream server
+    out of reach (the proxy starts anyway: the server may come later), or a service login the server
+    refuses (the calls the server evaluates would fail). Runs beside start-up, never holding it up."""
+    unreachable = await upstream_problem(upstream, upstream.connect_timeout)
+    if unreachable is not None:
+        log.warning("the upstream server is unreachable; the proxy starts anyway, and sessions fail until it "
+                    "is reachable", extra={"event": "upstream_unreachable", "upstream": upstream.describe(),
+                                           "reason": unreachable})
+        return
+    if service is None:
+        return
+    problem = await service.check(database)
+    if problem is not None:
+        log.warning("the service login cannot connect; the calls the server evaluates (generated columns, "
+                    "back-fills) fail until it can: set service_user and service_password (or ~/.pgpass)",
+                    extra={"event": "service_login_failed", "user": service.user, "reason": problem})
+    else:
+        log.info("the service login connects", extra={"event": "service_login_ok", "user": service.user,
+                                                      "database": database})
 
 
 def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | None,

@@ -82,8 +82,9 @@ OPTIONS: tuple[Option, ...] = (
            live=True),
     Option("proxy", "relay_thread", bool, True,
            "move the bytes of sessions the proxy has nothing to do for in a native thread; false: all in Python"),
-    Option("proxy", "shutdown_grace", float, 30.0, "on SIGTERM, seconds sessions get to finish before closing",
-           live=True),
+    Option("proxy", "shutdown_grace", float, 30.0,
+           "on SIGTERM or SIGINT, seconds sessions in a query or a transaction block get to finish before they "
+           "are closed (idle ones are closed at once; a second signal closes all)", live=True),
     Option("proxy", "log_level", str, "info", "debug, info, warning or error", live=True),
     Option("proxy", "log_format", str, "text", "text (key=value) or json", live=True),
     Option("engine", "batch_wait_ms", float, 2.0,

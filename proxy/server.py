@@ -7,6 +7,7 @@ import logging
 import ssl
 from dataclasses import replace
 
+from . import protocol as pg
 from .config import Config
 from .hooks import HookFactory
 from .session import Registry, SessionSettings, handle_client
@@ -14,6 +15,12 @@ from .upstream import Upstream
 from .wire import HandshakeProtocol
 
 log = logging.getLogger("azure_local_ai_proxy.server")
+
+#: The FATAL error sessions end with at shutdown, as PostgreSQL's own at a fast shutdown.
+ADMIN_SHUTDOWN = ("57P01", "terminating connection due to administrator command")
+#: At the end of the grace, how long the sessions' tasks get to see their relays closed before they are
+#: cancelled (a session coming back from the relay thread ends once it is back).
+CLOSE_WAIT = 2.0
 
 
 def client_tls_context(cert: str, key: str) -> ssl.SSLContext | None:
@@ -43,7 +50,9 @@ class ProxyServer:
             relay_thread=config.relay_thread,
         )
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], _AcceptedConnection] = {}
+        #: Set by hurry(): the sessions the shutdown grace waits for end now.
+        self._hurry = asyncio.Event()
 
     def reconfigure(self, config: Config, tls: ssl.SSLContext | None, upstream: Upstream) -> None:
         """A reload: new sessions get the new settings; live sessions keep theirs, but for idle_timeout."""
@@ -73,34 +82,75 @@ class ProxyServer:
         conn = _AcceptedConnection(self)
         return conn
 
-    def _run(self, conn: HandshakeProtocol) -> None:
+    def _run(self, conn: _AcceptedConnection) -> None:
         task = asyncio.get_running_loop().create_task(
             handle_client(conn, self.settings, self.registry, self.config.startup_timeout)
         )
-        self._tasks.add(task)
+        self._tasks[task] = conn
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("session task failed", exc_info=task.exception(), extra={"event": "session_error"})
 
     async def shutdown(self, grace: float) -> None:
-        """Stop accepting; let sessions finish for up to `grace` seconds; then end the rest."""
+        """PostgreSQL's shutdown, as PgBouncer does it: stop accepting; end at once the sessions with
+        nothing in progress, and the connections still starting up or at the admin console; give the
+        sessions in a query or a transaction block up to `grace` seconds, ending each as soon as it is
+        idle outside a block; then, or at hurry(), end the rest."""
         if self._server is not None:
             self._server.close()
         log.info("shutting down", extra={"event": "shutdown", "sessions": len(self.registry.live), "grace": grace})
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace) if grace > 0 else (set(), self._tasks)
-            for session in list(self.registry.live):
-                if session.relay is not None:
-                    session.relay.terminate("57P01", "terminating connection due to administrator command")
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+        self._end_handshakes()
+        busy = self.registry.drain(*ADMIN_SHUTDOWN)
+        if busy and grace > 0:
+            log.warning("waiting up to %g s for %s in a query or transaction block; send SIGTERM or SIGINT again "
+                        "to close them now", grace, _sessions(busy),
+                        extra={"event": "shutdown_wait", "sessions": busy, "grace": grace})
+            await self._grace(grace)
+        await self._end_all()
         if self._server is not None:
             await self._server.wait_closed()
+
+    def hurry(self) -> None:
+        """Another SIGTERM or SIGINT during the shutdown: the sessions it waits for end now."""
+        if not self._hurry.is_set():
+            log.warning("closing the sessions now",
+                        extra={"event": "shutdown_now", "sessions": len(self.registry.live)})
+        self._hurry.set()
+
+    def _end_handshakes(self) -> None:
+        """Connections still in start-up, and admin console sessions, have no query or transaction of
+        the server's to finish: they are told so and end now."""
+        for task, conn in list(self._tasks.items()):
+            transport = conn.transport
+            if transport is None or transport.get_protocol() is not conn:
+                continue  # a relay has it: the registry drains it
+            if not transport.is_closing():
+                transport.write(pg.error_response(*ADMIN_SHUTDOWN))
+            transport.close()
+            task.cancel()
+
+    async def _grace(self, seconds: float) -> None:
+        """Wait until every session has ended, `seconds` have passed, or hurry() was called."""
+        ended = asyncio.gather(*self._tasks, return_exceptions=True)
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({ended, hurried}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+
+    async def _end_all(self) -> None:
+        """End the sessions left (57P01), and wait for their tasks."""
+        for session in list(self.registry.live):
+            if session.relay is not None:
+                session.relay.terminate(*ADMIN_SHUTDOWN)
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_WAIT)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_WAIT)
 
 
 class _AcceptedConnection(HandshakeProtocol):
@@ -113,3 +163,7 @@ class _AcceptedConnection(HandshakeProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._proxy._run(self)
+
+
+def _sessions(count: int) -> str:
+    return f"{count} session" if count == 1 else f"{count} sessions"

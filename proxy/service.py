@@ -73,6 +73,17 @@ class ServiceUnavailable(Exception):
     """The service login cannot reach the server (or is not configured): the call gets this error."""
 
 
+class ServiceLoginFailed(ServiceUnavailable):
+    """The service login cannot connect (the server refuses it, or is out of reach): no answer can be
+    written at all, so the statement waiting for one is told this `cause` (servercalls.py)."""
+
+    def __init__(self, user: str, database: str, cause: str) -> None:
+        super().__init__(f'the proxy\'s service login "{user}" cannot connect to database "{database}": {cause}')
+        self.user = user
+        self.database = database
+        self.cause = cause
+
+
 class LookaheadRefused(ServiceUnavailable):
     """A look-ahead's tables are not plainly readable (readguard.py): its rows ask one by one."""
 
@@ -101,6 +112,13 @@ class ServiceConnections:
         # Look-aheads read through connections of their own, so that answers never wait behind a read.
         self._readers: dict[str, asyncpg.Connection] = {}
         self._reader_locks: dict[str, asyncio.Lock] = {}
+        #: The mailboxes that may exist, by (database, oid): close_mailbox removes only these, so that
+        #: one whose making never reached the server is not reported as left behind.
+        self._mailboxes: set[tuple[str, int]] = set()
+        #: Why the service login could not connect at its last attempt; None once it could, or before
+        #: any attempt (login_tried tells which). What /healthz and the start-up check report.
+        self.login_problem: str | None = None
+        self.login_tried = False
 
     async def _connection(self, database: str, pool: dict[str, asyncpg.Connection] | None = None) -> asyncpg.Connection:
         pool = self._connections if pool is None else pool
@@ -108,23 +126,43 @@ class ServiceConnections:
         if conn is not None and not conn.is_closed():
             return conn
         writer = {"lock_timeout": str(WRITER_LOCK_TIMEOUT_MS)} if pool is self._connections else {}
+        conn = await self._connect(database, writer)
+        pool[database] = conn
+        if pool is self._connections:
+            await self._remove_left_mailboxes(conn, database)
+        return conn
+
+    async def check(self, database: str, timeout: float | None = None) -> str | None:
+        """Whether the service login can connect to `database` (at start-up, and for /healthz): why
+        not, or None. A connection of its own, closed at once: it leaves no mark on the server."""
+        try:
+            conn = await self._connect(database, {}, timeout)
+        except ServiceLoginFailed as exc:
+            return str(exc)
+        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await conn.close(timeout=2)
+        return None
+
+    async def _connect(self, database: str, writer: dict[str, str], timeout: float | None = None
+                       ) -> asyncpg.Connection:
+        """A new connection of the service login (`writer`: the writer's own settings); ServiceLoginFailed,
+        with the server's reason, if it cannot be made. Either way the outcome is kept (login_problem)."""
+        limit = self.upstream.connect_timeout if timeout is None else min(timeout, self.upstream.connect_timeout)
         try:
             conn = await asyncpg.connect(
                 host=self.upstream.host, port=self.upstream.port, user=self.user, password=self.password or None,
-                database=database, ssl=_ssl(self.upstream), timeout=self.upstream.connect_timeout,
+                database=database, ssl=_ssl(self.upstream), timeout=limit,
                 server_settings={"application_name": "azure-local-ai-proxy service", "synchronous_commit": "off",
                                  "search_path": SEARCH_PATH, **writer},
                 # The writer runs a few statements over and over: prepared once, each is one round trip.
                 # Readers run each look-ahead's own query once.
-                statement_cache_size=100 if pool is self._connections else 0,
+                statement_cache_size=100 if writer else 0,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            raise ServiceUnavailable(
-                f"the proxy's service login {self.user!r} cannot connect to database {database!r}: {exc}"
-            ) from exc
-        pool[database] = conn
-        if pool is self._connections:
-            await self._remove_left_mailboxes(conn, database)
+            failed = ServiceLoginFailed(self.user, database, str(exc) or "timeout expired")
+            self.login_problem, self.login_tried = str(failed), True
+            raise failed from exc
+        self.login_problem, self.login_tried = None, True
         return conn
 
     async def _remove_left_mailboxes(self, conn: asyncpg.Connection, database: str) -> None:
@@ -161,6 +199,7 @@ class ServiceConnections:
                f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}{release}")
         async with self._locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database)
+            self._mailboxes.add((database, oid))  # it may exist from here on, whatever the reply
             try:
                 await conn.execute(sql)  # several statements, one implicit transaction
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -261,6 +300,10 @@ class ServiceConnections:
                 raise ServiceUnavailable(f"a look-ahead read failed: {exc}") from exc
 
     async def close_mailbox(self, database: str, oid: int) -> None:
+        """Remove a session's mailbox, if its making reached the server (a failed one may have been made)."""
+        if (database, oid) not in self._mailboxes:
+            return
+        self._mailboxes.discard((database, oid))  # once tried, whatever comes of it: what is left goes later
         try:
             await self._run(database, "SELECT pg_catalog.lo_unlink($1::oid)", oid)
         except ServiceUnavailable as exc:

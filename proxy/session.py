@@ -4,6 +4,7 @@ authentication exchange, up to the server's first ReadyForQuery. Then the relay 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import ssl
@@ -48,6 +49,8 @@ class Registry:
     #: PAUSE (admin console): each session's client is read from no more once its request in progress is
     #: done, until RESUME; new sessions' too.
     paused: bool = False
+    #: Shutting down: the FATAL error (SQLSTATE, text) each session ends with once nothing is in progress.
+    draining: tuple[str, str] | None = None
 
     def pause(self) -> None:
         self.paused = True
@@ -60,6 +63,13 @@ class Registry:
         for session in self.live:
             if session.relay is not None:
                 session.relay.resume()
+
+    def drain(self, sqlstate: str, text: str) -> int:
+        """Shutdown: end each session with this FATAL error once nothing is in progress (at once where
+        nothing is), a session that comes to be meanwhile too; how many sessions go on for now (in a
+        query or a transaction block)."""
+        self.draining = (sqlstate, text)
+        return sum(session.relay.drain(sqlstate, text) for session in list(self.live) if session.relay is not None)
 
     def allocate_key(self, pid: int, secret_length: int) -> tuple[int, bytes]:
         """A cancel key for a client: the server's real process id, so that pg_backend_pid(), NOTIFY
@@ -161,7 +171,7 @@ async def establish(
     mailbox = Mailbox.new() if settings.mailboxes else None
     packet = startup.raw if mailbox is None else pg.with_parameter(startup.raw, MAILBOX_SETTING, mailbox.setting)
     try:
-        server.write(packet)
+        _to_server(server, packet)
         server_parameters = await _relay_authentication(session, client, server, settings.max_message_size, registry)
     except BaseException:
         server.close()
@@ -225,7 +235,7 @@ async def relay_authentication(
         try:
             msg = await server.read_message()
         except ConnectionClosed as exc:
-            raise SessionRejected("08006", "the upstream server closed the connection during start-up") from exc
+            raise _server_gone() from exc
         if msg.type == pg.AUTHENTICATION:
             code = pg.auth_code(msg.body)
             body = pg.strip_channel_binding(msg.body) if code == pg.AUTH_SASL else msg.body
@@ -234,7 +244,7 @@ async def relay_authentication(
                 reply = await client.read_message(max_size)
                 if reply.type != pg.PASSWORD:
                     raise pg.ProtocolViolation(f"expected password response, got message type {reply.type}")
-                server.write(reply.encode())
+                _to_server(server, reply.encode())
         elif msg.type == pg.ERROR_RESPONSE:
             client.write(_explain_startup_error(msg))
             fields = pg.parse_fields(msg.body)
@@ -243,6 +253,20 @@ async def relay_authentication(
             rest(msg)
             if msg.type == pg.READY_FOR_QUERY:
                 return
+
+
+def _to_server(server: HandshakeProtocol, data: bytes) -> None:
+    """Write to the server during start-up. Its connection lost is the server's failure, told to the
+    client as such (08006), not the client's leaving, which a ConnectionClosed means in handle_client."""
+    try:
+        server.write(data)
+    except ConnectionClosed as exc:
+        raise _server_gone() from exc
+
+
+def _server_gone() -> SessionRejected:
+    """One error for the server's leaving however it shows (a read or a write), so the client hears it alike."""
+    return SessionRejected("08006", "the upstream server closed the connection during start-up")
 
 
 def _explain_startup_error(msg: pg.Message) -> bytes:
@@ -327,7 +351,8 @@ async def handle_client(
     else:
         if console is not None:
             try:
-                await console()
+                with contextlib.suppress(ConnectionClosed):  # the admin left while being answered
+                    await console()
             finally:
                 client.close()
                 session.log.info("session end", extra={"event": "disconnect"})
@@ -337,6 +362,8 @@ async def handle_client(
         STATS.sessions_total += 1
         if registry.paused:
             relay.pause()
+        if registry.draining is not None:
+            relay.drain(*registry.draining)
         try:
             await asyncio.shield(relay.closed)
         finally:
@@ -357,7 +384,8 @@ def _address(peer: object) -> str:
 
 def _refuse(client: HandshakeProtocol, session: Session, sqlstate: str, text: str) -> None:
     _log_refusal(session, sqlstate, text, by="proxy")
-    client.write(pg.error_response(sqlstate, text))
+    with contextlib.suppress(ConnectionClosed):  # a client that has left is refused all the same
+        client.write(pg.error_response(sqlstate, text))
     client.close()
 
 

@@ -117,8 +117,10 @@ def test_idle_timeout_spares_running_queries(proxy_factory) -> None:
 
 
 def test_sigterm_lets_sessions_finish_then_closes(proxy_factory) -> None:
+    """A session in a transaction block gets the grace (an idle one would end at once: test_shutdown.py)."""
     proxy = proxy_factory("--shutdown-grace", "2")
-    conn = psycopg.connect(proxy.dsn(), autocommit=True)
+    conn = psycopg.connect(proxy.dsn())
+    conn.execute("select 1")  # opens the transaction block
     proxy.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(psycopg.OperationalError):

@@ -25,6 +25,7 @@ from ..messages import Bind, Parse, describe_target, encode_parameter_descriptio
 from ..protocol import ProtocolViolation
 from ..relay import QueryFailed
 from ..stats import STATS
+from . import azuresettings
 from .copyrows import CopyFrom, CopyRows, copy_from_stdin
 from .errors import CallError
 from .evaluate import parameter, replacement
@@ -157,10 +158,14 @@ class InterceptHook:
         if msg_type == pg.QUERY:
             if mentions_schema(body) if marked is None else marked:
                 return True
+            if marked is None and azuresettings.mentions(body):
+                return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
             return self._may_keep_before(body, copy=True)
         if msg_type == pg.PARSE:
             if mentions_schema(body) if marked is None else marked:
+                return True
+            if marked is None and azuresettings.mentions(body):
                 return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
             name = _cstring_at(body, 0) if self.statements or self.inserts else None
@@ -196,11 +201,12 @@ class InterceptHook:
         return b"insert" in lowered and any(name in lowered for name in names)
 
     def markers(self) -> list[bytes]:
-        """What the relay thread stops at in a Query or Parse: the schema's name, the names of the
-        tables whose one-row INSERTs this hook answers before they run, and COPY FROM STDIN's."""
+        """What the relay thread stops at in a Query or Parse: the schema's name, azure.extensions
+        (azuresettings.py), the names of the tables whose one-row INSERTs this hook answers before they
+        run, and COPY FROM STDIN's."""
         if self.server_calls is None:
-            return [self.marker]
-        return [self.marker, b"stdin", *self.server_calls.tables.names(self.info.database)]
+            return [self.marker, azuresettings.MARKER]
+        return [self.marker, azuresettings.MARKER, b"stdin", *self.server_calls.tables.names(self.info.database)]
 
     def resting(self) -> list[bytes] | None:
         busy = self._watching or self._lookaheads or (self._work is not None and not self._work.done())
@@ -256,6 +262,8 @@ class InterceptHook:
         if text is None:
             control.forward(pg.QUERY, body)
             return
+        if not long and azuresettings.mentions(body):
+            await self._define_azure_settings(control)
         if not long and not mentions_schema(body):  # wanted as a one-row INSERT or a COPY (_may_keep_before)
             copy = copy_from_stdin(text) if self.server_calls is not None else None
             if copy is not None:
@@ -346,6 +354,8 @@ class InterceptHook:
         if not _is_utf8(parse.query):
             control.forward(pg.PARSE, parse.encode())  # the server refuses it (22021)
             return
+        if azuresettings.mentions(parse.query.encode()):
+            await self._define_azure_settings(control)
         if not mentions_schema(parse.query.encode()):  # wanted as a one-row INSERT (_may_keep_before)
             inputs, handed_over = self._row_inputs(parse.query, control)
             if inputs:
@@ -481,6 +491,14 @@ class InterceptHook:
             control.send_client(pg.notice_response(
                 f"azure-local-ai-proxy: the built-in model {BUILTIN_URI} is being {warming} (once, at start-up); "
                 "this call waits for it"))
+
+    async def _define_azure_settings(self, control: SessionControl) -> None:
+        """Define azure.extensions in the session where the server lacks it (azuresettings.py). Where
+        the proxy cannot wait for the server (inside a pipeline) the statement goes as it is."""
+        if control.in_batch:
+            return
+        with contextlib.suppress(QueryFailed):
+            await control.query(azuresettings.DEFINE)
 
     async def _privileged(self, control: SessionControl) -> bool:
         """Ask the server, as the session's current user, whether it may change settings and models."""
@@ -699,6 +717,10 @@ class InterceptHook:
         ):
             return _without_context(msg_type, body)  # the DO block an extension statement ran as
         if msg_type == pg.ERROR_RESPONSE:
+            unanswered = self.server_calls.cancelled_error(body) if self.server_calls is not None else None
+            if unanswered is not None:  # the proxy cancelled it: its service login cannot write the answer
+                self._drop_describes_of_batch()
+                return unanswered
             if self._answered in self._hinted:
                 hinted = _with_missing_extension_hint(body)
                 if hinted is not None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import protocol as pg
 from ..mailbox import Mailbox
-from ..service import LookaheadRefused, ServiceConnections, ServiceUnavailable
+from ..service import LookaheadRefused, ServiceConnections, ServiceLoginFailed, ServiceUnavailable
 from ..stats import STATS
 from .embeddingtables import EmbeddingTables
 from .errors import CallError
@@ -92,6 +92,18 @@ def server_evaluated_privileged(function: str) -> CallError:
         "the caller's rights there. Not inside a function, a DO block, a trigger or a view.")
 
 
+def unanswerable(function: str, failed: ServiceLoginFailed) -> CallError:
+    """The error of a call whose answer cannot be written, its service login refused or out of reach:
+    what the statement the proxy cancels fails with, rather than 'canceling statement due to user request'."""
+    return CallError(
+        "08001", f'azure-local-ai-proxy cannot answer azure_local_ai.{function}: its service login "{failed.user}" '
+        f'cannot connect to database "{failed.database}": {failed.cause}',
+        "The proxy writes the answers of the calls the server evaluates through its own login, service_user: set "
+        "service_password (or that login's line in ~/.pgpass, or PGPASSWORD) to its password on the server, or "
+        "service_user to a login that may connect to this database, and restart the proxy. Its log and /healthz "
+        "say whether the service login connects.")
+
+
 def _retrieve(task: asyncio.Future[bool]) -> None:
     """Mark a failure as seen: whoever needs the outcome looks at it."""
     if not task.cancelled():
@@ -155,6 +167,9 @@ class ServerCalls:
         self.tables = tables
         self._role = login  # the role of the session's latest request: what its functions run as, likely
         self._cancel_statement = cancel_statement
+        #: Why the proxy cancelled the running statement, if it did because its answer could not be
+        #: written: the client gets this error instead of the cancel's (cancelled_error).
+        self._unanswered: CallError | None = None
         self._granted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being made or dropped, locks let go of
@@ -203,7 +218,7 @@ class ServerCalls:
             working.cancel()
         # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
         # cutting a service query short would leave its connection in doubt.
-        await asyncio.shield(self._deliver_or_cancel(request, status, text))
+        await asyncio.shield(self._deliver_or_cancel(request, status, text, self._statement))
 
     async def _outcome(self, request: Request) -> tuple[str, str]:
         try:
@@ -241,18 +256,35 @@ class ServerCalls:
         held = taking.done() and not taking.cancelled() and taking.exception() is None and taking.result()
         return key if held else None
 
-    async def _deliver_or_cancel(self, request: Request, status: str, text: str) -> None:
+    async def _deliver_or_cancel(self, request: Request, status: str, text: str, statement: int) -> None:
+        """Deliver the answer to a request of the statement numbered `statement`; if it cannot be
+        written, cancel that statement (never a later one), saying why where the cause is known."""
         try:
             await self._deliver(request, status, text)
         except ServiceUnavailable as exc:
             # The function would wait for an answer that cannot come: stop its statement instead.
             log.error("a server call could not be answered", extra={"event": "server_call_failed",
                                                                     "reason": str(exc)})
+            if statement != self._statement:
+                return  # it ended meanwhile: a cancel would stop the session's next statement
+            if isinstance(exc, ServiceLoginFailed):
+                self._unanswered = unanswerable(request.function, exc)
+                STATS.error(self._unanswered.sqlstate, "server")
             try:
                 await self._cancel_statement()
             except Exception as cancel_failed:  # the server is out of reach too: the session will notice
                 log.warning("a statement could not be cancelled", extra={"event": "cancel_failed",
                                                                           "reason": str(cancel_failed)})
+
+    def cancelled_error(self, body: bytes) -> bytes | None:
+        """What the client gets instead of the server's ErrorResponse `body`: where it is the cancel of a
+        statement whose answer the service login could not write, that cause and what to set; None
+        for any other error."""
+        error = self._unanswered
+        if error is None or pg.parse_fields(body).get("C") != "57014":
+            return None
+        self._unanswered = None
+        return pg.error_response(error.sqlstate, error.message, severity="ERROR", hint=error.hint)
 
     async def _evaluate(self, request: Request) -> tuple[str, str]:
         if request.function in PRIVILEGED:
@@ -472,6 +504,7 @@ class ServerCalls:
         the mailbox, and any answer still being worked out for a call that was cancelled."""
         self._statement += 1
         self.asked_in_statement = 0
+        self._unanswered = None
         self._kept_role = None
         self._unkept.clear()
         self._copied = []
