@@ -27,6 +27,21 @@ def direct(pg: PgCluster) -> psycopg.Connection:
 
 
 @contextlib.contextmanager
+def new_database(pg: PgCluster, prefix: str, *extensions: str) -> Iterator[str]:
+    """Create a uniquely named database (with `extensions` created in it); drop it afterwards."""
+    name = unique(prefix)
+    pg.psql(f"CREATE DATABASE {name}")
+    with psycopg.connect(pg.dsn(database=name), autocommit=True) as conn:
+        for extension in extensions:
+            conn.execute(f"CREATE EXTENSION {extension}")
+    try:
+        yield name
+    finally:
+        with direct(pg) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@contextlib.contextmanager
 def scratch_table(pg: PgCluster, columns: str, prefix: str = "t", unlogged: bool = False) -> Iterator[str]:
     """Create a uniquely named table directly on the server; drop it afterwards."""
     name = unique(prefix)

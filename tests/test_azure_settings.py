@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from .helpers import unique
+from .helpers import new_database
 from .pgcluster import PgCluster
 from .proxyproc import ProxyProcess
 
@@ -18,11 +18,8 @@ LISTED = "AZURE_LOCAL_AI,VECTOR"  # the test server has pgvector to create
 
 @pytest.fixture()
 def database(pg: PgCluster) -> Iterator[str]:
-    name = unique("azset")
-    pg.psql(f"CREATE DATABASE {name}")
-    yield name
-    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with new_database(pg, "azset") as name:
+        yield name
 
 
 def test_show_azure_extensions_in_psql_and_in_the_extended_protocol(proxy: ProxyProcess, pg: PgCluster,

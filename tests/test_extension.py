@@ -21,7 +21,7 @@ from proxy import protocol as pg
 from proxy.intercept.servercalls import encode_answer, kept_key, kept_place
 from proxy.mailbox import Mailbox
 
-from .helpers import unique
+from .helpers import new_database, unique
 from .helpers_embeddings import assert_same_embeddings
 from .pgcluster import PgCluster, debian_postgres_bin, start_cluster
 from .proxyproc import ProxyProcess, start_proxy
@@ -51,13 +51,8 @@ TEXTS = ["hello world", "bonjour le monde", "hola mundo", "こんにちは世界
 
 @pytest.fixture()
 def database(pg: PgCluster) -> Iterator[str]:
-    name = unique("ext")
-    pg.psql(f"CREATE DATABASE {name}")
-    with psycopg.connect(pg.dsn(database=name), autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION vector")
-    yield name
-    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with new_database(pg, "ext", "vector") as name:
+        yield name
 
 
 @pytest.fixture()
@@ -766,17 +761,10 @@ COPY public.docs (id, body) FROM stdin;
 """
 
 
-def restored_database(pg: PgCluster) -> Iterator[str]:
-    name = unique("restored")
-    pg.psql(f"CREATE DATABASE {name}")
-    yield name
-    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
 @pytest.fixture()
 def restored(pg: PgCluster) -> Iterator[str]:
-    yield from restored_database(pg)
+    with new_database(pg, "restored") as name:
+        yield name
 
 
 def test_a_dump_of_a_server_with_the_native_extension_restores_through_the_proxy(
@@ -809,7 +797,7 @@ def test_dumps_made_through_the_proxy_restore_with_exit_on_error(
     plain = subprocess.run([str(pg.bin_dir / "pg_dump"), "--no-owner", proxy.dsn(database=database)],
                            check=True, capture_output=True, text=True, timeout=120).stdout
     for restore in ("plain", "custom"):
-        for name in restored_database(pg):
+        with new_database(pg, "restored") as name:
             if restore == "plain":
                 proxy.psql("-q", "-f", "-", dsn=proxy.dsn(database=name), input=plain)
             else:

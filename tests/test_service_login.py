@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from .conftest import SCRAM_PASSWORD
-from .helpers import unique
+from .helpers import new_database
 from .pgcluster import PgCluster, free_port, start_cluster
 from .proxyproc import ProxyProcess, start_proxy
 from .test_http import closed_port
@@ -53,13 +53,8 @@ def wait_for_log(proxy: ProxyProcess, text: str, timeout: float = 30) -> str:
 
 @pytest.fixture()
 def database(pg: PgCluster) -> Iterator[str]:
-    name = unique("svc")
-    pg.psql(f"CREATE DATABASE {name}")
-    with psycopg.connect(pg.dsn(database=name), autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION vector")
-    yield name
-    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with new_database(pg, "svc", "vector") as name:
+        yield name
 
 
 @pytest.fixture()

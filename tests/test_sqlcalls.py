@@ -97,8 +97,13 @@ def test_extension_statements_are_recognised() -> None:
         find_calls("drop extension azure_local_ai, vector")
     assert refused.value.sqlstate == "0A000"
     with pytest.raises(CallError) as version:
-        find_calls("create extension azure_local_ai version '2.0'")
+        find_calls("alter extension azure_local_ai update to '2.0'")
     assert version.value.sqlstate == "22023"
+    # A version of another numbering (a dump of Azure's native extension) installs the latest, saying so.
+    (foreign,) = find_calls("create extension azure_local_ai with schema azure_local_ai version '0.9.1'")
+    assert "is not one of azure-local-ai-proxy''s: installing 1.3" in foreign.extension.sql
+    (comment,) = find_calls("comment on extension azure_local_ai is 'from a dump'")
+    assert comment.extension.tag == "COMMENT"
 
 
 def test_calls_everywhere_in_every_statement() -> None:
