@@ -93,6 +93,13 @@ def _query_text(body: bytes) -> str | None:
         return None
 
 
+def _names_ours(body: bytes) -> bool:
+    """Whether a statement names the schema or azure.extensions (azuresettings.py): the body is lowered
+    once for both, as every Query and Parse of a hooked session is looked at here."""
+    lowered = body.lower()
+    return SCHEMA_MARKER in lowered or azuresettings.MARKER in lowered
+
+
 def _from_server(exc: QueryFailed) -> CallError:
     """The error of the proxy's own query (or of waiting for the server), as the call's error."""
     return CallError(exc.fields.get("C", "XX000"), exc.fields.get("M", ""), exc.fields.get("H"))
@@ -156,16 +163,12 @@ class InterceptHook:
 
     def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool:
         if msg_type == pg.QUERY:
-            if mentions_schema(body) if marked is None else marked:
-                return True
-            if marked is None and azuresettings.mentions(body):
+            if _names_ours(body) if marked is None else marked:
                 return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
             return self._may_keep_before(body, copy=True)
         if msg_type == pg.PARSE:
-            if mentions_schema(body) if marked is None else marked:
-                return True
-            if marked is None and azuresettings.mentions(body):
+            if _names_ours(body) if marked is None else marked:
                 return True
             self._unread = (msg_type, body) if self.server_calls is not None else None
             name = _cstring_at(body, 0) if self.statements or self.inserts else None
