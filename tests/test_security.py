@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from .helpers import unique
-from .pgcluster import PgCluster
+from .pgcluster import PgCluster, embedded_data_dir
 from .proxyproc import ProxyProcess, start_proxy
 
 MODEL = "multilingual-e5-small:v1"
@@ -40,26 +40,18 @@ class Target:
         return psycopg.connect(self.proxy.dsn(database=database), autocommit=True)
 
 
-def _data_dir(tmp_path_factory: pytest.TempPathFactory, model_data_dir: Path, name: str) -> Path:
-    data_dir = tmp_path_factory.mktemp(name)
-    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
-    return data_dir
-
-
 @pytest.fixture(scope="module", params=["external", "embedded"])
-def target(request: pytest.FixtureRequest, pg: PgCluster, model_data_dir: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    if request.param == "external":
-        login = unique("svc")
-        pg.psql(f"CREATE ROLE {login} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {login}")
-        running = start_proxy(_data_dir(tmp_path_factory, model_data_dir, "security-external"),
-                              "--service-user", login, upstream=pg.url(), preload=True)
-    else:
-        login = EMBEDDED_SERVICE_LOGIN
-        running = start_proxy(_data_dir(tmp_path_factory, model_data_dir, "security-embedded"), upstream=None,
-                              preload=True)
-    yield Target(request.param, running, login)
-    running.stop()
+def target(request: pytest.FixtureRequest, pg: PgCluster, model_data_dir: Path) -> Iterator[Target]:
+    with embedded_data_dir(model_data_dir) as data_dir:
+        if request.param == "external":
+            login = unique("svc")
+            pg.psql(f"CREATE ROLE {login} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {login}")
+            running = start_proxy(data_dir, "--service-user", login, upstream=pg.url(), preload=True)
+        else:
+            login = EMBEDDED_SERVICE_LOGIN
+            running = start_proxy(data_dir, upstream=None, preload=True)
+        yield Target(request.param, running, login)
+        running.stop()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 
 from proxy import protocol as pg_protocol
 
-from .pgcluster import PgCluster, free_port
+from .pgcluster import PgCluster, embedded_data_dir, free_port
 from .proxyproc import ProxyProcess, start_proxy
 from .rawclient import RawClient
 from .test_relay_thread import metric, until
@@ -207,12 +207,14 @@ def _postmasters(pgdata: Path) -> list[psutil.Process]:
     return found
 
 
-def test_restart_after_kill_stops_the_embedded_server(tmp_path: Path, model_data_dir: Path) -> None:
+def test_restart_after_kill_stops_the_embedded_server(model_data_dir: Path) -> None:
     """A proxy killed with SIGKILL leaves its embedded server running: the next proxy on the data
     directory adopts it, and stops it when it stops."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "models").symlink_to(model_data_dir / "models", target_is_directory=True)
+    with embedded_data_dir(model_data_dir) as data_dir:
+        _restart_after_kill(data_dir)
+
+
+def _restart_after_kill(data_dir: Path) -> None:
     pgdata = (data_dir / "postgres").resolve()
     try:
         first = start_proxy(data_dir, upstream=None)

