@@ -22,6 +22,7 @@ from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
 
+from ..tasks import retrieve
 from .embedcache import Abandoned, EmbeddingCache
 from .errors import CallError
 
@@ -172,7 +173,7 @@ class Backend:
             await self._compute(files, uri, texts, missing, batch_size, out, usage)
             return out  # type: ignore[return-value]
         computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out, usage))
-        computing.add_done_callback(_retrieve)
+        computing.add_done_callback(retrieve)
         try:
             late = []
             for i, future in promised.items():
@@ -293,12 +294,6 @@ class Backend:
         self._files.pop(uri, None)
         self.cache.forget_model(uri)
         await asyncio.to_thread(self.engine.unload, uri)
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a task's failure as seen: it is raised where the task is awaited, if it is awaited."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _seconds(timeout_ms: int) -> float | None:

@@ -26,6 +26,7 @@ from .. import protocol as pg
 from ..mailbox import Mailbox
 from ..service import LookaheadRefused, ServiceConnections, ServiceLoginFailed, ServiceUnavailable
 from ..stats import STATS
+from ..tasks import retrieve, shielded
 from .embeddingtables import EmbeddingTables
 from .errors import CallError
 from .evaluate import as_text, run
@@ -102,12 +103,6 @@ def unanswerable(function: str, failed: ServiceLoginFailed) -> CallError:
         "service_password (or that login's line in ~/.pgpass, or PGPASSWORD) to its password on the server, or "
         "service_user to a login that may connect to this database, and restart the proxy. Its log and /healthz "
         "say whether the service login connects.")
-
-
-def _retrieve(task: asyncio.Future[bool]) -> None:
-    """Mark a failure as seen: whoever needs the outcome looks at it."""
-    if not task.cancelled():
-        task.exception()
 
 
 def encode_answer(mailbox: Mailbox, request_id: str, status: str, text: str) -> bytes:
@@ -218,7 +213,7 @@ class ServerCalls:
             working.cancel()
         # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
         # cutting a service query short would leave its connection in doubt.
-        await asyncio.shield(self._deliver_or_cancel(request, status, text, self._statement))
+        await shielded(self._deliver_or_cancel(request, status, text, self._statement))
 
     async def _outcome(self, request: Request) -> tuple[str, str]:
         try:
@@ -239,7 +234,7 @@ class ServerCalls:
         if self._holding is None:
             key = self.mailbox.request_lock_key(request.id) if request.keyed else self.mailbox.lock_key
             taking = asyncio.ensure_future(self.service.try_lock(self.database, key))
-            taking.add_done_callback(_retrieve)
+            taking.add_done_callback(retrieve)
             self._holding = key, taking
         if not self._granted:
             self._granted.add(request.role)  # the answer's delivery, queued behind the making, only writes
@@ -475,10 +470,8 @@ class ServerCalls:
                 self._progress.clear()
                 await self._progress.wait()
             try:
-                reading = asyncio.ensure_future(
-                    self.service.read_texts(self.database, self.login, lookahead, page, offset))
-                reading.add_done_callback(_retrieve)  # read on when the statement ends: its failure is seen here
-                texts = await asyncio.shield(reading)
+                # Read on when the statement ends: the service connection is never left mid-query.
+                texts = await shielded(self.service.read_texts(self.database, self.login, lookahead, page, offset))
             except LookaheadRefused as exc:
                 log.info("a statement's rows were not read ahead", extra={"event": "lookahead_refused",
                                                                           "reason": str(exc)})
@@ -530,8 +523,8 @@ class ServerCalls:
             await work()
 
         task = asyncio.ensure_future(after())
-        task.add_done_callback(_retrieve)
-        self._mailbox_work = task
+        task.add_done_callback(retrieve)
+        self._mailbox_work = task  # the work itself: a cancelled caller of a shield is not its end
         return asyncio.shield(task)
 
     def _track(self, work: Awaitable[None]) -> None:
