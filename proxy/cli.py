@@ -110,6 +110,8 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     if config.upstream:
         try:
             upstream = Upstream.from_url(config.upstream, config.connect_timeout)
+            if config.service_upstream:
+                Upstream.from_url(config.service_upstream, config.connect_timeout)
         except ValueError as exc:
             print(f"azure-local-ai-proxy: {exc}", file=sys.stderr)
             return 2
@@ -136,8 +138,7 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     service = _service_connections(config, upstream, embedded)
     _in_background(_check_at_start(upstream, service, _service_database(config)))
     tables = EmbeddingTables(service) if service is not None else None
-    server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service, tables),
-                         mailboxes=service is not None)
+    server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service, tables))
     reloader = Reloader(args.config, args, server, backend, service=service)
     server.settings = replace(server.settings, console=AdminConsole(server, backend, reloader.reload, _version()))
     stop = asyncio.Event()
@@ -226,7 +227,9 @@ def _service_connections(config: cfg.Config, upstream: Upstream,
     if not config.server_calls:
         return None
     if config.service_user:
-        return ServiceConnections(upstream, config.service_user, config.service_password)
+        target = Upstream.from_url(config.service_upstream, config.connect_timeout) if (
+            config.service_upstream) else upstream
+        return ServiceConnections(target, config.service_user, config.service_password)
     if embedded is None:
         return None
     return ServiceConnections(upstream, embedded.service_user, embedded.service_password)
@@ -274,9 +277,9 @@ async def _check_at_start(upstream: Upstream, service: ServiceConnections | None
 def _hook(info: SessionInfo, backend: Backend, service: ServiceConnections | None,
           tables: EmbeddingTables | None) -> InterceptHook:
     server_calls = None
-    if service is not None and info.mailbox is not None and info.server_key is not None:
+    if service is not None and info.server_key is not None:
         key = info.server_key
-        server_calls = ServerCalls(info.user, info.database, info.mailbox, key[0], backend, service,
+        server_calls = ServerCalls(info.user, info.database, key[0], backend, service,
                                    lambda: info.upstream.send_cancel(*key), tables)
     return InterceptHook(info, backend, server_calls)
 

@@ -115,6 +115,10 @@ OPTIONS: tuple[Option, ...] = (
            "DATA_DIR/service-password) with the embedded server, and no server calls with an external one"),
     Option("proxy", "service_password", str, "",
            "its password, if the server asks for one (or use PGPASSWORD / ~/.pgpass)", secret=True),
+    Option("proxy", "service_upstream", str, "",
+           "where the service login connects, a postgresql:// URL as upstream is; empty: upstream. Behind a "
+           "connection pooler in transaction mode, the server itself (or a session-mode pool): the service "
+           "connections hold advisory locks from one transaction to the next"),
     Option("http", "http_listen", str, "",
            "address of the HTTP listener (/metrics, /healthz, /v1/embeddings, /v1/models), HOST:PORT; a bare "
            ":PORT is 127.0.0.1; empty: no HTTP listener"),
@@ -161,6 +165,7 @@ class Config:
     server_calls: bool
     service_user: str
     service_password: str
+    service_upstream: str
     http_listen: str
     http_api_key: str
     http_max_body: int

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .mailbox import Mailbox
 from .upstream import Upstream
 
 #: A watcher gets each server message (type, body) and returns the bytes to send to the client
@@ -30,8 +29,6 @@ class SessionInfo:
     database: str
     parameters: dict[str, str]
     upstream: Upstream
-    #: The session's mailbox for the calls its server evaluates (intercept/servercalls.py), if it has one.
-    mailbox: Mailbox | None = None
     #: The upstream backend's (pid, secret), to cancel its statement.
     server_key: tuple[int, bytes] | None = None
 

@@ -1,16 +1,17 @@
-"""Where a session's server backend reads the proxy's answers to the calls it evaluates: a large
-object (its OID), and the secret the answers are signed with. The proxy tells the backend, and nobody
-else, with a start-up parameter (see intercept/servercalls.py)."""
+"""Where a server backend reads the proxy's answers to the calls it evaluates in a transaction: a large
+object (its OID), and the secret the answers are signed with. The transaction's setting
+azure_local_ai.proxy_session holds them (see intercept/servercalls.py)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
-#: The start-up parameter the proxy adds for the backend: "OID SECRET".
-MAILBOX_SETTING = "azure_local_ai.proxy_session"
 _FIRST_OID = 1 << 31  # mailboxes take OIDs from the top half, far from those the server hands out
+_LAST_OID = (1 << 32) - 3
+_SECRET = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,16 @@ class Mailbox:
     @classmethod
     def new(cls) -> Mailbox:
         return cls(_FIRST_OID + secrets.randbelow((1 << 31) - 2), secrets.token_hex(16))
+
+    @classmethod
+    def parse(cls, setting: str) -> Mailbox:
+        """The mailbox of a setting "OID SECRET" (as a function of extension 1.4 chooses it); ValueError
+        for anything else."""
+        oid_text, secret = setting.split(" ")
+        oid = int(oid_text)
+        if not _FIRST_OID <= oid <= _LAST_OID or not _SECRET.fullmatch(secret):
+            raise ValueError(f"not a mailbox: {setting!r}")
+        return cls(oid, secret)
 
     @property
     def setting(self) -> str:

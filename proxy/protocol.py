@@ -117,12 +117,6 @@ def startup_message(parameters: dict[str, str], version: int = PROTOCOL_3_0) -> 
     return _I32.pack(len(body) + 4) + body
 
 
-def with_parameter(packet: bytes, name: str, value: str) -> bytes:
-    """A StartupMessage (length word included) with one more parameter, before its terminator."""
-    body = packet[4:-1] + name.encode() + b"\0" + value.encode() + b"\0\0"
-    return _I32.pack(len(body) + 4) + body
-
-
 def cancel_request(pid: int, secret: bytes) -> bytes:
     """A CancelRequest packet naming backend `pid` with key `secret`."""
     return _I32.pack(12 + len(secret)) + _I32.pack(CANCEL_REQUEST) + _I32.pack(pid) + secret

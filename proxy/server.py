@@ -36,8 +36,7 @@ class ProxyServer:
     """Accepts clients on one address and relays each to the upstream server."""
 
     def __init__(
-        self, config: Config, upstream: Upstream, hook_factory: HookFactory | None = None, *, mailboxes: bool = False
-    ) -> None:
+        self, config: Config, upstream: Upstream, hook_factory: HookFactory | None = None) -> None:
         self.config = config
         self.registry = Registry()
         self.settings = SessionSettings(
@@ -46,7 +45,6 @@ class ProxyServer:
             max_message_size=config.max_message_size,
             idle_timeout=config.idle_timeout,
             hook_factory=hook_factory,
-            mailboxes=mailboxes,
             relay_thread=config.relay_thread,
         )
         self._server: asyncio.Server | None = None

@@ -30,6 +30,14 @@ JOIN pg_catalog.pg_description d ON d.objoid = m.oid AND d.classoid = 'pg_catalo
 WHERE m.lomowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
   AND d.description LIKE '{MAILBOX_COMMENT}%'
   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE d.description = '{MAILBOX_COMMENT}' || a.pid)"""
+#: Remove a mailbox: only a large object of the service login's that says it is one (were the
+#: outcome of its making unknown, the OID might be another's).
+_REMOVE_MAILBOX = f"""
+SELECT count(pg_catalog.lo_unlink(m.oid))
+FROM pg_catalog.pg_largeobject_metadata m
+JOIN pg_catalog.pg_description d ON d.objoid = m.oid AND d.classoid = 'pg_catalog.pg_largeobject'::regclass
+WHERE m.oid = $1::oid AND m.lomowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
+  AND d.description LIKE '{MAILBOX_COMMENT}%'"""
 _INLINE_ANSWER = 1 << 16  # a first answer up to this size goes in the statement that makes the mailbox
 #: The search_path of every service connection: no name the proxy's queries use (nor a look-ahead's
 #: operators, functions and types) can resolve to an object another role made (readguard.py).
@@ -115,6 +123,9 @@ class ServiceConnections:
         #: The mailboxes that may exist, by (database, oid): close_mailbox removes only these, so that
         #: one whose making never reached the server is not reported as left behind.
         self._mailboxes: set[tuple[str, int]] = set()
+        #: The mailboxes a session of this proxy has (made or not yet), by (database, oid): no other may
+        #: take one (claim_mailbox).
+        self._claimed: set[tuple[str, int]] = set()
         #: Why the service login could not connect at its last attempt; None once it could, or before
         #: any attempt (login_tried tells which). What /healthz and the start-up check report.
         self.login_problem: str | None = None
@@ -137,7 +148,7 @@ class ServiceConnections:
         not, or None. A connection of its own, closed at once: it leaves no mark on the server."""
         try:
             conn = await self._connect(database, {}, timeout)
-        except ServiceLoginFailed as exc:
+        except ServiceUnavailable as exc:
             return str(exc)
         with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await conn.close(timeout=2)
@@ -152,17 +163,27 @@ class ServiceConnections:
             conn = await asyncpg.connect(
                 host=self.upstream.host, port=self.upstream.port, user=self.user, password=self.password or None,
                 database=database, ssl=_ssl(self.upstream), timeout=limit,
-                server_settings={"application_name": "azure-local-ai-proxy service", "synchronous_commit": "off",
-                                 "search_path": SEARCH_PATH, **writer},
+                # Only what a pooler passes on (PgBouncer refuses other start-up parameters): the rest is SET.
+                server_settings={"application_name": "azure-local-ai-proxy service"},
                 # The writer runs a few statements over and over: prepared once, each is one round trip.
                 # Readers run each look-ahead's own query once.
                 statement_cache_size=100 if writer else 0,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            failed = ServiceLoginFailed(self.user, database, str(exc) or "timeout expired")
+            cause = str(exc) or "timeout expired"
+            if "unsupported startup parameter" in cause:  # PgBouncer's refusal of the connection's settings
+                cause += " (a connection pooler: set service_upstream to the server itself)"
+            failed = ServiceLoginFailed(self.user, database, cause)
             self.login_problem, self.login_tried = str(failed), True
             raise failed from exc
         self.login_problem, self.login_tried = None, True
+        settings = {"synchronous_commit": "off", "search_path": SEARCH_PATH, **writer}
+        try:
+            await conn.execute("SELECT " + ", ".join(f"pg_catalog.set_config('{name}', '{value}', false)"
+                                                     for name, value in settings.items()))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            conn.terminate()
+            raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
         return conn
 
     async def _remove_left_mailboxes(self, conn: asyncpg.Connection, database: str) -> None:
@@ -199,10 +220,13 @@ class ServiceConnections:
                f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}{release}")
         async with self._locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database)
-            self._mailboxes.add((database, oid))  # it may exist from here on, whatever the reply
+            self._mailboxes.add((database, oid))  # it may exist from here on, unless the server says no
             try:
                 await conn.execute(sql)  # several statements, one implicit transaction
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except asyncpg.PostgresError as exc:  # rolled back: nothing was made (the OID may be another's)
+                self._mailboxes.discard((database, oid))
+                raise ServiceUnavailable(f"the proxy's service login could not make a mailbox: {exc}") from exc
+            except (OSError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service login could not make a mailbox: {exc}") from exc
         if not inline:
             await self.write(database, oid, at, first, unlock)
@@ -299,13 +323,25 @@ class ServiceConnections:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"a look-ahead read failed: {exc}") from exc
 
+    def claim_mailbox(self, database: str, oid: int) -> bool:
+        """Take mailbox `oid` for a session: False where another session of this proxy has it."""
+        if (database, oid) in self._claimed:
+            return False
+        self._claimed.add((database, oid))
+        return True
+
+    def release_mailbox(self, database: str, oid: int) -> None:
+        """A claimed mailbox that was never made is free again."""
+        self._claimed.discard((database, oid))
+
     async def close_mailbox(self, database: str, oid: int) -> None:
         """Remove a session's mailbox, if its making reached the server (a failed one may have been made)."""
+        self._claimed.discard((database, oid))
         if (database, oid) not in self._mailboxes:
             return
         self._mailboxes.discard((database, oid))  # once tried, whatever comes of it: what is left goes later
         try:
-            await self._run(database, "SELECT pg_catalog.lo_unlink($1::oid)", oid)
+            await self._run(database, _REMOVE_MAILBOX, oid)
         except ServiceUnavailable as exc:
             log.warning("a session's mailbox was not removed", extra={"event": "mailbox_left", "oid": oid,
                                                                        "reason": str(exc)})

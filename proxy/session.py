@@ -17,7 +17,6 @@ from . import protocol as pg
 from .fastpath import fast_path
 from .hooks import HookFactory, SessionInfo
 from .logs import ContextLogger
-from .mailbox import MAILBOX_SETTING, Mailbox
 from .relay import Relay
 from .stats import STATS
 from .upstream import Upstream, UpstreamError
@@ -119,8 +118,6 @@ class SessionSettings:
     max_message_size: int
     idle_timeout: float
     hook_factory: HookFactory | None
-    #: Give each session a mailbox for the calls its server evaluates (see intercept/servercalls.py).
-    mailboxes: bool = False
     #: Hand resting sessions to the relay thread (fastpath.py).
     relay_thread: bool = True
     console: Console | None = None
@@ -168,10 +165,8 @@ async def establish(
     except UpstreamError as exc:
         STATS.upstream_connect_failures += 1
         raise SessionRejected(exc.sqlstate, str(exc)) from exc
-    mailbox = Mailbox.new() if settings.mailboxes else None
-    packet = startup.raw if mailbox is None else pg.with_parameter(startup.raw, MAILBOX_SETTING, mailbox.setting)
     try:
-        _to_server(server, packet)
+        _to_server(server, startup.raw)  # as the client sent it: a pooler may refuse any parameter added
         server_parameters = await _relay_authentication(session, client, server, settings.max_message_size, registry)
     except BaseException:
         server.close()
@@ -183,7 +178,6 @@ async def establish(
         database=params.get("database", params["user"]),
         parameters=dict(params),
         upstream=settings.upstream,
-        mailbox=mailbox,
         server_key=session.upstream_key,
     )
     hook = settings.hook_factory(info) if settings.hook_factory else None

@@ -54,6 +54,14 @@ class ProxyProcess:
         return subprocess.run([PSQL, "-X", "-v", "ON_ERROR_STOP=1", dsn or self.dsn(), *args],
                               input=input, capture_output=True, text=True, check=check, timeout=120)
 
+    def wait_for_model(self, timeout: float = 120) -> None:
+        """Until the built-in model is loaded (a preloading proxy serves sessions before that)."""
+        deadline = time.monotonic() + timeout
+        while "event=model_ready" not in self.log:
+            if time.monotonic() > deadline or not self.alive():
+                raise TimeoutError(f"the model was not loaded:\n{self.log}")
+            time.sleep(0.05)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from proxy import protocol as pg
+from proxy.intercept.extension import VERSION
 from proxy.intercept.servercalls import encode_answer, kept_key, kept_place
 from proxy.mailbox import Mailbox
 
@@ -214,7 +215,7 @@ def test_psql_lists_the_twelve_and_the_extension_statements(proxy: ProxyProcess,
     skip = proxy.psql("-c", "CREATE EXTENSION IF NOT EXISTS azure_local_ai", dsn=dsn)
     assert 'extension "azure_local_ai" already exists, skipping' in skip.stderr
     update = proxy.psql("-c", "ALTER EXTENSION azure_local_ai UPDATE", dsn=dsn)
-    assert update.stdout.strip() == "ALTER EXTENSION" and '"1.3" of extension' in update.stderr
+    assert update.stdout.strip() == "ALTER EXTENSION" and f'"{VERSION}" of extension' in update.stderr
     proxy.psql("-c", f"CREATE TABLE d (b text, v real[] GENERATED ALWAYS AS ({CALL.format('b')}) STORED)", dsn=dsn)
     refused = proxy.psql("-c", "DROP EXTENSION azure_local_ai", dsn=dsn, check=False)
     assert "cannot drop extension azure_local_ai because other objects depend on it" in refused.stderr
@@ -366,32 +367,42 @@ def test_on_debians_postgresql_too(model_data_dir: Path, tmp_path: Path) -> None
         cluster.destroy()
 
 
+def in_mailbox(conn: psycopg.Connection, mailbox: Mailbox) -> None:
+    """Begin a transaction whose mailbox is `mailbox`, as the proxy sets it with a statement it has an
+    answer for (extension 1.4): a test knows its OID and secret so."""
+    conn.execute("BEGIN")
+    conn.execute("SELECT set_config('azure_local_ai.proxy_session', %s, true)", (mailbox.setting,))
+
+
 def test_another_role_cannot_open_a_sessions_mailbox(conn: psycopg.Connection, pg: PgCluster,
                                                     database: str) -> None:
     role = unique("other")
     pg.psql(f"CREATE ROLE {role} LOGIN")
-    oid = int(conn.execute("SELECT current_setting('azure_local_ai.proxy_session')").fetchone()[0].split()[0])
+    mailbox = Mailbox.new()
     conn.execute("CREATE TABLE big (body text)")
     conn.execute("INSERT INTO big SELECT 'mailbox text ' || i FROM generate_series(1, 3000) i")
     outcome: list[BaseException] = []
 
     def long_statement() -> None:
         try:
+            in_mailbox(conn, mailbox)
             conn.execute(f"SELECT count({CALL.format('body')}) FROM big")
         except psycopg.Error as exc:
             outcome.append(exc)
+        finally:
+            conn.execute("ROLLBACK")
 
     running = threading.Thread(target=long_statement)
     running.start()
     try:
         with psycopg.connect(pg.dsn(database=database), autocommit=True) as admin:
             deadline = time.monotonic() + 10
-            while not admin.execute("SELECT 1 FROM pg_largeobject_metadata WHERE oid = %s", (oid,)).fetchone():
+            while not admin.execute("SELECT 1 FROM pg_largeobject_metadata WHERE oid = %s", (mailbox.oid,)).fetchone():
                 assert time.monotonic() < deadline, "the mailbox never appeared"
                 time.sleep(0.01)
         with (psycopg.connect(pg.dsn(user=role, database=database), autocommit=True) as other,
               pytest.raises(psycopg.errors.InsufficientPrivilege)):
-            other.execute("SELECT lo_get(%s)", (oid,))
+            other.execute("SELECT lo_get(%s)", (mailbox.oid,))
     finally:
         conn.cancel()
         running.join(30)
@@ -637,24 +648,51 @@ def test_a_back_fills_answers_are_kept_ahead_of_its_requests(conn: psycopg.Conne
 
 def test_an_answer_kept_ahead_without_the_sessions_secret_is_not_used(conn: psycopg.Connection, pg: PgCluster,
                                                                       database: str) -> None:
-    """A role that may write the mailbox, but does not know the session's secret, cannot put an answer
-    where the function looks for one kept ahead: the function does not use it, and asks the proxy."""
-    oid = int(conn.execute("SELECT current_setting('azure_local_ai.proxy_session')").fetchone()[0].split()[0])
+    """A role that may write the mailbox (the session's own, in another session), but does not know the
+    transaction's secret, cannot put an answer where the function looks for one kept ahead: the
+    function does not use it, and asks the proxy."""
+    mailbox = Mailbox.new()
     key = kept_key(MODEL, "a forged text")
     assert key is not None
-    forged = encode_answer(Mailbox(oid, "0" * 32), key, "V", "{1,2,3}")
+    forged = encode_answer(Mailbox(mailbox.oid, "0" * 32), key, "V", "{1,2,3}")
     conn.execute("CREATE TABLE docs (body text)")
-    conn.execute("INSERT INTO docs VALUES ('a forged text')")
-    with psycopg.connect(pg.dsn(database=database), autocommit=True) as admin:
-        admin.execute("SELECT lo_create(%s), lo_put(%s, %s, %s)", (oid, oid, kept_place(key), forged))
-        try:
-            # It asks; the proxy answers into the object already there (it cannot make it anew). Not
-            # read ahead (random() is not among the functions a look-ahead may call): the proxy's own
-            # answer kept ahead would take the forged one's place, and race with the request's.
-            got = conn.execute(f"SELECT {CALL.format('body')}::text FROM docs WHERE random() >= 0").fetchone()[0]
-        finally:
-            admin.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata WHERE oid = %s", (oid,))
+    conn.execute("INSERT INTO docs VALUES ('a forged text'), ('a first text')")
+    in_mailbox(conn, mailbox)
+    try:
+        # Asks: the mailbox is made, and lasts as long as the transaction.
+        conn.execute(f"SELECT {CALL.format('body')} FROM docs WHERE body = 'a first text' AND random() >= 0")
+        with psycopg.connect(pg.dsn(database=database), autocommit=True) as other:
+            other.execute("SELECT lo_put(%s, %s, %s)", (mailbox.oid, kept_place(key), forged))
+        # Not read ahead (random() is not among the functions a look-ahead may call): the proxy's own
+        # answer kept ahead would take the forged one's place, and race with the request's.
+        got = conn.execute(f"SELECT {CALL.format('body')}::text FROM docs WHERE body = 'a forged text' "
+                           "AND random() >= 0").fetchone()[0]
+    finally:
+        conn.execute("ROLLBACK")
     assert got == constant_path(conn, "a forged text") != "{1,2,3}"
+
+
+def test_a_request_naming_a_large_object_not_its_own_is_never_written_into(conn: psycopg.Connection, pg: PgCluster,
+                                                                          database: str) -> None:
+    """Any code in a session can set the transaction's mailbox, or raise a request naming one: where
+    that OID is another's large object (here, one a superuser made: the service login in these tests
+    may write it), the proxy cannot make it, writes nothing into it, and the statement fails."""
+    mailbox = Mailbox.new()
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs VALUES ('a text for someone else''s object')")
+    with psycopg.connect(pg.dsn(database=database), autocommit=True) as admin:
+        admin.execute("SELECT lo_from_bytea(%s, 'not a mailbox')", (mailbox.oid,))
+        try:
+            in_mailbox(conn, mailbox)
+            try:
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    conn.execute(f"SELECT {CALL.format('body')} FROM docs WHERE random() >= 0")
+            finally:
+                conn.execute("ROLLBACK")
+            assert admin.execute("SELECT lo_get(%s)", (mailbox.oid,)).fetchone() == (b"not a mailbox",)
+        finally:
+            admin.execute("SELECT lo_unlink(%s)", (mailbox.oid,))
+    assert conn.execute(f"SELECT {CALL.format('body')} IS NOT NULL FROM docs WHERE random() >= 0").fetchone() == (True,)
 
 
 def learnt(conn: psycopg.Connection, proxy: ProxyProcess) -> None:
@@ -710,27 +748,29 @@ def test_an_answer_handed_over_without_the_sessions_secret_is_not_used(conn: psy
     assert conn.execute(f"SELECT {CALL.format('body')}::text FROM docs").fetchone()[0] == constant_path(conn, text)
 
 
-def test_version_1_0_answers_is_updated_and_has_no_way_back(proxy: ProxyProcess, database: str) -> None:
-    """Objects of version 1.0 (no answers kept ahead) keep working, asking for every row; ALTER
-    EXTENSION ... UPDATE brings them to the latest, as PostgreSQL runs an extension's update scripts."""
+def test_objects_before_1_4_are_updated_and_have_no_way_back(proxy: ProxyProcess, database: str) -> None:
+    """Objects of a version before 1.4 read their mailbox from a start-up parameter, which the proxy no
+    longer adds (poolers refuse it): calls they leave to the server fail with 55000, constant calls
+    still work; ALTER EXTENSION ... UPDATE brings them to the latest, as PostgreSQL runs an extension's
+    update scripts, and the calls work again."""
     with psycopg.connect(proxy.dsn(database=database), autocommit=True) as conn:
         conn.execute("CREATE EXTENSION azure_local_ai VERSION '1.0'")
         assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.0",)
         conn.execute("CREATE TABLE docs (id int, body text, v real[])")
         conn.execute("INSERT INTO docs SELECT i, 'version one ' || i FROM generate_series(1, 40) i")
-        before = answered(proxy)
-        assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')}").rowcount == 40
-        after = answered(proxy)
-        assert (after[0] - before[0], after[1] - before[1]) == (40, 0)
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not connected through it"):
+            conn.execute(f"UPDATE docs SET v = {CALL.format('body')}")
+        assert len(floats(constant_path(conn, "version one 1"))) == 384
         conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '1.1'")
         assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.1",)
         conn.execute("ALTER EXTENSION azure_local_ai UPDATE")
-        assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == ("1.3",)
+        assert conn.execute("SELECT azure_local_ai_proxy.version()").fetchone() == (VERSION,)
         with pytest.raises(psycopg.errors.InvalidParameterValue,
-                           match=r'no update path from version "1\.3" to version "1\.0"'):
+                           match=rf'no update path from version "{VERSION}" to version "1\.0"'):
             conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '1.0'")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=r'for version "2\.0"'):
             conn.execute("ALTER EXTENSION azure_local_ai UPDATE TO '2.0'")
+        assert conn.execute(f"UPDATE docs SET v = {CALL.format('body')}").rowcount == 40
         for body, stored in conn.execute("SELECT body, v::text FROM docs WHERE id % 10 = 1").fetchall():
             assert stored == constant_path(conn, body)
 

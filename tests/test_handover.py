@@ -1,5 +1,6 @@
-"""An answer handed over with the statement (proxy/intercept/handover.py): the messages, sent straight to
-a real server ahead of a client's own, and which of the server's replies are the proxy's."""
+"""Settings made in a statement's own transaction (proxy/intercept/handover.py): the messages and the
+statement, sent straight to a real server ahead of a client's own, and which of the server's replies
+are the proxy's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import numpy as np
 import pytest
 
 from proxy import protocol as pg
-from proxy.intercept.handover import SETTING, HandOverReplies, hand_over_messages
+from proxy.intercept.handover import (
+    BIND_REPLIES,
+    KEPT_SETTING,
+    QUERY_REPLIES,
+    SESSION_SETTING,
+    InjectedReplies,
+    messages_before_bind,
+    query_with,
+    settings_sql,
+)
 from proxy.intercept.render import real_array_text
 from proxy.intercept.servercalls import encode_answer, kept_key
 from proxy.mailbox import Mailbox
@@ -18,12 +28,19 @@ from proxy.messages import Bind, Parse
 from .pgcluster import PgCluster
 from .rawclient import RawClient
 
-READ_IT = f"SELECT current_setting('{SETTING}', true)"
+READ_IT = f"SELECT current_setting('{KEPT_SETTING}', true), current_setting('{SESSION_SETTING}', true)"
+MAILBOX = Mailbox.new()
 
 
 def answer() -> bytes:
     vector = np.linspace(-1, 1, 384, dtype=np.float32)
-    return encode_answer(Mailbox.new(), kept_key("multilingual-e5-small:v1", "a text"), "V", real_array_text(vector))
+    return encode_answer(MAILBOX, kept_key("multilingual-e5-small:v1", "a text"), "V", real_array_text(vector))
+
+
+def settings(handed: bytes | None = None) -> str:
+    sql = settings_sql(MAILBOX.setting, handed)
+    assert sql is not None
+    return sql
 
 
 def extended_batch(sql: str) -> bytes:
@@ -31,6 +48,10 @@ def extended_batch(sql: str) -> bytes:
     return b"".join([pg.message(pg.PARSE, Parse("", sql, ()).encode()),
                      pg.message(pg.BIND, Bind("", "", (), (), ()).encode()),
                      pg.message(pg.EXECUTE, b"\0\0\0\0\0"), pg.message(pg.SYNC)])
+
+
+def query(sql: str) -> bytes:
+    return sql.encode() + b"\0"
 
 
 @pytest.fixture
@@ -41,12 +62,12 @@ def server(pg: PgCluster) -> Iterator[RawClient]:
     client.close()
 
 
-def exchange(server: RawClient, data: bytes, synced: bool,
-             readies: int) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
-    """Send `data` (the proxy's messages and the client's), read `readies` ReadyForQuery; split the
-    replies between the proxy (their types) and the client (the messages)."""
+def exchange(server: RawClient, data: bytes, expected: bytes,
+             readies: int = 1) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+    """Send `data` (the proxy's and the client's), read `readies` ReadyForQuery; split the replies
+    between the proxy (their types) and the client (the messages)."""
     server.send(data)
-    replies = HandOverReplies(synced)
+    replies = InjectedReplies(expected)
     ours: list[bytes] = []
     theirs: list[tuple[bytes, bytes]] = []
     for _ in range(readies):
@@ -59,26 +80,44 @@ def exchange(server: RawClient, data: bytes, synced: bool,
     return ours, theirs
 
 
-def test_the_statement_after_a_hand_over_reads_the_answer_and_gets_its_own_replies(server: RawClient) -> None:
+def then_unset(server: RawClient) -> None:
+    """After the statement's transaction, nothing of it is left in the backend (a pooler's next client
+    would find it there)."""
+    server.send(pg.message(pg.QUERY, query(READ_IT)))
+    rows = [body for msg_type, body in server.read_until(b"Z") if msg_type == b"D"]
+    assert MAILBOX.secret.encode() not in rows[0] and b"{" not in rows[0]
+
+
+def test_before_a_bind_the_settings_are_the_statements_and_only_its(server: RawClient) -> None:
     handed = answer()
-    messages = hand_over_messages(handed)
-    assert messages is not None
-    ours, theirs = exchange(server, messages + extended_batch(READ_IT), synced=False, readies=1)
-    assert b"".join(ours) == b"312C33"
+    batch = messages_before_bind(settings(handed)) + extended_batch(READ_IT)
+    ours, theirs = exchange(server, batch, BIND_REPLIES)
+    assert b"".join(ours) == BIND_REPLIES
     assert [t for t, _ in theirs] == [b"1", b"2", b"D", b"C", b"Z"]  # what the batch alone gets
-    assert handed in theirs[2][1]
+    assert handed in theirs[2][1] and MAILBOX.setting.encode() in theirs[2][1]
     assert theirs[-1][1] == b"I"
+    then_unset(server)
 
 
-def test_before_a_query_the_hand_over_has_a_sync_and_a_ready_for_query_of_its_own(server: RawClient) -> None:
+def test_before_a_query_the_settings_are_put_in_front_of_its_text(server: RawClient) -> None:
     handed = answer()
-    messages = hand_over_messages(handed)
-    assert messages is not None
-    query = pg.message(pg.QUERY, READ_IT.encode() + b"\0")
-    ours, theirs = exchange(server, messages + pg.message(pg.SYNC) + query, synced=True, readies=2)
-    assert b"".join(ours) == b"312C33Z"
-    assert [t for t, _ in theirs] == [b"T", b"D", b"C", b"Z"]
-    assert handed in theirs[1][1]
+    body = query_with(settings(handed), query(READ_IT))
+    ours, theirs = exchange(server, pg.message(pg.QUERY, body), QUERY_REPLIES)
+    assert b"".join(ours) == QUERY_REPLIES
+    assert [t for t, _ in theirs] == [b"T", b"D", b"C", b"Z"]  # what the query alone gets
+    assert handed in theirs[1][1] and MAILBOX.setting.encode() in theirs[1][1]
+    then_unset(server)
+
+
+def test_in_a_transaction_the_settings_last_until_its_end(server: RawClient) -> None:
+    server.send(pg.message(pg.QUERY, query("BEGIN")))
+    server.read_until(b"Z")
+    exchange(server, pg.message(pg.QUERY, query_with(settings(), query("SELECT 1"))), QUERY_REPLIES)
+    _, theirs = exchange(server, pg.message(pg.QUERY, query(READ_IT)), b"")
+    assert MAILBOX.setting.encode() in theirs[1][1]
+    server.send(pg.message(pg.QUERY, query("COMMIT")))
+    server.read_until(b"Z")
+    then_unset(server)
 
 
 def failed_transaction(server: RawClient) -> None:
@@ -86,38 +125,36 @@ def failed_transaction(server: RawClient) -> None:
     server.read_until(b"Z")
 
 
-def test_a_hand_over_the_server_refuses_fails_the_statement_it_came_with(server: RawClient) -> None:
+def test_settings_the_server_refuses_fail_the_statement_they_came_with(server: RawClient) -> None:
     """The server skips the client's messages after the proxy's error: the client gets the error and
     its Sync's ReadyForQuery, as if its own statement had failed (a cancel request racing the
-    hand-over, say; here, a transaction already failed)."""
+    settings, say; here, a transaction already failed)."""
     failed_transaction(server)
-    messages = hand_over_messages(answer())
-    assert messages is not None
-    ours, theirs = exchange(server, messages + extended_batch(READ_IT), synced=False, readies=1)
+    ours, theirs = exchange(server, messages_before_bind(settings(answer())) + extended_batch(READ_IT), BIND_REPLIES)
     assert b"".join(ours) == b"3"  # a Close runs in a failed transaction; the Parse does not
     assert [t for t, _ in theirs] == [b"E", b"Z"]
     assert pg.parse_fields(theirs[0][1])["C"] == "25P02"
     assert theirs[1][1] == b"E"
 
 
-def test_a_refused_hand_over_with_its_own_sync_keeps_its_error_to_itself(server: RawClient) -> None:
+def test_settings_put_in_front_of_a_refused_query_give_it_the_error(server: RawClient) -> None:
     failed_transaction(server)
-    messages = hand_over_messages(answer())
-    assert messages is not None
-    query = pg.message(pg.QUERY, b"ROLLBACK\0")
-    ours, theirs = exchange(server, messages + pg.message(pg.SYNC) + query, synced=True, readies=2)
-    assert b"".join(ours) == b"3EZ"
-    assert [(t, b) for t, b in theirs] == [(b"C", b"ROLLBACK\0"), (b"Z", b"I")]
+    ours, theirs = exchange(server, pg.message(pg.QUERY, query_with(settings(), query("SELECT 2"))), QUERY_REPLIES)
+    assert ours == []
+    assert [t for t, _ in theirs] == [b"E", b"Z"]
+    assert pg.parse_fields(theirs[0][1])["C"] == "25P02"
 
 
 @pytest.mark.parametrize("bad", [b"it's", b"back\\slash", "é".encode(), b"nul\0"])
 def test_what_a_string_constant_would_not_hold_as_it_is_is_not_handed_over(bad: bytes) -> None:
-    assert hand_over_messages(b"{1,2}" + bad) is None
+    assert settings_sql(MAILBOX.setting, b"{1,2}" + bad) is None
+    assert settings_sql(MAILBOX.setting, None) == (
+        f"SELECT pg_catalog.set_config('{SESSION_SETTING}', '{MAILBOX.setting}', true)")
 
 
 def test_replies_after_the_proxys_are_the_clients() -> None:
-    replies = HandOverReplies(synced=False)
-    taken = [replies.take(t) for t in b"N312C33"]  # a notice first: not a reply to a message
-    assert taken == [False, True, True, True, True, True, True]
+    replies = InjectedReplies(BIND_REPLIES)
+    taken = [replies.take(t) for t in b"N312DC33"]  # a notice first: not a reply to a message
+    assert taken == [False, True, True, True, True, True, True, True]
     assert replies.done
-    assert not any(replies.take(t) for t in b"12CZ")
+    assert not any(replies.take(t) for t in b"12DCZ")

@@ -7,8 +7,8 @@ import itertools
 import json
 
 import numpy as np
+import pytest
 
-from proxy import protocol as pg
 from proxy.intercept.hook import _bound_inputs
 from proxy.intercept.lookahead import RowInput
 from proxy.intercept.servercalls import (
@@ -21,7 +21,7 @@ from proxy.intercept.servercalls import (
     kept_place,
     parse_request,
 )
-from proxy.mailbox import MAILBOX_SETTING, Mailbox
+from proxy.mailbox import Mailbox
 from proxy.messages import Bind
 
 MODEL = "multilingual-e5-small:v1"
@@ -34,18 +34,29 @@ def notice(code: str, message: str, detail: str | None = None) -> bytes:
     return b"\0".join(fields) + b"\0\0"
 
 
-def test_the_mailbox_goes_into_the_startup_message_and_nothing_else_changes() -> None:
-    original = pg.parse_startup(
-        len(b"....\x00\x03\x00\x00user\0alice\0database\0db\0\0").to_bytes(4, "big")
-        + b"\x00\x03\x00\x00user\0alice\0database\0db\0\0"
-    )
+def test_a_mailbox_is_read_from_its_setting_and_nothing_else_is_one() -> None:
     mailbox = Mailbox.new()
-    changed = pg.parse_startup(pg.with_parameter(original.raw, MAILBOX_SETTING, mailbox.setting))
-    assert changed.version == original.version
-    assert changed.parameters == {**original.parameters, MAILBOX_SETTING: mailbox.setting}
     oid, secret = mailbox.setting.split(" ")
     assert 1 << 31 <= int(oid) < 1 << 32 and len(secret) == 32
+    assert Mailbox.parse(mailbox.setting) == mailbox
     assert Mailbox.new().setting != mailbox.setting
+    for bad in ["", "1234 " + "a" * 32, f"{oid} short", f"{oid} {'A' * 32}", f"{oid}  {secret}", f"{1 << 32} {secret}",
+                f"{oid} {secret} more"]:
+        with pytest.raises(ValueError):
+            Mailbox.parse(bad)
+
+
+def test_a_request_of_1_4_names_its_transactions_mailbox_and_backend() -> None:
+    mailbox = Mailbox.new()
+    request = {"id": "0123456789abcdef0123456789abcdef", "at": 8192, "fn": "create_embeddings",
+               "args": {"input": "x"}, "role": "alice", "kept": True, "keyed": True,
+               "box": str(mailbox.oid), "secret": mailbox.secret, "pid": 4242}
+    parsed = parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request", json.dumps(request)))
+    assert not isinstance(parsed, bool)
+    assert (parsed.mailbox, parsed.backend_pid, parsed.reads_kept, parsed.keyed) == (mailbox, 4242, True, True)
+    forged = parse_request(notice(REQUEST_CODE, "azure-local-ai-proxy request",
+                                  json.dumps({**request, "box": "12"})))  # not a mailbox's OID
+    assert forged is False
 
 
 def test_requests_keep_alives_and_other_notices() -> None:

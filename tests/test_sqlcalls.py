@@ -6,6 +6,7 @@ import pytest
 
 from proxy.intercept.arrays import ArrayLiteralError, format_text_array, parse_text_array
 from proxy.intercept.errors import CallError
+from proxy.intercept.extension import VERSION
 from proxy.intercept.sqlcalls import BindRef, Const, Position, find_calls, mentions_schema
 
 M = "'multilingual-e5-small:v1'"
@@ -101,7 +102,7 @@ def test_extension_statements_are_recognised() -> None:
     assert version.value.sqlstate == "22023"
     # A version of another numbering (a dump of Azure's native extension) installs the latest, saying so.
     (foreign,) = find_calls("create extension azure_local_ai with schema azure_local_ai version '0.9.1'")
-    assert "is not one of azure-local-ai-proxy''s: installing 1.3" in foreign.extension.sql
+    assert f"is not one of azure-local-ai-proxy''s: installing {VERSION}" in foreign.extension.sql
     (comment,) = find_calls("comment on extension azure_local_ai is 'from a dump'")
     assert comment.extension.tag == "COMMENT"
 

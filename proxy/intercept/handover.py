@@ -1,41 +1,65 @@
-"""An answer handed over with the statement that needs it (extension 1.2).
+"""Settings the proxy makes in a statement's own transaction, just before the statement, on the
+session's connection: the transaction's mailbox (``azure_local_ai.proxy_session``, extension 1.4),
+an answer handed over with a one-row INSERT (``azure_local_ai.proxy_kept``, 1.2), azure.extensions
+(azuresettings.py). Pure code over bytes: what to send, and which of the server's replies are the
+proxy's (the client never sees them).
 
-For a one-row INSERT into a table whose generated column embeds, the proxy computes the answer first
-and sets it in the session (``azure_local_ai.proxy_kept``) with extended-protocol messages of its own,
-sent on the session's connection just before the statement's; the function reads it there. Those
-messages' replies are the proxy's: the client never sees them. Pure code over bytes: what to send,
-and which replies are the proxy's.
+Each is made with ``set_config(..., true)``, for the transaction only: behind a transaction pooler the
+backend serves other clients after it, and nothing of this session may be left there. So it must be
+made in the statement's own transaction, without a Sync of its own:
 
-Before a Bind, the messages open the batch that the client's Bind, Execute and Sync complete: the
-server runs both in one go and flushes no reply between them, and the setting is made in the
-statement's own transaction (rolled back with it). A ``SET`` of a placeholder setting, which needs no
-privilege, fails only as any statement may (a cancel request racing it, the backend terminated): the
-server then skips the client's messages up to its Sync, and the error is the client's statement's,
-as it would have been had the cancel hit the statement. Before a Query, which the server would skip
-without a reply after such an error, they end with a Sync of their own (sent by the caller, who
-counts it), which keeps any error to them: the statement's function then asks for its answer."""
+* before a Bind, as extended-protocol messages that open the batch the client's Bind, Execute and Sync
+  complete (the server runs them in one go, in one implicit transaction, and flushes no reply between);
+* before a Query, as a statement put in front of the client's text (a multi-statement Query is one
+  implicit transaction).
+
+A ``SELECT set_config`` of a placeholder setting needs no privilege and fails only as any statement
+may (a cancel request racing it, a transaction already failed, the backend terminated): the server
+then skips the client's statement up to its Sync (or the rest of its Query), and the error is the
+client's statement's, as it would have been had the cancel hit the statement."""
 
 from __future__ import annotations
 
 from .. import protocol as pg
 from ..messages import Bind, Parse
 
-SETTING = "azure_local_ai.proxy_kept"
+SESSION_SETTING = "azure_local_ai.proxy_session"
+KEPT_SETTING = "azure_local_ai.proxy_kept"
 #: The statement and portal of the proxy's messages: a name of its own, closed first in case a batch
 #: of these was cut short, and after.
 NAME = "azure_local_ai_proxy_hand_over"
-#: The replies to hand_over_messages: CloseComplete, ParseComplete, BindComplete, CommandComplete, and
-#: two CloseCompletes.
-REPLIES = b"312C33"
+#: The replies to messages_before_bind: CloseComplete, ParseComplete, BindComplete, the row and
+#: CommandComplete, and two CloseCompletes.
+BIND_REPLIES = b"312DC33"
+#: The replies to the statement query_with put first: RowDescription, the row, CommandComplete.
+QUERY_REPLIES = b"TDC"
 
 
-def hand_over_messages(answer: bytes) -> bytes | None:
-    """The messages that set `answer` (ASCII, as servercalls.encode_answer makes it) in the session;
-    None for bytes a string constant would not hold as they are (they are not handed over)."""
-    if not answer.isascii() or b"'" in answer or b"\\" in answer or b"\0" in answer:
+def _constant(value: str) -> str | None:
+    """`value` as a string constant, or None where a constant would not hold it as it is."""
+    if not value.isascii() or "'" in value or "\\" in value or "\0" in value:
         return None
+    return f"'{value}'"
+
+
+def settings_sql(session: str, answer: bytes | None = None) -> str | None:
+    """The statement that sets the transaction's mailbox `session` ("OID SECRET") and, if given, the
+    `answer` (ASCII, as servercalls.encode_answer makes it) handed over; None where the answer holds
+    bytes a string constant would not hold as they are (it is not handed over)."""
+    values = [(SESSION_SETTING, session)]
+    if answer is not None:
+        if not answer.isascii():
+            return None
+        values.append((KEPT_SETTING, answer.decode()))
+    constants = [(name, _constant(value)) for name, value in values]
+    if any(constant is None for _, constant in constants):
+        return None
+    return "SELECT " + ", ".join(f"pg_catalog.set_config('{name}', {constant}, true)" for name, constant in constants)
+
+
+def messages_before_bind(sql: str) -> bytes:
+    """Messages that run `sql` (one row, a statement of the proxy's) in the batch a Bind opens."""
     name = NAME.encode() + b"\0"
-    sql = f"SET {SETTING} = '{answer.decode()}'"
     return b"".join([
         pg.message(pg.CLOSE, b"S" + name),
         pg.message(pg.PARSE, Parse(NAME, sql, ()).encode()),
@@ -46,13 +70,17 @@ def hand_over_messages(answer: bytes) -> bytes | None:
     ])
 
 
-class HandOverReplies:
-    """The server's replies to hand_over_messages, in order: `take` says of each reply whether it is
-    the proxy's (to drop). `synced`: the messages were followed by a Sync of the proxy's."""
+def query_with(sql: str, query_body: bytes) -> bytes:
+    """A Query's body with `sql` (one row, a statement of the proxy's) put in front of its text."""
+    return sql.encode() + b"; " + query_body
 
-    def __init__(self, synced: bool) -> None:
-        self.synced = synced
-        self._expected = REPLIES + (b"Z" if synced else b"")
+
+class InjectedReplies:
+    """The server's replies to the proxy's statement, in order (`expected`: their types): `take` says
+    of each reply whether it is the proxy's (to drop)."""
+
+    def __init__(self, expected: bytes) -> None:
+        self._expected = expected
         self._seen = 0
 
     @property
@@ -64,12 +92,9 @@ class HandOverReplies:
         """Whether this reply, the next of the session's, is the proxy's."""
         if self.done:
             return False
-        if msg_type == pg.ERROR_RESPONSE:
-            if not self.synced:  # the server skips to the client's Sync: the error is the statement's
-                self._seen = len(self._expected)
-                return False
-            self._seen = len(self._expected) - 1  # then only the proxy's ReadyForQuery
-            return True
+        if msg_type == pg.ERROR_RESPONSE:  # the server skips the client's statement: the error is its
+            self._seen = len(self._expected)
+            return False
         if msg_type != self._expected[self._seen]:  # a notice, say: not a reply to a message
             return False
         self._seen += 1

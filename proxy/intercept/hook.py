@@ -30,7 +30,7 @@ from .copyrows import CopyFrom, CopyRows, copy_from_stdin
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
-from .handover import HandOverReplies, hand_over_messages
+from .handover import BIND_REPLIES, QUERY_REPLIES, InjectedReplies, messages_before_bind, query_with, settings_sql
 from .lookahead import RowInput, one_row_insert, row_inputs
 from .prepared import PreparedCalls, bind_values, failing_bind, rewrite_parse
 from .render import splice, splice_parts
@@ -154,7 +154,8 @@ class InterceptHook:
         #: Prepared one-row INSERTs into tables whose generated columns embed: what they embed, the
         #: statement's parameter types, and whether an answer may be handed over (_keep_before).
         self.inserts: dict[str, _PreparedInsert] = {}
-        self._handing_over: HandOverReplies | None = None  # the server's replies to _hand_over, to drop
+        self._handing_over: InjectedReplies | None = None  # the server's replies to the proxy's settings, to drop
+        self._mailbox_set_in: int | None = None  # the batch whose Parse the transaction's mailbox was set before
         #: A COPY FROM STDIN into a table whose generated columns embed: its rows, read as they go
         #: upstream, and the model of each input read (_copy_rows).
         self._copying: tuple[CopyRows, list[str]] | None = None
@@ -275,11 +276,14 @@ class InterceptHook:
                 control.forward(pg.QUERY, body)
                 return
             inputs, handed_over = self._row_inputs(text, control)
-            stopped = await self._keep_before([(i.model_uri, i.text) for i in inputs if i.text is not None],
-                                              handed_over, control, before_query=True)
-            if stopped is not None:
-                self._fail_query(control, "", stopped)
+            settings = await self._keep_before([(i.model_uri, i.text) for i in inputs if i.text is not None],
+                                               handed_over, control)
+            if isinstance(settings, CallError):
+                self._fail_query(control, "", settings)
                 return
+            if settings is not None:  # made in the statement's own transaction: put in front of it
+                self._handing_over = InjectedReplies(QUERY_REPLIES)
+                body = query_with(settings, body)
             control.forward(pg.QUERY, body)
             return
         try:
@@ -363,6 +367,7 @@ class InterceptHook:
             inputs, handed_over = self._row_inputs(parse.query, control)
             if inputs:
                 self.inserts[parse.statement] = _PreparedInsert(inputs, parse.param_types, handed_over)
+                self._set_mailbox_first(control)
             control.forward(pg.PARSE, parse.encode())
             return
         try:
@@ -409,12 +414,15 @@ class InterceptHook:
         prepared = self.statements.get(bind.statement)
         if prepared is None:
             insert = self.inserts.get(bind.statement)
-            stopped = await self._keep_before(_bound_inputs(bind, insert.inputs, insert.param_types),
-                                              insert.handed_over, control, before_query=False) if insert else None
-            if stopped is not None:  # a Bind of a statement that is not there, whose error is replaced
-                marker = self._expect_failure(control, stopped)
+            settings = await self._keep_before(_bound_inputs(bind, insert.inputs, insert.param_types),
+                                               insert.handed_over, control) if insert else None
+            if isinstance(settings, CallError):  # a Bind of a statement that is not there, whose error is replaced
+                marker = self._expect_failure(control, settings)
                 bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
-            control.cork()
+            control.cork()  # the settings, made in the statement's own batch, go in one write with it
+            if isinstance(settings, str):
+                control.send_upstream(messages_before_bind(settings))
+                self._handing_over = InjectedReplies(BIND_REPLIES)
             control.forward(pg.BIND, bind.encode())
             return
         if len(bind.values) != prepared.client_params:
@@ -591,39 +599,53 @@ class InterceptHook:
             self._control.observe_client(frozenset())
         self._copying = None
 
+    def _set_mailbox_first(self, control: SessionControl) -> None:
+        """Before the Parse of a one-row INSERT that opens its batch: set the transaction's mailbox, so
+        that its Bind, if it comes in the same batch (an unnamed statement), has its answer kept there
+        (_keep_before); the proxy's messages could not come first in the batch then."""
+        assert self.server_calls is not None
+        if (control.in_batch or control.outstanding or control.transaction_status == "E"
+                or self._handing_over is not None):
+            return
+        settings = settings_sql(self.server_calls.statement_mailbox().setting)
+        assert settings is not None  # a mailbox's setting is plain ASCII
+        self._watch(control)
+        control.cork()
+        control.send_upstream(messages_before_bind(settings))
+        self._handing_over = InjectedReplies(BIND_REPLIES)
+        self._mailbox_set_in = control.requests_sent
+
     async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
-                           control: SessionControl, *, before_query: bool) -> CallError | None:
+                           control: SessionControl) -> str | CallError | None:
         """Compute a statement's inputs before it goes to the server, where nothing else of the session
-        is before it: one answer is handed over with it, on the session's own connection, where its
-        batch is the first thing the server is to read (_hand_over); others are kept in its mailbox
-        (servercalls.keep_before). The error if a cancel request stopped it: then the statement
-        fails, as it would have on the server (57014)."""
+        is before it: one answer is handed over with it, others are kept in its transaction's mailbox
+        (servercalls.keep_before). Returns the statement that sets them in its transaction, to send
+        just before it (handover.py), or None (the statement asks, as it runs); the error if a cancel
+        request stopped it: then the statement fails, as it would have on the server (57014)."""
         if not inputs or control.outstanding or control.transaction_status == "E" or self.server_calls is None:
             return None
-        hand_over = handed_over and len(inputs) == 1 and not control.in_batch and not self._watching
-        self._watch(control)  # the statement's end drops the mailbox; the hand-over's replies are dropped
+        if control.in_batch:  # the proxy's settings would not come first in the batch: set before its Parse?
+            if self._mailbox_set_in != control.requests_sent:
+                return None
+            try:
+                await self._cancellable(self.server_calls.keep_before(inputs))
+            except CallError as error:
+                return error
+            return None
+        if self._handing_over is not None:
+            return None
+        self._watch(control)  # the transaction's end drops the mailbox; the settings' replies are dropped
+        answer = None
         try:
-            if hand_over:
+            if handed_over and len(inputs) == 1:
                 answer = await self._cancellable(self.server_calls.handed_answer(*inputs[0]))
-                if answer is not None:
-                    self._hand_over(answer, control, synced=before_query)
+                if answer is None:  # not computed: the function asks, and gets the error
+                    return None
             else:
                 await self._cancellable(self.server_calls.keep_before(inputs))
         except CallError as error:
             return error
-        return None
-
-    def _hand_over(self, answer: bytes, control: SessionControl, *, synced: bool) -> None:
-        """Set the answer in the session just before the statement, on its own connection: no round
-        trip of its own (handover.py); `synced` (before a Query): with a Sync of its own."""
-        messages = hand_over_messages(answer)
-        if messages is None:
-            return
-        control.cork()  # with the statement's own messages, in one write
-        control.send_upstream(messages)
-        if synced:
-            control.forward(pg.SYNC, b"")
-        self._handing_over = HandOverReplies(synced)
+        return settings_sql(self.server_calls.statement_mailbox().setting, answer)
 
     async def _look_ahead(self, statements: list[Statement], control: SessionControl) -> CallError | None:
         """Embed ahead what the server's calls in these statements will ask for, until their batch ends.
@@ -709,8 +731,6 @@ class InterceptHook:
                 log.debug("an answer was not handed over", extra={"event": "hand_over_failed",
                                                                   "reason": pg.parse_fields(body).get("M")})
             if ours:
-                if msg_type == pg.READY_FOR_QUERY:
-                    self._ready()
                 return b""
         if msg_type == pg.COMMAND_COMPLETE:
             self._completed += 1
@@ -743,16 +763,17 @@ class InterceptHook:
                     types = parameter_description(body)
                     return pg.message(msg_type, encode_parameter_description(types[: len(types) - extra]))
         elif msg_type == pg.READY_FOR_QUERY:
-            self._ready()
+            self._ready(idle=body[:1] == b"I")
         return None
 
-    def _ready(self) -> None:
-        """A ReadyForQuery: what was kept for the batch it ends goes."""
+    def _ready(self, idle: bool) -> None:
+        """A ReadyForQuery: what was kept for the batch it ends goes; `idle` (no transaction), the
+        transaction's mailboxes too."""
         self._answered += 1
         self._stop_copying()
         self._completed = 0
         if self.server_calls is not None:
-            self.server_calls.statement_done()
+            self.server_calls.statement_done(idle)
         for batch, task in self._lookaheads:
             if batch < self._answered:
                 task.cancel()
@@ -762,7 +783,8 @@ class InterceptHook:
         self._hinted = {b for b in self._hinted if b >= self._answered}
         while self._describes and self._describes[0][0] < self._answered:
             self._describes.popleft()
-        busy = self._markers or self._describes or self._tags or self._hinted or self._lookaheads
+        busy = self._markers or self._describes or self._tags or self._hinted or self._lookaheads or (
+            self.server_calls is not None and self.server_calls.in_transaction)
         if not busy and self._control is not None:
             self._watching = False
             self._control.stop_watching()

@@ -5,9 +5,14 @@ and writes the answer into the session's mailbox through its service connection 
 the waiting function reads it. Answers a look-ahead computes are written there before they are asked
 for, where the function looks first (kept_place), so that most rows of a back-fill ask nothing.
 
-Only this session's server backend is told its mailbox and the secret its answers are signed with
-(a start-up parameter the proxy adds), and only the roles the session calls as may open it: another
-session cannot forge an answer the function would accept, and another role cannot read one."""
+A mailbox belongs to a transaction (extension 1.4): its OID and the secret its answers are signed
+with are set in the transaction only, by the proxy with a statement it has answers ready for
+(handover.py), or else by the first call that asks, which picks them and sends them with its request.
+Only the server backend and the proxy know the secret (a request is a notice, which goes to the
+backend's client alone), and only the roles the session calls as may open the mailbox: another
+session cannot forge an answer the function would accept, and another role cannot read one. Behind a
+transaction pooler, where a backend serves one client's transaction and then another's, nothing of a
+transaction's mailbox is left in the backend for the next: the mailbox goes when the transaction ends."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -63,6 +68,8 @@ class Request:
     role: str
     reads_kept: bool = False  # the function looks for answers kept ahead before it asks (version 1.1)
     keyed: bool = False  # the function waits on a lock of this request's own (version 1.3)
+    mailbox: Mailbox | None = None  # the transaction's mailbox, as the function was told or chose it (1.4)
+    backend_pid: int | None = None  # the server backend that asks (1.4)
 
 
 def parse_request(body: bytes) -> Request | bool:
@@ -77,8 +84,10 @@ def parse_request(body: bytes) -> Request | bool:
         return False
     try:
         data = json.loads(fields.get("D", ""))
+        mailbox = Mailbox.parse(f"{data['box']} {data['secret']}") if "box" in data else None
         request = Request(str(data["id"]), int(data["at"]), str(data["fn"]), dict(data["args"]), str(data["role"]),
-                          data.get("kept") is True, data.get("keyed") is True)
+                          data.get("kept") is True, data.get("keyed") is True, mailbox,
+                          int(data["pid"]) if "pid" in data else None)
     except (ValueError, KeyError, TypeError):
         return False
     return request if _REQUEST_ID.fullmatch(request.id) and 0 <= request.at < _MAX_PLACE else False
@@ -142,20 +151,37 @@ def kept_answers(mailbox: Mailbox, model_uri: str, texts: list[str], vectors: li
     return out
 
 
+@dataclass
+class _Box:
+    """A mailbox of the session's transaction, and the roles that may open it (none: not made yet)."""
+
+    mailbox: Mailbox
+    backend_pid: int  # its server backend, as the mailbox's comment says (left ones are removed by it)
+    granted: set[str] = field(default_factory=set)
+    making: asyncio.Future[None] | None = None  # its making (_make): nothing is written into one not made
+
+    def unmade(self) -> BaseException | None:
+        """Why the mailbox could not be made (its OID taken: by a large object of anyone's, perhaps one
+        a request named to have the proxy write into it), once its making is over; else None."""
+        making = self.making
+        if making is None or not making.done() or making.cancelled():
+            return None
+        return making.exception()
+
+
 class ServerCalls:
-    """One per session (with a mailbox): answers its backend's requests, one at a time as they come,
-    and writes the answers a look-ahead computes into the mailbox ahead of their requests. The
-    mailbox is made at a statement's first request and dropped at its end."""
+    """One per session: answers its backend's requests, one at a time as they come, and writes the
+    answers a look-ahead computes into the transaction's mailbox ahead of their requests. A mailbox is
+    made at its first use (a request, answers kept ahead) and dropped when its transaction ends."""
 
     def __init__(
-        self, login: str, database: str, mailbox: Mailbox, backend_pid: int, backend: Backend,
+        self, login: str, database: str, backend_pid: int, backend: Backend,
         service: ServiceConnections, cancel_statement: Callable[[], Awaitable[None]],
         tables: EmbeddingTables,
     ) -> None:
         self.login = login
         self.database = database
-        self.mailbox = mailbox
-        self.backend_pid = backend_pid  # the server backend the mailbox is for
+        self.backend_pid = backend_pid  # the server backend of the session's cancel key (a pooler's, behind one)
         self.backend = backend
         self.service = service
         #: The tables whose generated columns embed, as learnt from this proxy's sessions' requests.
@@ -165,7 +191,8 @@ class ServerCalls:
         #: Why the proxy cancelled the running statement, if it did because its answer could not be
         #: written: the client gets this error instead of the cancel's (cancelled_error).
         self._unanswered: CallError | None = None
-        self._granted: set[str] = set()
+        self._boxes: dict[int, _Box] = {}  # the transaction's mailboxes, by OID
+        self._current: _Box | None = None  # the one its latest request named: answers kept ahead go there
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
         self._closing: set[asyncio.Task[None]] = set()  # mailboxes being made or dropped, locks let go of
         self._mailbox_work: asyncio.Future[None] | None = None  # the last operation on the mailbox (_in_order)
@@ -188,6 +215,12 @@ class ServerCalls:
         request = parse_request(body)
         if isinstance(request, bool):
             return request
+        box = self._box_of(request)
+        if box is None:
+            log.warning("a request naming a mailbox that is not its session's was not answered",
+                        extra={"event": "server_call_refused", "function": request.function})
+            return True
+        self._current = box
         self._asked += 1
         self.asked_in_statement += 1
         self._progress.set()
@@ -197,23 +230,51 @@ class ServerCalls:
             unkept, self._unkept = self._unkept, []
             for model_uri, texts, vectors in unkept:
                 self._keep_ahead(model_uri, texts, vectors)
-        task = asyncio.get_running_loop().create_task(self._answer(request))
+        task = asyncio.get_running_loop().create_task(self._answer(request, box))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _answer(self, request: Request) -> None:
+    def _box_of(self, request: Request) -> _Box | None:
+        """The mailbox a request's answer goes into: the one it names, if it is this transaction's (same
+        secret) or new (no session of this proxy has it: a request any code in a session can forge must
+        not make the proxy write into another's); None where it may not. A request of objects before
+        1.4 names none: the one the proxy set for the statement."""
+        if request.mailbox is None:
+            return self._current
+        box = self._boxes.get(request.mailbox.oid)
+        if box is not None:
+            return box if box.mailbox == request.mailbox else None
+        if not self.service.claim_mailbox(self.database, request.mailbox.oid):
+            return None
+        box = _Box(request.mailbox, request.backend_pid or self.backend_pid)
+        self._boxes[request.mailbox.oid] = box
+        return box
+
+    def statement_mailbox(self) -> Mailbox:
+        """The mailbox of the transaction a statement about to run belongs to, made up here if it has
+        none yet: the proxy sets it in the statement's transaction (handover.py), and keeps answers
+        there before the statement asks."""
+        if self._current is None:
+            while True:
+                mailbox = Mailbox.new()
+                if self.service.claim_mailbox(self.database, mailbox.oid):
+                    break
+            self._current = self._boxes[mailbox.oid] = _Box(mailbox, self.backend_pid)
+        return self._current.mailbox
+
+    async def _answer(self, request: Request, box: _Box) -> None:
         working = asyncio.ensure_future(self._outcome(request))
         try:
             await asyncio.sleep(0)  # an answer at hand (a kept vector, a setting) goes at once
             if not working.done():
-                await self._hold(request)
+                await self._hold(request, box)
             status, text = await working
         finally:
             working.cancel()
         # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
         # cutting a service query short would leave its connection in doubt.
-        await shielded(self._deliver_or_cancel(request, status, text, self._statement))
+        await shielded(self._deliver_or_cancel(request, box, status, text, self._statement))
 
     async def _outcome(self, request: Request) -> tuple[str, str]:
         try:
@@ -226,21 +287,41 @@ class ServerCalls:
             STATS.error("XX000", "server")
             return "E", json.dumps({"code": "XX000", "message": "internal error in azure-local-ai-proxy"})
 
-    async def _hold(self, request: Request) -> None:
+    async def _hold(self, request: Request, box: _Box) -> None:
         """While the answer is worked out: take the request's advisory lock (the waiting function sleeps
         on it, rather than polling, and wakes as the answer is written), and make the statement's
         mailbox if it has none yet, so that only the write is left once the answer is there. Never
         cut short: the lock is always known to be held or not."""
         if self._holding is None:
-            key = self.mailbox.request_lock_key(request.id) if request.keyed else self.mailbox.lock_key
+            key = box.mailbox.request_lock_key(request.id) if request.keyed else box.mailbox.lock_key
             taking = asyncio.ensure_future(self.service.try_lock(self.database, key))
             taking.add_done_callback(retrieve)
             self._holding = key, taking
-        if not self._granted:
-            self._granted.add(request.role)  # the answer's delivery, queued behind the making, only writes
-            self._track(self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
-                                               self.backend_pid, request.role, 0, b"")))
+        if not box.granted:  # the answer's delivery, queued behind the making, only writes
+            self._track(self._make(box, request.role))
         await asyncio.wait([self._holding[1]])
+
+    def _make(self, box: _Box, role: str, at: int = 0, first: bytes = b"", unlock: int | None = None
+              ) -> asyncio.Future[None]:
+        """Make the mailbox, readable by `role`, with `first` at `at` (and let go of the lock `unlock`):
+        marked as made at once, so that what follows it only writes, in order behind it."""
+        box.granted.add(role)
+        made = self._in_order(partial(self.service.open_mailbox, self.database, box.mailbox.oid, box.backend_pid,
+                                      role, at, first, unlock))
+        box.making = self._mailbox_work
+        return made
+
+    def _into(self, box: _Box, work: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
+        """Run `work`, a write into `box` or a grant on it, in order, if the box was made."""
+        async def checked() -> None:
+            problem = box.unmade()
+            if isinstance(problem, ServiceUnavailable):  # its cause (the service login refused, say) says most
+                raise problem
+            if problem is not None:
+                raise ServiceUnavailable(f"the mailbox {box.mailbox.oid} could not be made: {problem}")
+            await work()
+
+        return self._in_order(checked)
 
     def _held(self) -> int | None:
         """The lock held (to be let go of with the next answer), if any; forgets it."""
@@ -251,11 +332,11 @@ class ServerCalls:
         held = taking.done() and not taking.cancelled() and taking.exception() is None and taking.result()
         return key if held else None
 
-    async def _deliver_or_cancel(self, request: Request, status: str, text: str, statement: int) -> None:
+    async def _deliver_or_cancel(self, request: Request, box: _Box, status: str, text: str, statement: int) -> None:
         """Deliver the answer to a request of the statement numbered `statement`; if it cannot be
         written, cancel that statement (never a later one), saying why where the cause is known."""
         try:
-            await self._deliver(request, status, text)
+            await self._deliver(request, box, status, text)
         except ServiceUnavailable as exc:
             # The function would wait for an answer that cannot come: stop its statement instead.
             log.error("a server call could not be answered", extra={"event": "server_call_failed",
@@ -293,43 +374,45 @@ class ServerCalls:
         text = await asyncio.to_thread(as_text, result) if result.sql_type == "rows" else as_text(result)
         return ("N", "") if text is None else ("V", text)
 
-    async def _deliver(self, request: Request, status: str, text: str) -> None:
-        answer = encode_answer(self.mailbox, request.id, status, text)
+    async def _deliver(self, request: Request, box: _Box, status: str, text: str) -> None:
+        answer = encode_answer(box.mailbox, request.id, status, text)
         unlock = self._held()  # let go in the same round trip
-        # Marked before the service connection answers: the function may read the answer, and the
-        # statement end, before that reply reaches the proxy; its removal then waits for the making.
-        if not self._granted:
-            self._granted.add(request.role)
-            await self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
-                                         self.backend_pid, request.role, request.at, answer, unlock))
-            return
-        if request.role not in self._granted:
-            self._granted.add(request.role)
-            await self._in_order(partial(self.service.grant, self.database, self.mailbox.oid, request.role))
-        await self._in_order(partial(self.service.write, self.database, self.mailbox.oid, request.at, answer, unlock))
+        try:
+            # Marked before the service connection answers: the function may read the answer, and the
+            # statement end, before that reply reaches the proxy; its removal then waits for the making.
+            if not box.granted:
+                await self._make(box, request.role, request.at, answer, unlock)
+                return
+            if request.role not in box.granted:
+                box.granted.add(request.role)
+                await self._into(box, partial(self.service.grant, self.database, box.mailbox.oid, request.role))
+            await self._into(box, partial(self.service.write, self.database, box.mailbox.oid, request.at, answer,
+                                          unlock))
+        except ServiceUnavailable:
+            if unlock is not None and box.unmade() is not None:  # nothing written: the lock is still held
+                await self.service.unlock(self.database, unlock)
+            raise
 
     def _keep_ahead(self, model_uri: str, texts: list[str], vectors: list[np.ndarray]) -> None:
         """Texts a look-ahead has computed: their answers go into the mailbox before they are asked
         for, if the statement's function reads them there."""
-        if self._kept_role is not None:
+        if self._kept_role is not None and self._current is not None:
             # A chunk per write: the writer connection serves every session's answers meanwhile.
             for i in range(0, len(texts), LOOKAHEAD_CHUNK):
-                self._track(self._write_ahead(self._statement, self._kept_role, model_uri,
+                self._track(self._write_ahead(self._statement, self._current, self._kept_role, model_uri,
                                               texts[i : i + LOOKAHEAD_CHUNK], vectors[i : i + LOOKAHEAD_CHUNK]))
         elif not self.asked_in_statement:
             self._unkept.append((model_uri, texts, vectors))
 
-    async def _write_ahead(self, statement: int, role: str, model_uri: str, texts: list[str],
+    async def _write_ahead(self, statement: int, box: _Box, role: str, model_uri: str, texts: list[str],
                            vectors: list[np.ndarray]) -> None:
-        answers = await asyncio.to_thread(kept_answers, self.mailbox, model_uri, texts, vectors)
+        answers = await asyncio.to_thread(kept_answers, box.mailbox, model_uri, texts, vectors)
         if statement != self._statement or not answers:
             return  # its statement is over, or none fits a place
-        if not self._granted:
-            self._granted.add(role)
-            self._track(self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
-                                               self.backend_pid, role, 0, b"")))
+        if not box.granted:
+            self._track(self._make(box, role))
         try:
-            await self._in_order(partial(self.service.write_many, self.database, self.mailbox.oid, list(answers),
+            await self._into(box, partial(self.service.write_many, self.database, box.mailbox.oid, list(answers),
                                          list(answers.values())))
         except ServiceUnavailable as exc:  # only time is lost: each is asked for instead
             log.debug("answers were not kept ahead", extra={"event": "keep_ahead_failed", "reason": str(exc)})
@@ -383,23 +466,25 @@ class ServerCalls:
 
     async def keep_before(self, inputs: list[tuple[str, str]]) -> None:
         """Compute the (model, text) inputs a statement about to run will ask for, and keep their answers
-        in its mailbox, so that its function finds them there and asks nothing. Only time is at stake:
+        in its transaction's mailbox (statement_mailbox, which the caller sets in the statement's
+        transaction), so that its function finds them there and asks nothing. Only time is at stake:
         what fails here is asked for, and answered or refused, as the statement runs."""
+        self.statement_mailbox()
+        box = self._current
+        assert box is not None
         by_model: dict[str, list[str]] = {}
         for model_uri, text in inputs:
             by_model.setdefault(model_uri, []).append(text)
         try:
             for model_uri, texts in by_model.items():
                 vectors = await self.backend.create_embeddings(model_uri, texts, None, 0)
-                answers = list(kept_answers(self.mailbox, model_uri, texts, vectors).items())  # type: ignore[arg-type]
-                if answers and not self._granted:  # made with the first answer: one round trip
-                    self._granted.add(self._role)
+                answers = list(kept_answers(box.mailbox, model_uri, texts, vectors).items())  # type: ignore[arg-type]
+                if answers and not box.granted:  # made with the first answer: one round trip
                     (place, first), answers = answers[0], answers[1:]
-                    await self._in_order(partial(self.service.open_mailbox, self.database, self.mailbox.oid,
-                                                 self.backend_pid, self._role, place, first))
+                    await self._make(box, self._role, place, first)
                     STATS.calls[("create_embeddings", "ahead")] += 1
                 if answers:
-                    await self._in_order(partial(self.service.write_many, self.database, self.mailbox.oid,
+                    await self._into(box, partial(self.service.write_many, self.database, box.mailbox.oid,
                                                  [p for p, _ in answers], [a for _, a in answers]))
                     STATS.calls[("create_embeddings", "ahead")] += len(answers)
         except (CallError, ServiceUnavailable) as exc:
@@ -419,7 +504,7 @@ class ServerCalls:
             log.debug("no answer was handed over", extra={"event": "hand_over_failed", "reason": exc.message})
             return None
         STATS.calls[("create_embeddings", "ahead")] += 1
-        return encode_answer(self.mailbox, key, "V", real_array_text(vector))  # type: ignore[arg-type]
+        return encode_answer(self.statement_mailbox(), key, "V", real_array_text(vector))  # type: ignore[arg-type]
 
     def look_ahead(self, lookaheads: list[Lookahead]) -> tuple[asyncio.Task[None], asyncio.Future[None]] | None:
         """Start embedding, in batches, the texts a statement is about to ask for one by one. Returns
@@ -492,9 +577,15 @@ class ServerCalls:
                 break
         log.info("looked ahead", extra={"event": "lookahead", "texts": total, "computed": computed})
 
-    def statement_done(self) -> None:
-        """The server finished the statement (ReadyForQuery): no function waits any more, so drop
-        the mailbox, and any answer still being worked out for a call that was cancelled."""
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction has mailboxes (its end, an idle ReadyForQuery, is to be watched for)."""
+        return bool(self._boxes)
+
+    def statement_done(self, idle: bool) -> None:
+        """The server finished the statement (ReadyForQuery): no function waits any more, so drop any
+        answer still being worked out for a call that was cancelled; and, `idle`, outside a transaction,
+        the transaction's mailboxes."""
         self._statement += 1
         self.asked_in_statement = 0
         self._unanswered = None
@@ -506,10 +597,18 @@ class ServerCalls:
         if self._holding is not None:  # a call cut short: its lock goes now, or once it is taken
             self._track(self._let_go(*self._holding))
             self._holding = None
-        if self._granted:
-            self._granted.clear()
-            # Not cancelled by a later statement's end: the next one makes it anew.
-            self._track(self._in_order(partial(self.service.close_mailbox, self.database, self.mailbox.oid)))
+        if idle:
+            self._drop_mailboxes()
+
+    def _drop_mailboxes(self) -> None:
+        """Remove the transaction's mailboxes (not cancelled by a later statement's end)."""
+        for oid, box in self._boxes.items():
+            if box.granted:
+                self._track(self._in_order(partial(self.service.close_mailbox, self.database, oid)))
+            else:
+                self.service.release_mailbox(self.database, oid)
+        self._boxes = {}
+        self._current = None
 
     def _in_order(self, work: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
         """Run `work`, an operation on the session's mailbox, once every one asked for before it has
@@ -549,7 +648,6 @@ class ServerCalls:
         if self._holding is not None:
             self._track(self._let_go(*self._holding))
             self._holding = None
+        self._drop_mailboxes()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        if self._granted:
-            await self._in_order(partial(self.service.close_mailbox, self.database, self.mailbox.oid))

@@ -1,0 +1,89 @@
+"""A real PgBouncer (Debian's package, which `make system-deps` installs) in front of a test server, for
+the topology tests and the benchmarks: every database of the server, trusting its users, with
+PgBouncer's defaults otherwise (pool mode and pool size aside)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pgcluster import RUN_AS, free_port, make_workdir
+from .proxyproc import wait_for_port
+
+
+def pgbouncer_binary() -> str:
+    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if found is None:
+        raise RuntimeError("pgbouncer is not installed: `make system-deps` installs Debian's package")
+    return found
+
+
+@dataclass
+class PgBouncer:
+    proc: subprocess.Popen
+    port: int
+    workdir: Path
+
+    def url(self) -> str:
+        """The pooler as a proxy's upstream."""
+        return f"postgresql://127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def dsn(self, user: str = "postgres", database: str = "postgres") -> str:
+        """A client's connection to the pooler."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}?sslmode=disable"
+
+    @property
+    def log(self) -> str:
+        path = self.workdir / "pgbouncer.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_pgbouncer(server_port: int, pool_mode: str = "session", pool_size: int = 20,
+                    max_clients: int = 200, users: tuple[str, ...] = ("postgres",)) -> PgBouncer:
+    """PgBouncer on loopback in front of the server on `server_port`: any database; `users` (trusted:
+    PgBouncer still wants each in its auth_file)."""
+    workdir = make_workdir("alp-pgbouncer-")
+    port = free_port()
+    (workdir / "userlist.txt").write_text("".join(f'"{user}" ""\n' for user in users))
+    ini = workdir / "pgbouncer.ini"
+    ini.write_text(f"""\
+[databases]
+* = host=127.0.0.1 port={server_port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {workdir / "userlist.txt"}
+pool_mode = {pool_mode}
+default_pool_size = {pool_size}
+max_client_conn = {max_clients}
+logfile = {workdir / "pgbouncer.log"}
+pidfile = {workdir / "pgbouncer.pid"}
+""")
+    if RUN_AS is not None:  # PgBouncer refuses to run as root
+        for path in (workdir, *workdir.iterdir()):
+            shutil.chown(path, RUN_AS, RUN_AS)
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen([pgbouncer_binary(), str(ini)], user=RUN_AS, stdout=output, stderr=subprocess.STDOUT,
+                                cwd=workdir)
+        try:
+            wait_for_port(port, 30, proc)
+        except (TimeoutError, RuntimeError) as exc:
+            output.seek(0)
+            raise RuntimeError(f"pgbouncer did not start: {output.read().decode(errors='replace')}") from exc
+    return PgBouncer(proc, port, workdir)
