@@ -71,6 +71,7 @@ class ModelRecord:
     max_seq_length: int | None
     builtin: bool
     created_at: str  # ISO-8601, UTC
+    sha256: str | None = None  # of its files, taken at registration (the catalog in the server keeps it)
 
     def to_metadata(self) -> dict[str, Any]:
         """The JSON object of model_metadata (the caller adds `loaded`); keys follow the functions' arguments."""
@@ -115,15 +116,25 @@ def _translate(exc: sqlite3.Error, path: Path) -> CatalogError:
     return CatalogError(IO_ERROR, f"cannot use catalog {path}: {exc}", hint="Check the data directory's permissions.")
 
 
-def _check_uri(uri: str | None) -> str:
+def check_uri(uri: str | None) -> str:
     if uri is None or not uri.strip():
         raise CatalogError(INVALID_PARAMETER_VALUE, "model_uri must be a non-empty name, e.g. 'my-model:v1'")
     return uri
 
 
-def _check_size(name: str, value: int | None) -> None:
+def check_size(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise CatalogError(INVALID_PARAMETER_VALUE, f"{name} must be a positive integer, got {value!r}")
+
+
+def effective(setting: _settings.Setting, stored: str | None) -> str:
+    """The stored value if it is still valid (the file may be edited by hand), else the default."""
+    if stored is not None:
+        try:
+            return setting.parse(stored)
+        except CatalogError:
+            log.warning("catalog: ignoring invalid stored value %r of %s", stored, setting.key)
+    return setting.default()
 
 
 class Catalog:
@@ -220,13 +231,17 @@ class Catalog:
         """The value of one setting as text (its default unless set)."""
         setting = _settings.lookup(key)
         rows = self._read("SELECT value FROM settings WHERE key = ?", (setting.key,))
-        return self._effective(setting, rows[0][0] if rows else None)
+        return effective(setting, rows[0][0] if rows else None)
 
     def get_settings(self, keys: Sequence[str] | None = None) -> dict[str, str]:
         """key -> value for `keys`, or for every setting when `keys` is None or empty (in a stable order)."""
         wanted = [_settings.lookup(k) for k in keys] if keys else list(_settings.SETTINGS.values())
         stored = dict(self._read("SELECT key, value FROM settings"))
-        return {s.key: self._effective(s, stored.get(s.key)) for s in wanted}
+        return {s.key: effective(s, stored.get(s.key)) for s in wanted}
+
+    def get_stored_settings(self) -> dict[str, str]:
+        """The settings set (not their defaults), as stored."""
+        return dict(self._read("SELECT key, value FROM settings"))
 
     def set_settings(self, pairs: Mapping[str | None, str | None]) -> None:
         """Validate every pair, then write them all in one transaction; 'default' removes a stored value."""
@@ -247,16 +262,6 @@ class Catalog:
     def set_setting(self, key: str, value: str) -> None:
         self.set_settings({key: value})
 
-    @staticmethod
-    def _effective(setting: _settings.Setting, stored: str | None) -> str:
-        """The stored value if it is still valid (the file may be edited by hand), else the default."""
-        if stored is not None:
-            try:
-                return setting.parse(stored)
-            except CatalogError:
-                log.warning("catalog: ignoring invalid stored value %r of %s", stored, setting.key)
-        return setting.default()
-
     # -- models -----------------------------------------------------------------------------------
 
     def register_model(
@@ -266,13 +271,15 @@ class Catalog:
         tokenizer_path: str | None = None,
         dimensions: int | None = None,
         max_seq_length: int | None = None,
+        sha256: str | None = None,
     ) -> ModelRecord:
-        """Add a model and return its record (with its new id); 42710 if the uri is taken."""
-        _check_uri(uri)
+        """Add a model and return its record (with its new id); 42710 if the uri is taken. (`sha256`
+        matters where many proxies share a catalog: this one is a data directory's own.)"""
+        check_uri(uri)
         if not model_path:
             raise CatalogError(INVALID_PARAMETER_VALUE, "model_path must be a non-empty path")
-        _check_size("dimensions", dimensions)
-        _check_size("max_seq_length", max_seq_length)
+        check_size("dimensions", dimensions)
+        check_size("max_seq_length", max_seq_length)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM models WHERE uri = ?", (uri,)).fetchone():
                 raise CatalogError(
@@ -308,8 +315,8 @@ class Catalog:
         max_seq_length: int | None,
     ) -> ModelRecord:
         """Record where a model's files are and their sizes (the engine fills these in for the built-in)."""
-        _check_size("dimensions", dimensions)
-        _check_size("max_seq_length", max_seq_length)
+        check_size("dimensions", dimensions)
+        check_size("max_seq_length", max_seq_length)
         with self._write() as conn:
             record = self._get(conn, uri)
             conn.execute(
@@ -332,7 +339,7 @@ class Catalog:
         return [ModelRecord._from_row(row) for row in rows]
 
     def _get(self, conn: sqlite3.Connection, uri: str) -> ModelRecord:
-        _check_uri(uri)
+        check_uri(uri)
         row = conn.execute(f"SELECT {_MODEL_COLUMNS} FROM models WHERE uri = ?", (uri,)).fetchone()
         if row is None:
             known = [r[0] for r in conn.execute("SELECT uri FROM models ORDER BY builtin DESC, id")]

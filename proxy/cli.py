@@ -16,6 +16,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from psycopg.conninfo import make_conninfo
+
+from catalog import Catalog, CatalogError
+from catalog.server import SCHEMA as CATALOG_SCHEMA
+from catalog.server import ServerCatalog
 from inference import BatchingConfig, EmbeddingEngine
 from inference import cli as inference_cli
 from inference.progress import ProgressPrinter
@@ -131,11 +136,16 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
             return 1
         upstream = embedded.upstream
     batching = BatchingConfig(config.batch_wait_ms, config.max_batch_tokens, config.max_batch_size)
+    service = _service_connections(config, upstream, embedded)
+    shared = await asyncio.to_thread(_server_catalog, config, service) if (
+        embedded is None and config.catalog == "server") else None
     backend = await asyncio.to_thread(
         Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
-        EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20,
+        EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20, shared,
     )
-    service = _service_connections(config, upstream, embedded)
+    if shared is not None:
+        backend.follow_catalog(asyncio.get_running_loop())
+        _in_background(shared.listen())
     _in_background(_check_at_start(upstream, service, _service_database(config)))
     tables = EmbeddingTables(service) if service is not None else None
     server = ProxyServer(config, upstream, lambda info: _hook(info, backend, service, tables))
@@ -170,6 +180,8 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(embedded.stop)
     await backend.engine.close()
+    if shared is not None:
+        await asyncio.to_thread(shared.close)
     if service is not None:
         await service.close()
     log.info("stopped", extra={"event": "stopped"})
@@ -244,6 +256,29 @@ def _in_background(work: Coroutine[object, object, None]) -> None:
     task = asyncio.get_running_loop().create_task(work)
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
+
+
+def _server_catalog(config: cfg.Config, service: ServiceConnections | None) -> ServerCatalog | None:
+    """The catalog of models and settings in the server, shared by every proxy in front of it (through
+    the service login); None, with a warning saying why, where the data directory's own is used."""
+    if service is None:
+        return None
+    target = service.upstream
+    conninfo = make_conninfo(host=target.host, port=target.port, user=service.user,
+                             password=service.password or None, dbname=_service_database(config),
+                             sslmode=target.sslmode, sslrootcert=target.sslrootcert or None,
+                             connect_timeout=max(1, round(target.connect_timeout)))
+    local = Catalog(config.data_path)
+    try:
+        return ServerCatalog(conninfo, local)
+    except CatalogError as exc:
+        log.warning("the catalog of models and settings stays in the data directory: the service login cannot keep "
+                    f"it in the server (schema {CATALOG_SCHEMA} of database {_service_database(config)!r}); let it "
+                    "create that schema, or create it and give it to the service login",
+                    extra={"event": "catalog_local", "reason": str(exc)})
+        return None
+    finally:
+        local.close()
 
 
 def _service_database(config: cfg.Config) -> str:

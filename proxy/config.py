@@ -115,6 +115,10 @@ OPTIONS: tuple[Option, ...] = (
            "DATA_DIR/service-password) with the embedded server, and no server calls with an external one"),
     Option("proxy", "service_password", str, "",
            "its password, if the server asks for one (or use PGPASSWORD / ~/.pgpass)", secret=True),
+    Option("proxy", "catalog", str, "server",
+           "where registered models and settings are kept: server (in the upstream server, schema "
+           "azure_local_ai_catalog of the service login's database, shared by every proxy in front of it) or "
+           "local (data_dir/catalog.sqlite3, this proxy's own; always so with the embedded server)"),
     Option("proxy", "service_upstream", str, "",
            "where the service login connects, a postgresql:// URL as upstream is; empty: upstream. Behind a "
            "connection pooler in transaction mode, the server itself (or a session-mode pool): the service "
@@ -165,6 +169,7 @@ class Config:
     server_calls: bool
     service_user: str
     service_password: str
+    catalog: str
     service_upstream: str
     http_listen: str
     http_api_key: str
@@ -238,6 +243,8 @@ def load(config_file: Path | None, flags: argparse.Namespace | None = None) -> C
         raise ConfigError("http_max_body must be positive")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("tls_cert and tls_key must be given together")
+    if config.catalog not in ("server", "local"):
+        raise ConfigError("catalog must be 'server' or 'local'")
     if config.log_format not in ("text", "json"):
         raise ConfigError("log_format must be 'text' or 'json'")
     if config.cache_mb < 0:

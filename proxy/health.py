@@ -75,6 +75,9 @@ class HealthCheck:
             problems.append(f"the built-in model {BUILTIN_URI} is being {backend.warming} (start-up)")
         elif backend.builtin_error is not None and not engine.is_loaded(BUILTIN_URI):  # a later call may load it
             problems.append(f"the built-in model {BUILTIN_URI} could not be loaded: {backend.builtin_error}")
+        catalog_problem = getattr(backend.catalog, "problem", None)  # a catalog shared in the server
+        if catalog_problem is not None:
+            problems.append(f"{catalog_problem} (the last one read serves meanwhile)")
         return problems
 
     async def _upstream(self) -> str | None:

@@ -88,6 +88,8 @@ def start_proxy(data_dir: Path, *args: str, upstream: str | None, port: int | No
                "--data-dir", str(data_dir), "--preload-model", "true" if preload else "false", *args]
     if upstream is not None:
         command += ["--upstream", upstream]
+        if "--catalog" not in args:  # each test's proxy its own catalog, unless it tests a shared one
+            command += ["--catalog", "local"]
     full_env = {**os.environ, **(env or {})}
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env,

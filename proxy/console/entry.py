@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from catalog.server import ServerCatalog
+
 from .. import messages
 from .. import protocol as pg
 from ..config import ConfigError
@@ -96,6 +98,7 @@ class AdminConsole:
                 STATS, engine.stats, sessions_now=len(server.registry.live), queue_depth=engine.queue_depth,
                 paused=server.registry.paused, uptime_seconds=time.monotonic() - self.started,
                 cache_hits=self.backend.cache.hits, cache_misses=self.backend.cache.misses,
+                catalog=_catalog_state(self.backend.catalog),
             )
         if item == "SESSIONS":
             return views.sessions_table(_session_row(s) for s in list(server.registry.live) if s.relay is not None)
@@ -142,3 +145,10 @@ def _session_row(session: Session) -> views.SessionRow:
         connected_at=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(session.connected_at)) + "Z",
         state=state, backend_pid=session.upstream_key[0] if session.upstream_key else None,
     )
+
+
+def _catalog_state(catalog: object) -> str:
+    """local, server, or (a catalog in the server that cannot be read now) why, the last one read serving."""
+    if not isinstance(catalog, ServerCatalog):
+        return "local"
+    return "server" if catalog.problem is None else f"server, last read (now: {catalog.problem})"

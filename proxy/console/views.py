@@ -48,11 +48,13 @@ class SessionRow:
 
 
 def stats_table(stats: ProxyStats, engine: EngineStats, *, sessions_now: int, queue_depth: int, paused: bool,
-                uptime_seconds: float, cache_hits: int, cache_misses: int) -> Table:
-    """The proxy's counters since it started: those of /metrics, as one row each."""
+                uptime_seconds: float, cache_hits: int, cache_misses: int, catalog: str = "local") -> Table:
+    """The proxy's counters since it started: those of /metrics, as one row each; and where its catalog
+    is (`catalog`: local, server, or why the server's cannot be read)."""
     rows: list[tuple[str, object]] = [
         ("uptime_seconds", round(uptime_seconds)),
         ("paused", "yes" if paused else "no"),
+        ("catalog", catalog),
         ("sessions_now", sessions_now),
         ("sessions_total", stats.sessions_total),
         *((f"sessions_refused_by_{by}", count) for (by,), count in sorted(stats.sessions_refused.items())),

@@ -4,6 +4,7 @@ settings and models from the catalog. Shared by every session through one `Backe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
+from catalog.server import ServerCatalog
 from inference.build import DEFAULT_VARIANT
 from inference.engine import EmbeddingEngine, Usage
 from inference.errors import EmbeddingTimeout, ModelFilesError
@@ -43,13 +45,15 @@ class Backend:
 
     data_dir: Path
     engine: EmbeddingEngine
-    catalog: Catalog
+    catalog: Catalog | ServerCatalog
     model_roots: tuple[Path, ...]
     variant: str = DEFAULT_VARIANT
     cache: EmbeddingCache = field(default_factory=lambda: EmbeddingCache(DEFAULT_CACHE_BYTES))
 
     def __post_init__(self) -> None:
         self._files: dict[str, ModelFiles] = {}
+        #: A registered model's path and SHA-256 in the catalog when its files were loaded (and checked).
+        self._loaded_as: dict[str, tuple[str | None, str | None]] = {}
         self._builtin_lock = asyncio.Lock()
         #: What the built-in model goes through at start-up ("built", "loaded"); None once it is ready.
         self.warming: str | None = None
@@ -60,13 +64,34 @@ class Backend:
     def open(
         cls, data_dir: Path, model_roots: Sequence[Path], engine: EmbeddingEngine | None = None,
         variant: str = DEFAULT_VARIANT, cache_bytes: int = DEFAULT_CACHE_BYTES,
+        catalog: Catalog | ServerCatalog | None = None,
     ) -> Backend:
-        """Open the catalog and start an engine with the catalog's thread settings."""
-        catalog = Catalog(data_dir)
-        backend = cls(data_dir, engine or EmbeddingEngine(), catalog, tuple(model_roots), variant,
-                      EmbeddingCache(cache_bytes))
+        """Open the catalog (the data directory's, unless one is given) and start an engine with the
+        catalog's thread settings."""
+        backend = cls(data_dir, engine or EmbeddingEngine(), catalog or Catalog(data_dir), tuple(model_roots),
+                      variant, EmbeddingCache(cache_bytes))
         backend.engine.apply_settings(backend.engine_settings())
         return backend
+
+    def follow_catalog(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Act on changes another proxy makes to a shared catalog (ServerCatalog.on_change, from any
+        thread): its settings applied to the engine, models gone or changed forgotten."""
+        if isinstance(self.catalog, ServerCatalog):
+            self.catalog.on_change = lambda: loop.call_soon_threadsafe(self._catalog_changed)
+
+    def _catalog_changed(self) -> None:
+        self.engine.apply_settings(self.engine_settings())
+        for uri in list(self._files):
+            try:
+                record = self.catalog.get_model(uri)
+            except CatalogError:
+                record = None
+            if record is None or (not record.builtin and self._loaded_as.get(uri) != (record.model_path,
+                                                                                      record.sha256)):
+                self._files.pop(uri, None)
+                self.cache.forget_model(uri)
+                unloading = asyncio.get_running_loop().run_in_executor(None, self.engine.unload, uri)
+                unloading.add_done_callback(retrieve)
 
     def engine_settings(self) -> EngineSettings:
         values = self.catalog.get_settings(None)
@@ -102,6 +127,15 @@ class Backend:
         else:
             tokenizer = Path(record.tokenizer_path) if record.tokenizer_path else None
             files = await self._blocking(partial(load_model_dir, Path(record.model_path), tokenizer, uri=uri))
+            if record.sha256 is not None:
+                found = await asyncio.to_thread(files_sha256, files)
+                if found != record.sha256:
+                    raise CallError(
+                        "XX001", f'the files of model "{uri}" here ({files.onnx_path}, {files.tokenizer_path}) are '
+                        f"not those registered: SHA-256 {found}, registered {record.sha256}",
+                        "Every proxy sharing the catalog must have the same files at the registered path (a shared "
+                        "volume, the same image); or register the model anew.")
+            self._loaded_as[uri] = (record.model_path, record.sha256)
         self._files[uri] = files
         return files
 
@@ -277,9 +311,10 @@ class Backend:
                             "Give an ONNX text-embedding model with its tokenizer.json.") from exc
         finally:
             await asyncio.to_thread(self.engine.unload, uri)
+        digest = await asyncio.to_thread(files_sha256, files)
         record = await self._blocking(
-            self.catalog.register_model, uri, str(files.onnx_path), str(files.tokenizer_path), files.dimensions,
-            files.max_seq_length,
+            partial(self.catalog.register_model, uri, str(files.onnx_path), str(files.tokenizer_path),
+                    files.dimensions, files.max_seq_length, sha256=digest),
         )
         self._files.pop(uri, None)
         self.cache.forget_model(uri)
@@ -294,6 +329,18 @@ class Backend:
         self._files.pop(uri, None)
         self.cache.forget_model(uri)
         await asyncio.to_thread(self.engine.unload, uri)
+
+
+def files_sha256(files: ModelFiles) -> str:
+    """The SHA-256 of a model's files: the ONNX graph (with its external data) and the tokenizer."""
+    digest = hashlib.sha256()
+    paths = [files.onnx_path, *sorted(files.onnx_path.parent.glob(files.onnx_path.name + "*.data")),
+             files.tokenizer_path]
+    for path in paths:
+        with open(path, "rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _seconds(timeout_ms: int) -> float | None:
