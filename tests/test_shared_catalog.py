@@ -16,7 +16,7 @@ import pytest
 from inference import build_hf_dir
 
 from . import test_inference_fixtures as shared
-from .helpers import unique
+from .helpers import new_database, unique
 from .pgcluster import PgCluster, embedded_data_dir
 from .proxyproc import ProxyProcess, start_proxy
 
@@ -24,20 +24,31 @@ minilm_dir = shared.minilm_dir  # session fixture: all-MiniLM-L6-v2 as safetenso
 
 
 @pytest.fixture(scope="module")
-def catalog_login(pg: PgCluster) -> Iterator[str]:
-    """A service login that may make the catalog's schema (CREATE on the database), and no superuser."""
-    login = unique("svc")
-    pg.psql(f"CREATE ROLE {login} LOGIN; GRANT pg_read_all_data TO {login}; "
-            f"GRANT CREATE ON DATABASE postgres TO {login}")
-    yield login
-    pg.psql("DROP SCHEMA IF EXISTS azure_local_ai_catalog CASCADE")
+def catalog_database(pg: PgCluster) -> Iterator[str]:
+    """Where the catalog is kept (admin_auth_database): a database of this module's own."""
+    with new_database(pg, "catalog") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
-def proxies(pg: PgCluster, model_data_dir: Path, catalog_login: str) -> Iterator[list[ProxyProcess]]:
+def catalog_login(pg: PgCluster, catalog_database: str) -> str:
+    """A service login that may make the catalog's schema (CREATE on the database), and no superuser."""
+    login = unique("svc")
+    pg.psql(f"CREATE ROLE {login} LOGIN; GRANT pg_read_all_data TO {login}; "
+            f"GRANT CREATE ON DATABASE {catalog_database} TO {login}")
+    return login
+
+
+def catalog_proxy(directory: Path, pg: PgCluster, login: str, database: str) -> ProxyProcess:
+    return start_proxy(directory, "--service-user", login, "--catalog", "server", "--admin-auth-database", database,
+                       upstream=pg.url(), preload=True)
+
+
+@pytest.fixture(scope="module")
+def proxies(pg: PgCluster, model_data_dir: Path, catalog_login: str,
+            catalog_database: str) -> Iterator[list[ProxyProcess]]:
     with embedded_data_dir(model_data_dir) as first_dir, embedded_data_dir(model_data_dir) as second_dir:
-        running = [start_proxy(directory, "--service-user", catalog_login, "--catalog", "server", upstream=pg.url(),
-                               preload=True)
+        running = [catalog_proxy(directory, pg, catalog_login, catalog_database)
                    for directory in (first_dir, second_dir)]
         try:
             yield running
@@ -99,10 +110,10 @@ def value_of(threads: str, spin: str) -> str:
 
 
 def test_the_catalog_outlives_a_proxys_restart(pg: PgCluster, proxies: list[ProxyProcess], model_data_dir: Path,
-                                                catalog_login: str) -> None:
+                                                catalog_login: str, catalog_database: str) -> None:
     value(proxies[0], "SELECT azure_local_ai.set_setting('inter_op_parallelism', '2')")
     with embedded_data_dir(model_data_dir) as directory:
-        third = start_proxy(directory, "--service-user", catalog_login, "--catalog", "server", upstream=pg.url())
+        third = catalog_proxy(directory, pg, catalog_login, catalog_database)
         try:
             assert value(third, "SELECT azure_local_ai.get_setting('inter_op_parallelism')") == "2"
         finally:
