@@ -51,8 +51,11 @@ SCHEMA = "azure_local_ai_catalog"
 CATALOG_CHANNEL = "azure_local_ai_catalog"
 #: How often a proxy whose listening connection is down reads the catalog again, in seconds.
 RETRY_S = 1.0
+#: The longest a catalog statement may take (a lock held by another's change, a server in trouble).
+STATEMENT_TIMEOUT_MS = 10_000
 
 _DDL = f"""
+SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('{SCHEMA}'));  -- proxies starting together
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
 CREATE TABLE IF NOT EXISTS {SCHEMA}.models (
     id bigserial PRIMARY KEY,
@@ -93,7 +96,10 @@ class ServerCatalog:
         self.problem: str | None = None
         #: Called (from any thread) after the snapshot changed: what changed is for the caller to see.
         self.on_change: Callable[[], None] | None = None
-        self._local = local
+        # What the data directory's catalog holds, to import into an empty one (once it can be reached).
+        self._to_import: tuple[dict[str, str], list[ModelRecord]] | None = None
+        if local is not None:
+            self._to_import = (local.get_stored_settings(), [m for m in local.list_models() if not m.builtin])
         self._set_up = False
         try:
             self._set_up_once()
@@ -105,7 +111,7 @@ class ServerCatalog:
             if local is not None:
                 self._settings = local.get_stored_settings()
                 self._models = {m.uri: replace(m, model_path=None, tokenizer_path=None) if m.builtin else m
-                                for m in local.list_models()}
+                                for m in local.list_models()}  # the built-in model first
 
     def _set_up_once(self) -> None:
         """Make the schema if need be and import the data directory's catalog into an empty one, then
@@ -114,10 +120,10 @@ class ServerCatalog:
             return
         with self._writing() as conn:
             conn.execute(_DDL)
-            if self._local is not None:
-                self._import(conn, self._local)
+            if self._to_import is not None:
+                self._import(conn, *self._to_import)
         self._set_up = True
-        self._local = None
+        self._to_import = None
         self.refresh()
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -146,38 +152,36 @@ class ServerCatalog:
                                    hint="Check that the proxy's service login reaches the server.") from exc
 
     def refresh(self) -> None:
-        """Read the whole catalog anew (after a change anywhere); keep the last snapshot if it cannot."""
-        try:
-            with self._lock:
+        """Read the whole catalog anew (after a change anywhere); keep the last snapshot if it cannot.
+        Read and swapped under the lock: two refreshes never leave the older reading in place."""
+        with self._lock:
+            try:
                 conn = self._connection()
                 settings = dict(conn.execute(f"SELECT key, value FROM {SCHEMA}.settings").fetchall())
-                models = [_record(row) for row in conn.execute(_MODELS).fetchall()]
-        except psycopg.Error as exc:
-            with self._lock:
+                models = {m.uri: m for m in (_record(row) for row in conn.execute(_MODELS).fetchall())}
+            except psycopg.Error as exc:
                 if self._conn is not None and self._conn.broken:
                     self._conn = None
-            if self.problem is None:
-                log.warning("the catalog in the server cannot be read; going on with the last one read",
-                            extra={"event": "catalog_unreachable", "reason": str(exc)})
-            self.problem = f"the catalog in the server cannot be read: {exc}"
-            return
-        changed = settings != self._settings or {m.uri: m for m in models} != self._models
-        self._settings, self._models = settings, {m.uri: m for m in models}
-        if self.problem is not None:
-            log.info("the catalog in the server is read again", extra={"event": "catalog_reachable"})
-        self.problem = None
+                if self.problem is None:
+                    log.warning("the catalog in the server cannot be read; going on with the last one read",
+                                extra={"event": "catalog_unreachable", "reason": str(exc)})
+                self.problem = f"the catalog in the server cannot be read: {exc}"
+                return
+            changed = settings != self._settings or models != self._models
+            self._settings, self._models = settings, models
+            if self.problem is not None:
+                log.info("the catalog in the server is read again", extra={"event": "catalog_reachable"})
+            self.problem = None
         if changed and self.on_change is not None:
             self.on_change()
 
-    def _import(self, conn: psycopg.Connection, local: Catalog) -> None:
+    def _import(self, conn: psycopg.Connection, settings: dict[str, str], models: list[ModelRecord]) -> None:
         """A data directory's own catalog, into a server catalog that has nothing yet: once."""
+        if not settings and not models:
+            return
         has = conn.execute(f"SELECT (SELECT count(*) FROM {SCHEMA}.settings) + "
                            f"(SELECT count(*) FROM {SCHEMA}.models WHERE NOT builtin)").fetchone()
         if has is None or has[0]:
-            return
-        settings = local.get_stored_settings()
-        models = [m for m in local.list_models() if not m.builtin]
-        if not settings and not models:
             return
         for key, value in settings.items():
             conn.execute(f"INSERT INTO {SCHEMA}.settings (key, value) VALUES (%s, %s)", (key, value))
@@ -186,8 +190,7 @@ class ServerCatalog:
                          "VALUES (%s, %s, %s, %s, %s)", (m.uri, m.model_path, m.tokenizer_path, m.dimensions,
                                                         m.max_seq_length))
         log.info("imported the data directory's catalog into the server's, once",
-                 extra={"event": "catalog_imported", "path": str(local.path), "settings": len(settings),
-                        "models": len(models)})
+                 extra={"event": "catalog_imported", "settings": len(settings), "models": len(models)})
 
     async def listen(self) -> None:
         """Follow the catalog's changes (LISTEN), reading it anew at each, until cancelled; with the
@@ -265,8 +268,9 @@ class ServerCatalog:
                 raise CatalogError(
                     DUPLICATE_OBJECT, f'model "{uri}" is already registered',
                     hint="Unregister it first with azure_local_ai.model_unregister, or choose another model_uri.")
+            (record,) = [_record(found) for found in conn.execute(_MODELS).fetchall() if found[1] == uri]
         self.refresh()
-        return self.get_model(uri)
+        return record
 
     def unregister_model(self, uri: str) -> None:
         check_uri(uri)
@@ -319,7 +323,8 @@ def _connect(conninfo: str) -> psycopg.Connection:
     """A connection of the service login, with no name resolving to an object another role made (set
     after connecting: a pooler refuses a start-up parameter it does not know)."""
     conn = psycopg.connect(conninfo, autocommit=True, application_name="azure-local-ai-proxy catalog")
-    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)")
+    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false), "
+                 f"pg_catalog.set_config('statement_timeout', '{STATEMENT_TIMEOUT_MS}', false)")
     return conn
 
 

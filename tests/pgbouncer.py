@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.pgserver import as_user
+
 from .pgcluster import RUN_AS, free_port, make_workdir
 from .proxyproc import wait_for_port
 
@@ -52,9 +54,10 @@ class PgBouncer:
 
 
 def start_pgbouncer(server_port: int, pool_mode: str = "session", pool_size: int = 20,
-                    max_clients: int = 200, users: tuple[str, ...] = ("postgres",)) -> PgBouncer:
+                    max_clients: int = 200, users: tuple[str, ...] = ("postgres",),
+                    settings: dict[str, str] | None = None) -> PgBouncer:
     """PgBouncer on loopback in front of the server on `server_port`: any database; `users` (trusted:
-    PgBouncer still wants each in its auth_file)."""
+    PgBouncer still wants each in its auth_file); `settings`, more of PgBouncer's."""
     workdir = make_workdir("alp-pgbouncer-")
     port = free_port()
     (workdir / "userlist.txt").write_text("".join(f'"{user}" ""\n' for user in users))
@@ -74,13 +77,13 @@ default_pool_size = {pool_size}
 max_client_conn = {max_clients}
 logfile = {workdir / "pgbouncer.log"}
 pidfile = {workdir / "pgbouncer.pid"}
-""")
+""" + "".join(f"{name} = {value}\n" for name, value in (settings or {}).items()))
     if RUN_AS is not None:  # PgBouncer refuses to run as root
         for path in (workdir, *workdir.iterdir()):
             shutil.chown(path, RUN_AS, RUN_AS)
     with tempfile.TemporaryFile() as output:
-        proc = subprocess.Popen([pgbouncer_binary(), str(ini)], user=RUN_AS, stdout=output, stderr=subprocess.STDOUT,
-                                cwd=workdir)
+        proc = subprocess.Popen([pgbouncer_binary(), str(ini)], stdout=output, stderr=subprocess.STDOUT,
+                                cwd=workdir, **as_user(RUN_AS))
         try:
             wait_for_port(port, 30, proc)
         except (TimeoutError, RuntimeError) as exc:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.pgserver import ensure_server_user, package_install, running_as_root, server_install
+from proxy.pgserver import as_user, ensure_server_user, package_install, running_as_root, server_install
 
 #: The OS user the tests' servers run as: PostgreSQL does not run as root.
 RUN_AS = ensure_server_user() if running_as_root() else None
@@ -106,7 +106,7 @@ class PgCluster:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
     def _run(self, *args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True, user=RUN_AS)
+        subprocess.run(args, check=True, capture_output=True, **as_user(RUN_AS))
 
     def init(self) -> None:
         _chown(self.root)
@@ -138,7 +138,7 @@ class PgCluster:
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"],
-                       capture_output=True, user=RUN_AS)
+                       capture_output=True, **as_user(RUN_AS))
 
     def psql(self, sql: str, user: str = "postgres") -> str:
         out = subprocess.run([tool("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",

@@ -17,8 +17,10 @@ from proxy.intercept.handover import (
     SESSION_SETTING,
     InjectedReplies,
     messages_before_bind,
+    prefix_length,
     query_with,
     settings_sql,
+    shift_position,
 )
 from proxy.intercept.render import real_array_text
 from proxy.intercept.servercalls import encode_answer, kept_key
@@ -158,3 +160,39 @@ def test_replies_after_the_proxys_are_the_clients() -> None:
     assert taken == [False, True, True, True, True, True, True, True]
     assert replies.done
     assert not any(replies.take(t) for t in b"12DCZ")
+
+
+def test_between_a_parse_that_opened_the_batch_and_its_bind(server: RawClient) -> None:
+    """An unnamed statement's Parse and Bind come in one batch: the settings go between them. The
+    reply to the client's Parse comes first and is the client's (the proxy's begin otherwise)."""
+    handed = answer()
+    batch = extended_batch(READ_IT)
+    cut = len(pg.message(pg.PARSE, Parse("", READ_IT, ()).encode()))
+    parse, rest = batch[:cut], batch[cut:]
+    ours, theirs = exchange(server, parse + messages_before_bind(settings(handed)) + rest, BIND_REPLIES)
+    assert b"".join(ours) == BIND_REPLIES
+    assert [t for t, _ in theirs] == [b"1", b"2", b"D", b"C", b"Z"]
+    assert handed in theirs[2][1]
+    then_unset(server)
+
+
+def test_a_parse_that_fails_skips_the_settings_and_its_error_is_the_clients(server: RawClient) -> None:
+    bad = pg.message(pg.PARSE, Parse("", "SELEC 1", ()).encode())
+    rest = b"".join([pg.message(pg.BIND, Bind("", "", (), (), ()).encode()), pg.message(pg.EXECUTE, b"\0\0\0\0\0"),
+                     pg.message(pg.SYNC)])
+    ours, theirs = exchange(server, bad + messages_before_bind(settings(answer())) + rest, BIND_REPLIES)
+    assert ours == []
+    assert [t for t, _ in theirs] == [b"E", b"Z"]
+    assert pg.parse_fields(theirs[0][1])["C"] == "42601"
+
+
+def test_an_errors_position_is_moved_back_to_the_clients_text(server: RawClient) -> None:
+    """With the proxy's statement in front of a Query, the server's error points past it: moved back by
+    its length, the position is the client's text's (what psql marks with its caret)."""
+    sql = settings()
+    client_text = "INSERT INTO no_such_table VALUES (1)"
+    server.send(pg.message(pg.QUERY, query_with(sql, query(client_text))))
+    (error,) = [body for msg_type, body in server.read_until(b"Z") if msg_type == b"E"]
+    moved = pg.parse_fields(shift_position(error, prefix_length(sql)))
+    assert client_text[int(moved["P"]) - 1:].startswith("no_such_table")
+    assert shift_position(b"SERROR\0C42P01\0Mx\0\0", 5) == b"SERROR\0C42P01\0Mx\0\0"  # none to move

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from proxy.pgserver import as_user
+
 from .pgcluster import RUN_AS, PgCluster, free_port, make_workdir, server_bin
 
 QEMU = "qemu-x86_64"
@@ -172,7 +174,7 @@ def emulated_pgvector_problems(bin_dir: Path | None = None, cpu: str = EMULATED_
         command = [qemu, "-cpu", cpu, str(bin_dir / "postgres"), "--single", "-D", str(cluster.pgdata),
                    "-c", "exit_on_error=on", "postgres"]
         done = subprocess.run(command, input="\n".join(checks.sql) + "\n", capture_output=True, text=True,
-                              errors="replace", user=RUN_AS, cwd=cluster.root, preexec_fn=_no_core_dump,
+                              errors="replace", cwd=cluster.root, preexec_fn=_no_core_dump, **as_user(RUN_AS),
                               timeout=120)
     finally:
         cluster.destroy()

@@ -6,6 +6,9 @@ correctly and in batches (a back-fill and a COPY are computed ahead, not asked r
 from __future__ import annotations
 
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 
 from .helpers import new_database, unique
 from .pgbouncer import PgBouncer, start_pgbouncer
-from .pgcluster import PgCluster, embedded_data_dir
+from .pgcluster import PgCluster, embedded_data_dir, free_port
 from .proxyproc import PSQL, ProxyProcess, start_proxy
 from .readme_session import assert_same_session, first_session, run_session
 from .test_extension import CALL, answered, constant_path
@@ -198,3 +201,40 @@ def _take_turns(proxy: ProxyProcess, database: str) -> None:
     finally:
         for conn in clients.values():
             conn.close()
+
+
+def test_service_connections_through_a_transaction_pooler_are_found_out(
+        pg: PgCluster, model_data_dir: Path, service_login: str, database: str) -> None:
+    """Without service_upstream in front of a pooler in transaction mode, the service connections' server
+    backend changes between their transactions (here PgBouncer keeps two and takes them in turn): the
+    proxy finds it out (its prepared statement gone, or another backend's pid), and the calls the server
+    evaluates fail with what to set (08001), as /healthz and the log say, rather than leave advisory
+    locks on backends that serve other clients."""
+    bouncer = start_pgbouncer(pg.port, "transaction", users=("postgres", service_login),
+                              settings={"min_pool_size": "2", "server_round_robin": "1"})
+    http_port = free_port()
+    try:
+        with embedded_data_dir(model_data_dir) as data_dir:
+            proxy = start_proxy(data_dir, "--service-user", service_login, "--http-listen", f"127.0.0.1:{http_port}",
+                                upstream=bouncer.url(), preload=True)
+            try:
+                with connect(proxy.dsn(database=database)) as conn:
+                    conn.execute("CREATE EXTENSION azure_local_ai")
+                    conn.execute("CREATE TABLE docs (id int, body text)")
+                    conn.execute("INSERT INTO docs SELECT i, 'pooled service ' || i FROM generate_series(1, 6) i")
+                    # The service login's pool gets its second server connection a moment after its first.
+                    conn.execute(f"SELECT {CALL.format('body')} FROM docs WHERE id = 1 AND random() >= 0")
+                    time.sleep(3)
+                    # Each row asks (random() is not read ahead).
+                    with pytest.raises(psycopg.errors.SqlclientUnableToEstablishSqlconnection) as failed:
+                        conn.execute(f"SELECT {CALL.format('body')} FROM docs WHERE random() >= 0").fetchall()
+                    assert "set service_upstream to the server itself" in str(failed.value)
+                assert "event=service_pooled" in proxy.log
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz") as response:
+                    pytest.fail(f"healthy: {response.read()!r}")
+            except urllib.error.HTTPError as unhealthy:
+                assert unhealthy.code == 503 and b"set service_upstream" in unhealthy.read()
+            finally:
+                proxy.stop()
+    finally:
+        bouncer.stop()

@@ -332,11 +332,15 @@ class Backend:
 
 
 def files_sha256(files: ModelFiles) -> str:
-    """The SHA-256 of a model's files: the ONNX graph (with its external data) and the tokenizer."""
+    """The SHA-256 of a model's files: every file of the ONNX graph's directory (its external data and
+    configuration, whatever their names), by name, and the tokenizer where it lies elsewhere."""
+    directory = files.onnx_path.parent
+    paths = sorted(path for path in directory.iterdir() if path.is_file())
+    if files.tokenizer_path.parent != directory:
+        paths.append(files.tokenizer_path)
     digest = hashlib.sha256()
-    paths = [files.onnx_path, *sorted(files.onnx_path.parent.glob(files.onnx_path.name + "*.data")),
-             files.tokenizer_path]
     for path in paths:
+        digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as data:
             while chunk := data.read(1 << 20):
                 digest.update(chunk)

@@ -71,8 +71,23 @@ def messages_before_bind(sql: str) -> bytes:
 
 
 def query_with(sql: str, query_body: bytes) -> bytes:
-    """A Query's body with `sql` (one row, a statement of the proxy's) put in front of its text."""
+    """A Query's body with `sql` (one row, a statement of the proxy's) put in front of its text: its
+    `prefix_length(sql)` characters come before the client's text."""
     return sql.encode() + b"; " + query_body
+
+
+def prefix_length(sql: str) -> int:
+    return len(sql) + 2
+
+
+def shift_position(body: bytes, shift: int) -> bytes:
+    """An ErrorResponse's or NoticeResponse's body with its position in the query (P, in characters)
+    moved back by `shift`: the client's text, not the text the server ran with the proxy's in front."""
+    fields = body.split(b"\0")
+    for i, field in enumerate(fields):
+        if field[:1] == b"P" and field[1:].isdigit() and int(field[1:]) > shift:
+            fields[i] = b"P" + str(int(field[1:]) - shift).encode()
+    return b"\0".join(fields)
 
 
 class InjectedReplies:

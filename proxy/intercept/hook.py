@@ -30,7 +30,16 @@ from .copyrows import CopyFrom, CopyRows, copy_from_stdin
 from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
-from .handover import BIND_REPLIES, QUERY_REPLIES, InjectedReplies, messages_before_bind, query_with, settings_sql
+from .handover import (
+    BIND_REPLIES,
+    QUERY_REPLIES,
+    InjectedReplies,
+    messages_before_bind,
+    prefix_length,
+    query_with,
+    settings_sql,
+    shift_position,
+)
 from .lookahead import RowInput, one_row_insert, row_inputs
 from .prepared import PreparedCalls, bind_values, failing_bind, rewrite_parse
 from .render import splice, splice_parts
@@ -155,7 +164,12 @@ class InterceptHook:
         #: statement's parameter types, and whether an answer may be handed over (_keep_before).
         self.inserts: dict[str, _PreparedInsert] = {}
         self._handing_over: InjectedReplies | None = None  # the server's replies to the proxy's settings, to drop
-        self._mailbox_set_in: int | None = None  # the batch whose Parse the transaction's mailbox was set before
+        #: A one-row INSERT's Parse that opened its batch (the batch, the statement), until another of the
+        #: client's messages is seen: its Bind may then have the answer handed over (_keep_before).
+        self._batch_parse: tuple[int, str] | None = None
+        #: The length of the proxy's statement put in front of the Query under way, if any: the positions
+        #: in its errors are moved back by it (handover.shift_position).
+        self._shifted = 0
         #: A COPY FROM STDIN into a table whose generated columns embed: its rows, read as they go
         #: upstream, and the model of each input read (_copy_rows).
         self._copying: tuple[CopyRows, list[str]] | None = None
@@ -163,6 +177,8 @@ class InterceptHook:
     # ------------------------------------------------------------------ which messages
 
     def wants(self, msg_type: int, body: bytes, marked: bool | None = None) -> bool:
+        if msg_type != pg.BIND:
+            self._batch_parse = None  # something of the client's goes between a Parse and its Bind
         if msg_type == pg.QUERY:
             if _names_ours(body) if marked is None else marked:
                 return True
@@ -283,6 +299,7 @@ class InterceptHook:
                 return
             if settings is not None:  # made in the statement's own transaction: put in front of it
                 self._handing_over = InjectedReplies(QUERY_REPLIES)
+                self._shifted = prefix_length(settings)
                 body = query_with(settings, body)
             control.forward(pg.QUERY, body)
             return
@@ -367,7 +384,8 @@ class InterceptHook:
             inputs, handed_over = self._row_inputs(parse.query, control)
             if inputs:
                 self.inserts[parse.statement] = _PreparedInsert(inputs, parse.param_types, handed_over)
-                self._set_mailbox_first(control)
+                if not control.in_batch:  # its Bind may follow in the same batch (an unnamed statement)
+                    self._batch_parse = (control.requests_sent, parse.statement)
             control.forward(pg.PARSE, parse.encode())
             return
         try:
@@ -414,8 +432,11 @@ class InterceptHook:
         prepared = self.statements.get(bind.statement)
         if prepared is None:
             insert = self.inserts.get(bind.statement)
+            after_its_parse = self._batch_parse == (control.requests_sent, bind.statement)
+            self._batch_parse = None
             settings = await self._keep_before(_bound_inputs(bind, insert.inputs, insert.param_types),
-                                               insert.handed_over, control) if insert else None
+                                               insert.handed_over, control, after_its_parse=after_its_parse) if (
+                insert) else None
             if isinstance(settings, CallError):  # a Bind of a statement that is not there, whose error is replaced
                 marker = self._expect_failure(control, settings)
                 bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
@@ -599,40 +620,21 @@ class InterceptHook:
             self._control.observe_client(frozenset())
         self._copying = None
 
-    def _set_mailbox_first(self, control: SessionControl) -> None:
-        """Before the Parse of a one-row INSERT that opens its batch: set the transaction's mailbox, so
-        that its Bind, if it comes in the same batch (an unnamed statement), has its answer kept there
-        (_keep_before); the proxy's messages could not come first in the batch then."""
-        assert self.server_calls is not None
-        if (control.in_batch or control.outstanding or control.transaction_status == "E"
-                or self._handing_over is not None):
-            return
-        settings = settings_sql(self.server_calls.statement_mailbox().setting)
-        assert settings is not None  # a mailbox's setting is plain ASCII
-        self._watch(control)
-        control.cork()
-        control.send_upstream(messages_before_bind(settings))
-        self._handing_over = InjectedReplies(BIND_REPLIES)
-        self._mailbox_set_in = control.requests_sent
-
     async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
-                           control: SessionControl) -> str | CallError | None:
+                           control: SessionControl, *, after_its_parse: bool = False) -> str | CallError | None:
         """Compute a statement's inputs before it goes to the server, where nothing else of the session
         is before it: one answer is handed over with it, others are kept in its transaction's mailbox
         (servercalls.keep_before). Returns the statement that sets them in its transaction, to send
         just before it (handover.py), or None (the statement asks, as it runs); the error if a cancel
-        request stopped it: then the statement fails, as it would have on the server (57014)."""
+        request stopped it: then the statement fails, as it would have on the server (57014).
+
+        The proxy's messages go first in the batch, or (`after_its_parse`) right after the statement's
+        Parse that opened it, with nothing of the client's seen between: the server's reply to that
+        Parse (ParseComplete, or an error that skips the rest) comes before the proxy's, and is not of
+        a type the proxy's replies begin with (InjectedReplies)."""
         if not inputs or control.outstanding or control.transaction_status == "E" or self.server_calls is None:
             return None
-        if control.in_batch:  # the proxy's settings would not come first in the batch: set before its Parse?
-            if self._mailbox_set_in != control.requests_sent:
-                return None
-            try:
-                await self._cancellable(self.server_calls.keep_before(inputs))
-            except CallError as error:
-                return error
-            return None
-        if self._handing_over is not None:
+        if (control.in_batch and not after_its_parse) or self._handing_over is not None:
             return None
         self._watch(control)  # the transaction's end drops the mailbox; the settings' replies are dropped
         answer = None
@@ -732,6 +734,10 @@ class InterceptHook:
                                                                   "reason": pg.parse_fields(body).get("M")})
             if ours:
                 return b""
+        shifted = None  # the message with its position in the client's text, if the proxy's went before it
+        if self._shifted and msg_type in (pg.ERROR_RESPONSE, pg.NOTICE_RESPONSE):
+            body = shift_position(body, self._shifted)
+            shifted = pg.message(msg_type, body)
         if msg_type == pg.COMMAND_COMPLETE:
             self._completed += 1
             return self._tags.pop((self._answered, self._completed - 1), None)
@@ -764,12 +770,13 @@ class InterceptHook:
                     return pg.message(msg_type, encode_parameter_description(types[: len(types) - extra]))
         elif msg_type == pg.READY_FOR_QUERY:
             self._ready(idle=body[:1] == b"I")
-        return None
+        return shifted
 
     def _ready(self, idle: bool) -> None:
         """A ReadyForQuery: what was kept for the batch it ends goes; `idle` (no transaction), the
         transaction's mailboxes too."""
         self._answered += 1
+        self._shifted = 0
         self._stop_copying()
         self._completed = 0
         if self.server_calls is not None:

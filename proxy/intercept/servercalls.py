@@ -57,6 +57,9 @@ _LOOKAHEAD_PAGE = 4096
 #: chosen by the first 12 bits of the answer's key, the MD5 of the model and the text. A later answer
 #: takes the place of an earlier one (read by then, most likely: else its request asks).
 KEPT_SLOT = 1 << 14
+#: Mailboxes of one transaction at most (a new one comes with each rollback to a savepoint that undid
+#: the setting; any code in a session could name new ones in forged requests, each a write of the proxy's).
+MAX_MAILBOXES = 64
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,10 @@ class _Box:
 
     mailbox: Mailbox
     backend_pid: int  # its server backend, as the mailbox's comment says (left ones are removed by it)
+    pid_unsure: bool = False  # made by the proxy before a request: the session's cancel key's pid (a pooler's?)
     granted: set[str] = field(default_factory=set)
     making: asyncio.Future[None] | None = None  # its making (_make): nothing is written into one not made
+    dropped: bool = False  # its transaction ended: its removal is under way, and nothing more is written
 
     def unmade(self) -> BaseException | None:
         """Why the mailbox could not be made (its OID taken: by a large object of anyone's, perhaps one
@@ -245,7 +250,7 @@ class ServerCalls:
         box = self._boxes.get(request.mailbox.oid)
         if box is not None:
             return box if box.mailbox == request.mailbox else None
-        if not self.service.claim_mailbox(self.database, request.mailbox.oid):
+        if len(self._boxes) >= MAX_MAILBOXES or not self.service.claim_mailbox(self.database, request.mailbox.oid):
             return None
         box = _Box(request.mailbox, request.backend_pid or self.backend_pid)
         self._boxes[request.mailbox.oid] = box
@@ -260,7 +265,7 @@ class ServerCalls:
                 mailbox = Mailbox.new()
                 if self.service.claim_mailbox(self.database, mailbox.oid):
                     break
-            self._current = self._boxes[mailbox.oid] = _Box(mailbox, self.backend_pid)
+            self._current = self._boxes[mailbox.oid] = _Box(mailbox, self.backend_pid, pid_unsure=True)
         return self._current.mailbox
 
     async def _answer(self, request: Request, box: _Box) -> None:
@@ -307,13 +312,15 @@ class ServerCalls:
         marked as made at once, so that what follows it only writes, in order behind it."""
         box.granted.add(role)
         made = self._in_order(partial(self.service.open_mailbox, self.database, box.mailbox.oid, box.backend_pid,
-                                      role, at, first, unlock))
+                                      role, at, first, unlock, pid_unsure=box.pid_unsure))
         box.making = self._mailbox_work
         return made
 
     def _into(self, box: _Box, work: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
         """Run `work`, a write into `box` or a grant on it, in order, if the box was made."""
         async def checked() -> None:
+            if box.dropped:  # its OID is free again: it might be another's by now
+                raise ServiceUnavailable(f"the mailbox {box.mailbox.oid} is gone with its transaction")
             problem = box.unmade()
             if isinstance(problem, ServiceUnavailable):  # its cause (the service login refused, say) says most
                 raise problem
@@ -389,7 +396,7 @@ class ServerCalls:
             await self._into(box, partial(self.service.write, self.database, box.mailbox.oid, request.at, answer,
                                           unlock))
         except ServiceUnavailable:
-            if unlock is not None and box.unmade() is not None:  # nothing written: the lock is still held
+            if unlock is not None:  # the write, and the unlock with it, did not happen: the lock is still held
                 await self.service.unlock(self.database, unlock)
             raise
 
@@ -599,10 +606,12 @@ class ServerCalls:
             self._holding = None
         if idle:
             self._drop_mailboxes()
+            self._role = self.login  # behind a pooler, the next transaction may be another client's
 
     def _drop_mailboxes(self) -> None:
         """Remove the transaction's mailboxes (not cancelled by a later statement's end)."""
         for oid, box in self._boxes.items():
+            box.dropped = True
             if box.granted:
                 self._track(self._in_order(partial(self.service.close_mailbox, self.database, oid)))
             else:
