@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .daemon import debian_binary, start_listening, stop
 from .pgcluster import free_port, make_workdir
-from .proxyproc import wait_for_port
-
-
-def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if found is None:
-        raise RuntimeError("haproxy is not installed: `make system-deps` installs Debian's package")
-    return found
 
 
 @dataclass
@@ -30,13 +22,7 @@ class HAProxy:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -68,11 +54,5 @@ backend proxies
     http-check expect status 200
 {servers}
 """)
-    with tempfile.TemporaryFile() as output:
-        proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(config)], stdout=output, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, 30, proc)
-        except (TimeoutError, RuntimeError) as exc:
-            output.seek(0)
-            raise RuntimeError(f"haproxy did not start: {output.read().decode(errors='replace')}") from exc
+    proc = start_listening([debian_binary("haproxy"), "-db", "-f", str(config)], port)
     return HAProxy(proc, port, workdir)

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.pgserver import as_user
 
+from .daemon import debian_binary, start_listening, stop
 from .pgcluster import RUN_AS, free_port, make_workdir
-from .proxyproc import wait_for_port
-
-
-def pgbouncer_binary() -> str:
-    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
-    if found is None:
-        raise RuntimeError("pgbouncer is not installed: `make system-deps` installs Debian's package")
-    return found
 
 
 @dataclass
@@ -37,19 +29,8 @@ class PgBouncer:
         """A client's connection to the pooler."""
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
-    @property
-    def log(self) -> str:
-        path = self.workdir / "pgbouncer.log"
-        return path.read_text() if path.exists() else ""
-
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -81,12 +62,5 @@ pidfile = {workdir / "pgbouncer.pid"}
     if RUN_AS is not None:  # PgBouncer refuses to run as root
         for path in (workdir, *workdir.iterdir()):
             shutil.chown(path, RUN_AS, RUN_AS)
-    with tempfile.TemporaryFile() as output:
-        proc = subprocess.Popen([pgbouncer_binary(), str(ini)], stdout=output, stderr=subprocess.STDOUT,
-                                cwd=workdir, **as_user(RUN_AS))
-        try:
-            wait_for_port(port, 30, proc)
-        except (TimeoutError, RuntimeError) as exc:
-            output.seek(0)
-            raise RuntimeError(f"pgbouncer did not start: {output.read().decode(errors='replace')}") from exc
+    proc = start_listening([debian_binary("pgbouncer"), str(ini)], port, cwd=workdir, **as_user(RUN_AS))
     return PgBouncer(proc, port, workdir)
