@@ -28,7 +28,8 @@ run: $(RUN_STAMP)
 # package; the portability test runs pgvector on an emulated CPU without AVX-512: qemu-user; the
 # driver tests run node-postgres and postgres.js (Node.js and npm; their npm packages are installed by
 # the tests, pinned by tests/drivers/node/package-lock.json) and pgJDBC (Debian's driver and a JDK);
-# the topology tests run PgBouncer and HAProxy.
+# the topology tests run PgBouncer and HAProxy (their own: the service Debian's PgBouncer package starts
+# where systemd runs, on the proxy's default port 6432, is stopped and disabled when this installs it).
 # A machine that already has node and npm (from another source) keeps them.
 system-deps:
 	@missing=""; \
@@ -43,6 +44,8 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 $$missing; \
+	    case " $$missing " in *" pgbouncer "*) \
+	      systemctl disable --now pgbouncer >/dev/null 2>&1 || true;; esac; \
 	  else echo "note: the tests need Debian's packages:$$missing"; fi; \
 	fi
 
