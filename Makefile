@@ -43,7 +43,7 @@ system-deps:
 	[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 $$missing; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 $$missing || exit 1; \
 	    case " $$missing " in *" pgbouncer "*) \
 	      systemctl disable --now pgbouncer >/dev/null 2>&1 || true;; esac; \
 	  else echo "note: the tests need Debian's packages:$$missing"; fi; \
