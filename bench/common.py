@@ -7,11 +7,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from tests.daemon import stop  # noqa: F401 - the benchmarks end their servers with it
 
 CORPUS = Path(__file__).resolve().parent / "data" / "multilingual_sentences.jsonl"
 
@@ -62,17 +63,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def cos6(value: float) -> str:
     """A cosine similarity with six decimals (four significant digits hide the differences that matter)."""
     return f"{value:.6f}"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End a server process of a benchmark: politely first, then for sure."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def publish(section: str, results: Path, title: str, record: bool) -> None:

@@ -77,6 +77,14 @@ _MODELS = (f"SELECT id, uri, model_path, tokenizer_path, dimensions, max_seq_len
            f"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), sha256 "
            f"FROM {SCHEMA}.models ORDER BY builtin DESC, id")
 _NOTIFY = f"SELECT pg_catalog.pg_notify('{CATALOG_CHANNEL}', '')"
+#: Whether the schema and everything in it are the service login's own. Another role that made the
+#: schema first (it may create in the database) could put triggers or rules on its tables, which the
+#: proxy's writes would run as the service login; or models of its choosing.
+_OWN = f"""
+SELECT n.nspowner = r.oid AND NOT EXISTS (
+    SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relowner <> r.oid)
+FROM pg_catalog.pg_namespace n, pg_catalog.pg_roles r
+WHERE n.nspname = '{SCHEMA}' AND r.rolname = current_user"""
 
 
 class ServerCatalog:
@@ -120,6 +128,12 @@ class ServerCatalog:
             return
         with self._writing() as conn:
             conn.execute(_DDL)
+            own = conn.execute(_OWN).fetchone()
+            if not own or not own[0]:
+                raise CatalogError(
+                    INSUFFICIENT_PRIVILEGE, f"the schema {SCHEMA} is not the service login's own: another role made "
+                    "it, or something in it", hint=f"Drop it, or give it and all in it to the service login "
+                    f"(ALTER SCHEMA {SCHEMA} OWNER TO ...), and restart the proxy.")
             if self._to_import is not None:
                 self._import(conn, *self._to_import)
         self._set_up = True
@@ -193,17 +207,34 @@ class ServerCatalog:
                  extra={"event": "catalog_imported", "settings": len(settings), "models": len(models)})
 
     async def listen(self) -> None:
-        """Follow the catalog's changes (LISTEN), reading it anew at each, until cancelled; with the
-        listening connection down, read it every RETRY_S seconds until it is up again."""
+        """Follow the catalog's changes (LISTEN), reading it anew after them, until cancelled; with the
+        listening connection down, read it every RETRY_S seconds until it is up again. Any role may
+        NOTIFY the channel: notifications that come while the catalog is being read make one more
+        reading, not one each."""
+        changed = asyncio.Event()
+
+        async def reread() -> None:
+            while True:
+                await changed.wait()
+                changed.clear()
+                await asyncio.to_thread(self.refresh)
+
+        rereading = asyncio.get_running_loop().create_task(reread())
+        try:
+            await self._follow(changed)
+        finally:
+            rereading.cancel()
+
+    async def _follow(self, changed: asyncio.Event) -> None:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
                         self.conninfo, autocommit=True, application_name="azure-local-ai-proxy catalog") as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CATALOG_CHANNEL)))
                     await asyncio.to_thread(self._set_up_once)
-                    await asyncio.to_thread(self.refresh)  # what changed before it listened
+                    changed.set()  # what changed before it listened
                     async for _ in conn.notifies():
-                        await asyncio.to_thread(self.refresh)
+                        changed.set()
             except (psycopg.Error, CatalogError) as exc:
                 if self.problem is None:
                     self.problem = f"the catalog in the server cannot be followed: {exc}"
@@ -229,9 +260,6 @@ class ServerCatalog:
         wanted = [_settings.lookup(k) for k in keys] if keys else list(_settings.SETTINGS.values())
         stored = self._settings
         return {s.key: effective(s, stored.get(s.key)) for s in wanted}
-
-    def get_stored_settings(self) -> dict[str, str]:
-        return dict(self._settings)
 
     def set_settings(self, pairs: Mapping[str | None, str | None]) -> None:
         changes = dict(_settings.validate(key, value) for key, value in pairs.items())

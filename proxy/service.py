@@ -185,10 +185,7 @@ class ServiceConnections:
                 statement_cache_size=100 if writer else 0,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            cause = str(exc) or "timeout expired"
-            if "unsupported startup parameter" in cause:  # PgBouncer's refusal of the connection's settings
-                cause += " (a connection pooler: set service_upstream to the server itself)"
-            failed = ServiceLoginFailed(self.user, database, cause)
+            failed = ServiceLoginFailed(self.user, database, str(exc) or "timeout expired")
             self.login_problem, self.login_tried = str(failed), True
             raise failed from exc
         self.login_problem, self.login_tried = None, True

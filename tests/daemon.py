@@ -32,6 +32,7 @@ def start_listening(command: list[str], port: int, **popen: object) -> subproces
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """End a server process: politely first, then for sure."""
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -42,10 +42,10 @@ def make_workdir(prefix: str) -> Path:
 
 
 @contextlib.contextmanager
-def embedded_data_dir(models_from: Path | None = None) -> Iterator[Path]:
-    """A data directory for a proxy with its embedded server, removed after: one the server's OS user can
-    enter when the tests run as root (pytest's temporary directories are private to root). With
-    `models_from`, it shares that data directory's built models."""
+def proxy_data_dir(models_from: Path | None = None) -> Iterator[Path]:
+    """A data directory for a proxy, removed after: one the embedded server's OS user can enter when the
+    tests run as root (pytest's temporary directories are private to root). With `models_from`, it
+    shares that data directory's built models."""
     directory = make_workdir("alp-data-")
     if models_from is not None:
         (directory / "models").symlink_to(models_from / "models", target_is_directory=True)

@@ -3,9 +3,11 @@ a snapshot, kept when the server is out of reach, a data directory's catalog imp
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from catalog import Catalog, CatalogError
@@ -71,3 +73,51 @@ def test_the_built_in_models_files_are_each_proxys_own(server: PgCluster) -> Non
     assert builtin.value.sqlstate == "42501"
     first.close()
     second.close()
+
+
+def test_a_schema_another_role_made_is_not_used(server: PgCluster) -> None:
+    """A role that may create in the database makes the schema first (to put a trigger on its tables,
+    which the proxy's writes would run as the service login): the proxy refuses it (42501)."""
+    server.psql("CREATE ROLE intruder LOGIN; GRANT CREATE ON DATABASE postgres TO intruder; "
+                "CREATE ROLE svc LOGIN; GRANT CREATE ON DATABASE postgres TO svc")
+    server.psql("CREATE SCHEMA azure_local_ai_catalog; GRANT ALL ON SCHEMA azure_local_ai_catalog TO svc",
+                user="intruder")
+    with pytest.raises(CatalogError) as refused:
+        ServerCatalog(server.dsn(user="svc"))
+    assert refused.value.sqlstate == "42501" and "not the service login's own" in refused.value.message
+
+
+class CountingCatalog(ServerCatalog):
+    """The catalog, counting how often it is read."""
+
+    reads = 0
+
+    def refresh(self) -> None:
+        self.reads += 1
+        super().refresh()
+
+
+def test_a_flood_of_notifications_makes_few_readings(server: PgCluster) -> None:
+    """Any role may NOTIFY the catalog's channel: 500 notifications make a few readings, not 500; and a
+    real change is still read."""
+    shared = CountingCatalog(server.dsn())
+
+    async def flood() -> int:
+        listening = asyncio.ensure_future(shared.listen())
+        try:
+            await asyncio.sleep(1)
+            before = shared.reads
+            with psycopg.connect(server.dsn(), autocommit=True) as other:
+                for _ in range(500):
+                    other.execute("SELECT pg_notify('azure_local_ai_catalog', '')")
+                other.execute("INSERT INTO azure_local_ai_catalog.settings VALUES ('spin_control', 'false')")
+                other.execute("SELECT pg_notify('azure_local_ai_catalog', '')")
+            await asyncio.sleep(1)
+            return shared.reads - before
+        finally:
+            listening.cancel()
+
+    reads = asyncio.run(flood())
+    assert 1 <= reads < 100, reads
+    assert shared.get_setting("spin_control") == "false"
+    shared.close()

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.pgserver import SERVER_OS_USER, EmbeddedError, package_install, running_as_root, socket_directory
 
-from .pgcluster import embedded_data_dir, free_port
+from .pgcluster import free_port, proxy_data_dir
 from .proxyproc import PSQL, ProxyProcess, start_proxy
 
 
@@ -33,7 +33,7 @@ def _wait_for_connect_line(proxy: ProxyProcess, timeout: float = 120) -> re.Matc
 def test_embedded_default() -> None:
     """A first run: sessions are served at once; the built-in model is built before the connect line
     is printed, and a call that arrives during the build says why it waits."""
-    with embedded_data_dir() as data_dir:
+    with proxy_data_dir() as data_dir:
         _first_run(data_dir)
 
 
@@ -112,7 +112,7 @@ def test_as_root_the_server_runs_as_its_own_os_user_from_its_own_copy(model_data
     """A proxy run as root runs PostgreSQL as SERVER_OS_USER from DATA_DIR/pginstall (readable by that
     user, written only by root), the cluster owned by that user; as any other user, as that user from the
     package's own build."""
-    with embedded_data_dir(model_data_dir) as data_dir:
+    with proxy_data_dir(model_data_dir) as data_dir:
         proxy = start_proxy(data_dir, upstream=None)
         try:
             pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])

@@ -21,7 +21,7 @@ import pytest
 from proxy import config as cfg
 from proxy.cli import _exposed_embedded
 
-from .pgcluster import embedded_data_dir, free_port
+from .pgcluster import free_port, proxy_data_dir
 from .proxyproc import ProxyProcess, start_proxy
 
 PASSWORD_ENV = cfg.ENV_PREFIX + "EMBEDDED_PASSWORD"
@@ -40,7 +40,7 @@ def no_client_password(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def data_dir(model_data_dir: Path) -> Iterator[Path]:
     """A fresh data directory for the embedded server, sharing the built model (not built again)."""
-    with embedded_data_dir(model_data_dir) as directory:
+    with proxy_data_dir(model_data_dir) as directory:
         yield directory
 
 

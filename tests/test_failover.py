@@ -16,7 +16,7 @@ import pytest
 
 from .haproxy import start_haproxy
 from .helpers import new_database, unique
-from .pgcluster import PgCluster, embedded_data_dir, free_port
+from .pgcluster import PgCluster, free_port, proxy_data_dir
 from .proxyproc import start_proxy
 from .test_extension import CALL, constant_path
 
@@ -35,7 +35,7 @@ def test_a_proxy_stopped_behind_haproxy_loses_no_committed_row(pg: PgCluster, mo
     login = unique("svc")
     pg.psql(f"CREATE ROLE {login} LOGIN; GRANT pg_read_all_data TO {login}; GRANT CREATE ON DATABASE {database} "
             f"TO {login}")
-    with embedded_data_dir(model_data_dir) as first_dir, embedded_data_dir(model_data_dir) as second_dir:
+    with proxy_data_dir(model_data_dir) as first_dir, proxy_data_dir(model_data_dir) as second_dir:
         http_ports = [free_port(), free_port()]
         # One catalog in the server (in this test's database), as replicas behind a balancer share.
         proxies = [start_proxy(directory, "--service-user", login, "--http-listen", f"127.0.0.1:{http}",

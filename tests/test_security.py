@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from .helpers import unique
-from .pgcluster import PgCluster, embedded_data_dir
+from .pgcluster import PgCluster, proxy_data_dir
 from .proxyproc import ProxyProcess, start_proxy
 
 MODEL = "multilingual-e5-small:v1"
@@ -42,7 +42,7 @@ class Target:
 
 @pytest.fixture(scope="module", params=["external", "embedded"])
 def target(request: pytest.FixtureRequest, pg: PgCluster, model_data_dir: Path) -> Iterator[Target]:
-    with embedded_data_dir(model_data_dir) as data_dir:
+    with proxy_data_dir(model_data_dir) as data_dir:
         if request.param == "external":
             login = unique("svc")
             pg.psql(f"CREATE ROLE {login} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {login}")

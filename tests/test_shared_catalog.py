@@ -17,7 +17,7 @@ from inference import build_hf_dir
 
 from . import test_inference_fixtures as shared
 from .helpers import new_database, unique
-from .pgcluster import PgCluster, embedded_data_dir
+from .pgcluster import PgCluster, proxy_data_dir
 from .proxyproc import ProxyProcess, start_proxy
 
 minilm_dir = shared.minilm_dir  # session fixture: all-MiniLM-L6-v2 as safetensors
@@ -47,7 +47,7 @@ def catalog_proxy(directory: Path, pg: PgCluster, login: str, database: str) -> 
 @pytest.fixture(scope="module")
 def proxies(pg: PgCluster, model_data_dir: Path, catalog_login: str,
             catalog_database: str) -> Iterator[list[ProxyProcess]]:
-    with embedded_data_dir(model_data_dir) as first_dir, embedded_data_dir(model_data_dir) as second_dir:
+    with proxy_data_dir(model_data_dir) as first_dir, proxy_data_dir(model_data_dir) as second_dir:
         running = [catalog_proxy(directory, pg, catalog_login, catalog_database)
                    for directory in (first_dir, second_dir)]
         try:
@@ -112,7 +112,7 @@ def value_of(threads: str, spin: str) -> str:
 def test_the_catalog_outlives_a_proxys_restart(pg: PgCluster, proxies: list[ProxyProcess], model_data_dir: Path,
                                                 catalog_login: str, catalog_database: str) -> None:
     value(proxies[0], "SELECT azure_local_ai.set_setting('inter_op_parallelism', '2')")
-    with embedded_data_dir(model_data_dir) as directory:
+    with proxy_data_dir(model_data_dir) as directory:
         third = catalog_proxy(directory, pg, catalog_login, catalog_database)
         try:
             assert value(third, "SELECT azure_local_ai.get_setting('inter_op_parallelism')") == "2"

@@ -15,7 +15,7 @@ import pytest
 
 from proxy import protocol as pg_protocol
 
-from .pgcluster import PgCluster, embedded_data_dir, free_port
+from .pgcluster import PgCluster, free_port, proxy_data_dir
 from .proxyproc import ProxyProcess, start_proxy
 from .rawclient import RawClient
 from .test_relay_thread import metric, until
@@ -210,7 +210,7 @@ def _postmasters(pgdata: Path) -> list[psutil.Process]:
 def test_restart_after_kill_stops_the_embedded_server(model_data_dir: Path) -> None:
     """A proxy killed with SIGKILL leaves its embedded server running: the next proxy on the data
     directory adopts it, and stops it when it stops."""
-    with embedded_data_dir(model_data_dir) as data_dir:
+    with proxy_data_dir(model_data_dir) as data_dir:
         _restart_after_kill(data_dir)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from .helpers import new_database, unique
 from .pgbouncer import PgBouncer, start_pgbouncer
-from .pgcluster import PgCluster, embedded_data_dir, free_port
+from .pgcluster import PgCluster, free_port, proxy_data_dir
 from .proxyproc import PSQL, ProxyProcess, start_proxy
 from .readme_session import assert_same_session, first_session, run_session
 from .test_extension import CALL, answered, constant_path
@@ -55,7 +55,7 @@ def service_login(pg: PgCluster) -> str:
 def topology(request: pytest.FixtureRequest, pg: PgCluster, model_data_dir: Path,
              service_login: str) -> Iterator[Topology]:
     entry, mode = request.param.split("-")
-    with embedded_data_dir(model_data_dir) as data_dir:
+    with proxy_data_dir(model_data_dir) as data_dir:
         if entry == "proxy":
             bouncer = start_pgbouncer(pg.port, mode, users=("postgres", service_login))
             # In session mode the service connections go through the pooler too (its defaults); in
@@ -164,7 +164,7 @@ def test_two_clients_taking_turns_on_one_server_backend(pg: PgCluster, model_dat
     is gone when the transaction ends), and every row gets its own client's text's vector."""
     bouncer = start_pgbouncer(pg.port, "transaction", pool_size=1, users=("postgres", service_login))
     try:
-        with embedded_data_dir(model_data_dir) as data_dir:
+        with proxy_data_dir(model_data_dir) as data_dir:
             proxy = start_proxy(data_dir, "--service-user", service_login, "--service-upstream", pg.url(),
                                 upstream=bouncer.url(), preload=True)
             try:
@@ -214,7 +214,7 @@ def test_service_connections_through_a_transaction_pooler_are_found_out(
                               settings={"min_pool_size": "2", "server_round_robin": "1"})
     http_port = free_port()
     try:
-        with embedded_data_dir(model_data_dir) as data_dir:
+        with proxy_data_dir(model_data_dir) as data_dir:
             proxy = start_proxy(data_dir, "--service-user", service_login, "--http-listen", f"127.0.0.1:{http_port}",
                                 upstream=bouncer.url(), preload=True)
             try:
