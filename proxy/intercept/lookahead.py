@@ -13,6 +13,7 @@ client's login may not read."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -27,6 +28,9 @@ from .signatures import SCHEMA
 _TEXT = ast.TypeName(names=(ast.String("pg_catalog"), ast.String("text")))
 #: Statements longer than this are not looked ahead for their tables' generated columns.
 MAX_WRITTEN_TEXT = 1 << 20
+#: One-row INSERTs up to this long keep their parse, for when they come again: a driver's parameterised
+#: statement behind a transaction pooler is parsed for every row (nothing stays prepared there).
+_KEPT_PARSE_TEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,16 @@ class RowInput:
 
 def one_row_insert(sql: str) -> tuple[ast.InsertStmt, str] | None:
     """If `sql` is one INSERT ... VALUES of one row: the statement and the table it writes, as
-    to_regclass() reads a name."""
+    to_regclass() reads a name. The statement is shared with later calls: read it, never change it."""
+    return _kept_one_row_insert(sql) if len(sql) <= _KEPT_PARSE_TEXT else _one_row_insert(sql)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_one_row_insert(sql: str) -> tuple[ast.InsertStmt, str] | None:
+    return _one_row_insert(sql)
+
+
+def _one_row_insert(sql: str) -> tuple[ast.InsertStmt, str] | None:
     if len(sql) > MAX_WRITTEN_TEXT:
         return None
     try:
