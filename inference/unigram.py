@@ -35,6 +35,8 @@ _LOOK_BACK = 4 * _CHECK_EVERY  # how far back those looks follow the best paths
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _RUN = re.compile(r"(.)\1*", re.S)  # a run of one character repeated
 _RUN_SCAN = 1024  # how far one look for the end of such a run reads (the lattice is built in steps)
+#: The most characters one character becomes in normalisation (U+FDFA, 18), bounding a text's tokens.
+_MAX_EXPANSION = 18
 CACHE_WORDS = 20_000  # words whose ids are remembered (text repeats its words: most are found here)
 
 
@@ -66,6 +68,7 @@ class UnigramTokenizer:
             raise ValueError(f"max_length must leave room for a token besides <s> and </s>, got {max_length}")
         self.max_length = max_length
         self._ids = dict(zip(model.pieces, range(len(model.pieces)), strict=True))
+        self._pieces = model.pieces
         self._scores = list(model.scores)
         self._unk = model.unk_id
         self._unk_score = min(self._scores) - UNK_PENALTY
@@ -96,6 +99,29 @@ class UnigramTokenizer:
         if _SURROGATE.search(text):
             raise TypeError("text to tokenize must be valid Unicode (it holds a lone surrogate)")
         budget = self.max_length - 2
+        return [self._bos, *self._first_ids(text, budget)[:budget], self._eos]
+
+    def cannot_exceed(self, text: str) -> bool:
+        """Whether ``text`` surely fits in ``max_length`` tokens without tokenising it: each piece is
+        at least one character of the normalised text (a space included), and ``▁``, ``<s>`` and
+        ``</s>`` come on top (with room to spare for fragments normalised apart)."""
+        return len(text) * _MAX_EXPANSION + 8 <= self.max_length or (
+            len(self._normalizer.normalize(text)) + 8 <= self.max_length)
+
+    def over_limit(self, text: str) -> list[int] | None:
+        """The ids ``encode`` keeps of ``text`` (without ``<s>``/``</s>``), if it has more tokens than
+        fit; None if it fits."""
+        budget = self.max_length - 2
+        ids = self._first_ids(text, budget + 1)
+        return ids[:budget] if len(ids) > budget else None
+
+    def text_of(self, ids: Sequence[int]) -> str:
+        """The text these ids' pieces spell (normalised), which tokenises back to them as a rule."""
+        added = {token.id: token.content for token in self._added.values()}
+        text = "".join(added.get(i) or self._pieces[i] for i in ids).replace(METASPACE, " ")
+        return text[1:] if text.startswith(" ") else text
+
+    def _first_ids(self, text: str, budget: int) -> list[int]:
         ids: list[int] = []
         for fragment, token_id in self._split_added(text):
             if token_id is not None:
@@ -104,7 +130,7 @@ class UnigramTokenizer:
                 ids += self._fragment_ids(fragment, budget - len(ids))
             if len(ids) >= budget:
                 break
-        return [self._bos, *ids[:budget], self._eos]
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]

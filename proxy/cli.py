@@ -38,6 +38,8 @@ from .intercept.hook import InterceptHook
 from .intercept.servercalls import ServerCalls
 from .metrics import Metrics
 from .reload import Reloader
+from .remote.models import RemoteModels
+from .remote.spec import parse_pools
 from .server import ProxyServer
 from .service import ServiceConnections
 from .stats import STATS
@@ -142,7 +144,10 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     backend = await asyncio.to_thread(
         Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
         EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20, shared,
+        RemoteModels(parse_pools(config.remote_pools), config.remote_builtin, config.remote_fallback)
+        if config.remote_pools else None,
     )
+    backend.start_remote()
     if shared is not None:
         backend.follow_catalog(asyncio.get_running_loop())
         _in_background(shared.listen())
@@ -179,6 +184,8 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
     if embedded is not None:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(embedded.stop)
+    if backend.remote is not None:
+        await backend.remote.close()
     await backend.engine.close()
     if shared is not None:
         await asyncio.to_thread(shared.close)

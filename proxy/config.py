@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .remote.spec import PoolSpecError, parse_pools
+
 ENV_PREFIX = "AZURE_LOCAL_AI_PROXY_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -123,6 +125,17 @@ OPTIONS: tuple[Option, ...] = (
            "where the service login connects, a postgresql:// URL as upstream is; empty: upstream. Behind a "
            "connection pooler in transaction mode, the server itself (or a session-mode pool): the service "
            "connections hold advisory locks from one transaction to the next"),
+    Option("remote", "remote_pools", str, "",
+           "pools of OpenAI-compatible embeddings servers (POST URL/embeddings), separated by ';': NAME = "
+           "urls=URL[,URL...] model=NAME [prefixes=none|e5] [max_batch=64] [max_in_flight=4] [timeout=30] "
+           "[tls_verify=true] [ca_file=PATH] [api_key_env=VAR | api_key_file=PATH] [encoding=base64|float] "
+           "[dimensions=N] [max_tokens=512]; a model registered with model_path 'remote:NAME' runs there"),
+    Option("remote", "remote_builtin", str, "",
+           "the pool (of remote_pools) that computes the built-in model instead of this proxy's CPU; its "
+           "endpoints are checked against the local model before they get texts; empty: the local engine"),
+    Option("remote", "remote_fallback", bool, False,
+           "compute the built-in model here when no endpoint of remote_builtin can answer (off: the call "
+           "fails with 58030; on, the vectors come from another build of the model than the pool's)"),
     Option("http", "http_listen", str, "",
            "address of the HTTP listener (/metrics, /healthz, /v1/embeddings, /v1/models), HOST:PORT; a bare "
            ":PORT is 127.0.0.1; empty: no HTTP listener"),
@@ -171,6 +184,9 @@ class Config:
     service_password: str
     catalog: str
     service_upstream: str
+    remote_pools: str
+    remote_builtin: str
+    remote_fallback: bool
     http_listen: str
     http_api_key: str
     http_max_body: int
@@ -243,6 +259,12 @@ def load(config_file: Path | None, flags: argparse.Namespace | None = None) -> C
         raise ConfigError("http_max_body must be positive")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("tls_cert and tls_key must be given together")
+    try:
+        pools = parse_pools(config.remote_pools)
+    except PoolSpecError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.remote_builtin and config.remote_builtin not in pools:
+        raise ConfigError(f"remote_builtin names pool {config.remote_builtin!r}, which remote_pools does not have")
     if config.catalog not in ("server", "local"):
         raise ConfigError("catalog must be 'server' or 'local'")
     if config.log_format not in ("text", "json"):

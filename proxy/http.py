@@ -114,9 +114,10 @@ class HttpApi:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         problems = await self.health.problems()
+        warnings = self.health.warnings()
         if problems:
-            return web.json_response({"status": "unavailable", "problems": problems}, status=503)
-        return web.json_response({"status": "ok"})
+            return web.json_response({"status": "unavailable", "problems": problems, "warnings": warnings}, status=503)
+        return web.json_response({"status": "ok", "warnings": warnings} if warnings else {"status": "ok"})
 
     async def _models(self, request: web.Request) -> web.Response:
         records = await asyncio.to_thread(self.backend.catalog.list_models)

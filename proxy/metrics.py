@@ -156,5 +156,5 @@ class Metrics:
         the counters are read on the loop, where they are written."""
         backend = self.collector.backend
         records = await asyncio.to_thread(backend.catalog.list_models)
-        self.collector.models = [ModelState(r.uri, backend.engine.is_loaded(r.uri)) for r in records]
+        self.collector.models = [ModelState(r.uri, backend.is_loaded(r.uri, r.model_path)) for r in records]
         return generate_latest(self.registry)

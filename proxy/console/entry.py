@@ -104,8 +104,8 @@ class AdminConsole:
             return views.sessions_table(_session_row(s) for s in list(server.registry.live) if s.relay is not None)
         if item == "MODELS":
             records = await asyncio.to_thread(self.backend.catalog.list_models)
-            engine = self.backend.engine
-            return views.models_table(records, frozenset(r.uri for r in records if engine.is_loaded(r.uri)))
+            loaded = frozenset(r.uri for r in records if self.backend.is_loaded(r.uri, r.model_path))
+            return views.models_table(records, loaded)
         if item == "CONFIG":
             return views.config_table(server.config)
         if item == "VERSION":

@@ -16,6 +16,7 @@ import numpy as np
 
 from catalog import Catalog, CatalogError, resolve_model_path
 from catalog.server import ServerCatalog
+from catalog.store import BUILTIN_DIMENSIONS
 from inference.build import DEFAULT_VARIANT
 from inference.engine import EmbeddingEngine, Usage
 from inference.errors import EmbeddingTimeout, ModelFilesError
@@ -24,6 +25,8 @@ from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
 
+from ..remote.models import RemoteModel, RemoteModels, remote_pool_name
+from ..remote.pool import RemotePool, RemoteUnavailable
 from ..tasks import retrieve
 from .embedcache import Abandoned, EmbeddingCache
 from .errors import CallError
@@ -49,9 +52,11 @@ class Backend:
     model_roots: tuple[Path, ...]
     variant: str = DEFAULT_VARIANT
     cache: EmbeddingCache = field(default_factory=lambda: EmbeddingCache(DEFAULT_CACHE_BYTES))
+    #: The pools of inference servers (remote_pools), and the models they compute.
+    remote: RemoteModels | None = None
 
     def __post_init__(self) -> None:
-        self._files: dict[str, ModelFiles] = {}
+        self._files: dict[str, ModelFiles | RemoteModel] = {}
         #: A registered model's path and SHA-256 in the catalog when its files were loaded (and checked).
         self._loaded_as: dict[str, tuple[str | None, str | None]] = {}
         self._builtin_lock = asyncio.Lock()
@@ -64,14 +69,25 @@ class Backend:
     def open(
         cls, data_dir: Path, model_roots: Sequence[Path], engine: EmbeddingEngine | None = None,
         variant: str = DEFAULT_VARIANT, cache_bytes: int = DEFAULT_CACHE_BYTES,
-        catalog: Catalog | ServerCatalog | None = None,
+        catalog: Catalog | ServerCatalog | None = None, remote: RemoteModels | None = None,
     ) -> Backend:
         """Open the catalog (the data directory's, unless one is given) and start an engine with the
         catalog's thread settings."""
         backend = cls(data_dir, engine or EmbeddingEngine(), catalog or Catalog(data_dir), tuple(model_roots),
-                      variant, EmbeddingCache(cache_bytes))
+                      variant, EmbeddingCache(cache_bytes), remote)
         backend.engine.apply_settings(backend.engine_settings())
         return backend
+
+    def start_remote(self) -> None:
+        """Start the pools of inference servers; the built-in model's is checked against the local
+        engine (which builds and loads the model for that, once)."""
+        if self.remote is not None:
+            self.remote.start(BUILTIN_DIMENSIONS, self._local_builtin)
+
+    async def _local_builtin(self, texts: list[str]) -> np.ndarray:
+        files = await self.model_files(BUILTIN_URI)
+        assert isinstance(files, ModelFiles)
+        return await self.engine.embed(files, texts)
 
     def follow_catalog(self, loop: asyncio.AbstractEventLoop) -> None:
         """Act on changes another proxy makes to a shared catalog (ServerCatalog.on_change, from any
@@ -110,13 +126,20 @@ class Backend:
         except ModelFilesError as exc:
             raise CallError("22023", str(exc), "Check the model and tokenizer paths.") from exc
 
-    async def model_files(self, uri: str) -> ModelFiles:
-        """The files of a registered model (the built-in one is built on first use)."""
+    async def model_files(self, uri: str) -> ModelFiles | RemoteModel:
+        """The files of a registered model (the built-in one is built on first use), or the pool that
+        computes it."""
         cached = self._files.get(uri)
         if cached is not None:
             return cached
         record = await self._blocking(self.catalog.get_model, uri)
-        if record.builtin:
+        pool = remote_pool_name(record.model_path) if not record.builtin else None
+        if pool is not None:
+            self._pool(pool)  # this proxy has it
+            files: ModelFiles | RemoteModel = RemoteModel(uri, pool, record.dimensions or 0,
+                                                          record.max_seq_length or 0)
+            self._loaded_as[uri] = (record.model_path, record.sha256)
+        elif record.builtin:
             async with self._builtin_lock:
                 files = await self._blocking(builtin_files, self.data_dir, self.variant)
             if record.model_path != str(files.onnx_path):  # the catalog shows where the build lives
@@ -251,7 +274,7 @@ class Backend:
 
     async def _keep(self, files: ModelFiles, uri: str, texts: list[str], ready: Ready | None) -> None:
         vectors = [self.cache.put(uri, text, vector)
-                   for text, vector in zip(texts, await self.engine.embed(files, texts), strict=True)]
+                   for text, vector in zip(texts, await self._embed(files, texts), strict=True)]
         if ready is not None:
             ready(uri, texts, vectors)
 
@@ -264,12 +287,64 @@ class Backend:
         # Promised while computed, so that a look-ahead started meanwhile does not compute them again.
         promised = [texts[i] for i in which if self.cache.promise(uri, texts[i]) is not None]
         try:
-            vectors = await self.engine.embed(files, [texts[i] for i in which], batch_size=batch_size, usage=usage)
+            vectors = await self._embed(files, [texts[i] for i in which], batch_size, usage)
             for i, vector in zip(which, vectors, strict=True):
                 out[i] = self.cache.put(uri, texts[i], vector)
         finally:
             for text in promised:
                 self.cache.abandon(uri, text)  # a no-op for those computed
+
+    def _pool(self, name: str) -> RemotePool:
+        pool = self.remote.pools.get(name) if self.remote is not None else None
+        if pool is None:
+            raise CallError("22023", f"remote pool {name} is not in this proxy's configuration",
+                            "Every proxy sharing the catalog needs the pools its models name (remote_pools).")
+        return pool
+
+    async def _embed(self, files: ModelFiles | RemoteModel, texts: list[str], batch_size: int | None = None,
+                     usage: Usage | None = None) -> np.ndarray:
+        """The texts' vectors, from the pool that computes the model, or from the local engine."""
+        if isinstance(files, RemoteModel):
+            return await self._embed_remote(files.pool, None, texts)
+        if self.remote is not None and files.uri == BUILTIN_URI and self.remote.builtin_pool is not None:
+            vectors = await self._embed_remote(self.remote.builtin, files, texts)
+            if usage is not None:
+                usage.tokens += await self.engine.count_tokens(files, texts)
+            return vectors
+        return await self.engine.embed(files, texts, batch_size=batch_size, usage=usage)
+
+    async def _embed_remote(self, name: str, files: ModelFiles | None, texts: list[str]) -> np.ndarray:
+        """Texts to pool `name`; those it cannot compute as the local engine would (`files`: the model
+        runs here too) go to the local engine, and all of them if no endpoint can answer and
+        remote_fallback is on."""
+        assert self.remote is not None
+        pool = self._pool(name)
+        prepared = self.remote.prepared(name) or await asyncio.to_thread(
+            self.remote.texts, name, files.tokenizer_path if files else None, files.max_seq_length if files else 0)
+        outgoing = [prepared.outgoing(text) for text in texts]
+        here = [i for i, sent in enumerate(outgoing) if sent is None]
+        if here and files is None:
+            raise CallError("22023", f"remote pool {name} puts e5's prefix in front of every text itself: the text "
+                            f"{texts[here[0]][:40]!r} has none", "Begin each text with 'query: ' or 'passage: '.")
+        there = [i for i, sent in enumerate(outgoing) if sent is not None]
+        self.remote.local_texts[name] += len(here)
+        try:
+            parts = await _together([
+                pool.embed([outgoing[i] for i in there]),  # type: ignore[misc]
+                self.engine.embed(files, [texts[i] for i in here]) if files is not None and here else _none(),
+            ])
+        except RemoteUnavailable as exc:
+            if files is None or not self.remote.fallback:
+                raise CallError("58030", str(exc), "See /healthz and SHOW REMOTE; with remote_fallback on, the "
+                                "built-in model is computed here when no endpoint can answer.") from exc
+            self.remote.local_texts[name] += len(there)
+            return await self.engine.embed(files, texts)
+        vectors = np.empty((len(texts), parts[0].shape[1] if there else parts[1].shape[1]), np.float32)
+        if there:
+            vectors[there] = parts[0]
+        if here:
+            vectors[here] = parts[1]
+        return vectors
 
     async def get_setting(self, key: str) -> str:
         return await self._blocking(self.catalog.get_setting, key)
@@ -283,17 +358,35 @@ class Backend:
         await self._blocking(self.catalog.set_settings, pairs)
         self.engine.apply_settings(await self._blocking(self.engine_settings))
 
+    def runs_on(self, uri: str, model_path: str | None) -> RemotePool | None:
+        """The pool that computes a model (its record's path), or None: the local engine."""
+        if self.remote is None:
+            return None
+        name = self.remote.builtin if uri == BUILTIN_URI else remote_pool_name(model_path)
+        return self.remote.pools.get(name) if name else None
+
+    def is_loaded(self, uri: str, model_path: str | None) -> bool:
+        """Loaded: in the engine, or for a model a pool computes, an endpoint up (connected and checked)."""
+        pool = self.runs_on(uri, model_path)
+        return pool.loaded if pool is not None else self.engine.is_loaded(uri)
+
     async def model_loaded(self, uri: str) -> bool:
-        await self._blocking(self.catalog.get_model, uri)
-        return self.engine.is_loaded(uri)
+        record = await self._blocking(self.catalog.get_model, uri)
+        return self.is_loaded(uri, record.model_path)
 
     async def model_metadata(self, uri: str) -> dict[str, object]:
         record = await self._blocking(self.catalog.get_model, uri)
         metadata = record.to_metadata()
-        metadata["loaded"] = self.engine.is_loaded(uri)
+        metadata["loaded"] = self.is_loaded(uri, record.model_path)
+        pool = self.runs_on(uri, record.model_path)
+        if pool is not None:
+            metadata["remote"] = {"pool": pool.spec.name, "model": pool.spec.model,
+                                  "endpoints": {e.label: e.state for e in pool.endpoints}}
         return metadata
 
     async def model_register(self, uri: str, model_path: str, tokenizer_path: str | None) -> int:
+        if remote_pool_name(model_path) is not None:
+            return await self._register_remote(uri, model_path)
         model = await self._blocking(resolve_model_path, model_path, self.model_roots)
         tokenizer = None
         if tokenizer_path:
@@ -320,8 +413,30 @@ class Backend:
         self.cache.forget_model(uri)
         return record.id
 
+    async def _register_remote(self, uri: str, model_path: str) -> int:
+        """A model a configured pool computes: it must have an endpoint up (checked), which says the
+        vectors' length."""
+        name = remote_pool_name(model_path)
+        assert name is not None
+        pool = self._pool(name)
+        if self.remote is not None and name == self.remote.builtin:
+            raise CallError("22023", f"remote pool {name} computes the built-in model {BUILTIN_URI}",
+                            "Use the built-in model's URI, or give the other model a pool of its own.")
+        if not pool.loaded or pool.dimensions is None:
+            why = "; ".join(pool.problems()) or "none checked yet"
+            raise CallError("58030", f"no endpoint of remote pool {name} is up: {why}",
+                            "See /healthz; try again once an endpoint is up.")
+        record = await self._blocking(partial(self.catalog.register_model, uri, model_path, None, pool.dimensions,
+                                              pool.spec.max_tokens))
+        self._files.pop(uri, None)
+        self.cache.forget_model(uri)
+        return record.id
+
     async def model_unload(self, uri: str) -> None:
-        await self._blocking(self.catalog.get_model, uri)
+        record = await self._blocking(self.catalog.get_model, uri)
+        pool = self.runs_on(uri, record.model_path)
+        if pool is not None:
+            await pool.release()
         await asyncio.to_thread(self.engine.unload, uri)
 
     async def model_unregister(self, uri: str) -> None:
@@ -329,6 +444,20 @@ class Backend:
         self._files.pop(uri, None)
         self.cache.forget_model(uri)
         await asyncio.to_thread(self.engine.unload, uri)
+
+
+async def _none() -> None:
+    return None
+
+
+async def _together(works: list[Any]) -> list[Any]:
+    """The works' results, in order; the first failure cancels the others (and is raised)."""
+    tasks = [asyncio.ensure_future(work) for work in works]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def files_sha256(files: ModelFiles) -> str:

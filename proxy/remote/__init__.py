@@ -1,0 +1,1 @@
+"""Embeddings computed by pools of OpenAI-compatible inference servers instead of the proxy's CPU."""
