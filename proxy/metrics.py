@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from . import fastpath
 from .intercept.functions import BUILTIN_URI, Backend
+from .remote.endpoint import CAUSES, ENDPOINT_STATES
+from .remote.models import RemoteModels
 from .stats import Histogram, ProxyStats
 
 PREFIX = "azure_local_ai_proxy_"
@@ -43,6 +45,8 @@ class ProxyCollector(Collector):
         yield from self._calls()
         yield from self._engine()
         yield from self._models()
+        if self.backend.remote is not None:
+            yield from _remote(self.backend.remote)
 
     def _sessions(self) -> Iterator[Metric]:
         s = self.stats
@@ -131,6 +135,39 @@ def _histograms(name: str, documentation: str, label: str, values: Mapping[str, 
     for key, histogram in sorted(dict(values).items()):
         family.add_metric([key], histogram.cumulative(), histogram.sum)
     return family
+
+
+def _remote(remote: RemoteModels) -> Iterator[Metric]:
+    """Each endpoint of each pool of inference servers, labelled by pool and endpoint (its URL)."""
+    endpoints = [(name, e) for name, pool in sorted(remote.pools.items()) for e in pool.endpoints]
+    labels = ["pool", "endpoint"]
+    families = {
+        "requests": CounterMetricFamily(PREFIX + "remote_requests", "Requests sent to an inference server", labels),
+        "texts": CounterMetricFamily(PREFIX + "remote_texts", "Texts an inference server embedded", labels),
+        "in_flight": GaugeMetricFamily(PREFIX + "remote_in_flight", "Requests to an inference server now", labels),
+    }
+    errors = CounterMetricFamily(PREFIX + "remote_errors", "Failed requests to an inference server, by cause",
+                                 labels=[*labels, "cause"])
+    seconds = HistogramMetricFamily(PREFIX + "remote_request_duration_seconds",
+                                    "Time an inference server took to answer a request", labels=labels)
+    state = GaugeMetricFamily(PREFIX + "remote_endpoint_state", "State of an inference server (1 for the current: "
+                              "checking, up, down, refused)", labels=[*labels, "state"])
+    for name, endpoint in endpoints:
+        key = [name, endpoint.label]
+        families["requests"].add_metric(key, endpoint.stats.requests)
+        families["texts"].add_metric(key, endpoint.stats.texts)
+        families["in_flight"].add_metric(key, endpoint.in_flight)
+        for cause in CAUSES:
+            errors.add_metric([*key, cause], endpoint.stats.errors[cause])
+        seconds.add_metric(key, endpoint.stats.seconds.cumulative(), endpoint.stats.seconds.sum)
+        for each in ENDPOINT_STATES:
+            state.add_metric([*key, each], int(endpoint.state == each))
+    local = CounterMetricFamily(PREFIX + "remote_local_texts", "Texts for a pool that this proxy computed "
+                                "itself (no e5 prefix, a cut that would not read back the same, remote_fallback)",
+                                labels=["pool"])
+    for name in sorted(remote.pools):
+        local.add_metric([name], remote.local_texts[name])
+    yield from (*families.values(), errors, seconds, state, local)
 
 
 def _batch_rows(run_rows: dict[int, int]) -> Metric:

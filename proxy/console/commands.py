@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 #: What SHOW shows (CLIENTS is PgBouncer's name for SESSIONS).
-SHOW_ITEMS = ("STATS", "SESSIONS", "CLIENTS", "MODELS", "CONFIG", "VERSION", "HELP")
+SHOW_ITEMS = ("STATS", "SESSIONS", "CLIENTS", "MODELS", "REMOTE", "CONFIG", "VERSION", "HELP")
 #: Commands that take no argument, with what each does (SHOW HELP lists them).
 ACTIONS = {
     "RELOAD": "re-read the config file and apply what can change live (as SIGHUP)",

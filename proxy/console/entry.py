@@ -99,7 +99,10 @@ class AdminConsole:
                 paused=server.registry.paused, uptime_seconds=time.monotonic() - self.started,
                 cache_hits=self.backend.cache.hits, cache_misses=self.backend.cache.misses,
                 catalog=_catalog_state(self.backend.catalog),
+                remote=views.remote_stats(pools.pools, pools.local_texts) if (pools := self.backend.remote) else None,
             )
+        if item == "REMOTE":
+            return views.remote_table(self.backend.remote.pools if self.backend.remote is not None else {})
         if item == "SESSIONS":
             return views.sessions_table(_session_row(s) for s in list(server.registry.live) if s.relay is not None)
         if item == "MODELS":

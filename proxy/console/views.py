@@ -10,6 +10,7 @@ from catalog.store import ModelRecord
 from inference.engine import EngineStats
 
 from ..config import OPTIONS, Config
+from ..remote.pool import RemotePool
 from ..stats import ProxyStats
 from .commands import ACTIONS, SHOW_ITEMS
 
@@ -21,6 +22,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "SESSIONS": ("session", "user", "database", "application_name", "client_addr", "connected_at", "state",
                  "backend_pid"),
     "MODELS": ("model", "builtin", "loaded", "dimensions", "max_seq_length", "model_path", "registered_at"),
+    "REMOTE": ("pool", "endpoint", "state", "requests", "texts", "errors", "in_flight", "avg_ms", "problem"),
     "CONFIG": ("option", "value", "default", "changeable"),
     "VERSION": ("version",),
     "HELP": ("command", "description"),
@@ -48,7 +50,8 @@ class SessionRow:
 
 
 def stats_table(stats: ProxyStats, engine: EngineStats, *, sessions_now: int, queue_depth: int, paused: bool,
-                uptime_seconds: float, cache_hits: int, cache_misses: int, catalog: str = "local") -> Table:
+                uptime_seconds: float, cache_hits: int, cache_misses: int, catalog: str = "local",
+                remote: list[tuple[str, object]] | None = None) -> Table:
     """The proxy's counters since it started: those of /metrics, as one row each; and where its catalog
     is (`catalog`: local, server, or why the server's cannot be read)."""
     rows: list[tuple[str, object]] = [
@@ -71,6 +74,7 @@ def stats_table(stats: ProxyStats, engine: EngineStats, *, sessions_now: int, qu
         ("engine_restarts", engine.restarts),
         ("cache_hits", cache_hits),
         ("cache_misses", cache_misses),
+        *(remote or ()),
     ]
     return Table(COLUMNS["STATS"], [(name, str(value)) for name, value in rows])
 
@@ -108,6 +112,37 @@ def config_table(config: Config) -> Table:
     return Table(COLUMNS["CONFIG"], rows)
 
 
+def remote_table(pools: Mapping[str, RemotePool]) -> Table:
+    """Each inference server of each pool: its state, what it did since start, and why it is down or
+    refused."""
+    rows: list[tuple[str | None, ...]] = []
+    for name, pool in sorted(pools.items()):
+        for e in pool.endpoints:
+            s = e.stats
+            errors = ", ".join(f"{cause} {count}" for cause, count in sorted(s.errors.items()) if count)
+            average = 1000 * s.seconds.sum / s.requests if s.requests else 0.0
+            rows.append((name, e.label, e.state, str(s.requests), str(s.texts), errors or "0", str(e.in_flight),
+                         f"{average:.1f}", e.problem))
+    return Table(COLUMNS["REMOTE"], rows)
+
+
+def remote_stats(pools: Mapping[str, RemotePool], local_texts: Mapping[str, int]) -> list[tuple[str, object]]:
+    """SHOW STATS's rows of the pools: totals over their endpoints."""
+    endpoints = [e for pool in pools.values() for e in pool.endpoints]
+    errors: dict[str, int] = {}
+    for e in endpoints:
+        for cause, count in e.stats.errors.items():
+            errors[cause] = errors.get(cause, 0) + count
+    return [
+        ("remote_requests", sum(e.stats.requests for e in endpoints)),
+        ("remote_texts", sum(e.stats.texts for e in endpoints)),
+        *((f"remote_errors {cause}", count) for cause, count in sorted(errors.items())),
+        ("remote_endpoints_up", sum(e.state == "up" for e in endpoints)),
+        ("remote_endpoints_not_up", sum(e.state != "up" for e in endpoints)),
+        ("remote_local_texts", sum(local_texts.values())),
+    ]
+
+
 def version_table(version: str) -> Table:
     return Table(COLUMNS["VERSION"], [(f"azure-local-ai-proxy {version}",)])
 
@@ -122,6 +157,7 @@ _SHOW_HELP = {
     "SESSIONS": "the client sessions relayed now",
     "CLIENTS": "the same as SHOW SESSIONS",
     "MODELS": "the registered models, and whether each is loaded",
+    "REMOTE": "each inference server of remote_pools: state, requests, texts, errors, in flight, why it is down",
     "CONFIG": "every option in effect, its default, and whether a reload changes it",
     "VERSION": "the proxy's version",
     "HELP": "this list",

@@ -34,6 +34,7 @@ from .errors import CallError
 BUILTIN_URI = "multilingual-e5-small:v1"
 DEFAULT_CACHE_BYTES = 64 << 20
 LOOKAHEAD_CHUNK = 256  # texts per engine call of a look-ahead: two such keep the engine's batches full
+MAX_CHUNKS_AT_ONCE = 64  # a look-ahead's texts in flight to a pool of inference servers: 16,384 at most
 #: What a look-ahead is told of texts whose vectors it has: (model, texts, their vectors).
 Ready = Callable[[str, list[str], list[np.ndarray]], None]
 
@@ -258,10 +259,11 @@ class Backend:
         promised = [t for t in unique if self.cache.promise(uri, t) is not None]
         chunks = [promised[i : i + LOOKAHEAD_CHUNK] for i in range(0, len(promised), LOOKAHEAD_CHUNK)]
         running: list[asyncio.Task[None]] = []
+        at_once = self._chunks_at_once(files)
         try:
             for chunk in chunks:
                 running.append(asyncio.ensure_future(self._keep(files, uri, chunk, ready)))
-                if len(running) > 1:
+                if len(running) >= at_once:
                     await running.pop(0)
             for task in running:
                 await task
@@ -271,6 +273,17 @@ class Backend:
             for text in promised:
                 self.cache.abandon(uri, text)  # a no-op for those computed
         return len(promised)
+
+    def _chunks_at_once(self, files: ModelFiles | RemoteModel) -> int:
+        """Chunks of a look-ahead computed at once: two keep the engine's batches full; a pool needs
+        enough to give each endpoint all the requests it takes at once, and one more each."""
+        pool = self._pool(files.pool) if isinstance(files, RemoteModel) else (
+            self.remote.builtin_pool if self.remote is not None and files.uri == BUILTIN_URI else None)
+        if pool is None:
+            return 2
+        spec = pool.spec
+        texts = len(pool.endpoints) * (spec.max_in_flight + 1) * spec.max_batch
+        return min(MAX_CHUNKS_AT_ONCE, max(2, -(-texts // LOOKAHEAD_CHUNK)))
 
     async def _keep(self, files: ModelFiles, uri: str, texts: list[str], ready: Ready | None) -> None:
         vectors = [self.cache.put(uri, text, vector)

@@ -452,24 +452,27 @@ class ServerCalls:
 
     async def _copy_ahead(self) -> None:
         page = min(_LOOKAHEAD_PAGE, self._capacity())
-        asked_from, sent, computed = self._asked + self._ahead, 0, 0
-        while self._copied:
-            while self._asked + self._ahead - asked_from < sent - page:
-                self._progress.clear()
-                await self._progress.wait()
-            taken, self._copied = self._copied[:page], self._copied[page:]
-            by_model: dict[str, list[str]] = {}
-            for model_uri, text in taken:
-                by_model.setdefault(model_uri, []).append(text)
-            try:
+        asked_from, sent = self._asked + self._ahead, 0
+        pages = _TwoPages()
+        try:
+            while self._copied:
+                while self._asked + self._ahead - asked_from < sent - page:
+                    self._progress.clear()
+                    await self._progress.wait()
+                taken, self._copied = self._copied[:page], self._copied[page:]
+                by_model: dict[str, list[str]] = {}
+                for model_uri, text in taken:
+                    by_model.setdefault(model_uri, []).append(text)
                 for model_uri, texts in by_model.items():
-                    computed += await self.backend.embed_ahead(model_uri, texts, self._keep_ahead)
-            except CallError as exc:
-                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
-                self._copied = []
-                break
-            sent += len(taken)
-        log.debug("looked ahead", extra={"event": "lookahead", "texts": sent, "computed": computed})
+                    await pages.add(self.backend.embed_ahead(model_uri, texts, self._keep_ahead))
+                sent += len(taken)
+            await pages.finish()
+        except CallError as exc:
+            log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
+            self._copied = []
+        finally:
+            pages.cancel()
+        log.debug("looked ahead", extra={"event": "lookahead", "texts": sent, "computed": pages.computed})
 
     async def keep_before(self, inputs: list[tuple[str, str]]) -> None:
         """Compute the (model, text) inputs a statement about to run will ask for, and keep their answers
@@ -556,33 +559,36 @@ class ServerCalls:
         embed each page in batches. A statement that locks its table (ALTER TABLE) reads all it can
         at once, before it runs."""
         page = self._capacity() if lookahead.before else min(_LOOKAHEAD_PAGE, self._capacity())
-        asked_from, offset, total, computed = self._asked + self._ahead, 0, 0, 0
-        while True:
-            while self._asked + self._ahead - asked_from < offset - page:
-                self._progress.clear()
-                await self._progress.wait()
-            try:
-                # Read on when the statement ends: the service connection is never left mid-query.
-                texts = await shielded(self.service.read_texts(self.database, self.login, lookahead, page, offset))
-            except LookaheadRefused as exc:
-                log.info("a statement's rows were not read ahead", extra={"event": "lookahead_refused",
-                                                                          "reason": str(exc)})
-                break
-            except ServiceUnavailable as exc:  # only time is lost: each request is answered anyway
-                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
-                break
-            finally:
-                if read is not None and not read.done():
-                    read.set_result(None)
-            try:
-                computed += await self.backend.embed_ahead(lookahead.model_uri, texts, self._keep_ahead)
-            except CallError as exc:
-                log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
-                break
-            total, offset = total + len(texts), offset + page
-            if len(texts) < page or lookahead.before:
-                break
-        log.info("looked ahead", extra={"event": "lookahead", "texts": total, "computed": computed})
+        asked_from, offset, total = self._asked + self._ahead, 0, 0
+        pages = _TwoPages()
+        try:
+            while True:
+                while self._asked + self._ahead - asked_from < offset - page:
+                    self._progress.clear()
+                    await self._progress.wait()
+                try:
+                    # Read on when the statement ends: the service connection is never left mid-query.
+                    texts = await shielded(self.service.read_texts(self.database, self.login, lookahead, page, offset))
+                except LookaheadRefused as exc:
+                    log.info("a statement's rows were not read ahead", extra={"event": "lookahead_refused",
+                                                                              "reason": str(exc)})
+                    break
+                except ServiceUnavailable as exc:  # only time is lost: each request is answered anyway
+                    log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": str(exc)})
+                    break
+                finally:
+                    if read is not None and not read.done():
+                        read.set_result(None)
+                await pages.add(self.backend.embed_ahead(lookahead.model_uri, texts, self._keep_ahead))
+                total, offset = total + len(texts), offset + page
+                if len(texts) < page or lookahead.before:
+                    break
+            await pages.finish()
+        except CallError as exc:
+            log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
+        finally:
+            pages.cancel()
+        log.info("looked ahead", extra={"event": "lookahead", "texts": total, "computed": pages.computed})
 
     @property
     def in_transaction(self) -> bool:
@@ -660,3 +666,28 @@ class ServerCalls:
         self._drop_mailboxes()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _TwoPages:
+    """A look-ahead's pages: one is embedded while the next is read, so that the engine (or a pool of
+    inference servers) never waits for a read, nor drains between pages; at most two at once."""
+
+    def __init__(self) -> None:
+        self.computed = 0
+        self._pending: asyncio.Future[int] | None = None
+
+    async def add(self, work: Awaitable[int]) -> None:
+        """Start embedding a page; wait for the one before it (its CallError is raised here)."""
+        previous, self._pending = self._pending, asyncio.ensure_future(work)
+        self._pending.add_done_callback(retrieve)  # a page cancelled after it failed
+        if previous is not None:
+            self.computed += await previous
+
+    async def finish(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.computed += await pending
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()

@@ -21,6 +21,7 @@ from .spec import PoolSpec
 
 #: Why a request failed, as counted and shown.
 CAUSES = ("timeout", "connect", "http_429", "http_5xx", "http_4xx", "malformed")
+ENDPOINT_STATES = ("checking", "up", "down", "refused")
 
 
 class RequestFailed(Exception):

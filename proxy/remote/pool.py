@@ -135,19 +135,21 @@ class RemotePool:
         self._fail_waiting_too_long(now)
         while self._queue:
             free = [e for e in self.endpoints if e.usable(now)]
-            if not free:
-                break
-            endpoint = min(free, key=lambda e: e.in_flight)
-            batch = self._take(endpoint, now, len(free))
+            batch: list[_Item] = []
+            for endpoint in sorted(free, key=lambda e: e.in_flight):  # the fewest in flight that has texts to take
+                batch = self._take(endpoint, now, free)
+                if batch:
+                    break
             if not batch:
                 break
             endpoint.in_flight += 1
             self._spawn(self._send(endpoint, batch))
         self._wake_later(now)
 
-    def _take(self, endpoint: Endpoint, now: float, free: int) -> list[_Item]:
+    def _take(self, endpoint: Endpoint, now: float, free: list[Endpoint]) -> list[_Item]:
         """Up to max_batch texts of one input_type for `endpoint`, oldest first: not those waiting out
-        a back-off, nor those that failed there while another endpoint has room."""
+        a back-off, nor those that failed there while a `free` endpoint where they have not failed has
+        room (one that failed everywhere may go anywhere)."""
         batch: list[_Item] = []
         kept: deque[_Item] = deque()
         kind = None
@@ -155,7 +157,8 @@ class RemotePool:
             item = self._queue.popleft()
             if item.future.done():
                 continue  # its caller is gone
-            ready = item.not_before <= now and not (endpoint in item.avoid and free > 1)
+            ready = item.not_before <= now and not (endpoint in item.avoid
+                                                    and any(e not in item.avoid for e in free))
             if ready and (not batch or item.outgoing.kind == kind):
                 kind = item.outgoing.kind
                 batch.append(item)
@@ -186,7 +189,7 @@ class RemotePool:
             if item.future.done():
                 continue
             if now - item.queued >= self.spec.timeout:
-                item.future.set_exception(self._unavailable(item))
+                item.future.set_exception(self._unavailable(item, f"found no endpoint up for {self.spec.timeout:g} s"))
             else:
                 waiting.append(item)
         self._queue = waiting
@@ -235,18 +238,17 @@ class RemotePool:
             item.last = cause
             item.avoid.add(endpoint)
             if item.attempts >= attempts:
-                item.future.set_exception(self._unavailable(item))
+                item.future.set_exception(self._unavailable(item, f"failed {item.attempts} times"))
                 continue
             backoff = 0.0 if failed.cause == "http_429" else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (item.attempts - 1))
             item.not_before = now + backoff
         self._queue.extendleft(reversed([i for i in batch if not i.future.done()]))
 
-    def _unavailable(self, item: _Item) -> RemoteUnavailable:
+    def _unavailable(self, item: _Item, what: str) -> RemoteUnavailable:
         states = "; ".join(f"{e.label} {e.state}" + (f" ({e.problem})" if e.problem else "") for e in self.endpoints)
         last = f"; the last failure: {item.last}" if item.last else ""
-        return RemoteUnavailable(
-            f"no endpoint of remote pool {self.spec.name} could embed the text after {item.attempts} "
-            f"attempt(s): {states}{last}")
+        return RemoteUnavailable(f"no endpoint of remote pool {self.spec.name} could embed a text (it {what}): "
+                                 f"{states}{last}")
 
     def _connection(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
