@@ -114,11 +114,11 @@ def read_vectors(payload: bytes, count: int, dimensions: int | None) -> np.ndarr
             if type(index) is not int or not 0 <= index < count or rows[index] is not None:
                 raise ValueError(f"index {index!r}")
             rows[index] = _vector(item["embedding"])
+        if any(row is None for row in rows):
+            raise ValueError(f"{sum(r is None for r in rows)} of {count} embeddings missing")
+        vectors = np.stack(rows)  # type: ignore[arg-type]  # ValueError if their lengths differ
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise RequestFailed("malformed", f"not an embeddings reply ({exc})") from None
-    if any(row is None for row in rows):
-        raise RequestFailed("malformed", f"{sum(r is None for r in rows)} of {count} embeddings missing")
-    vectors = np.stack(rows)  # type: ignore[arg-type]
     if dimensions is not None and vectors.shape[1] != dimensions:
         raise RequestFailed("malformed", f"embeddings of {vectors.shape[1]} dimensions, not {dimensions}")
     if not np.isfinite(vectors).all():

@@ -36,7 +36,8 @@ BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 
 
 class RemoteUnavailable(Exception):
-    """No endpoint could answer: the message names them and the last cause of each."""
+    """No endpoint could answer: the message names each, its state (and why it is down or refused),
+    and the text's last failure."""
 
 
 @dataclass(eq=False)

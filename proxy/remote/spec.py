@@ -98,8 +98,6 @@ def _pool(name: str, pairs: list[str]) -> PoolSpec:
         values[key] = _value(name, key, raw)
     if "urls" not in values or "model" not in values:
         raise PoolSpecError(f"remote pool {name}: urls and model are required")
-    if "api_key" in values:
-        raise PoolSpecError(f"remote pool {name}: give the key with api_key_env or api_key_file, not in the option")
     spec = PoolSpec(name=name, **values)  # type: ignore[arg-type]
     if spec.prefixes not in PREFIX_MODES:
         raise PoolSpecError(f"remote pool {name}: prefixes must be one of {', '.join(PREFIX_MODES)}")
@@ -123,10 +121,14 @@ def _value(name: str, key: str, raw: str) -> object:
             if raw.lower() not in ("true", "false", "on", "off", "1", "0", "yes", "no"):
                 raise ValueError(raw)
             return raw.lower() in ("true", "on", "1", "yes")
+    except PoolSpecError:
+        raise
     except ValueError:
         raise PoolSpecError(f"remote pool {name}: {key}={raw!r} is not a valid value") from None
     if key in _STRS:
         return raw
+    if key == "api_key":
+        raise PoolSpecError(f"remote pool {name}: give the key with api_key_env or api_key_file, not in the option")
     raise PoolSpecError(f"remote pool {name}: unknown key {key!r}")
 
 
