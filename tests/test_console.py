@@ -121,7 +121,7 @@ def test_show_stats_counts_sessions_and_bytes(listed: ProxyProcess) -> None:
 def test_show_version_models_config_and_help(listed: ProxyProcess) -> None:
     assert table(listed, "SHOW VERSION") == [[f"azure-local-ai-proxy {version('azure-local-ai-proxy')}"]]
     models = table(listed, "show models")
-    assert models[0][:5] == ["multilingual-e5-small:v1", "yes", "no", "384", "512"]
+    assert models[0][:6] == ["multilingual-e5-small:v1", "yes", "no", "local", "384", "512"]
     config = {row[0]: row[1:] for row in table(listed, "SHOW CONFIG;")}
     assert config["admin_users"] == [f"{OPS}, scram_user", "", "yes"]
     assert config["listen"] == [f"127.0.0.1:{listed.port}", "127.0.0.1:6432", "no"]
@@ -404,7 +404,7 @@ def test_execute_with_max_rows_suspends_the_portal(listed: ProxyProcess) -> None
                     + frame(pg.DESCRIBE, b"P\0")
                     + frame(pg.EXECUTE, b"\0\0\0\0\x03") + frame(pg.EXECUTE, b"\0\0\0\0\0") + frame(pg.SYNC))
         kinds = [kind for kind, _ in client.read_until(b"Z")]
-        assert kinds == [b"1", b"2", b"T", b"D", b"D", b"D", b"s", *[b"D"] * 7, b"C", b"Z"]
+        assert kinds == [b"1", b"2", b"T", b"D", b"D", b"D", b"s", *[b"D"] * 8, b"C", b"Z"]  # SHOW HELP: 11 rows
         client.send(frame(pg.BIND, messages.Bind("", "nope", (), (), ()).encode()) + frame(pg.EXECUTE, b"\0\0\0\0\0")
                     + frame(pg.SYNC))
         answer = client.read_until(b"Z")

@@ -108,7 +108,8 @@ class AdminConsole:
         if item == "MODELS":
             records = await asyncio.to_thread(self.backend.catalog.list_models)
             loaded = frozenset(r.uri for r in records if self.backend.is_loaded(r.uri, r.model_path))
-            return views.models_table(records, loaded)
+            pools = {r.uri: pool.spec.name for r in records if (pool := self.backend.runs_on(r.uri, r.model_path))}
+            return views.models_table(records, loaded, pools)
         if item == "CONFIG":
             return views.config_table(server.config)
         if item == "VERSION":

@@ -21,7 +21,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "STATS": ("stat", "value"),
     "SESSIONS": ("session", "user", "database", "application_name", "client_addr", "connected_at", "state",
                  "backend_pid"),
-    "MODELS": ("model", "builtin", "loaded", "dimensions", "max_seq_length", "model_path", "registered_at"),
+    "MODELS": ("model", "builtin", "loaded", "runs_on", "dimensions", "max_seq_length", "model_path", "registered_at"),
     "REMOTE": ("pool", "endpoint", "state", "requests", "texts", "errors", "in_flight", "avg_ms", "problem"),
     "CONFIG": ("option", "value", "default", "changeable"),
     "VERSION": ("version",),
@@ -91,9 +91,11 @@ def sessions_table(sessions: Iterable[SessionRow]) -> Table:
     return Table(COLUMNS["SESSIONS"], rows)
 
 
-def models_table(records: Iterable[ModelRecord], loaded: frozenset[str]) -> Table:
-    rows = [(r.uri, _yes(r.builtin), _yes(r.uri in loaded), _text(r.dimensions), _text(r.max_seq_length),
-             r.model_path, r.created_at) for r in records]
+def models_table(records: Iterable[ModelRecord], loaded: frozenset[str], pools: Mapping[str, str]) -> Table:
+    """The registered models; `pools`: the pool of inference servers that computes a model, by URI
+    (the others run on this proxy's engine)."""
+    rows = [(r.uri, _yes(r.builtin), _yes(r.uri in loaded), f"remote pool {pools[r.uri]}" if r.uri in pools
+             else "local", _text(r.dimensions), _text(r.max_seq_length), r.model_path, r.created_at) for r in records]
     return Table(COLUMNS["MODELS"], rows)
 
 
