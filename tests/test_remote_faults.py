@@ -385,3 +385,16 @@ async def test_the_key_is_sent_from_where_the_pool_says(standins: StandIns, tmp_
         assert pool.endpoints[0].state != "up" and "api_key_file cannot be read" in (pool.endpoints[0].problem or "")
     finally:
         await pool.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_text_a_server_refuses_fails_alone(standins: StandIns) -> None:
+    """A 400 for a request of several texts may be one text's fault: each is tried again in a request of
+    its own, so that the others are answered and only that one fails."""
+    async with running_pool([standins.start(), standins.start()]) as pool:
+        bad = Outgoing(None, "REFUSE: far too long")
+        good = [Outgoing(None, text) for text in TEXTS[:5]]
+        results = await asyncio.gather(*(pool.embed([item]) for item in [*good, bad]), return_exceptions=True)
+        assert all(np.allclose(got, expected([text.text]), atol=1e-6) for got, text in zip(results, good, strict=False))
+        assert isinstance(results[-1], RemoteUnavailable) and "400 input is too long" in str(results[-1])
+        assert all(e.state == "up" and e.failures == 0 for e in pool.endpoints)  # a 4xx is not the server's fault

@@ -13,6 +13,8 @@ import json
 import re
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,14 @@ class RemoteSetup:
     proxy: ProxyProcess
     servers: list
     ports: list[int]
+    http_port: int
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     def kill(self, index: int) -> None:
         self.servers[index].kill()
@@ -55,13 +65,15 @@ def remote_setup(pg: PgCluster, model_data_dir: Path, count: int = 2, pool_optio
         urls = ",".join(f"http://127.0.0.1:{port}/v1" for port in ports)
         pools = f"e5 = urls={urls} model=e5 max_in_flight=2 timeout={timeout:g} {pool_options}"
         pools += f"; {extra_pools}" if extra_pools else ""
+        http_port = free_port()
         with proxy_data_dir(model_data_dir) as data_dir:
-            proxy = start_proxy(data_dir, "--service-user", "postgres", "--remote-pools", pools,
+            proxy = start_proxy(data_dir, "--service-user", "postgres", "--http-listen", f"127.0.0.1:{http_port}",
+                                "--remote-pools", pools,
                                 "--remote-builtin", "e5", "--remote-fallback", str(fallback).lower(),
                                 upstream=pg.url(), preload=True)
             try:
                 proxy.wait_for_model()
-                yield RemoteSetup(proxy, servers, ports)
+                yield RemoteSetup(proxy, servers, ports, http_port)
             finally:
                 proxy.stop()
     finally:
@@ -145,6 +157,12 @@ def test_a_back_fill_gets_the_models_vectors_from_both_servers(two_servers: Remo
     with psycopg.connect(two_servers.proxy.dsn(database="azure_local_ai_proxy"), autocommit=True) as console:
         rows = {row[1]: row for row in console.execute("SHOW REMOTE")}
     assert all(int(row[4]) > 0 for row in rows.values()), rows  # texts: both endpoints took a share
+    status, metrics = two_servers.http("/metrics")
+    assert status == 200
+    texts_served = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("azure_local_ai_proxy_remote_texts_total{")]
+    assert len(texts_served) == 2 and sum(texts_served) >= 1000, texts_served
+    assert 'azure_local_ai_proxy_remote_endpoint_state{endpoint="http://127.0.0.1:' in metrics
 
 
 def test_a_text_without_an_e5_prefix_is_computed_here(two_servers: RemoteSetup, engine_vectors) -> None:
@@ -170,6 +188,8 @@ def test_an_endpoint_killed_mid_back_fill_costs_no_row(pg: PgCluster, model_data
         finally:
             killer.cancel()
         assert setup.servers[0].poll() is not None, "the back-fill ended before the endpoint was killed"
+        status, health = setup.http("/healthz")
+        assert status == 200 and f"127.0.0.1:{setup.ports[0]}" in json.loads(health)["warnings"][0], health
         cosines = np.sum(stored(dsn, table) * engine_vectors(*texts), axis=1)
         assert cosines.min() >= 0.9995
         assert "remote endpoint down" in setup.proxy.log
@@ -188,6 +208,11 @@ def test_both_endpoints_killed_give_a_clear_error_within_the_timeout(pg: PgClust
         assert caught.value.sqlstate == "58030"
         message = caught.value.diag.message_primary or ""
         assert all(f"127.0.0.1:{port}" in message for port in setup.ports), message
+        with psycopg.connect(setup.proxy.dsn(), autocommit=True) as conn, pytest.raises(psycopg.Error):
+            conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'query: anyone now?')")
+        # Found out by the requests that failed (DOWN_AFTER in a row each): /healthz fails then.
+        status, health = setup.http("/healthz")
+        assert status == 503 and "has no endpoint up" in health, health
 
 
 def test_with_remote_fallback_the_local_engine_answers_when_no_endpoint_can(pg: PgCluster, model_data_dir: Path,
@@ -203,7 +228,7 @@ def test_with_remote_fallback_the_local_engine_answers_when_no_endpoint_can(pg: 
 
 def test_a_server_that_prefixes_on_its_own_is_refused_without_prefixes_e5(pg: PgCluster,
                                                                          model_data_dir: Path) -> None:
-    with remote_setup(pg, model_data_dir, count=1, pool_options="") as setup:
+    with remote_setup(pg, model_data_dir, count=1, pool_options="", timeout=5) as setup:
         states = wait_for_states(setup.proxy, {"refused"})
         assert list(states.values()) == ["refused"]
         assert "cosine" in setup.proxy.log and "prefixes=e5" in setup.proxy.log

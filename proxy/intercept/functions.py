@@ -223,7 +223,8 @@ class Backend:
         out: list[np.ndarray | None] = [self.cache.get(uri, t) for t in texts]
         promised = {i: f for i, t in enumerate(texts) if out[i] is None and (f := self.cache.promised(uri, t))}
         missing = [i for i in range(len(texts)) if out[i] is None and i not in promised]
-        if usage is not None and len(missing) < len(texts):  # what the model did not run on now counts too
+        if usage is not None and len(missing) < len(texts) and isinstance(files, ModelFiles):
+            # what the model did not run on now counts too (a remote-only model's tokens are not known here)
             usage.tokens += await self.engine.count_tokens(files, [t for i, t in enumerate(texts) if i not in missing])
         if not missing and not promised:
             return out  # type: ignore[return-value]  # all kept: at once, without a turn of the event loop
@@ -318,7 +319,7 @@ class Backend:
                      usage: Usage | None = None) -> np.ndarray:
         """The texts' vectors, from the pool that computes the model, or from the local engine."""
         if isinstance(files, RemoteModel):
-            return await self._embed_remote(files.pool, None, texts)
+            return await self._embed_remote(files.pool, None, texts, files.dimensions)
         if self.remote is not None and files.uri == BUILTIN_URI and self.remote.builtin_pool is not None:
             vectors = await self._embed_remote(self.remote.builtin, files, texts)
             if usage is not None:
@@ -326,7 +327,8 @@ class Backend:
             return vectors
         return await self.engine.embed(files, texts, batch_size=batch_size, usage=usage)
 
-    async def _embed_remote(self, name: str, files: ModelFiles | None, texts: list[str]) -> np.ndarray:
+    async def _embed_remote(self, name: str, files: ModelFiles | None, texts: list[str],
+                            registered_dimensions: int = 0) -> np.ndarray:
         """Texts to pool `name`; those it cannot compute as the local engine would (`files`: the model
         runs here too) go to the local engine, and all of them if no endpoint can answer and
         remote_fallback is on."""
@@ -352,7 +354,12 @@ class Backend:
                                 "built-in model is computed here when no endpoint can answer.") from exc
             self.remote.local_texts[name] += len(there)
             return await self.engine.embed(files, texts)
-        vectors = np.empty((len(texts), parts[0].shape[1] if there else parts[1].shape[1]), np.float32)
+        width = parts[0].shape[1] if there else parts[1].shape[1]
+        expected = files.dimensions if files is not None else registered_dimensions
+        if expected and width != expected:
+            raise CallError("22023", f"remote pool {name} answers with vectors of {width} dimensions, and the "
+                            f"model has {expected}", "The pool computes another model: check its urls and model.")
+        vectors = np.empty((len(texts), width), np.float32)
         if there:
             vectors[there] = parts[0]
         if here:

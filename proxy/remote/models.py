@@ -79,11 +79,25 @@ class RemoteModels:
         return prepared
 
     def problems(self) -> list[str]:
-        """Pools that cannot serve: no endpoint up (and none still being checked)."""
-        return [f"remote pool {name} has no endpoint up: " + "; ".join(pool.problems())
-                for name, pool in self.pools.items()
-                if not pool.loaded and all(e.state != "checking" for e in pool.endpoints)]
+        """What stops the proxy serving (/healthz fails): the built-in model's pool with no endpoint up
+        (none still being checked), without remote_fallback."""
+        pool = self.builtin_pool
+        if pool is None or self.fallback or not self._down(pool):
+            return []
+        return [f"remote pool {self.builtin} (the built-in model's) has no endpoint up: " + "; ".join(pool.problems())]
 
-    def endpoint_problems(self) -> list[str]:
-        """Endpoints down or refused, with why (the cosine for a refused one)."""
-        return [problem for pool in self.pools.values() for problem in pool.problems()]
+    def warnings(self) -> list[str]:
+        """What leaves the proxy serving: endpoints down or refused while their pool has another up, a
+        registered model's pool down (its calls fail, the rest works), the built-in model's pool down
+        with remote_fallback (computed here meanwhile)."""
+        out = []
+        for name, pool in self.pools.items():
+            if not self._down(pool):
+                out += pool.problems()
+            elif name != self.builtin or self.fallback:
+                out.append(f"remote pool {name} has no endpoint up: " + "; ".join(pool.problems()))
+        return out
+
+    @staticmethod
+    def _down(pool: RemotePool) -> bool:
+        return not pool.loaded and all(e.state != "checking" for e in pool.endpoints)

@@ -31,6 +31,8 @@ DOWN_AFTER = 3
 PROBE_EVERY = (1.0, 2.0, 4.0, 8.0, 15.0)
 #: Seconds between probes of an endpoint whose vectors were refused (a mis-configuration).
 REFUSED_PROBE_EVERY = 60.0
+#: Request timeouts a text may wait in all while the servers answer 429 (busy) before it fails.
+RATE_LIMITED_FOR = 4
 #: Back-off before a failed batch is tried again: base doubling per attempt, at most the cap.
 BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 
@@ -49,6 +51,7 @@ class _Item:
     not_before: float = 0.0
     avoid: set[Endpoint] = field(default_factory=set)
     last: str = ""  # the last failure, for the error
+    alone: bool = False  # in a request of its own: its batch was refused (4xx), maybe for this text
 
 
 class RemotePool:
@@ -160,7 +163,10 @@ class RemotePool:
                 continue  # its caller is gone
             ready = item.not_before <= now and not (endpoint in item.avoid
                                                     and any(e not in item.avoid for e in free))
-            if ready and (not batch or item.outgoing.kind == kind):
+            if ready and not batch and item.alone:
+                batch.append(item)
+                break
+            if ready and not item.alone and (not batch or item.outgoing.kind == kind):
                 kind = item.outgoing.kind
                 batch.append(item)
             else:
@@ -223,27 +229,37 @@ class RemotePool:
             self._poke()
 
     def _failed(self, endpoint: Endpoint, batch: list[_Item], failed: RequestFailed) -> None:
+        """A request failed: its texts go back to the queue, to try elsewhere after a back-off, or fail.
+        A 429 is not a try (the server is busy: it is left alone as long as it asks), only a text that
+        has waited RATE_LIMITED_FOR request timeouts in all fails; a 4xx of several texts may be one
+        text's fault: each goes again in a request of its own."""
         now = time.monotonic()
         cause = f"{endpoint.label}: {failed}"
+        live = [item for item in batch if not item.future.done()]
         if failed.cause == "http_429":
             endpoint.cooling_until = now + (failed.retry_after if failed.retry_after is not None else 1.0)
         elif failed.cause != "http_4xx":
             endpoint.failures += 1
             if endpoint.failures >= DOWN_AFTER and endpoint.state == "up":
                 self._down(endpoint, str(failed))
+        split = failed.cause == "http_4xx" and len(live) > 1
         attempts = max(3, 2 * len(self.endpoints))
-        for item in batch:
-            if item.future.done():
+        for item in live:
+            item.last = cause
+            if split:
+                item.alone = True
+                continue
+            if failed.cause == "http_429":
+                if now - item.queued > RATE_LIMITED_FOR * self.spec.timeout:
+                    item.future.set_exception(self._unavailable(item, "was refused with 429 for too long"))
                 continue
             item.attempts += 1
-            item.last = cause
             item.avoid.add(endpoint)
             if item.attempts >= attempts:
                 item.future.set_exception(self._unavailable(item, f"failed {item.attempts} times"))
                 continue
-            backoff = 0.0 if failed.cause == "http_429" else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (item.attempts - 1))
-            item.not_before = now + backoff
-        self._queue.extendleft(reversed([i for i in batch if not i.future.done()]))
+            item.not_before = now + min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (item.attempts - 1))
+        self._queue.extendleft(reversed([i for i in live if not i.future.done()]))
 
     def _unavailable(self, item: _Item, what: str) -> RemoteUnavailable:
         states = "; ".join(f"{e.label} {e.state}" + (f" ({e.problem})" if e.problem else "") for e in self.endpoints)
