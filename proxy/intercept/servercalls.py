@@ -455,18 +455,19 @@ class ServerCalls:
         asked_from, sent = self._asked + self._ahead, 0
         pages = _TwoPages()
         try:
-            while self._copied:
-                while self._asked + self._ahead - asked_from < sent - page:
-                    self._progress.clear()
-                    await self._progress.wait()
-                taken, self._copied = self._copied[:page], self._copied[page:]
-                by_model: dict[str, list[str]] = {}
-                for model_uri, text in taken:
-                    by_model.setdefault(model_uri, []).append(text)
-                for model_uri, texts in by_model.items():
-                    await pages.add(self.backend.embed_ahead(model_uri, texts, self._keep_ahead))
-                sent += len(taken)
-            await pages.finish()
+            while self._copied:  # rows read meanwhile (copy_ahead adds to them) are taken too
+                while self._copied:
+                    while self._asked + self._ahead - asked_from < sent - page:
+                        self._progress.clear()
+                        await self._progress.wait()
+                    taken, self._copied = self._copied[:page], self._copied[page:]
+                    by_model: dict[str, list[str]] = {}
+                    for model_uri, text in taken:
+                        by_model.setdefault(model_uri, []).append(text)
+                    for model_uri, texts in by_model.items():
+                        await pages.add(self.backend.embed_ahead(model_uri, texts, self._keep_ahead))
+                    sent += len(taken)
+                await pages.finish()
         except CallError as exc:
             log.debug("a look-ahead was given up", extra={"event": "lookahead_failed", "reason": exc.message})
             self._copied = []
