@@ -74,7 +74,7 @@ class Endpoint:
         started = time.monotonic()
         self.stats.requests += 1
         try:
-            vectors = await self._post(session, body, self._headers(), len(texts), dimensions)
+            vectors = await self._post(session, body, await self._headers(), len(texts), dimensions)
         except RequestFailed as failed:
             self.stats.errors[failed.cause] += 1
             raise
@@ -83,10 +83,11 @@ class Endpoint:
         self.stats.texts += len(texts)
         return vectors
 
-    def _headers(self) -> dict[str, str]:
-        """The key, read where the pool says at each request (a key file rotated in place is used at once)."""
+    async def _headers(self) -> dict[str, str]:
+        """The key, read where the pool says at each request (a key file rotated in place is used at once;
+        read off the event loop)."""
         try:
-            key = self.spec.api_key()
+            key = await asyncio.to_thread(self.spec.api_key) if self.spec.api_key_file else self.spec.api_key()
         except PoolSpecError as exc:
             raise RequestFailed("api_key", str(exc)) from None
         return {"Authorization": f"Bearer {key}"} if key else {}
