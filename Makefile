@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint system-deps clean
 
-$(RUN_STAMP): pyproject.toml setup.py proxy/_fastrelay.c
+$(RUN_STAMP): pyproject.toml setup.py proxy/_fastrelay.c proxy/_floattext.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .

@@ -21,6 +21,7 @@ from proxy import protocol as pg
 from proxy.intercept.extension import VERSION
 from proxy.intercept.servercalls import encode_answer, kept_key, kept_place
 from proxy.mailbox import Mailbox
+from proxy.messages import Bind, Parse
 
 from .helpers import new_database, unique
 from .helpers_embeddings import assert_same_embeddings
@@ -729,6 +730,30 @@ def test_one_row_inserts_are_answered_before_they_run(conn: psycopg.Connection, 
     assert (after[0] - before[0], after[1] - before[1]) == (0, 9)
     stored = dict(conn.execute("SELECT body, v::text FROM docs WHERE id >= 0").fetchall())
     assert stored == {t: constant_path(conn, t) for t in [*texts, "sent as a query"]}
+
+
+def test_a_one_row_insert_the_server_refuses_while_its_answer_is_computed(
+        conn: psycopg.Connection, proxy: ProxyProcess, database: str) -> None:
+    """The server refuses the INSERT's Parse (a column that is not there) while the proxy computes its
+    answer, having prepared its own statement behind it: the client gets the error and its
+    ReadyForQuery, and the replies to its later messages are all its own (none is taken for the proxy's)."""
+    conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")
+    learnt(conn, proxy)
+    client = RawClient(proxy.port, timeout=60)
+    client.login(database=database)
+    values = (b"1", b"refused while computed", b"x")
+    client.send(b"".join([
+        pg.message(pg.PARSE, Parse("", "INSERT INTO docs (id, body, nosuch) VALUES ($1, $2, $3)", ()).encode()),
+        pg.message(pg.BIND, Bind("", "", (), values, ()).encode()),
+        pg.message(pg.EXECUTE, b"\0\0\0\0\0"), pg.message(pg.SYNC)]))
+    replies = client.read_until(b"Z")
+    assert [t for t, _ in replies] == [b"E", b"Z"]
+    assert pg.parse_fields(replies[0][1])["C"] == "42703"
+    client.send(pg.message(pg.PARSE, Parse("s1", "SELECT 1", ()).encode()) + pg.message(pg.SYNC))
+    assert [t for t, _ in client.read_until(b"Z")] == [b"1", b"Z"]
+    client.send(pg.message(pg.CLOSE, b"Ss1\0") + pg.message(pg.SYNC))
+    assert [t for t, _ in client.read_until(b"Z")] == [b"3", b"Z"]
+    client.close()
 
 
 def session_of(proxy: ProxyProcess, database: str) -> psycopg.Connection:

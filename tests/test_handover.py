@@ -11,14 +11,18 @@ import pytest
 
 from proxy import protocol as pg
 from proxy.intercept.handover import (
-    BIND_REPLIES,
+    CLOSE_REPLIES,
     KEPT_SETTING,
+    PREPARE_REPLIES,
     QUERY_REPLIES,
+    RUN_REPLIES,
     SESSION_SETTING,
     InjectedReplies,
-    messages_before_bind,
+    close_before_bind,
     prefix_length,
+    prepare_before_bind,
     query_with,
+    run_before_bind,
     settings_sql,
     shift_position,
 )
@@ -43,6 +47,14 @@ def settings(handed: bytes | None = None) -> str:
     sql = settings_sql(MAILBOX.setting, handed)
     assert sql is not None
     return sql
+
+
+BIND_REPLIES = PREPARE_REPLIES + RUN_REPLIES
+
+
+def before_bind(handed: bytes | None = None) -> bytes:
+    """The proxy's messages before a client's Bind: its statement prepared, then run."""
+    return prepare_before_bind() + run_before_bind(MAILBOX.setting, handed)
 
 
 def extended_batch(sql: str) -> bytes:
@@ -92,7 +104,7 @@ def then_unset(server: RawClient) -> None:
 
 def test_before_a_bind_the_settings_are_the_statements_and_only_its(server: RawClient) -> None:
     handed = answer()
-    batch = messages_before_bind(settings(handed)) + extended_batch(READ_IT)
+    batch = before_bind(handed) + extended_batch(READ_IT)
     ours, theirs = exchange(server, batch, BIND_REPLIES)
     assert b"".join(ours) == BIND_REPLIES
     assert [t for t, _ in theirs] == [b"1", b"2", b"D", b"C", b"Z"]  # what the batch alone gets
@@ -132,7 +144,7 @@ def test_settings_the_server_refuses_fail_the_statement_they_came_with(server: R
     its Sync's ReadyForQuery, as if its own statement had failed (a cancel request racing the
     settings, say; here, a transaction already failed)."""
     failed_transaction(server)
-    ours, theirs = exchange(server, messages_before_bind(settings(answer())) + extended_batch(READ_IT), BIND_REPLIES)
+    ours, theirs = exchange(server, before_bind(answer()) + extended_batch(READ_IT), BIND_REPLIES)
     assert b"".join(ours) == b"3"  # a Close runs in a failed transaction; the Parse does not
     assert [t for t, _ in theirs] == [b"E", b"Z"]
     assert pg.parse_fields(theirs[0][1])["C"] == "25P02"
@@ -169,7 +181,7 @@ def test_between_a_parse_that_opened_the_batch_and_its_bind(server: RawClient) -
     batch = extended_batch(READ_IT)
     cut = len(pg.message(pg.PARSE, Parse("", READ_IT, ()).encode()))
     parse, rest = batch[:cut], batch[cut:]
-    ours, theirs = exchange(server, parse + messages_before_bind(settings(handed)) + rest, BIND_REPLIES)
+    ours, theirs = exchange(server, parse + before_bind(handed) + rest, BIND_REPLIES)
     assert b"".join(ours) == BIND_REPLIES
     assert [t for t, _ in theirs] == [b"1", b"2", b"D", b"C", b"Z"]
     assert handed in theirs[2][1]
@@ -180,10 +192,30 @@ def test_a_parse_that_fails_skips_the_settings_and_its_error_is_the_clients(serv
     bad = pg.message(pg.PARSE, Parse("", "SELEC 1", ()).encode())
     rest = b"".join([pg.message(pg.BIND, Bind("", "", (), (), ()).encode()), pg.message(pg.EXECUTE, b"\0\0\0\0\0"),
                      pg.message(pg.SYNC)])
-    ours, theirs = exchange(server, bad + messages_before_bind(settings(answer())) + rest, BIND_REPLIES)
+    ours, theirs = exchange(server, bad + before_bind(answer()) + rest, BIND_REPLIES)
     assert ours == []
     assert [t for t, _ in theirs] == [b"E", b"Z"]
     assert pg.parse_fields(theirs[0][1])["C"] == "42601"
+
+
+def test_a_statement_prepared_for_an_answer_not_computed_is_closed(server: RawClient) -> None:
+    ours, theirs = exchange(server, prepare_before_bind() + close_before_bind() + extended_batch(READ_IT),
+                            PREPARE_REPLIES + CLOSE_REPLIES)
+    assert b"".join(ours) == PREPARE_REPLIES + CLOSE_REPLIES
+    assert [t for t, _ in theirs] == [b"1", b"2", b"D", b"C", b"Z"]
+    then_unset(server)
+
+
+def test_no_replies_are_awaited_after_an_error() -> None:
+    """The proxy's statement is prepared while its answer is computed; an error that comes meanwhile
+    (the client's Parse refused) makes the server skip what follows, so none of it is awaited."""
+    replies = InjectedReplies(PREPARE_REPLIES)
+    assert not replies.take(pg.ERROR_RESPONSE) and replies.done
+    replies.then(RUN_REPLIES)
+    assert replies.done and not replies.take(ord("3"))
+    replies = InjectedReplies(PREPARE_REPLIES)
+    replies.then(RUN_REPLIES)
+    assert [replies.take(t) for t in b"312DC33Z"] == [True] * 7 + [False]
 
 
 def test_an_errors_position_is_moved_back_to_the_clients_text(server: RawClient) -> None:

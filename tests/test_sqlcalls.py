@@ -233,6 +233,29 @@ def test_real_array_text_reads_back_as_the_same_floats_on_the_server(pg) -> None
             got = conn.execute("SELECT string_agg(encode(float4send(u), 'hex'), '' ORDER BY n) "
                                "FROM unnest(%s::real[]) WITH ORDINALITY AS x(u, n)", (text,)).fetchone()[0]
             assert got == vector.astype(">f4").tobytes().hex()
+        text = real_array_text(np.array([np.nan, np.inf, -np.inf], dtype=np.float32))
+        assert conn.execute("SELECT %s::real[]::text", (text,)).fetchone()[0] == "{NaN,Infinity,-Infinity}"
+
+
+def test_real_array_text_reads_back_every_float32() -> None:
+    """Two million random bit patterns: each element's text reads back as the same float32 (through a
+    double, which cannot round it otherwise: a nine-digit decimal is nowhere near a float32 midpoint),
+    and is what %.9g writes but in the last digit, rarely."""
+    import numpy as np
+
+    from proxy.intercept.render import real_array_text
+
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32)
+    values = bits[(bits & 0x7F800000) != 0x7F800000].view(np.float32)  # NaN and infinities: above
+    text = real_array_text(values)
+    elements = text[1:-1].split(",")
+    assert text[0] + text[-1] == "{}" and len(elements) == len(values)
+    back = np.array([float(element) for element in elements]).astype(np.float32)
+    assert np.array_equal(back.view(np.uint32), values.view(np.uint32))
+    printf = ("%.9g," * 100_000)[:-1] % tuple(values[:100_000].tolist())
+    assert sum(a != b for a, b in zip(elements[:100_000], printf.split(","), strict=True)) < 1_000
+    assert real_array_text(np.zeros(0, dtype=np.float32)) == "{}"
 
 
 def test_a_parameter_of_sql_prepare_is_the_servers() -> None:

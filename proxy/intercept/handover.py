@@ -28,9 +28,15 @@ KEPT_SETTING = "azure_local_ai.proxy_kept"
 #: The statement and portal of the proxy's messages: a name of its own, closed first in case a batch
 #: of these was cut short, and after.
 NAME = "azure_local_ai_proxy_hand_over"
-#: The replies to messages_before_bind: CloseComplete, ParseComplete, BindComplete, the row and
-#: CommandComplete, and two CloseCompletes.
-BIND_REPLIES = b"312DC33"
+_NAME = NAME.encode() + b"\0"
+#: The proxy's statement before a Bind, its values bound: nothing of them is parsed as SQL.
+BIND_SQL = (f"SELECT pg_catalog.set_config('{SESSION_SETTING}', $1, true), "
+            f"pg_catalog.set_config('{KEPT_SETTING}', $2, true)")
+#: The replies to prepare_before_bind: CloseComplete, ParseComplete; to run_before_bind: BindComplete,
+#: the row and CommandComplete, and two CloseCompletes; to close_before_bind: CloseComplete.
+PREPARE_REPLIES = b"31"
+RUN_REPLIES = b"2DC33"
+CLOSE_REPLIES = b"3"
 #: The replies to the statement query_with put first: RowDescription, the row, CommandComplete.
 QUERY_REPLIES = b"TDC"
 
@@ -57,17 +63,31 @@ def settings_sql(session: str, answer: bytes | None = None) -> str | None:
     return "SELECT " + ", ".join(f"pg_catalog.set_config('{name}', {constant}, true)" for name, constant in constants)
 
 
-def messages_before_bind(sql: str) -> bytes:
-    """Messages that run `sql` (one row, a statement of the proxy's) in the batch a Bind opens."""
-    name = NAME.encode() + b"\0"
+def prepare_before_bind() -> bytes:
+    """Messages that prepare the proxy's statement in the batch a Bind opens, before its answer is
+    computed: the server parses it meanwhile. Then run_before_bind (or close_before_bind)."""
     return b"".join([
-        pg.message(pg.CLOSE, b"S" + name),
-        pg.message(pg.PARSE, Parse(NAME, sql, ()).encode()),
-        pg.message(pg.BIND, Bind(NAME, NAME, (), (), ()).encode()),
-        pg.message(pg.EXECUTE, name + b"\0\0\0\0"),
-        pg.message(pg.CLOSE, b"P" + name),
-        pg.message(pg.CLOSE, b"S" + name),
+        pg.message(pg.CLOSE, b"S" + _NAME),
+        pg.message(pg.PARSE, Parse(NAME, BIND_SQL, ()).encode()),
     ])
+
+
+def run_before_bind(session: str, answer: bytes | None) -> bytes:
+    """Messages that run the prepared statement with the transaction's mailbox `session` and the
+    `answer` handed over (none: an empty one, which no call reads), then close it."""
+    values = (session.encode(), answer if answer is not None else b"")
+    return b"".join([
+        pg.message(pg.BIND, Bind(NAME, NAME, (), values, ()).encode()),
+        pg.message(pg.EXECUTE, _NAME + b"\0\0\0\0"),
+        pg.message(pg.CLOSE, b"P" + _NAME),
+        pg.message(pg.CLOSE, b"S" + _NAME),
+    ])
+
+
+def close_before_bind() -> bytes:
+    """The message that closes the prepared statement where it is not run (its answer could not be
+    computed, or a cancel request stopped it)."""
+    return pg.message(pg.CLOSE, b"S" + _NAME)
 
 
 def query_with(sql: str, query_body: bytes) -> bytes:
@@ -91,17 +111,24 @@ def shift_position(body: bytes, shift: int) -> bytes:
 
 
 class InjectedReplies:
-    """The server's replies to the proxy's statement, in order (`expected`: their types): `take` says
-    of each reply whether it is the proxy's (to drop)."""
+    """The server's replies to the proxy's messages, in order (`expected`: their types, and more of them
+    given by `then`): `take` says of each reply whether it is the proxy's (to drop)."""
 
     def __init__(self, expected: bytes) -> None:
         self._expected = expected
         self._seen = 0
+        self._failed = False
 
     @property
     def done(self) -> bool:
         """Whether every reply of the proxy's has come (later ones are the client's)."""
         return self._seen == len(self._expected)
+
+    def then(self, more: bytes) -> None:
+        """The replies to messages the proxy sent after, unless an error came first (the server skips
+        them)."""
+        if not self._failed:
+            self._expected += more
 
     def take(self, msg_type: int) -> bool:
         """Whether this reply, the next of the session's, is the proxy's."""
@@ -109,6 +136,7 @@ class InjectedReplies:
             return False
         if msg_type == pg.ERROR_RESPONSE:  # the server skips the client's statement: the error is its
             self._seen = len(self._expected)
+            self._failed = True
             return False
         if msg_type != self._expected[self._seen]:  # a notice, say: not a reply to a message
             return False

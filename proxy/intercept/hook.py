@@ -31,12 +31,16 @@ from .errors import CallError
 from .evaluate import parameter, replacement
 from .functions import BUILTIN_URI, Backend
 from .handover import (
-    BIND_REPLIES,
+    CLOSE_REPLIES,
+    PREPARE_REPLIES,
     QUERY_REPLIES,
+    RUN_REPLIES,
     InjectedReplies,
-    messages_before_bind,
+    close_before_bind,
     prefix_length,
+    prepare_before_bind,
     query_with,
+    run_before_bind,
     settings_sql,
     shift_position,
 )
@@ -292,11 +296,13 @@ class InterceptHook:
                 control.forward(pg.QUERY, body)
                 return
             inputs, handed_over = self._row_inputs(text, control)
-            settings = await self._keep_before([(i.model_uri, i.text) for i in inputs if i.text is not None],
-                                               handed_over, control)
-            if isinstance(settings, CallError):
-                self._fail_query(control, "", settings)
+            texts = [(i.model_uri, i.text) for i in inputs if i.text is not None]
+            kept = await self._keep_before(texts, handed_over, control) if self._goes_before(
+                texts, control) else None
+            if isinstance(kept, CallError):
+                self._fail_query(control, "", kept)
                 return
+            settings = settings_sql(*kept) if kept is not None else None
             if settings is not None:  # made in the statement's own transaction: put in front of it
                 self._handing_over = InjectedReplies(QUERY_REPLIES)
                 self._shifted = prefix_length(settings)
@@ -424,6 +430,34 @@ class InterceptHook:
         self.statements[parse.statement] = prepared
         control.forward(pg.PARSE, upstream.encode())
 
+    async def _bind_insert(self, bind: Bind, control: SessionControl) -> None:
+        """A Bind of a statement that is not the proxy's (a one-row INSERT into a table whose generated
+        column embeds, or any other): its inputs are computed first where they can go before it. The
+        proxy's statement is prepared at once, so that the server parses it while they are computed."""
+        insert = self.inserts.get(bind.statement)
+        after_its_parse = self._batch_parse == (control.requests_sent, bind.statement)
+        self._batch_parse = None
+        inputs = _bound_inputs(bind, insert.inputs, insert.param_types) if insert else []
+        if not self._goes_before(inputs, control, after_its_parse=after_its_parse):
+            control.cork()  # with the Execute and Sync behind it, in one write
+            control.forward(pg.BIND, bind.encode())
+            return
+        assert insert is not None
+        control.send_upstream(prepare_before_bind())
+        replies = self._handing_over = InjectedReplies(PREPARE_REPLIES)
+        kept = await self._keep_before(inputs, insert.handed_over, control)
+        if isinstance(kept, CallError):  # a Bind of a statement that is not there, whose error is replaced
+            marker = self._expect_failure(control, kept)
+            bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
+        control.cork()  # the settings, made in the statement's own batch, go in one write with it
+        if isinstance(kept, tuple):
+            control.send_upstream(run_before_bind(*kept))
+        else:
+            control.send_upstream(close_before_bind())
+        if self._handing_over is replies:  # else an error came already: the server skips the rest
+            replies.then(RUN_REPLIES if isinstance(kept, tuple) else CLOSE_REPLIES)
+        control.forward(pg.BIND, bind.encode())
+
     def _fail_parse(self, parse: Parse, control: SessionControl, error: CallError) -> None:
         marker = self._expect_failure(control, error)
         control.forward(pg.PARSE, Parse(parse.statement, f"SELECT '{marker}'::pg_catalog.int4", ()).encode())
@@ -431,20 +465,7 @@ class InterceptHook:
     async def _bind(self, bind: Bind, control: SessionControl) -> None:
         prepared = self.statements.get(bind.statement)
         if prepared is None:
-            insert = self.inserts.get(bind.statement)
-            after_its_parse = self._batch_parse == (control.requests_sent, bind.statement)
-            self._batch_parse = None
-            settings = await self._keep_before(_bound_inputs(bind, insert.inputs, insert.param_types),
-                                               insert.handed_over, control, after_its_parse=after_its_parse) if (
-                insert) else None
-            if isinstance(settings, CallError):  # a Bind of a statement that is not there, whose error is replaced
-                marker = self._expect_failure(control, settings)
-                bind = Bind(bind.portal, marker, bind.param_formats, bind.values, bind.result_formats)
-            control.cork()  # the settings, made in the statement's own batch, go in one write with it
-            if isinstance(settings, str):
-                control.send_upstream(messages_before_bind(settings))
-                self._handing_over = InjectedReplies(BIND_REPLIES)
-            control.forward(pg.BIND, bind.encode())
+            await self._bind_insert(bind, control)
             return
         if len(bind.values) != prepared.client_params:
             self._fail_bind(bind, prepared, control, CallError(
@@ -620,22 +641,26 @@ class InterceptHook:
             self._control.observe_client(frozenset())
         self._copying = None
 
-    async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
-                           control: SessionControl, *, after_its_parse: bool = False) -> str | CallError | None:
-        """Compute a statement's inputs before it goes to the server, where nothing else of the session
-        is before it: one answer is handed over with it, others are kept in its transaction's mailbox
-        (servercalls.keep_before). Returns the statement that sets them in its transaction, to send
-        just before it (handover.py), or None (the statement asks, as it runs); the error if a cancel
-        request stopped it: then the statement fails, as it would have on the server (57014).
-
-        The proxy's messages go first in the batch, or (`after_its_parse`) right after the statement's
-        Parse that opened it, with nothing of the client's seen between: the server's reply to that
-        Parse (ParseComplete, or an error that skips the rest) comes before the proxy's, and is not of
-        a type the proxy's replies begin with (InjectedReplies)."""
+    def _goes_before(self, inputs: list[tuple[str, str]], control: SessionControl, *,
+                     after_its_parse: bool = False) -> bool:
+        """Whether a statement's inputs may be computed before it goes to the server (_keep_before):
+        nothing else of the session is before it, and the proxy's messages can go first in its batch,
+        or (`after_its_parse`) right after the statement's Parse that opened it, with nothing of the
+        client's seen between: the server's reply to that Parse (ParseComplete, or an error that skips
+        the rest) comes before the proxy's, and is not of a type the proxy's replies begin with
+        (InjectedReplies)."""
         if not inputs or control.outstanding or control.transaction_status == "E" or self.server_calls is None:
-            return None
-        if (control.in_batch and not after_its_parse) or self._handing_over is not None:
-            return None
+            return False
+        return not (control.in_batch and not after_its_parse) and self._handing_over is None
+
+    async def _keep_before(self, inputs: list[tuple[str, str]], handed_over: bool,
+                           control: SessionControl) -> tuple[str, bytes | None] | CallError | None:
+        """Compute a statement's inputs before it goes to the server (where _goes_before): one answer
+        is handed over with it, others are kept in its transaction's mailbox (servercalls.keep_before).
+        Returns the transaction's mailbox and the answer handed over (if one), to set in its transaction
+        just before it (handover.py), or None (the statement asks, as it runs); the error if a cancel
+        request stopped it: then the statement fails, as it would have on the server (57014)."""
+        assert self.server_calls is not None
         self._watch(control)  # the transaction's end drops the mailbox; the settings' replies are dropped
         answer = None
         try:
@@ -647,7 +672,7 @@ class InterceptHook:
                 await self._cancellable(self.server_calls.keep_before(inputs))
         except CallError as error:
             return error
-        return settings_sql(self.server_calls.statement_mailbox().setting, answer)
+        return self.server_calls.statement_mailbox().setting, answer
 
     async def _look_ahead(self, statements: list[Statement], control: SessionControl) -> CallError | None:
         """Embed ahead what the server's calls in these statements will ask for, until their batch ends.
@@ -769,6 +794,7 @@ class InterceptHook:
                     types = parameter_description(body)
                     return pg.message(msg_type, encode_parameter_description(types[: len(types) - extra]))
         elif msg_type == pg.READY_FOR_QUERY:
+            self._handing_over = None  # its replies all come before its batch's end
             self._ready(idle=body[:1] == b"I")
         return shifted
 
