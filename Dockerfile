@@ -11,7 +11,7 @@ COPY pyproject.toml setup.py README.md Makefile config.example.toml ./
 COPY proxy ./proxy
 COPY inference ./inference
 COPY catalog ./catalog
-# The relay thread (proxy/_fastrelay.c) is compiled here; the compiler leaves with the layer.
+# The native parts (proxy/_fastrelay.c, proxy/_floattext.c) are compiled here; the compiler leaves with the layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
