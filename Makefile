@@ -1,4 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Both set up .venv by themselves.
+# `make docs` builds the documentation site (docs/, mkdocs.yml) into site/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint system-deps clean
+.PHONY: run test lint docs system-deps clean
 
 $(RUN_STAMP): pyproject.toml setup.py proxy/_fastrelay.c proxy/_floattext.c
 	$(PYTHON) -m venv $(VENV)
@@ -50,10 +51,16 @@ system-deps:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy inference catalog tests bench
+	$(BIN)/ruff check proxy inference catalog tests bench tools
+
+# The configuration page's options are written from proxy/config.py, then the site is built. `make test`
+# builds it too, with --strict (tests/test_docs.py): a broken link, anchor or page fails.
+docs: $(STAMP)
+	$(BIN)/python tools/config_page.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

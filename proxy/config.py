@@ -110,7 +110,8 @@ OPTIONS: tuple[Option, ...] = (
            "and the texts a back-fill is about to ask for are found there); 0 turns the cache off"),
     Option("proxy", "server_calls", bool, True,
            "answer the calls the server evaluates (generated columns, back-fills, triggers) after CREATE "
-           "EXTENSION azure_local_ai: each session gets a mailbox the proxy writes through its service login"),
+           "EXTENSION azure_local_ai: each transaction that asks gets a mailbox the proxy writes through its "
+           "service login"),
     Option("proxy", "service_user", str, "",
            "the login of the proxy's own connections to the server, which write the answers (like PgBouncer's "
            "auth_user); empty: azure_local_ai_service (a plain role the proxy makes, its password in "

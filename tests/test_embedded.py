@@ -18,6 +18,7 @@ from proxy.pgserver import SERVER_OS_USER, EmbeddedError, package_install, runni
 
 from .pgcluster import free_port, proxy_data_dir
 from .proxyproc import PSQL, ProxyProcess, start_proxy
+from .transcripts import transcript
 
 
 def _wait_for_connect_line(proxy: ProxyProcess, timeout: float = 120) -> re.Match[str]:
@@ -43,8 +44,8 @@ def _first_run(data_dir: Path) -> None:
         early = proxy.psql("-At", "-c", "select array_length(azure_local_ai.create_embeddings("
                            "'multilingual-e5-small:v1', 'query: first call'), 1)")
         assert early.stdout.strip() == "384"
-        assert "NOTICE:  azure-local-ai-proxy: the built-in model multilingual-e5-small:v1 is being built" \
-            in early.stderr
+        # The NOTICE docs/getting-started.md shows, word for word.
+        assert transcript("warming-notice").strip() in early.stderr, early.stderr
         command = _wait_for_connect_line(proxy)
         log = proxy.log
         assert log.index("model ready") < log.index("psql 'postgresql://")

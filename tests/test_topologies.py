@@ -1,7 +1,7 @@
 """The proxy with a real PgBouncer: in front of it, in session and in transaction mode (client → proxy
 → PgBouncer → server), and behind it in transaction mode (client → PgBouncer → proxy → server). In each:
-the README's first session gives the same output, and the calls the server evaluates are answered
-correctly and in batches (a back-fill and a COPY are computed ahead, not asked row by row)."""
+the first psql session of docs/getting-started.md gives the same output, and the calls the server
+evaluates are answered correctly and in batches (a back-fill and a COPY are computed ahead, not asked row by row)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from .helpers import new_database, unique
 from .pgbouncer import PgBouncer, start_pgbouncer
 from .pgcluster import PgCluster, free_port, proxy_data_dir
 from .proxyproc import PSQL, ProxyProcess, start_proxy
-from .readme_session import assert_same_session, first_session, run_session
 from .test_extension import CALL, answered, constant_path
+from .transcripts import assert_same_session, first_session, run_session
 
 GENERATED = f"v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED"
 
@@ -80,7 +80,7 @@ def database(pg: PgCluster) -> Iterator[str]:
         yield name
 
 
-def test_the_readmes_first_session_gives_the_same_output(topology: Topology, database: str) -> None:
+def test_the_docs_first_session_gives_the_same_output(topology: Topology, database: str) -> None:
     admin = topology.proxy.dsn(database=database)
     with psycopg.connect(admin, autocommit=True) as conn:  # what the session shows first
         conn.execute("SELECT azure_local_ai.set_setting('intra_op_parallelism', '2'), "

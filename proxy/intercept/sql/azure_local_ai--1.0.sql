@@ -1,5 +1,5 @@
 -- azure_local_ai 1.0, as azure-local-ai-proxy installs it: what CREATE EXTENSION azure_local_ai,
--- sent through the proxy, creates in the client's own session (docs: README, "Server-evaluated calls").
+-- sent through the proxy, creates in the client's own session (docs/server-calls.md).
 --
 -- The twelve functions of the schema azure_local_ai are real SQL functions. A call the proxy sees in
 -- a statement with constant or bind-parameter arguments never reaches them: the proxy answers it
