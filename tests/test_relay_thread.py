@@ -113,9 +113,12 @@ def test_a_resting_session_moves_to_the_thread_and_comes_back_for_each_call(prox
         assert conn.execute("SELECT 1").fetchone() == (1,)
         until(lambda: on_thread(base) == before + 1)
         for _ in range(3):
+            called = time.monotonic()
             assert conn.execute(EMBED).fetchone() == ref.execute(EMBED).fetchone()
             assert conn.execute("SELECT 'plain', 2").fetchone() == ("plain", 2)
-            assert on_thread(base) == before  # it stays with the event loop a while after a call
+            stayed = on_thread(base) == before
+            # It stays with the event loop a while after a call (where the machine took less to get here).
+            assert stayed or time.monotonic() - called >= STAY_AFTER_HAND_BACK
             rest_on_thread(conn, base)
         assert metric(base, "relayed_bytes_total", direction="client_to_server") > sent_before
     until(lambda: on_thread(base) == before)

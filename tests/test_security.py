@@ -277,8 +277,10 @@ def _watch_advisory_locks(dsn: str, stop: threading.Event, grabbed: list[int], t
 
 def test_a_role_holding_the_locks_it_sees_stalls_no_one(target: Target, attacker: Attacker) -> None:
     """The lock a waiting function sleeps on is new for each request: another role that takes every
-    advisory lock it sees in pg_locks slows a 10-row back-fill whose rows each ask by under 50 ms,
-    against the same role only watching (the same load on the machine)."""
+    advisory lock it sees in pg_locks slows a 10-row back-fill whose rows each ask by under 250 ms,
+    against the same role only watching (the same load on the machine): a lock it could hold would
+    stall each row by its lock_timeout (50 ms) at the least, 500 ms in all, and a loaded machine moves
+    the paired difference by tens of milliseconds."""
     eve = unique("eve")
     with target.admin() as admin:
         admin.execute(f"CREATE ROLE {eve} LOGIN")
@@ -314,7 +316,7 @@ def test_a_role_holding_the_locks_it_sees_stalls_no_one(target: Target, attacker
     with target.admin() as admin:
         admin.execute(f"DROP OWNED BY {eve}; DROP ROLE {eve}")
     slowed = statistics.median(a - w for a, w in zip(attacked, watched, strict=True))  # pairs: drift cancels
-    assert slowed < 0.05, f"slowed by {slowed * 1000:.0f} ms (watched {watched}, attacked {attacked})"
+    assert slowed < 0.25, f"slowed by {slowed * 1000:.0f} ms (watched {watched}, attacked {attacked})"
     assert grabbed, "the other role took no lock: the attack was not made"
 
 
