@@ -50,16 +50,8 @@ def main() -> int:
         for name, sel in (("all", lengths > 0), (f"<= {default_len} tokens", lengths <= default_len),
                           (f"> {default_len} tokens", lengths > default_len)):  # fmt: skip
             if sel.any():
-                rows.append(
-                    (
-                        label,
-                        name,
-                        int(sel.sum()),
-                        cos6(cos[sel].mean()),
-                        cos6(cos[sel].min()),
-                        f"{1 - cos[sel].min():.1e}",
-                    )
-                )
+                rows.append((label, name, int(sel.sum()), cos6(cos[sel].mean()), cos6(cos[sel].min()),
+                             f"{1 - cos[sel].min():.1e}"))
         if label.endswith(str(default_len)):
             ok = bool(cos.min() >= TARGET)
     print(table(("reference", "texts", "n", "mean cos", "min cos", "1 - min cos"), rows))

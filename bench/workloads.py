@@ -8,8 +8,12 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from bench.common import load_corpus
+
+if TYPE_CHECKING:
+    from inference.model_dir import ModelFiles
 
 SHORT_RANGE = (14, 28)  # tokens per text, counted with <s>, </s> and the "passage: " prefix
 LONG_RANGE = (185, 215)
@@ -53,3 +57,11 @@ class Pool:
     def take(self, n: int) -> list[str]:
         """The next ``n`` unique texts."""
         return [f"{next(self._base)} ({next(self._serial)})" for _ in range(n)]
+
+
+def short_texts(files: ModelFiles) -> list[str]:
+    """256 short texts (SHORT_RANGE, as engine_speed's), counted by the model's own tokenizer."""
+    from bench.ours import load_tokenizer
+
+    tokenizer = load_tokenizer(files)
+    return build(256, SHORT_RANGE, lambda s: len(tokenizer.encode_batch(["passage: " + s])[0]))

