@@ -75,7 +75,7 @@ class SessionControl(Protocol):
 
     async def query(self, sql: str) -> list[tuple[str | None, ...]]:
         """Run the proxy's own query on the session's connection (after everything before it is
-        answered) and return its rows as text; raises relay.QueryFailed on an error."""
+        answered) and return its rows as text; raises capture.QueryFailed on an error."""
         ...
 
     def send_upstream(self, data: bytes) -> None: ...

@@ -7,22 +7,29 @@ Backpressure: when one side's write buffer fills, reading from the other side pa
 
 A session that rests (its hook has nothing under way, nothing is held, neither side is TLS) is handed
 over to the relay thread (fastpath.py), which moves its bytes without the interpreter and hands it
-back, at the first byte of whatever the hook must see, with the counts this relay keeps."""
+back, at the first byte of whatever the hook must see, with the counts this relay keeps.
+
+Why one class of this length: the client-to-server path, the server-to-client path and the
+SessionControl a hook drives all read and write one set of counts on every message (the requests
+the server owes an answer to, whether a batch is open, the framers' positions, the pauses), which
+the relay thread takes over and hands back as one. In one class, the way from a read to a write has
+no indirection, and those counts' invariants read in one place. What has state of its own lives
+beside it: the answers to the proxy's own queries (capture.py), the transports' adapters and the
+cork (transports.py), and the sockets' way to the relay thread and back (relaythread.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
 from collections import deque
-from collections.abc import Callable
 
 from . import fastpath
 from . import protocol as pg
+from .capture import Capture, QueryFailed
 from .hooks import ServerWatcher, SessionHook, SessionInfo
+from .relaythread import RelayThread
 from .stats import STATS
+from .transports import Corked, Side
 
 ALL_TYPES = frozenset(range(256))
 #: Client messages the server answers with a ReadyForQuery (a FunctionCall too).
@@ -40,123 +47,6 @@ LONG_BODY = 1 << 16
 OBSERVE_MAX = 1 << 18
 #: How much a client may send while a hook holds its session before reading from it pauses.
 HELD_LIMIT = 1 << 20
-#: After the relay thread hands a session back, it stays with the event loop this long (seconds):
-#: a session that calls azure_local_ai often would otherwise pay a hand-back and a hand-over (new
-#: transports, ~0.5 ms of the loop's CPU) for each call.
-STAY_AFTER_HAND_BACK = 1.0
-
-
-class QueryFailed(Exception):
-    """The proxy's own query on a session's connection got an ErrorResponse."""
-
-    def __init__(self, fields: dict[str, str]) -> None:
-        super().__init__(fields.get("M", "query failed"))
-        self.fields = fields
-
-
-class _Capture:
-    """Collects the answer to a query the proxy itself sent, so the client never sees it."""
-
-    def __init__(self, done: asyncio.Future[list[tuple[str | None, ...]]]) -> None:
-        self.done = done
-        self.rows: list[tuple[str | None, ...]] = []
-        self.error: dict[str, str] | None = None
-
-    def feed(self, msg_type: int, body: bytes) -> bool:
-        """Take one server message; True when the answer is complete (ReadyForQuery)."""
-        if msg_type == ord("D"):
-            self.rows.append(_decode_row(body))
-        elif msg_type == pg.ERROR_RESPONSE:
-            self.error = pg.parse_fields(body)
-        elif msg_type == pg.READY_FOR_QUERY:
-            if not self.done.done():
-                if self.error is not None:
-                    self.done.set_exception(QueryFailed(self.error))
-                else:
-                    self.done.set_result(self.rows)
-            return True
-        return False
-
-
-def _decode_row(body: bytes) -> tuple[str | None, ...]:
-    count = int.from_bytes(body[:2], "big")
-    pos = 2
-    values: list[str | None] = []
-    for _ in range(count):
-        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[pos : pos + length].decode())
-            pos += length
-    return tuple(values)
-
-
-class _Corked:
-    """The server's transport while the hook's last messages gather (SessionControl.cork): what is
-    written waits, and goes in one write, one system call, when the relay is done with them."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.parts: list[bytes | memoryview] = []
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.parts.append(data)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.transport, name)
-
-
-class _Side(asyncio.Protocol):
-    """Routes one transport's events to the relay."""
-
-    def __init__(self, on_data: Callable[[bytes], None], on_eof: Callable[[], None],
-                 on_lost: Callable[[Exception | None], None], on_pause: Callable[[bool], None]) -> None:
-        self.data_received = on_data  # type: ignore[method-assign]
-        self._on_eof = on_eof
-        self._on_lost = on_lost
-        self._on_pause = on_pause
-
-    def eof_received(self) -> bool:
-        self._on_eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._on_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._on_pause(True)
-
-    def resume_writing(self) -> None:
-        self._on_pause(False)
-
-
-class _Gate(asyncio.Protocol):
-    """A socket's first events after the relay thread hands it back (its transport reads as soon as
-    it exists), kept until the relay has caught up with what the thread held."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.eof = False
-        self.lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True  # the relay's _Side closes; the transport stays until then
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-
-    def hand_on(self, side: _Side) -> None:
-        """The end of stream or loss seen meanwhile, to the relay (after the data)."""
-        if self.eof:
-            side.eof_received()
-        if self.lost is not None:
-            side.connection_lost(self.lost[0])
 
 
 class Relay:
@@ -207,7 +97,7 @@ class Relay:
         #: cannot tell when the server has answered everything (see settled()).
         self._uncertain = False
         self._answered: asyncio.Future[None] | None = None
-        self._capture: _Capture | None = None
+        self._capture: Capture | None = None
         self._watcher: ServerWatcher | None = None
         self._held: deque[pg.Piece] | None = None
         self._held_bytes = 0
@@ -224,14 +114,10 @@ class Relay:
         self._now = asyncio.get_running_loop().time
         self._last_activity = self._now()
         self._idle_handle: asyncio.TimerHandle | None = None
-        #: The relay thread, where both legs are plain sockets; and the session's id there while it has it.
+        #: The relay thread's side of the session, where both legs are plain sockets.
         plain = all(t.get_extra_info("sslcontext") is None and t.get_extra_info("socket") is not None
                     for t in (client, server))
-        self._fast = fast if plain else None
-        self._fast_id: int | None = None
-        self._fds: tuple[int, int] = (-1, -1)
-        self._resuming: asyncio.Task[None] | None = None
-        self._stay_until = 0.0
+        self._thread = RelayThread(fast) if fast is not None and plain else None
 
     # ------------------------------------------------------------------ wiring
 
@@ -239,8 +125,8 @@ class Relay:
         """Take over both transports, then process bytes read before the hand-over."""
         for transport in (self.client, self.server):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.client.set_protocol(_Side(self._from_client, self._client_eof, self._client_lost, self._client_paused))
-        self.server.set_protocol(_Side(self._from_server, self._server_eof, self._server_lost, self._server_paused_cb))
+        self.client.set_protocol(Side(self._from_client, self._client_eof, self._client_lost, self._client_paused))
+        self.server.set_protocol(Side(self._from_server, self._server_eof, self._server_lost, self._server_paused_cb))
         if self._idle_timeout > 0:
             self._schedule_idle_check(self._idle_timeout)
         if server_leftover:
@@ -283,7 +169,7 @@ class Relay:
             self._forward_whole(data, pieces, hook)
         else:
             self._dispatch_client(deque(pieces))
-        if self._fast is not None:
+        if self._thread is not None:
             self._rest()
 
     def _forward_whole(self, data: bytes, pieces: list[pg.Piece], hook: SessionHook) -> None:
@@ -440,13 +326,14 @@ class Relay:
 
     def _rest(self) -> None:
         """If nothing of the session needs the interpreter now, hand it over to the relay thread."""
-        if self._fast is None or self._fast_id is not None or self._closing:
+        thread = self._thread
+        if thread is None or thread.fast is None or thread.session_id is not None or self._closing:
             return
-        if (self._held is not None or self._hook_task is not None or self._resuming is not None
+        if (self._held is not None or self._hook_task is not None or thread.resuming is not None
                 or self._capture is not None or self._watcher is not None or self._client_pauses
                 or self._server_paused or self._pause_wanted or self._draining is not None):
             return
-        if self._now() < self._stay_until:
+        if self._now() < thread.stay_until:
             return
         up_skip, down_skip = self._client_framer.skipping, self._server_framer.skipping
         if up_skip is None or down_skip is None:
@@ -456,16 +343,8 @@ class Relay:
         watched = self.hook.resting() if self.hook is not None else ()
         if watched is None:
             return
-        client_sock = self.client.get_extra_info("socket")
-        server_sock = self.server.get_extra_info("socket")
-        fds = (os.dup(client_sock.fileno()), os.dup(server_sock.fileno()))
-        for transport in (self.client, self.server):
-            transport.pause_reading()
-            transport.set_protocol(asyncio.Protocol())
-            transport.abort()  # closes the transport's descriptor; the thread's duplicate stays open
-        self._fds = fds
-        self._fast_id = self._fast.hand_over(
-            fds[0], fds[1], self._back_from_thread,
+        thread.hand_over(
+            self.client, self.server, self._back_from_thread,
             hooked=self.hook is not None, marker=b"\0".join(self.hook.markers()) if self.hook is not None else b"",
             watched=b"".join(name + b"\0" for name in watched),
             max_message=self._client_framer.max_length, up_skip=up_skip, up_last=self._client_framer.last_type,
@@ -475,36 +354,25 @@ class Relay:
         )
 
     def _back_from_thread(self, state: fastpath.FastState) -> None:
-        self._fast_id = None
-        self._stay_until = self._now() + STAY_AFTER_HAND_BACK
-        if state.reason in (fastpath.CLIENT_CLOSED, fastpath.SERVER_CLOSED):
-            self._fast = None  # the end of the session: the interpreter sees it through
-        self._resuming = asyncio.get_running_loop().create_task(self._resume(state))
+        assert self._thread is not None
+        self._thread.handed_back(state, self._now(), self._resume)
 
     async def _resume(self, state: fastpath.FastState) -> None:
         """Take the sockets back as transports and go on exactly where the thread stopped."""
-        loop = asyncio.get_running_loop()
-        gates = (_Gate(), _Gate())
-        sockets = [socket.socket(fileno=fd) for fd in self._fds]
-        transports: list[asyncio.Transport] = []
+        thread = self._thread
+        assert thread is not None
         try:
-            for gate, sock in zip(gates, sockets, strict=True):
-                transport = (await loop.connect_accepted_socket(lambda gate=gate: gate, sock=sock))[0]
-                transport.pause_reading()  # until the relay has framed what the thread held
-                transports.append(transport)
-        except (OSError, asyncio.CancelledError) as exc:
-            for transport in transports:
-                transport.abort()
-            for sock in sockets[len(transports):]:
-                sock.close()
-            if isinstance(exc, OSError):
-                self.log.warning("taking a session back from the relay thread failed",
-                                 extra={"event": "relay_thread_error", "reason": str(exc)})
-                self.close()
+            transports, gates = await thread.transports()
+        except asyncio.CancelledError:
+            return
+        except OSError as exc:
+            self.log.warning("taking a session back from the relay thread failed",
+                             extra={"event": "relay_thread_error", "reason": str(exc)})
+            self.close()
             return
         self.client, self.server = transports
-        sides = (_Side(self._from_client, self._client_eof, self._client_lost, self._client_paused),
-                 _Side(self._from_server, self._server_eof, self._server_lost, self._server_paused_cb))
+        sides = (Side(self._from_client, self._client_eof, self._client_lost, self._client_paused),
+                 Side(self._from_server, self._server_eof, self._server_lost, self._server_paused_cb))
         for transport, side in zip(transports, sides, strict=True):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
             transport.set_protocol(side)
@@ -524,7 +392,7 @@ class Relay:
             self._from_client(from_client)
         for gate, side in zip(gates, sides, strict=True):
             gate.hand_on(side)
-        self._resuming = None
+        thread.resuming = None
         self._end_if_due()
         if self._closing:
             return
@@ -545,18 +413,25 @@ class Relay:
         self._in_query = state.in_query
         self._last_activity = state.last_activity
 
+    def _on_thread(self) -> bool:
+        """Whether the relay thread has the session now."""
+        return self._thread is not None and self._thread.session_id is not None
+
+    def _coming_back(self) -> bool:
+        """Whether the session is on its way back from the relay thread."""
+        return self._thread is not None and self._thread.resuming is not None
+
+    def _take_back(self) -> None:
+        """Stop the relay thread for the session now (it is handed back as when the thread stops)."""
+        assert self._thread is not None
+        state = self._thread.take_back()
+        if state is not None:
+            self._back_from_thread(state)
+
     def _leave_thread(self, to_client: bytes = b"", to_server: bytes = b"") -> None:
-        """Closing while the thread has the session: take it back, send the last words, close."""
-        assert self._fast is not None and self._fast_id is not None
-        state = self._fast.take_back(self._fast_id)
-        self._fast_id = None
-        unsent = (state.down.unsent, state.up.unsent) if state is not None else (b"", b"")
-        for fd, data in zip(self._fds, (unsent[0] + to_client, unsent[1] + to_server), strict=True):
-            if data:
-                with contextlib.suppress(OSError):  # a few bytes into an idle socket's buffer: best effort
-                    os.write(fd, data)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Closing while the thread has the session (RelayThread.leave)."""
+        assert self._thread is not None
+        self._thread.leave(to_client, to_server)
 
     # ------------------------------------------------------------------ server -> client
 
@@ -577,7 +452,7 @@ class Relay:
         if not framer.inspect:  # nothing is inspected: every piece is a raw run
             for piece in pieces:
                 write(piece)  # type: ignore[arg-type]
-            if self._fast is not None:
+            if self._thread is not None:
                 self._rest()
             return
         for piece in pieces:
@@ -599,7 +474,7 @@ class Relay:
             watcher = self._watcher
             replacement = watcher(piece.type, piece.body) if watcher is not None else None
             write(piece.encode() if replacement is None else replacement)
-        if self._fast is not None:
+        if self._thread is not None:
             self._rest()
 
     def _server_eof(self) -> None:
@@ -644,12 +519,12 @@ class Relay:
         """Gather what goes upstream from now until the hook's message, and those held behind it, have
         gone, and send it all in one write: on a small machine each system call that wakes the server
         costs a good part of a millisecond. Only where the hook awaits nothing more of the server."""
-        if not isinstance(self.server, _Corked):
-            self.server = _Corked(self.server)  # type: ignore[assignment]
+        if not isinstance(self.server, Corked):
+            self.server = Corked(self.server)  # type: ignore[assignment]
 
     def _uncork(self) -> None:
         corked = self.server
-        if isinstance(corked, _Corked):
+        if isinstance(corked, Corked):
             self.server = corked.transport
             if corked.parts and not self._closing:
                 self.server.write(b"".join(corked.parts))
@@ -741,7 +616,7 @@ class Relay:
         if self._closing:
             raise QueryFailed({"C": "08006", "M": "the session is closing"})
         done: asyncio.Future[list[tuple[str | None, ...]]] = loop.create_future()
-        self._capture = _Capture(done)
+        self._capture = Capture(done)
         self._update_server_inspection()
         self._syncs_sent += 1
         self.server.write(pg.message(pg.QUERY, sql.encode() + b"\0"))
@@ -755,11 +630,8 @@ class Relay:
         finish, the rest of a message or an extended-protocol batch's Sync included: cutting the client
         off in the middle would keep it in progress for ever."""
         self._pause_wanted = True
-        if self._fast_id is not None:  # the thread reads on regardless: the session comes back to pause
-            assert self._fast is not None
-            state = self._fast.take_back(self._fast_id)
-            if state is not None:
-                self._back_from_thread(state)
+        if self._on_thread():  # the thread reads on regardless: the session comes back to pause
+            self._take_back()
             return
         self._pause_if_quiet()
 
@@ -801,12 +673,12 @@ class Relay:
         """No query in progress: the server's last word was ReadyForQuery and the client has sent
         nothing since."""
         self._look_at_thread()
-        return not self._in_query and self._held is None and self._resuming is None
+        return not self._in_query and self._held is None and not self._coming_back()
 
     def _look_at_thread(self) -> bool:
         """Where the thread has the session: its counts as they are now (the thread hands them back
         the same way when it stops); and whether the client is between messages."""
-        activity = fastpath.activity(self._fast_id) if self._fast_id is not None else None
+        activity = self._thread.activity() if self._thread is not None else None
         if activity is None:
             return self._client_framer.at_boundary
         self._last_activity, self._in_query = activity.last_activity, activity.in_query
@@ -834,11 +706,8 @@ class Relay:
         thread gives the session back: it would not say when the session comes to rest."""
         self._draining = (sqlstate, text)
         self._end_if_due()
-        if self._fast_id is not None:
-            assert self._fast is not None
-            state = self._fast.take_back(self._fast_id)
-            if state is not None:
-                self._back_from_thread(state)
+        if self._on_thread():
+            self._take_back()
         return not self._closing
 
     def _end_if_due(self) -> None:
@@ -856,11 +725,11 @@ class Relay:
         connection already closed."""
         if self._closing:
             return
-        if self._fast_id is not None:
+        if self._on_thread():
             self._leave_thread(pg.error_response(sqlstate, text), pg.message(pg.TERMINATE))
             self.close()
             return
-        if self._resuming is not None and self.client.is_closing():
+        if self._coming_back() and self.client.is_closing():
             self._ending = (sqlstate, text)
             return
         if self._client_framer.at_boundary and not self.server.is_closing():
@@ -872,7 +741,7 @@ class Relay:
         connections."""
         if self._closing:
             return
-        if self._fast_id is not None:
+        if self._on_thread():
             self._leave_thread(pg.error_response(sqlstate, text))
         elif not self.client.is_closing():
             self.client.write(pg.error_response(sqlstate, text))
@@ -881,12 +750,12 @@ class Relay:
     def close(self) -> None:
         if self._closing:
             return
-        if self._fast_id is not None:
+        if self._on_thread():
             self._leave_thread()
         self._closing = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
-        for task in (self._hook_task, self._resuming):
+        for task in (self._hook_task, self._thread.resuming if self._thread is not None else None):
             if task is not None and not task.done():
                 task.cancel()
         for future in (self._answered, self._capture.done if self._capture else None):

@@ -11,7 +11,7 @@ import pytest
 
 from .helpers import new_database
 from .pgcluster import PgCluster
-from .proxyproc import ProxyProcess
+from .proxyproc import ProxyProcess, start_proxy
 
 LISTED = "AZURE_LOCAL_AI,VECTOR"  # the test server has pgvector to create
 
@@ -53,3 +53,18 @@ def test_in_a_failed_transaction_the_server_says_so_and_the_session_goes_on(prox
             conn.execute("SHOW azure.extensions")
         conn.rollback()
         assert conn.execute("SHOW azure.extensions").fetchone() == (LISTED,)
+
+
+def test_without_server_calls_a_statement_naming_the_setting_is_answered(pg: PgCluster, model_data_dir,
+                                                                        database: str) -> None:
+    """With server_calls off the proxy has no service login: a statement that names azure.extensions
+    but not the schema went down the one-row INSERT path, which needs one, and the session ended with
+    FATAL XX000. It is answered as with server calls on."""
+    running = start_proxy(model_data_dir, "--server-calls", "false", upstream=pg.url())
+    try:
+        with psycopg.connect(running.dsn(database=database), autocommit=True) as conn:
+            assert conn.execute("SHOW azure.extensions").fetchone() == (LISTED,)
+            assert conn.execute("SELECT current_setting('azure.extensions')").fetchone() == (LISTED,)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        running.stop()

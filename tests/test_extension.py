@@ -19,7 +19,7 @@ import pytest
 
 from proxy import protocol as pg
 from proxy.intercept.extension import VERSION
-from proxy.intercept.servercalls import encode_answer, kept_key, kept_place
+from proxy.intercept.serverrequests import encode_answer, kept_key, kept_place
 from proxy.mailbox import Mailbox
 from proxy.messages import Bind, Parse
 

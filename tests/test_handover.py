@@ -27,7 +27,7 @@ from proxy.intercept.handover import (
     shift_position,
 )
 from proxy.intercept.render import real_array_text
-from proxy.intercept.servercalls import encode_answer, kept_key
+from proxy.intercept.serverrequests import encode_answer, kept_key
 from proxy.mailbox import Mailbox
 from proxy.messages import Bind, Parse
 

@@ -17,7 +17,8 @@ from proxy.intercept.lookahead import (
     row_inputs,
     written_tables,
 )
-from proxy.intercept.sqlcalls import LONG_CONSTANT, find_calls
+from proxy.intercept.shorttext import LONG_CONSTANT
+from proxy.intercept.sqlcalls import find_calls
 
 M = "multilingual-e5-small:v1"
 CALL = f"azure_local_ai.create_embeddings('{M}', {{}})"

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import _fastrelay
 from proxy.intercept.functions import BUILTIN_URI
 from proxy.intercept.sqlcalls import SCHEMA_MARKER, mentions_schema
-from proxy.relay import STAY_AFTER_HAND_BACK
+from proxy.relaythread import STAY_AFTER_HAND_BACK
 
 from .pgcluster import PgCluster, free_port
 from .proxyproc import ProxyProcess, start_proxy

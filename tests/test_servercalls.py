@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from proxy.intercept.hook import _bound_inputs
 from proxy.intercept.lookahead import RowInput
-from proxy.intercept.servercalls import (
+from proxy.intercept.rowinserts import _bound_inputs
+from proxy.intercept.serverrequests import (
     KEPT_SLOT,
     REQUEST_CODE,
     WAITING_CODE,

@@ -197,7 +197,7 @@ def test_with_ordinality_is_refused_clearly() -> None:
 def test_long_constants_keep_their_values_and_positions(quote: str) -> None:
     """Constants over LONG_CONSTANT are not handed to the parser; the calls' spans, argument texts and
     values must still be those of the statement itself, before and after such constants."""
-    from proxy.intercept.sqlcalls import LONG_CONSTANT
+    from proxy.intercept.shorttext import LONG_CONSTANT
 
     long_text = "é'x" * (LONG_CONSTANT // 2)
     written = quote.format(long_text.replace("'", "''") if "'" in quote else long_text)

@@ -1,6 +1,6 @@
 """The rows of a COPY ... FROM STDIN, read from the client's CopyData as the server will read them, so
 that the texts a table's generated column embeds can be computed in batches ahead of the server's
-requests (ServerCalls.copy_ahead). Pure code over bytes.
+requests (ReadAhead.copy_ahead). Pure code over bytes.
 
 Only a guess that saves time: a field read otherwise than the server reads it gives a text that no
 request names (the key is the MD5 of the text the row really has), so its row asks as it would have.

@@ -26,17 +26,16 @@ from inference.model_dir import ModelFiles, load_model_dir
 from inference.settings import EngineSettings
 
 from ..remote.models import RemoteModel, RemoteModels, remote_pool_name
-from ..remote.pool import RemotePool, RemoteUnavailable
+from ..remote.pool import RemotePool
 from ..tasks import retrieve
-from .embedcache import Abandoned, EmbeddingCache
+from .embedcache import EmbeddingCache
 from .errors import CallError
+from .remoteembed import embed_remote, pool_named
+from .vectors import LOOKAHEAD_CHUNK, Ready, Vectors
 
 BUILTIN_URI = "multilingual-e5-small:v1"
 DEFAULT_CACHE_BYTES = 64 << 20
-LOOKAHEAD_CHUNK = 256  # texts per engine call of a look-ahead: two such keep the engine's batches full
 MAX_CHUNKS_AT_ONCE = 64  # a look-ahead's texts in flight to a pool of inference servers: 16,384 at most
-#: What a look-ahead is told of texts whose vectors it has: (model, texts, their vectors).
-Ready = Callable[[str, list[str], list[np.ndarray]], None]
 
 
 def from_catalog(exc: CatalogError) -> CallError:
@@ -65,6 +64,7 @@ class Backend:
         self.warming: str | None = None
         #: Why preparing the built-in model at start-up failed (None: it did not), for /healthz.
         self.builtin_error: str | None = None
+        self.vectors = Vectors(self.engine, self.cache, self._embed, self._chunks_at_once)
 
     @classmethod
     def open(
@@ -136,7 +136,7 @@ class Backend:
         record = await self._blocking(self.catalog.get_model, uri)
         pool = remote_pool_name(record.model_path) if not record.builtin else None
         if pool is not None:
-            self._pool(pool)  # this proxy has it
+            pool_named(self.remote, pool)  # this proxy has it
             files: ModelFiles | RemoteModel = RemoteModel(uri, pool, record.dimensions or 0,
                                                           record.max_seq_length or 0)
             self._loaded_as[uri] = (record.model_path, record.sha256)
@@ -208,77 +208,22 @@ class Backend:
         present = [t for t in texts if t is not None]
         try:
             async with asyncio.timeout(_seconds(timeout_ms)):
-                vectors = await self._vectors(files, uri, present, batch_size, usage)
+                vectors = await self.vectors.get(files, uri, present, batch_size, usage)
         except (EmbeddingTimeout, TimeoutError) as exc:
             raise CallError("57014", f"canceling statement: create_embeddings did not finish within {timeout_ms} ms",
                             "Raise timeout_ms, or embed fewer inputs per call.") from exc
         rows = iter(vectors)
         return [None if t is None else next(rows) for t in texts]
 
-    async def _vectors(
-        self, files: ModelFiles, uri: str, texts: list[str], batch_size: int | None, usage: Usage | None = None
-    ) -> list[np.ndarray]:
-        """The texts' vectors: kept ones from the cache, those a look-ahead is computing when it has them,
-        the others from one engine call (and kept). `usage` gets the tokens of all of them."""
-        out: list[np.ndarray | None] = [self.cache.get(uri, t) for t in texts]
-        promised = {i: f for i, t in enumerate(texts) if out[i] is None and (f := self.cache.promised(uri, t))}
-        missing = [i for i in range(len(texts)) if out[i] is None and i not in promised]
-        if usage is not None and len(missing) < len(texts) and isinstance(files, ModelFiles):
-            # what the model did not run on now counts too (a remote-only model's tokens are not known here)
-            usage.tokens += await self.engine.count_tokens(files, [t for i, t in enumerate(texts) if i not in missing])
-        if not missing and not promised:
-            return out  # type: ignore[return-value]  # all kept: at once, without a turn of the event loop
-        if not promised:  # computed here, in this task: no task of its own to wait for
-            await self._compute(files, uri, texts, missing, batch_size, out, usage)
-            return out  # type: ignore[return-value]
-        computing = asyncio.ensure_future(self._compute(files, uri, texts, missing, batch_size, out, usage))
-        computing.add_done_callback(retrieve)
-        try:
-            late = []
-            for i, future in promised.items():
-                try:
-                    out[i] = await asyncio.shield(future)
-                except Abandoned:
-                    late.append(i)
-            await computing
-            await self._compute(files, uri, texts, late, batch_size, out)  # counted above
-        finally:
-            computing.cancel()
-        return out  # type: ignore[return-value]
-
     async def embed_ahead(self, uri: str, texts: Sequence[str], ready: Ready | None = None) -> int:
-        """Compute texts into the cache, a chunk at a time with the next one queued, so that the engine
-        runs full batches while a statement asks for them one by one; those not yet computed are
-        promised, so that a call for one waits for it rather than computing it again. `ready` is given
-        the texts kept already, then each chunk as it is computed. Returns how many were computed."""
-        files = await self.model_files(uri)
-        unique = list(dict.fromkeys(texts))
-        if ready is not None:
-            kept = [(t, v) for t in unique if (v := self.cache.peek(uri, t)) is not None]
-            if kept:
-                ready(uri, [t for t, _ in kept], [v for _, v in kept])
-        promised = [t for t in unique if self.cache.promise(uri, t) is not None]
-        chunks = [promised[i : i + LOOKAHEAD_CHUNK] for i in range(0, len(promised), LOOKAHEAD_CHUNK)]
-        running: list[asyncio.Task[None]] = []
-        at_once = self._chunks_at_once(files)
-        try:
-            for chunk in chunks:
-                running.append(asyncio.ensure_future(self._keep(files, uri, chunk, ready)))
-                if len(running) >= at_once:
-                    await running.pop(0)
-            for task in running:
-                await task
-        finally:
-            for task in running:
-                task.cancel()
-            for text in promised:
-                self.cache.abandon(uri, text)  # a no-op for those computed
-        return len(promised)
+        """Compute texts into the cache ahead of the calls that will ask for them (Vectors.ahead).
+        Returns how many were computed."""
+        return await self.vectors.ahead(await self.model_files(uri), uri, texts, ready)
 
     def _chunks_at_once(self, files: ModelFiles | RemoteModel) -> int:
         """Chunks of a look-ahead computed at once: two keep the engine's batches full; a pool needs
         enough to give each endpoint all the requests it takes at once, and one more each."""
-        pool = self._pool(files.pool) if isinstance(files, RemoteModel) else (
+        pool = pool_named(self.remote, files.pool) if isinstance(files, RemoteModel) else (
             self.remote.builtin_pool if self.remote is not None and files.uri == BUILTIN_URI else None)
         if pool is None:
             return 2
@@ -286,85 +231,18 @@ class Backend:
         texts = len(pool.endpoints) * (spec.max_in_flight + 1) * spec.max_batch
         return min(MAX_CHUNKS_AT_ONCE, max(2, -(-texts // LOOKAHEAD_CHUNK)))
 
-    async def _keep(self, files: ModelFiles, uri: str, texts: list[str], ready: Ready | None) -> None:
-        vectors = [self.cache.put(uri, text, vector)
-                   for text, vector in zip(texts, await self._embed(files, texts), strict=True)]
-        if ready is not None:
-            ready(uri, texts, vectors)
-
-    async def _compute(
-        self, files: ModelFiles, uri: str, texts: list[str], which: list[int], batch_size: int | None,
-        out: list[np.ndarray | None], usage: Usage | None = None,
-    ) -> None:
-        if not which:
-            return
-        # Promised while computed, so that a look-ahead started meanwhile does not compute them again.
-        promised = [texts[i] for i in which if self.cache.promise(uri, texts[i]) is not None]
-        try:
-            vectors = await self._embed(files, [texts[i] for i in which], batch_size, usage)
-            for i, vector in zip(which, vectors, strict=True):
-                out[i] = self.cache.put(uri, texts[i], vector)
-        finally:
-            for text in promised:
-                self.cache.abandon(uri, text)  # a no-op for those computed
-
-    def _pool(self, name: str) -> RemotePool:
-        pool = self.remote.pools.get(name) if self.remote is not None else None
-        if pool is None:
-            raise CallError("22023", f"remote pool {name} is not in this proxy's configuration",
-                            "Every proxy sharing the catalog needs the pools its models name (remote_pools).")
-        return pool
-
     async def _embed(self, files: ModelFiles | RemoteModel, texts: list[str], batch_size: int | None = None,
                      usage: Usage | None = None) -> np.ndarray:
         """The texts' vectors, from the pool that computes the model, or from the local engine."""
         if isinstance(files, RemoteModel):
-            return await self._embed_remote(files.pool, None, texts, files.dimensions)
+            return await embed_remote(self.remote, self.engine, files.pool, None, texts, files.dimensions)
         if self.remote is not None and files.uri == BUILTIN_URI and self.remote.builtin_pool is not None:
-            vectors = await self._embed_remote(self.remote.builtin, files, texts)
+            vectors = await embed_remote(self.remote, self.engine, self.remote.builtin, files, texts)
             if usage is not None:
                 usage.tokens += await self.engine.count_tokens(files, texts)
             return vectors
         return await self.engine.embed(files, texts, batch_size=batch_size, usage=usage)
 
-    async def _embed_remote(self, name: str, files: ModelFiles | None, texts: list[str],
-                            registered_dimensions: int = 0) -> np.ndarray:
-        """Texts to pool `name`; those it cannot compute as the local engine would (`files`: the model
-        runs here too) go to the local engine, and all of them if no endpoint can answer and
-        remote_fallback is on."""
-        assert self.remote is not None
-        pool = self._pool(name)
-        prepared = self.remote.prepared(name) or await asyncio.to_thread(
-            self.remote.texts, name, files.tokenizer_path if files else None, files.max_seq_length if files else 0)
-        outgoing = [prepared.outgoing(text) for text in texts]
-        here = [i for i, sent in enumerate(outgoing) if sent is None]
-        if here and files is None:
-            raise CallError("22023", f"remote pool {name} puts e5's prefix in front of every text itself: the text "
-                            f"{texts[here[0]][:40]!r} has none", "Begin each text with 'query: ' or 'passage: '.")
-        there = [i for i, sent in enumerate(outgoing) if sent is not None]
-        self.remote.local_texts[name] += len(here)
-        try:
-            parts = await _together([
-                pool.embed([outgoing[i] for i in there]),  # type: ignore[misc]
-                self.engine.embed(files, [texts[i] for i in here]) if files is not None and here else _none(),
-            ])
-        except RemoteUnavailable as exc:
-            if files is None or not self.remote.fallback:
-                raise CallError("58030", str(exc), "See /healthz and SHOW REMOTE; with remote_fallback on, the "
-                                "built-in model is computed here when no endpoint can answer.") from exc
-            self.remote.local_texts[name] += len(there)
-            return await self.engine.embed(files, texts)
-        width = parts[0].shape[1] if there else parts[1].shape[1]
-        expected = files.dimensions if files is not None else registered_dimensions
-        if expected and width != expected:
-            raise CallError("22023", f"remote pool {name} answers with vectors of {width} dimensions, and the "
-                            f"model has {expected}", "The pool computes another model: check its urls and model.")
-        vectors = np.empty((len(texts), width), np.float32)
-        if there:
-            vectors[there] = parts[0]
-        if here:
-            vectors[here] = parts[1]
-        return vectors
 
     async def get_setting(self, key: str) -> str:
         return await self._blocking(self.catalog.get_setting, key)
@@ -438,7 +316,7 @@ class Backend:
         vectors' length."""
         name = remote_pool_name(model_path)
         assert name is not None
-        pool = self._pool(name)
+        pool = pool_named(self.remote, name)
         if self.remote is not None and name == self.remote.builtin:
             raise CallError("22023", f"remote pool {name} computes the built-in model {BUILTIN_URI}",
                             "Use the built-in model's URI, or give the other model a pool of its own.")
@@ -466,18 +344,6 @@ class Backend:
         await asyncio.to_thread(self.engine.unload, uri)
 
 
-async def _none() -> None:
-    return None
-
-
-async def _together(works: list[Any]) -> list[Any]:
-    """The works' results, in order; the first failure cancels the others (and is raised)."""
-    tasks = [asyncio.ensure_future(work) for work in works]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def files_sha256(files: ModelFiles) -> str:
@@ -509,3 +375,5 @@ def parse_model_roots(value: str, data_dir: Path) -> tuple[Path, ...]:
     if not value:
         return default_model_roots(data_dir)
     return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
+
+

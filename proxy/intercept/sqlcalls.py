@@ -8,9 +8,7 @@ offsets into the statement text, so that the caller can splice replacements into
 
 from __future__ import annotations
 
-import bisect
 import re
-import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,8 +21,8 @@ from .arrays import ArrayLiteralError, parse_text_array
 from .errors import CallError
 from .extension import ExtensionCommand, extension_command
 from .lookahead import Lookahead, lookaheads
+from .shorttext import ShortText
 from .signatures import OVERLOADS, SCHEMA, UNKNOWN, Binding, resolve
-from .strings import Constant, constants
 
 SCHEMA_MARKER = b"azure_local_ai"
 
@@ -45,8 +43,6 @@ _OID_TYPES = {
     1022: "double precision[]", 1231: "numeric[]", 2951: "uuid[]", 199: "json[]", 3807: "jsonb[]",
 }
 _INT64 = range(-(2**63), 2**63)
-#: String constants at least this long are not handed to the parser (see _ShortText).
-LONG_CONSTANT = 1 << 16
 
 
 def mentions_schema(body: bytes) -> bool:
@@ -134,12 +130,12 @@ class Statement:
 
 def find_calls(sql: str | bytes, param_types: dict[int, int] | None = None) -> list[Statement]:
     """Every statement of `sql` with the azure_local_ai calls it contains; positions are offsets
-    into `sql` (text, or the UTF-8 bytes of a long statement, see _ShortText).
+    into `sql` (text, or the UTF-8 bytes of a long statement, see ShortText).
 
     Raises CallError for a call that names no known function or fits no overload. A syntax error, or
     nesting too deep to walk, is not ours to report: it yields no statements, and the server will
     answer as it always does."""
-    text = _ShortText(sql)
+    text = ShortText(sql)
     try:
         raw_statements = parse_sql(text.text)
         finder = _CallFinder(text, scan(text.text), param_types or {})
@@ -179,67 +175,8 @@ def _leave_to_server(statement: Statement, node: ast.Node) -> None:
     statement.calls = sorted(ours, key=lambda c: c.start)
 
 
-class _ShortText:
-    """A statement with its long string constants replaced by short placeholders, for the parser:
-    pglast holds the GIL while it copies constants, for seconds on a 200 MB statement, and nothing
-    of a constant matters to it but its place. Maps positions back and placeholders to values.
-
-    The statement may be text, or (a long statement, which is never decoded whole) its UTF-8 bytes,
-    with or without the Query message's closing NUL; positions are then byte offsets."""
-
-    def __init__(self, sql: str | bytes) -> None:
-        self.sql = sql
-        self._constants: dict[str, Constant] = {}  # placeholder -> the constant it stands for
-        self._ends: list[int] = []  # where each placeholder ends in `text`
-        self._shifts: list[int] = []  # how far `text` lies behind `sql` after that point
-        short = self._shrink(sql) if len(sql) >= LONG_CONSTANT else sql
-        if isinstance(short, bytes):
-            short = short.removesuffix(b"\0").decode()
-        self.text: str = short
-        self._ascii = isinstance(sql, str) or short.isascii()
-
-    def _shrink(self, sql: str | bytes) -> str | bytes:
-        pieces: list[str | bytes] = []
-        cursor = shift = 0
-        token = secrets.token_hex(6)
-        for constant in constants(sql):
-            if constant.end - constant.start < LONG_CONSTANT or not constant.has_value:
-                continue
-            key = f"azure_local_ai_proxy_constant_{token}_{len(self._constants)}"
-            self._constants[key] = constant
-            placeholder = f"'{key}'"
-            pieces += [sql[cursor : constant.start], placeholder if isinstance(sql, str) else placeholder.encode()]
-            shift += constant.end - constant.start - len(key) - 2
-            self._ends.append(constant.end - shift)
-            self._shifts.append(shift)
-            cursor = constant.end
-        pieces.append(sql[cursor:])
-        return sql[:0].join(pieces)  # type: ignore[arg-type]
-
-    def original(self, position: int) -> int:
-        """The offset in the statement of an offset in `text` (outside placeholders)."""
-        if not self._ascii:  # `text` was decoded from bytes: count the bytes before the position
-            position = len(self.text[:position].encode())
-        index = bisect.bisect_right(self._ends, position)
-        return position + (self._shifts[index - 1] if index else 0)
-
-    def between(self, start: int, end: int) -> str:
-        """The statement's text between two offsets of it."""
-        part = self.sql[start:end]
-        return part if isinstance(part, str) else part.decode()
-
-    def value(self, sval: str) -> str:
-        """A string constant's value as the parser read it, or the long constant it stands for (read
-        only now: most long constants are not arguments of a call, and their value is not needed)."""
-        constant = self._constants.get(sval)
-        if constant is None:
-            return sval
-        value = constant.value(self.sql)
-        return value if isinstance(value, str) else value.decode()  # type: ignore[union-attr]
-
-
 class _CallFinder(Visitor):
-    def __init__(self, text: _ShortText, tokens: list, param_types: dict[int, int]) -> None:
+    def __init__(self, text: ShortText, tokens: list, param_types: dict[int, int]) -> None:
         super().__init__()
         self.text = text
         self.sql = text.text
