@@ -119,6 +119,9 @@ class LocalWork:
             raise
         finally:
             self._work = None
+            if self._cancel_asked:  # the work kept the cancel to itself: none is pending for this task
+                self._cancel_asked = False
+                task.uncancel()
 
     def cancel(self) -> None:
         if self._work is not None and not self._cancel_asked:
