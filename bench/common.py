@@ -1,10 +1,11 @@
-"""Helpers shared by every benchmark: the corpus, statistics, machine facts, plain tables, the command line
-and the RESULTS sections. Light on purpose (numpy alone): bench.rss measures what a runner's imports cost on
-top of this module, and engine_speed's runner processes import it. The servers' harness is bench.harness."""
+"""What every benchmark shares: the corpus, statistics, machine facts, tables, the command line, child processes
+and RESULTS sections. Light on purpose (numpy alone): bench.rss counts a runner's imports on top of it, and
+engine_speed's runner processes import it. The servers' harness is bench.harness."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -16,7 +17,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,20 +42,40 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
 
 
+def cos6(value: float) -> str:
+    """Six decimals: four significant digits would hide the differences that matter."""
+    return f"{value:.6f}"
+
+
 def pct(samples: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (numpy's linear interpolation)."""
     return float(np.percentile(np.asarray(samples), q))
 
 
 def rotated(items: Sequence[T], k: int) -> list[T]:
-    """``items`` rotated left by ``k``: the order of round ``k`` of an interleaved measurement, so that the
-    noise of a shared machine falls on every item alike and none always runs first."""
+    """The order of round ``k`` of an interleaved measurement: the noise of a shared machine falls on every item
+    alike, and none always runs first."""
     k %= len(items)
     return [*items[k:], *items[:k]]
 
 
+async def clients(call: Callable[[T], Awaitable[object]], items: Iterable[T], count: int) -> tuple[float, list[float]]:
+    """`items` sent by `count` concurrent clients, each call timed: the wall seconds, and every call's."""
+    pending = iter(items)
+    latencies: list[float] = []
+
+    async def client() -> None:
+        for item in pending:
+            started = time.perf_counter()
+            await call(item)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(count)))
+    return time.perf_counter() - started, latencies
+
+
 def status_mb(field: str, pid: int | str = "self") -> float:
-    """A memory figure of /proc/PID/status (VmRSS, VmHWM: the peak resident size), in MB."""
+    """A memory figure of /proc/PID/status (VmRSS; VmHWM: the peak resident size), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -64,19 +85,15 @@ def status_mb(field: str, pid: int | str = "self") -> float:
 def machine_header(title: str) -> str:
     """One line naming the benchmark, the date, the core count, the CPU and the current load."""
     cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"# {title} — {when}, nproc={os.cpu_count()}, {cpu}, {load_average()}"
 
 
 def load_average() -> str:
-    """The 1- and 5-minute load averages (other work on a shared machine shows here)."""
+    """Other work on a shared machine shows here."""
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min) {five:.1f} (5 min)"
 
@@ -90,24 +107,15 @@ def wait_for_quiet(limit: float, patience: float = 600.0) -> None:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table; floats are printed with 4 significant digits."""
-
-    def cell(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
+    """A Markdown table; floats with 4 significant digits."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def cos6(value: float) -> str:
-    """A cosine similarity with six decimals (four significant digits hide the differences that matter)."""
-    return f"{value:.6f}"
-
-
 class Cli(argparse.ArgumentParser):
-    """A benchmark's command line, ``python -m bench.NAME`` described by its docstring's first paragraph;
-    ``parse`` adds ``command_line``, the command as its RESULTS section records it (``shown`` first)."""
+    """``python -m bench.NAME``, described by its docstring's first paragraph; ``parse`` adds ``command_line``,
+    the command as its RESULTS section records it (``shown`` first)."""
 
     def __init__(self, name: str, doc: str | None, shown: str = "python -m") -> None:
         super().__init__(prog=f"python -m bench.{name}", description=(doc or "").split("\n\n")[0])
@@ -131,8 +139,8 @@ class Cli(argparse.ArgumentParser):
 
 
 class Child:
-    """A function run in a process of its own (spawned: no thread pool or event loop shared with this one),
-    talked to over a pipe: it gets its end of the pipe and ``args``, and first sends "ready"."""
+    """A function run in a process of its own (spawned: no thread pool or event loop shared with this one), talked
+    to over a pipe: it gets its end of the pipe and ``args``, and first sends "ready"."""
 
     def __init__(self, target: Callable[..., None], *args: object, name: str = "child", timeout: float = 600) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -160,15 +168,11 @@ class Child:
 
 
 def publish(section: str, results: Path, title: str, record: bool) -> None:
-    """Print a benchmark's section, and with `record` put it in place of its own in the results file."""
+    """Print a benchmark's section; with `record`, put it in place of the one headed `title` in `results` (appended
+    if absent), re-read right before writing so that sections edited meanwhile are kept."""
     print(section)
-    if record:
-        write_section(results, title, section)
-
-
-def write_section(results: Path, title: str, section: str) -> None:
-    """Replace the section headed ``title`` of a results file with ``section`` (appended when absent),
-    re-reading the file right before writing so that other sections, edited meanwhile, are kept."""
+    if not record:
+        return
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
     body = section.rstrip("\n") + "\n"
@@ -177,9 +181,3 @@ def write_section(results: Path, title: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + body
     results.write_text(text.rstrip("\n") + "\n")
-
-
-def section_head(title: str, command_line: str, minutes: float, header: str, facts: list[str]) -> list[str]:
-    """The first lines of a results section: title, the command, the machine, and the setup."""
-    return [title, "", f"Command: `{command_line}` ({minutes:.1f} min).", "",
-            header.lstrip("# ") + f"; at the end: {load_average()}.", "", *[f"- {fact}" for fact in facts], ""]

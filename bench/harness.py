@@ -1,7 +1,7 @@
-"""The harness of the benchmarks that run servers. A `Rig` is one run: its clock and machine header, a
-work directory, the servers it starts (PostgreSQL, PgBouncer, proxies as users run them, any other), all
-stopped when it closes, and its RESULTS section. Besides: what several benchmarks measure with (CPU time
-from /proc, py-spy, the probe session of bench.isolation) and the workloads they share."""
+"""The harness of the benchmarks that run servers. A `Rig` is one run: its clock and machine header, a work
+directory, the servers it starts (PostgreSQL, PgBouncer, proxies as users run them, any other), all stopped when it
+closes, and its RESULTS section. Besides: what several of them measure with (CPU time from /proc, the probe
+session) and the statements they share."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from bench.common import RESULTS, Child, machine_header, pct, publish, section_head, status_mb
+from bench.common import RESULTS, Child, load_average, machine_header, pct, publish
 from inference import builtin_model
 from inference.model_dir import ModelFiles
-from tests.daemon import stop
+from tests.daemon import debian_binary, stop
 from tests.pgbouncer import PgBouncer, start_pgbouncer
 from tests.pgcluster import PgCluster, free_port, make_workdir, start_cluster
 from tests.proxyproc import wait_for_port
@@ -40,7 +40,6 @@ BACK_FILL = f"UPDATE {{src}} SET v = azure_local_ai.create_embeddings('{MODEL}',
 
 
 def dsn(port: int) -> str:
-    """A client's connection to a server or proxy on loopback."""
     return f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
 
 
@@ -84,19 +83,14 @@ class Rig(contextlib.ExitStack):
         self.model_home: Path | None = None
         self.pgbouncer_bin = ""
 
-    @property
-    def minutes(self) -> float:
-        return (time.monotonic() - self.started) / 60
-
     def model(self, home: Path) -> ModelFiles:
-        """The built-in model, built into `home` unless it is there already (about 10 s, once); the proxies'
-        data directories made by `data_dir` share it."""
+        """The built-in model, built into `home` unless it is there (about 10 s, once); shared by `data_dir`'s."""
         home.mkdir(parents=True, exist_ok=True)
         self.model_home = home
         return builtin_model(home)
 
     def data_dir(self, name: str) -> Path:
-        """A data directory for a proxy in the work directory, sharing the built model if there is one."""
+        """A proxy's data directory in the work directory, sharing the built model if there is one."""
         path = self.workdir / name
         path.mkdir()
         if self.model_home is not None:
@@ -121,9 +115,9 @@ class Rig(contextlib.ExitStack):
 
     def proxy(self, upstream: int | str, data_dir: Path, name: str = "proxy", *extra: str,
               launcher: Sequence[str] = (), cwd: Path = ROOT) -> Proxy:
-        """`azure-local-ai-proxy serve --log-level warning` as users run it (or `launcher`, such as another
-        source tree's `python -m proxy.cli` with `cwd` that tree), with `extra` options, in front of the
-        server on port `upstream` or of the URL `upstream`; its log is workdir/NAME.log."""
+        """`azure-local-ai-proxy serve --log-level warning` as users run it (or `launcher`, such as another source
+        tree's `python -m proxy.cli` with `cwd` that tree), with `extra` options, in front of the server on port
+        `upstream` or of the URL `upstream`; its log is workdir/NAME.log."""
         url = upstream if isinstance(upstream, str) else f"postgresql://127.0.0.1:{upstream}/postgres?sslmode=disable"
         port = free_port()
         script = Path(sys.executable).parent / "azure-local-ai-proxy"
@@ -141,27 +135,26 @@ class Rig(contextlib.ExitStack):
         self.callback(stop, proc)
         return proc
 
-    def head(self, facts: list[str]) -> list[str]:
-        """The section's first lines: title, command, minutes so far, the machine, then `facts`."""
-        return section_head(self.section, self.args.command_line, self.minutes, self.header, facts)
-
     def publish(self, facts: list[str], *lines: str) -> None:
-        """The section (`head`, then `lines`): printed, and with --record written into RESULTS.md."""
-        publish("\n".join([*self.head(facts), *lines]), RESULTS, self.section, self.args.record)
+        """The section (title, command, minutes so far, the machine, `facts` as a list, then `lines`): printed, and
+        with --record written into RESULTS.md."""
+        minutes = (time.monotonic() - self.started) / 60
+        head = [self.section, "", f"Command: `{self.args.command_line}` ({minutes:.1f} min).", "",
+                self.header.lstrip("# ") + f"; at the end: {load_average()}.", "", *[f"- {fact}" for fact in facts], ""]
+        publish("\n".join([*head, *lines]), RESULTS, self.section, self.args.record)
 
 
 def ensure_pgbouncer() -> str:
-    """The pgbouncer binary; installed from the Debian archive when missing and we are root."""
-    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
-    if found:
-        return found
+    """The pgbouncer binary; installed from the Debian archive first when missing and we are root."""
+    with contextlib.suppress(RuntimeError):
+        return debian_binary("pgbouncer")
     if os.geteuid() != 0:
         sys.exit("pgbouncer is not installed: run `apt-get install -y pgbouncer` as root, then try again")
     print("installing pgbouncer (apt-get)...", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True, env=env, stdout=subprocess.DEVNULL)
-    return shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    return debian_binary("pgbouncer")
 
 
 def version_of(*command: str) -> str:
@@ -183,42 +176,6 @@ def copy_in(conn: psycopg.Connection, sql: str, texts: list[str]) -> None:
             copy.write_row((i, text))
 
 
-# --------------------------------------------------------------------------- py-spy
-
-
-def pyspy() -> str | None:
-    """The py-spy binary, if installed (in this environment or on the PATH)."""
-    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return found if Path(found).exists() else None
-
-
-def sampled(command: list[str], work: Callable[[], object], lead: float, seconds: float) -> tuple[object, str | None]:
-    """Run `work` while the profiler `command` records (started `lead` seconds before): its result, and
-    None if the profiler succeeded, else what it printed."""
-    profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(lead)
-    result = work()
-    try:
-        profiler.wait(seconds + 60)
-    except subprocess.TimeoutExpired:
-        profiler.kill()
-        profiler.wait()
-    if profiler.returncode == 0:
-        return result, None
-    return result, (profiler.stderr.read().decode() if profiler.stderr else "") or f"exit {profiler.returncode}"
-
-
-def collapsed(text: str) -> Iterator[tuple[list[str], int]]:
-    """The stacks (outermost frame first) and sample counts of py-spy's raw (collapsed) output."""
-    for line in text.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            yield stack.split(";"), int(count)
-
-
-# --------------------------------------------------------------------------- the probe
-
-
 @dataclass
 class Load:
     """What a load did: its window (monotonic seconds), a description, and how the server answered."""
@@ -229,65 +186,71 @@ class Load:
     outcome: str = ""
 
 
-def _probe_main(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
-    asyncio.run(_probe(pipe, dsns, interval))
+@dataclass
+class Probed:
+    """One probed load: the probe's latencies (ms) of the queries that overlapped it, what the load did."""
+
+    scenario: str
+    path: str
+    latencies: list[float]
+    load: Load
+    probe_error: str | None = None
 
 
-async def _probe(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
+def _probe(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
     """Receives a path, probes it until told to stop, sends back (start, end) of every query and any error."""
-    statements = {}
-    for path, url in dsns.items():
-        conn = await asyncpg.connect(url)
-        statements[path] = await conn.prepare("SELECT 1")
-    pipe.send("ready")
-    errors: dict[str, str] = {}
-    while (path := pipe.recv()) is not None:
-        samples: list[tuple[float, float]] = []
-        due = time.monotonic()
-        while not pipe.poll():
-            if path in errors:
-                await asyncio.sleep(0.01)
-                continue
-            start = time.monotonic()
-            try:
-                await statements[path].fetchval()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                errors[path] = f"{type(exc).__name__}: {exc}"
-                continue
-            end = time.monotonic()
-            samples.append((start, end))
-            due = max(due + interval, end)
-            await asyncio.sleep(due - end)
-        pipe.recv()
-        pipe.send((samples, errors.get(path)))
+
+    async def run() -> None:
+        statements = {path: await (await asyncpg.connect(url)).prepare("SELECT 1") for path, url in dsns.items()}
+        pipe.send("ready")
+        errors: dict[str, str] = {}
+        while (path := pipe.recv()) is not None:
+            samples: list[tuple[float, float]] = []
+            due = time.monotonic()
+            while not pipe.poll():
+                if path in errors:
+                    await asyncio.sleep(0.01)
+                    continue
+                start = time.monotonic()
+                try:
+                    await statements[path].fetchval()
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    errors[path] = f"{type(exc).__name__}: {exc}"
+                    continue
+                end = time.monotonic()
+                samples.append((start, end))
+                due = max(due + interval, end)
+                await asyncio.sleep(due - end)
+            pipe.recv()
+            pipe.send((samples, errors.get(path)))
+
+    asyncio.run(run())
 
 
 class Probe(Child):
-    """A session per path (asyncpg, in a process of its own) running a prepared `SELECT 1` every `interval`
-    seconds on one path at a time: `measure` a load beside it. A session sends its next query only when the
-    previous one is answered, so a freeze of 3 s costs the probe one sample (see `tick_corrected`)."""
+    """A session per path (asyncpg, in a process of its own) running a prepared `SELECT 1` every `interval` seconds
+    on one path at a time: `measure` a load beside it. A session sends its next query only when the previous one is
+    answered, so a freeze of 3 s costs the probe one sample (see `tick_corrected`)."""
 
     LEAD_S, TAIL_S = 0.3, 0.3  # the probe alone before and after each load
     TARGET_MS = 10.0  # its p99 through the proxy under load (bench.isolation's target)
 
     def __init__(self, dsns: dict[str, str], interval: float, timeout: float) -> None:
-        super().__init__(_probe_main, dsns, interval, name="the probe process", timeout=60)
+        super().__init__(_probe, dsns, interval, name="the probe process", timeout=60)
         self.timeout = timeout
 
-    def measure(self, scenario: str, path: str, load: Callable[[], Load], pid: int | None = None) -> Probed:
-        """Probe `path` while `load` runs; with `pid`, the peak resident memory of that process over it."""
+    def measure(self, scenario: str, path: str, load: Callable[[], Load]) -> Probed:
+        """Probe `path` while `load` runs."""
         self.pipe.send(path)
         time.sleep(self.LEAD_S)
-        peak_known = pid is not None and reset_peak(pid)
         got = load()
-        peak = f"{status_mb('VmHWM', pid):.0f}" + ("" if peak_known else " (since start)") if pid is not None else ""
         time.sleep(self.TAIL_S)
         try:
             samples, error = self.ask("stop", self.timeout)
         except TimeoutError:
             raise RuntimeError(f"the probe's query has not been answered for {self.timeout:.0f} s") from None
         latencies = [(end - start) * 1000 for start, end in samples if start < got.end and end > got.start]
-        return Probed(scenario, path, latencies, got, peak, error)
+        return Probed(scenario, path, latencies, got, error)
 
     @staticmethod
     def tick_corrected(latencies: list[float], interval_ms: float) -> list[float]:
@@ -303,22 +266,10 @@ class Probe(Child):
 
     @staticmethod
     def triple(latencies: list[float]) -> str:
-        """p50 / p99 / max of the probe's latencies."""
+        """p50 / p99 / max."""
         if not latencies:
             return "no probe query"
         return f"{fmt(pct(latencies, 50))} / {fmt(pct(latencies, 99))} / {fmt(max(latencies))}"
-
-
-@dataclass
-class Probed:
-    """One probed load: the probe's latencies (ms) of the queries that overlapped it, what the load did."""
-
-    scenario: str
-    path: str
-    latencies: list[float]
-    load: Load
-    peak_rss: str = ""
-    probe_error: str | None = None
 
 
 def idle(seconds: float) -> Callable[[], Load]:
@@ -330,15 +281,6 @@ def idle(seconds: float) -> Callable[[], Load]:
         return Load(start, time.monotonic(), f"{seconds:.0f} s")
 
     return run
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset the process's peak resident size (VmHWM), so that it covers one run only."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def fmt(value: float) -> str:

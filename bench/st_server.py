@@ -1,30 +1,21 @@
-"""The standalone alternative to the proxy's /v1/embeddings a user might run: sentence-transformers on
-torch CPU behind a minimal HTTP server (the standard library's), answering POST /v1/embeddings in
-OpenAI's shape. The same e5 weights as the built-in model, dequantised to float32 (bench/ours.py).
+"""What a user might run instead of the proxy's /v1/embeddings: sentence-transformers (bench/runners.py) behind
+the standard library's HTTP server, one model call per request, calls taking turns (torch already spreads one call
+over every core). Prints "ready" once the model is loaded.
 
-    bench/.venv/bin/python -m bench.st_server --port 8099
-
-One model call per request; calls take turns (a lock), as torch already spreads one call over every
-core and two at once would only fight over them. Prints "ready" once the model is loaded."""
+    bench/.venv/bin/python -m bench.st_server --port 8099"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from bench.runners import st_embedder
+
 
 def serve(port: int) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from bench import ours
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = SentenceTransformer(str(ours.hf_e5_dir()), device="cpu")
+    encode = st_embedder()
     turn = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -33,9 +24,8 @@ def serve(port: int) -> None:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
-            with turn, torch.inference_mode():
-                vectors = model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
-                                       convert_to_numpy=True)
+            with turn:
+                vectors = encode(texts)
             answer = json.dumps({"object": "list", "model": body["model"], "data": [
                 {"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)
             ]}).encode()

