@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from . import protocol as pg
+from .messages import parse_data_row
 
 
 class QueryFailed(Exception):
@@ -27,7 +28,7 @@ class Capture:
     def feed(self, msg_type: int, body: bytes) -> bool:
         """Take one server message; True when the answer is complete (ReadyForQuery)."""
         if msg_type == ord("D"):
-            self.rows.append(decode_row(body))
+            self.rows.append(parse_data_row(body))
         elif msg_type == pg.ERROR_RESPONSE:
             self.error = pg.parse_fields(body)
         elif msg_type == pg.READY_FOR_QUERY:
@@ -39,17 +40,3 @@ class Capture:
             return True
         return False
 
-
-def decode_row(body: bytes) -> tuple[str | None, ...]:
-    count = int.from_bytes(body[:2], "big")
-    pos = 2
-    values: list[str | None] = []
-    for _ in range(count):
-        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[pos : pos + length].decode())
-            pos += length
-    return tuple(values)
