@@ -34,6 +34,8 @@ class ModelFiles:
     config_path: Path | None
     dimensions: int
     max_seq_length: int
+    #: None: run as exported; "q4" or "q4i8": dense-layer weights in 4 bits (quantize.py), when asked.
+    weights: str | None = None
 
     @property
     def directory(self) -> Path:

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from .errors import ModelFilesError
 from .model_dir import POOLED_OUTPUT, ModelFiles, pick_output
+from .quantize import quantized_model
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer
 from .tokenizer import load_tokenizer as _load_tokenizer
@@ -63,9 +64,10 @@ class ModelRuntime:
         self.tokenizer = tokenizer or load_tokenizer(files)
         register_shared_arena()
         started = time.perf_counter()
+        source = quantized_model(files.onnx_path, files.weights) if files.weights else str(files.onnx_path)
         try:
             self.session = ort.InferenceSession(
-                str(files.onnx_path), sess_options=settings.session_options(), providers=["CPUExecutionProvider"]
+                source, sess_options=settings.session_options(), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own exception types for invalid models
             raise ModelFilesError(f"ONNX Runtime cannot load {files.onnx_path}: {exc}") from None

@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -21,6 +22,7 @@ from .pgcluster import PgCluster
 from .proxyproc import ProxyProcess, start_proxy
 from .rawclient import RawClient
 from .test_functions_simple import MODEL
+from .test_inference_quantize import with_outlier_weights
 
 minilm_dir = shared.minilm_dir  # session fixture: all-MiniLM-L6-v2 as safetensors
 
@@ -64,9 +66,53 @@ def test_register_use_and_unregister_a_second_model(conn, model_data_dir: Path, 
         conn.execute("SELECT azure_local_ai.create_embeddings(%s, 'x')", [uri])
 
 
+def test_a_float_model_registered_with_integer_weights(conn, model_data_dir: Path, minilm_dir: Path) -> None:
+    """'q8:' asks for 8-bit weights: the model's vectors change a little, the choice shows in its
+    metadata and holds when the model loads again; without the prefix nothing is quantised."""
+    target = model_data_dir / "models" / f"minilm-{uuid.uuid4().hex[:6]}"
+    build_hf_dir(minilm_dir, target)
+    as_is, built = f"minilm-float:{target.name}", f"minilm-q8:{target.name}"
+    conn.execute("SELECT azure_local_ai.model_register(%s, %s)", [as_is, str(target)])
+    conn.execute("SELECT azure_local_ai.model_register(%s, %s)", [built, f"q8:{target}"])
+    metadata = {uri: conn.execute("SELECT azure_local_ai.model_metadata(%s)", [uri]).fetchone()[0]
+                for uri in (as_is, built)}
+    assert "weights" not in metadata[as_is] and metadata[built]["weights"] == "q8"
+    assert metadata[built]["model_path"] == f"q8:{metadata[as_is]['model_path']}"
+    texts = ["a sentence to embed", "Die Zugspitze ist der höchste Berg Deutschlands.", "东京是日本的首都"]
+
+    def vectors(uri: str) -> np.ndarray:
+        return np.array([conn.execute("SELECT azure_local_ai.create_embeddings(%s, %s)", [uri, text]).fetchone()[0]
+                         for text in texts])
+
+    floats, integers = vectors(as_is), vectors(built)
+    similarity = (floats * integers).sum(axis=1) / np.linalg.norm(floats, axis=1) / np.linalg.norm(integers, axis=1)
+    assert similarity.min() > 0.999 and not np.array_equal(floats, integers)
+    conn.execute("SELECT azure_local_ai.model_unload(%s)", [built])
+    assert np.array_equal(vectors(built), integers)  # loaded again from the catalog: as q8 again
+    for uri in (as_is, built):
+        conn.execute("SELECT azure_local_ai.model_unregister(%s)", [uri])
+
+
+def test_an_integer_build_that_breaks_the_model_is_refused(conn, model_data_dir: Path, minilm_dir: Path,
+                                                           tmp_path: Path) -> None:
+    built = load_model_dir(build_hf_dir(minilm_dir, tmp_path / "minilm"))
+    target = with_outlier_weights(built, model_data_dir / "models" / f"outliers-{uuid.uuid4().hex[:6]}")
+    uri = f"outliers:{target.name}"
+    refused = r"loses too much as q4: .* lowest 0\.[0-8]"
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=refused) as caught:
+        conn.execute("SELECT azure_local_ai.model_register(%s, %s)", [uri, f"q4:{target}"])
+    assert "q8:" in caught.value.diag.message_hint
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        conn.execute("SELECT azure_local_ai.model_metadata(%s)", [uri])
+    conn.execute("SELECT azure_local_ai.model_register(%s, %s)", [uri, f"q8:{target}"])
+    conn.execute("SELECT azure_local_ai.model_unregister(%s)", [uri])
+
+
 def test_model_paths_must_stay_under_the_roots(conn, model_data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="models"):
         conn.execute("SELECT azure_local_ai.model_register('x:1', %s)", [str(tmp_path)])
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="models"):
+        conn.execute("SELECT azure_local_ai.model_register('x:1', %s)", [f"q4:{tmp_path}"])
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT azure_local_ai.model_register('x:1', %s)",
                      [str(model_data_dir / "models" / ".." / "..")])

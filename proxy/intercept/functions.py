@@ -4,7 +4,9 @@ settings and models from the catalog. Shared by every session through one `Backe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from inference.errors import EmbeddingTimeout, ModelFilesError
 from inference.fetch import builtin_files, needs_build
 from inference.graph import Progress
 from inference.model_dir import ModelFiles, load_model_dir
+from inference.quantize import MIN_COSINE, cosines, probe_texts, split_weights
 from inference.settings import EngineSettings
 
 from ..remote.models import RemoteModel, RemoteModels, remote_pool_name
@@ -36,6 +39,9 @@ from .vectors import LOOKAHEAD_CHUNK, Ready, Vectors
 BUILTIN_URI = "multilingual-e5-small:v1"
 DEFAULT_CACHE_BYTES = 64 << 20
 MAX_CHUNKS_AT_ONCE = 64  # a look-ahead's texts in flight to a pool of inference servers: 16,384 at most
+
+
+log = logging.getLogger("azure_local_ai_proxy.models")
 
 
 def from_catalog(exc: CatalogError) -> CallError:
@@ -150,7 +156,9 @@ class Backend:
                 )
         else:
             tokenizer = Path(record.tokenizer_path) if record.tokenizer_path else None
-            files = await self._blocking(partial(load_model_dir, Path(record.model_path), tokenizer, uri=uri))
+            weights, model_path = split_weights(record.model_path)
+            files = await self._blocking(partial(load_model_dir, Path(model_path), tokenizer, uri=uri))
+            files = dataclasses.replace(files, weights=weights)
             if record.sha256 is not None:
                 found = await asyncio.to_thread(files_sha256, files)
                 if found != record.sha256:
@@ -280,11 +288,15 @@ class Backend:
         if pool is not None:
             metadata["remote"] = {"pool": pool.spec.name, "model": pool.spec.model,
                                   "endpoints": {e.label: e.state for e in pool.endpoints}}
+        weights, _ = split_weights(record.model_path or "")
+        if weights is not None and not record.builtin:
+            metadata["weights"] = weights
         return metadata
 
     async def model_register(self, uri: str, model_path: str, tokenizer_path: str | None) -> int:
         if remote_pool_name(model_path) is not None:
             return await self._register_remote(uri, model_path)
+        weights, model_path = split_weights(model_path)
         model = await self._blocking(resolve_model_path, model_path, self.model_roots)
         tokenizer = None
         if tokenizer_path:
@@ -293,8 +305,11 @@ class Backend:
         for found in (files.onnx_path, files.tokenizer_path):  # a file in the directory may be a link out of the roots
             await self._blocking(resolve_model_path, str(found), self.model_roots)
         try:
-            await self._blocking(self.engine.load, files)  # the model loads and embeds: check it now
-            await self.engine.embed(files, ["azure_local_ai model_register check"])
+            if weights is None:
+                await self._blocking(self.engine.load, files)  # the model loads and embeds: check it now
+                await self.engine.embed(files, ["azure_local_ai model_register check"])
+            else:
+                await self._check_integer_build(files, weights)
         except CallError:
             raise
         except Exception as exc:
@@ -303,13 +318,30 @@ class Backend:
         finally:
             await asyncio.to_thread(self.engine.unload, uri)
         digest = await asyncio.to_thread(files_sha256, files)
+        stored_path = str(files.onnx_path) if weights is None else f"{weights}:{files.onnx_path}"
         record = await self._blocking(
-            partial(self.catalog.register_model, uri, str(files.onnx_path), str(files.tokenizer_path),
+            partial(self.catalog.register_model, uri, stored_path, str(files.tokenizer_path),
                     files.dimensions, files.max_seq_length, sha256=digest),
         )
         self._files.pop(uri, None)
         self.cache.forget_model(uri)
         return record.id
+
+    async def _check_integer_build(self, files: ModelFiles, weights: str) -> None:
+        """Load the model as exported and as the integer build asked for, and compare their vectors of
+        the evaluation set's texts: a model the build breaks is refused, with the figures."""
+        texts = probe_texts()
+        await self._blocking(self.engine.load, files)
+        reference = await self.engine.embed(files, texts)
+        built = dataclasses.replace(files, weights=weights)
+        await self._blocking(self.engine.load, built)
+        similarity = cosines(reference, await self.engine.embed(built, texts))
+        figures = (f"cosine to the model's own float32 vectors over {len(texts)} texts: "
+                   f"mean {similarity.mean():.5f}, lowest {similarity.min():.5f}")
+        if similarity.min() < MIN_COSINE:
+            raise CallError("22023", f"model {files.uri} loses too much as {weights}: {figures} (under {MIN_COSINE})",
+                            "Register it with q8: (8-bit weights) or as it is.")
+        log.info("model %s registered as %s: %s", files.uri, weights, figures)
 
     async def _register_remote(self, uri: str, model_path: str) -> int:
         """A model a configured pool computes: it must have an endpoint up (checked), which says the

@@ -1,0 +1,110 @@
+"""Integer weights for a registered float32 model, when its registration asks for them.
+
+``model_register(uri, 'q4:/models/x')`` runs the model on the built-in model's dense-layer path:
+every MatMul whose right-hand side is a constant float32 matrix becomes com.microsoft MatMulNBits
+on blocks of 32 weights with one scale each. ``q4``: 4-bit Q4_0 blocks (the quantiser of the
+built-in build), ``q8``: 8-bit blocks (for models that 4 bits hurt); ``i8`` after either: int8
+activations too (MatMulNBits' accuracy_level 4, the integer kernels of CPUs with VNNI).
+Everything else (embeddings, attention, layer norms, softmax) stays as exported. The rewrite is
+made in memory each time the model loads, from the registered (and checksummed) files: nothing
+is written beside them, and a model is never quantised unless its registration says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelFilesError
+from .evalset import PAIRS
+from .q4 import BLOCK, Q4Matrix
+
+#: The weight builds a registration may ask for: (bits, MatMulNBits accuracy_level).
+WEIGHTS: dict[str, tuple[int, int]] = {"q4": (4, 0), "q4i8": (4, 4), "q8": (8, 0), "q8i8": (8, 4)}
+
+#: The lowest cosine, over the evaluation set's texts, between a model's float32 vectors and those
+#: of its integer build that model_register accepts. Lower means the model does not survive the
+#: build (4-bit all-MiniLM-L6-v2 reaches 0.91; a model with outlier weights falls far below).
+MIN_COSINE = 0.9
+
+
+def split_weights(model_path: str) -> tuple[str | None, str]:
+    """``'q4:/models/x'`` -> ``('q4', '/models/x')``; a path without a known prefix is as exported."""
+    prefix, sep, rest = model_path.partition(":")
+    if sep and prefix in WEIGHTS:
+        return prefix, rest
+    return None, model_path
+
+
+def quantized_model(onnx_path: Path, weights: str) -> bytes:
+    """The model at ``onnx_path`` with its constant float32 MatMul weights in 4-bit blocks, serialised."""
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf and onnx raise their own types for a damaged file
+        raise ModelFilesError(f"{onnx_path} cannot be read as ONNX: {exc}") from None
+    converted = _rewrite_matmuls(model.graph, *WEIGHTS[weights])
+    if converted == 0:
+        raise ModelFilesError(
+            f"{onnx_path} has no MatMul with a constant float32 weight whose rows are a multiple of {BLOCK}: "
+            f"there is nothing to build as {weights}")
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model.SerializeToString()
+
+
+def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> int:
+    """Replace the graph's eligible MatMuls in place; drop the float weights no node uses any more."""
+    overridable = {i.name for i in graph.input}  # an initializer that is also an input may be fed at run time
+    initializers = {t.name: t for t in graph.initializer if t.name not in overridable}
+    rewritten: dict[str, tuple[str, str, int, int]] = {}  # weight -> (packed, scales, K, N)
+    count = 0
+    for index, node in enumerate(graph.node):
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2 or weight.dims[0] % BLOCK:
+            continue
+        if weight.name not in rewritten:
+            k, n = weight.dims
+            data, block_scales = _blocks(numpy_helper.to_array(weight).T, bits)  # (N, K): blocks run along K
+            packed, scales = f"{weight.name}.q{bits}", f"{weight.name}.q{bits}_scales"
+            graph.initializer.extend([numpy_helper.from_array(data, packed),
+                                      numpy_helper.from_array(block_scales, scales)])
+            rewritten[weight.name] = (packed, scales, k, n)
+        packed, scales, k, n = rewritten[weight.name]
+        graph.node[index].CopyFrom(helper.make_node(
+            "MatMulNBits", [node.input[0], packed, scales], list(node.output), name=node.name or f"matmul_{index}",
+            domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level))
+        count += 1
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return count
+
+
+def _blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' B and scales for a float (N, K) matrix: symmetric blocks of 32 along K, stored
+    unsigned about the default zero point (8 for 4 bits, 128 for 8)."""
+    if bits == 4:
+        q4 = Q4Matrix.quantize(rows)
+        return q4.packed_pairs(), q4.scales.ravel()
+    n, k = rows.shape
+    x = rows.astype(np.float32).reshape(n, k // BLOCK, BLOCK)
+    scales = np.abs(x).max(axis=2) / 127.0
+    inverse = np.divide(1.0, scales, out=np.zeros_like(scales), where=scales != 0)
+    q = np.clip(np.rint(x * inverse[:, :, None]) + 128, 1, 255).astype(np.uint8)
+    return q, scales.ravel()
+
+
+def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (n, dim) arrays of embeddings."""
+    dot = np.sum(reference * other, axis=1)
+    return dot / np.maximum(np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1), 1e-12)
+
+
+def probe_texts() -> Sequence[str]:
+    """The texts a 4-bit build is compared on: the evaluation set's queries and passages."""
+    return [text for pair in PAIRS for text in pair]

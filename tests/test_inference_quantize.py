@@ -1,0 +1,124 @@
+"""Integer builds of a registered float32 model (model_register's 'q4:' and 'q8:' paths): the
+rewrite of its dense layers, what it costs in fidelity against the model's own float32 vectors,
+and that nothing is quantised unless asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from inference import ModelFiles, ModelFilesError, build_hf_dir, load_model_dir
+from inference.quantize import MIN_COSINE, WEIGHTS, cosines, probe_texts, quantized_model, split_weights
+from inference.runtime import ModelRuntime
+from inference.settings import EngineSettings
+
+from . import test_inference_fixtures as shared
+
+minilm_dir = shared.minilm_dir  # session fixture
+
+
+@pytest.fixture(scope="module")
+def minilm_fp32(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    target = tmp_path_factory.mktemp("minilm") / "all-minilm-l6-v2"
+    return load_model_dir(build_hf_dir(minilm_dir, target, "fp32"), uri="minilm")
+
+
+@pytest.fixture(scope="module")
+def float_runtime(minilm_fp32: ModelFiles) -> ModelRuntime:
+    return ModelRuntime(minilm_fp32, EngineSettings.default())
+
+
+@pytest.fixture(scope="module")
+def float_vectors(float_runtime: ModelRuntime) -> np.ndarray:
+    return float_runtime.embed_texts(probe_texts())
+
+
+def test_split_weights() -> None:
+    assert split_weights("q4:/models/x") == ("q4", "/models/x")
+    assert split_weights("q8i8:relative/dir") == ("q8i8", "relative/dir")
+    assert split_weights("/models/q4:x") == (None, "/models/q4:x")
+    assert split_weights("remote:pool") == (None, "remote:pool")
+    assert split_weights("q5:/models/x") == (None, "q5:/models/x")
+
+
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_every_dense_layer_is_rewritten_and_the_float_weights_dropped(minilm_fp32: ModelFiles, weights: str) -> None:
+    original = onnx.load(str(minilm_fp32.onnx_path))
+    built = onnx.load_from_string(quantized_model(minilm_fp32.onnx_path, weights))
+    bits, accuracy = WEIGHTS[weights]
+    constants = {t.name for t in original.graph.initializer}
+    matmuls = [n for n in original.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    rewritten = [n for n in built.graph.node if n.op_type == "MatMulNBits"]
+    assert len(matmuls) == 36 and len(rewritten) == 36  # six layers: q, k, v, attention out, two FFN
+    # what is left in float: the attention's products of activations (two a layer)
+    assert sum(n.op_type == "MatMul" for n in built.graph.node) == 12
+    assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}.items()
+               >= {"bits": bits, "accuracy_level": accuracy, "block_size": 32}.items() for n in rewritten)
+    float_bytes = sum(numpy_helper.to_array(t).nbytes for t in original.graph.initializer)
+    built_bytes = sum(numpy_helper.to_array(t).nbytes for t in built.graph.initializer)
+    dense = sum(numpy_helper.to_array(t).nbytes for t in original.graph.initializer
+                if t.name in {n.input[1] for n in matmuls})
+    # the dense weights shrink to bits/32 of their size, plus a 4-byte scale per 32 weights
+    assert built_bytes == pytest.approx(float_bytes - dense + dense * (bits / 32 + 1 / 32), rel=1e-3)
+
+
+@pytest.mark.parametrize("weights, mean, lowest", [
+    ("q8", 0.9995, 0.999), ("q8i8", 0.999, 0.998), ("q4", 0.95, MIN_COSINE), ("q4i8", 0.95, MIN_COSINE)])
+def test_fidelity_to_the_float_model(minilm_fp32: ModelFiles, float_runtime: ModelRuntime, float_vectors: np.ndarray,
+                                     weights: str, mean: float, lowest: float) -> None:
+    """8-bit blocks keep all-MiniLM-L6-v2's vectors; 4-bit ones cost it a few points (the reason q8 exists)."""
+    built = ModelRuntime(dataclasses.replace(minilm_fp32, weights=weights), EngineSettings.default(),
+                         float_runtime.tokenizer)
+    similarity = cosines(float_vectors, built.embed_texts(probe_texts()))
+    assert similarity.mean() >= mean and similarity.min() >= lowest
+    assert similarity.min() < 0.999999  # and they are another model's vectors: the build ran
+
+
+def test_a_model_is_run_as_exported_unless_asked(minilm_fp32: ModelFiles, float_vectors: np.ndarray) -> None:
+    assert minilm_fp32.weights is None
+    again = ModelRuntime(minilm_fp32, EngineSettings.default()).embed_texts(probe_texts())
+    assert np.array_equal(again, float_vectors)
+
+
+def test_a_model_with_nothing_to_quantise_is_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ModelFilesError, match="nothing to build as q4"):
+        quantized_model(path, "q4")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelFilesError, match="cannot be read as ONNX"):
+        quantized_model(tmp_path / "broken.onnx", "q8")
+
+
+def with_outlier_weights(files: ModelFiles, target: Path) -> Path:
+    """A copy of the model whose first layer has one weight 40 times larger in every block of 32:
+    4-bit blocks scaled to that weight round the other 31 to almost nothing."""
+    shutil.copytree(files.directory, target)
+    model = onnx.load(str(target / "model.onnx"))
+    for tensor in model.graph.initializer:
+        if "layer.0." in tensor.name and tensor.name.endswith("weight_t") and len(tensor.dims) == 2:
+            weights = numpy_helper.to_array(tensor).copy()
+            weights[0::32, :] *= 40.0
+            tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))
+    onnx.save(model, str(target / "model.onnx"))
+    return target
+
+
+def test_outlier_weights_break_4_bits_and_not_8(minilm_fp32: ModelFiles, tmp_path: Path) -> None:
+    files = load_model_dir(with_outlier_weights(minilm_fp32, tmp_path / "outliers"), uri="outliers")
+    reference = ModelRuntime(files, EngineSettings.default())
+    vectors = reference.embed_texts(probe_texts())
+    lowest = {weights: cosines(vectors, ModelRuntime(dataclasses.replace(files, weights=weights),
+                                                     EngineSettings.default(), reference.tokenizer)
+                               .embed_texts(probe_texts())).min() for weights in ("q4", "q8")}
+    assert lowest["q4"] < MIN_COSINE < 0.99 < lowest["q8"]
