@@ -4,19 +4,29 @@ against sentence-transformers on torch CPU loading the very same files. Target: 
     bench/run.sh check_minilm
 
 sentence-transformers truncates at the model's max_seq_length (256): longer texts are reported apart, and the
-comparison is repeated with it set to 512 tokens."""
+comparison is repeated with it set to 512 tokens.
+
+Then a float32 model as users register it, torch's own ONNX export of the same checkpoint, run as exported and
+in each integer build model_register offers ('q4:', 'q4i8:', 'q8:', 'q8i8:' paths): cosine to sentence-transformers
+and the corpus' texts/s, against sentence-transformers' in the same rounds."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
 from bench import runners
 from bench.common import cos6, load_corpus, machine_header, row_cosines, table
 from inference.build import build_hf_dir
-from inference.model_dir import load_model_dir
+from inference.engine import EmbeddingEngine
+from inference.model_dir import ModelFiles, load_model_dir
+from inference.quantize import WEIGHTS, quantized_model
 
 TARGET = 0.9999
 
@@ -51,7 +61,67 @@ def main() -> int:
     print(table(("reference", "texts", "n", "mean cos", "min cos", "1 - min cos"), rows))
     ok = bool(row_cosines(got, reference).min() >= TARGET)
     print(f"\ntarget: min cosine >= {TARGET} against sentence-transformers as shipped: {'met' if ok else 'MISSED'}")
+    st.max_seq_length = default_len
+    integer_builds(model_dir, texts, reference, lambda: st.encode(texts, batch_size=32, convert_to_numpy=True))
     return 0 if ok else 1
+
+
+def torch_export(model_dir: Path, target: Path) -> ModelFiles:
+    """The checkpoint exported by torch.onnx (TorchScript exporter) beside its tokenizer and configuration."""
+    import torch
+    from transformers import AutoModel
+
+    class Hidden(torch.nn.Module):  # the encoder's last hidden state, from positional inputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(model_dir)).eval()
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "config.json", "sentence_bert_config.json"):
+        shutil.copy(model_dir / name, target / name)
+    sample = torch.ones((2, 8), dtype=torch.int64)
+    torch.onnx.export(Hidden(), (sample, sample, torch.zeros_like(sample)), str(target / "model.onnx"),
+                      input_names=names, output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]})
+    return load_model_dir(target, uri="minilm-export")
+
+
+def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray, st_encode) -> None:
+    exported = torch_export(model_dir, runners.BUILD_DIR / "hf-built" / f"{model_dir.name}-torch-export")
+    builds = {"as exported": exported} | {
+        f"{w}:": dataclasses.replace(exported, uri=f"minilm-{w}", weights=w) for w in WEIGHTS}
+    engine = EmbeddingEngine()
+    seconds: dict[str, list[float]] = {name: [] for name in [*builds, "sentence-transformers"]}
+    vectors = {}
+    try:
+        for files in builds.values():
+            engine.load(files)
+        for _ in range(3):  # rounds: every runner once a round
+            for name, files in builds.items():
+                started = time.perf_counter()
+                vectors[name] = engine.embed_sync(files, texts)
+                seconds[name].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            st_encode()
+            seconds["sentence-transformers"].append(time.perf_counter() - started)
+    finally:
+        engine.close_sync()
+    def texts_per_s(name: str) -> str:
+        return f"{len(texts) / min(seconds[name]):.1f}"
+
+    rows = [("sentence-transformers (torch fp32)", "", "", "", texts_per_s("sentence-transformers"))]
+    for name, files in builds.items():
+        size = len(quantized_model(files.onnx_path, files.weights)) if files.weights else files.onnx_path.stat().st_size
+        cos = row_cosines(vectors[name], reference)
+        rows.append((name, f"{size / 1e6:.0f}", cos6(cos.mean()), cos6(cos.min()), texts_per_s(name)))
+    print("\n### a registered float model: torch's ONNX export of the checkpoint, in each build model_register offers")
+    print(f"(the corpus, {len(texts)} texts, embedded whole by the engine, best of 3 rounds; cosine to "
+          "sentence-transformers)")
+    print(table(("model_path prefix", "ONNX MB", "mean cos", "min cos", "texts/s"), rows))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ every MatMul whose right-hand side is a constant float32 matrix becomes com.micr
 on blocks of 32 weights with one scale each. ``q4``: 4-bit Q4_0 blocks (the quantiser of the
 built-in build), ``q8``: 8-bit blocks (for models that 4 bits hurt); ``i8`` after either: int8
 activations too (MatMulNBits' accuracy_level 4, the integer kernels of CPUs with VNNI).
-Everything else (embeddings, attention, layer norms, softmax) stays as exported. The rewrite is
+Tables looked up by token (the word embeddings) go to 8-bit blocks in every build; everything
+else (attention's products, layer norms, softmax) stays as exported. The rewrite is
 made in memory each time the model loads, from the registered (and checksummed) files: nothing
 is written beside them, and a model is never quantised unless its registration says so.
 """
@@ -46,7 +47,10 @@ def quantized_model(onnx_path: Path, weights: str) -> bytes:
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf and onnx raise their own types for a damaged file
         raise ModelFilesError(f"{onnx_path} cannot be read as ONNX: {exc}") from None
-    converted = _rewrite_matmuls(model.graph, *WEIGHTS[weights])
+    bits, accuracy_level = WEIGHTS[weights]
+    converted = _rewrite_matmuls(model.graph, bits, accuracy_level)
+    _rewrite_gathers(model.graph)
+    _drop_unused_initializers(model.graph)
     if converted == 0:
         raise ModelFilesError(
             f"{onnx_path} has no MatMul with a constant float32 weight whose rows are a multiple of {BLOCK}: "
@@ -78,11 +82,38 @@ def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> 
             "MatMulNBits", [node.input[0], packed, scales], list(node.output), name=node.name or f"matmul_{index}",
             domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level))
         count += 1
+    return count
+
+
+def _rewrite_gathers(graph: onnx.GraphProto, bits: int = 8) -> None:
+    """Look-ups in a constant float32 table along its rows (the word embeddings: most of a small
+    model's weights) become GatherBlockQuantized over blocks of 32, in 8 bits whatever the dense
+    layers' build: 4-bit word vectors cost all-MiniLM-L6-v2 another 0.03 of cosine at worst."""
+    overridable = {i.name for i in graph.input}
+    tables = {t.name: t for t in graph.initializer if t.name not in overridable}
+    for index, node in enumerate(graph.node):
+        table = tables.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or table.dims[1] % BLOCK \
+                or axis != 0:
+            continue
+        rows, cols = table.dims
+        data, scales = _blocks(numpy_helper.to_array(table), bits)
+        packed, scale_name = f"{table.name}.q{bits}", f"{table.name}.q{bits}_scales"
+        if packed not in {t.name for t in graph.initializer}:
+            graph.initializer.extend([numpy_helper.from_array(data.reshape(rows, -1), packed),
+                                      numpy_helper.from_array(scales.reshape(rows, cols // BLOCK), scale_name)])
+        graph.node[index].CopyFrom(helper.make_node(
+            "GatherBlockQuantized", [packed, node.input[1], scale_name], list(node.output),
+            name=node.name or f"gather_{index}", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+            block_size=BLOCK, bits=bits))
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return count
 
 
 def _blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,12 +60,16 @@ def test_every_dense_layer_is_rewritten_and_the_float_weights_dropped(minilm_fp3
     assert sum(n.op_type == "MatMul" for n in built.graph.node) == 12
     assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}.items()
                >= {"bits": bits, "accuracy_level": accuracy, "block_size": 32}.items() for n in rewritten)
-    float_bytes = sum(numpy_helper.to_array(t).nbytes for t in original.graph.initializer)
-    built_bytes = sum(numpy_helper.to_array(t).nbytes for t in built.graph.initializer)
-    dense = sum(numpy_helper.to_array(t).nbytes for t in original.graph.initializer
-                if t.name in {n.input[1] for n in matmuls})
-    # the dense weights shrink to bits/32 of their size, plus a 4-byte scale per 32 weights
-    assert built_bytes == pytest.approx(float_bytes - dense + dense * (bits / 32 + 1 / 32), rel=1e-3)
+    assert sum(n.op_type == "GatherBlockQuantized" for n in built.graph.node) == 1  # the word table
+
+    def size(model: onnx.ModelProto, names: set[str] | None = None) -> int:
+        return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if names is None or t.name in names)
+
+    dense = size(original, {n.input[1] for n in matmuls})
+    words = size(original, {"word_embeddings.weight"})
+    # bits/32 of a float's size a weight (8 for the word table), plus a 4-byte scale per 32 weights
+    expected = size(original) - dense - words + dense * (bits + 1) / 32 + words * (8 + 1) / 32
+    assert size(built) == pytest.approx(expected, rel=1e-3)
 
 
 @pytest.mark.parametrize("weights, mean, lowest", [
@@ -121,4 +125,4 @@ def test_outlier_weights_break_4_bits_and_not_8(minilm_fp32: ModelFiles, tmp_pat
     lowest = {weights: cosines(vectors, ModelRuntime(dataclasses.replace(files, weights=weights),
                                                      EngineSettings.default(), reference.tokenizer)
                                .embed_texts(probe_texts())).min() for weights in ("q4", "q8")}
-    assert lowest["q4"] < MIN_COSINE < 0.99 < lowest["q8"]
+    assert lowest["q4"] < MIN_COSINE < 0.98 < lowest["q8"]
