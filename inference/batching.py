@@ -25,7 +25,8 @@ RUN_COST_TOKENS = 13
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """max_wait_ms: how long the first queued input waits for company before its run starts;
+    """max_wait_ms: how long the first queued input waits for company before its run starts (the
+    engine waits it only while callers keep each other company);
     max_batch_tokens: padded tokens per model run (bounds memory);
     max_batch_size: rows per model run."""
 

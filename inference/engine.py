@@ -8,7 +8,9 @@
   them at a lower priority than the event loop's thread, so that relaying comes first.
 * Dynamic batching: inputs queued by any caller within ``max_wait_ms`` of each other are
   merged, sorted by length and cut into runs bounded in rows and tokens (``batching.py``).
-  ``stats`` counts runs, so the merging is observable.
+  ``stats`` counts runs, so the merging is observable. The window is waited only while callers
+  keep each other company (the last dispatch served several, or more came while it ran): a lone
+  caller after a lone caller (an interactive call, one-row INSERTs in a row) runs at once.
 * Cancelling the awaiting task or passing its ``timeout`` drops the request's queued inputs;
   the caller gets ``CancelledError`` / ``EmbeddingTimeout``.
 * Models load lazily on first use, or explicitly with ``load``; ``unload`` frees them.
@@ -125,6 +127,8 @@ class EmbeddingEngine:
         self._closed = False
         self._untrimmed = False  # model runs happened since memory was last returned to the OS
         self._burst_tokens = 0  # padded tokens of the largest run since the arena was last shrunk
+        self._several = False  # the last dispatch served several requests
+        self._run_ended = 0.0  # when the last model run ended (time.monotonic), before its results went out
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="embed-tokenize", initializer=_lower_priority)
         # ONNX Runtime's threads inherit their priority from the thread that creates the session.
@@ -301,11 +305,16 @@ class EmbeddingEngine:
                 if not self._queue:
                     self._wait_idle()
                     continue
-                left = self._queue[0].arrived + window - time.monotonic()
-                if left > 0 and sum(len(item.ids) for item in self._queue) < budget:
+                first = self._queue[0]
+                left = first.arrived + window - time.monotonic()
+                company = self._several or first.arrived < self._run_ended  # it queued while a run went on
+                alone = not company and all(item.request is first.request for item in self._queue)
+                if left > 0 and not alone and sum(len(item.ids) for item in self._queue) < budget:
                     self._wakeup.wait(left)
                     continue
-                return self._take_locked(SNAPSHOT_RUNS * budget)
+                taken = self._take_locked(SNAPSHOT_RUNS * budget)
+                self._several = any(item.request is not first.request for item in taken)
+                return taken
             return None
 
     def _wait_idle(self) -> None:
@@ -396,6 +405,7 @@ class EmbeddingEngine:
         try:
             runtime = self._runtime(model)
             vectors = runtime.run([item.ids for item in items], release=release)
+            self._run_ended = time.monotonic()
         except Exception as exc:  # deliver any failure to the callers, keep serving others
             self._fail(items, exc)
             return

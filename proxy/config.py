@@ -97,7 +97,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy", "log_level", str, "info", "debug, info, warning or error", live=True),
     Option("proxy", "log_format", str, "text", "text (key=value) or json", live=True),
     Option("engine", "batch_wait_ms", float, 2.0,
-           "how long a queued input waits for others to share its model run, in milliseconds", live=True),
+           "how long a queued input waits for others to share its model run, in milliseconds; waited only "
+           "while callers keep each other company (a lone call after a lone call runs at once)", live=True),
     Option("engine", "max_batch_tokens", int, 4096, "padded tokens per model run (bounds the memory of a run)",
            live=True),
     Option("engine", "max_batch_size", int, 128, "inputs per model run", live=True),

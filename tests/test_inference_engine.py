@@ -58,6 +58,29 @@ async def test_concurrent_callers_share_model_runs(engine: EmbeddingEngine, e5_q
         assert np.abs(result - alone.embed_texts([text])).max() < 1e-4
 
 
+async def test_the_batching_window_is_waited_only_in_company(e5_q4: ModelFiles) -> None:
+    """A lone caller after a lone caller runs at once; after a dispatch that served several callers,
+    the next caller waits the window for others (a one-second window makes both plain)."""
+    engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=1000))
+    try:
+        engine.load(e5_q4)
+
+        async def seconds(*texts: str) -> float:
+            started = time.perf_counter()
+            await asyncio.gather(*(engine.embed(e5_q4, [text]) for text in texts))
+            return time.perf_counter() - started
+
+        assert await seconds("query: the first call") < 0.5
+        assert await seconds("query: a lone call after a lone call") < 0.5
+        before = engine.stats.runs
+        await seconds(*(f"query: caller {i}" for i in range(8)))
+        assert engine.stats.runs - before <= 2  # the first may go alone; the others share a run
+        assert await seconds("query: after company") >= 0.9
+        assert await seconds("query: alone again") < 0.5
+    finally:
+        await engine.close()
+
+
 async def test_results_keep_input_order_and_batch_size_caps_runs(engine: EmbeddingEngine, e5_q4) -> None:
     texts = [f"passage: {'word ' * (i % 5)}item {i}" for i in range(10)]
     engine.load(e5_q4)
@@ -255,6 +278,8 @@ async def test_a_request_abandoned_in_the_batching_window_leaves_the_engine_serv
     engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=300))
     try:
         engine.load(e5_q4)
+        # callers in company: from now on a lone caller waits the window (a lone one after a lone one would not)
+        await asyncio.gather(*(engine.embed(e5_q4, [f"query: caller {i}"]) for i in range(8)))
         for _ in range(3):
             with pytest.raises(EmbeddingTimeout):
                 await engine.embed(e5_q4, ["query: x"], timeout=0.05)
