@@ -127,6 +127,7 @@ class EmbeddingEngine:
         self._closed = False
         self._untrimmed = False  # model runs happened since memory was last returned to the OS
         self._burst_tokens = 0  # padded tokens of the largest run since the arena was last shrunk
+        # Read and written on the dispatcher thread only:
         self._several = False  # the last dispatch served several requests
         self._run_ended = 0.0  # when the last model run ended (time.monotonic), before its results went out
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
@@ -405,10 +406,11 @@ class EmbeddingEngine:
         try:
             runtime = self._runtime(model)
             vectors = runtime.run([item.ids for item in items], release=release)
-            self._run_ended = time.monotonic()
         except Exception as exc:  # deliver any failure to the callers, keep serving others
             self._fail(items, exc)
             return
+        finally:
+            self._run_ended = time.monotonic()
         width = max(len(item.ids) for item in items)
         self.stats.runs += 1
         self.stats.sequences += len(items)

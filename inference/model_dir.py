@@ -34,7 +34,7 @@ class ModelFiles:
     config_path: Path | None
     dimensions: int
     max_seq_length: int
-    #: None: run as exported; "q4" or "q4i8": dense-layer weights in 4 bits (quantize.py), when asked.
+    #: None: run as exported; else the integer build asked for at registration (quantize.WEIGHTS).
     weights: str | None = None
 
     @property

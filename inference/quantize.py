@@ -42,30 +42,28 @@ def split_weights(model_path: str) -> tuple[str | None, str]:
 
 
 def quantized_model(onnx_path: Path, weights: str) -> bytes:
-    """The model at ``onnx_path`` with its constant float32 MatMul weights in 4-bit blocks, serialised."""
+    """The model at ``onnx_path`` in the integer build ``weights`` (a key of WEIGHTS), serialised."""
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf and onnx raise their own types for a damaged file
         raise ModelFilesError(f"{onnx_path} cannot be read as ONNX: {exc}") from None
     bits, accuracy_level = WEIGHTS[weights]
-    converted = _rewrite_matmuls(model.graph, bits, accuracy_level)
-    _rewrite_gathers(model.graph)
-    _drop_unused_initializers(model.graph)
-    if converted == 0:
+    dense = _rewrite_matmuls(model.graph, bits, accuracy_level)
+    if not dense:
         raise ModelFilesError(
-            f"{onnx_path} has no MatMul with a constant float32 weight whose rows are a multiple of {BLOCK}: "
-            f"there is nothing to build as {weights}")
+            f"{onnx_path} has no MatMul by a constant float32 matrix whose rows are a multiple of {BLOCK} "
+            f"(an initializer that is also a graph input is not a constant): there is nothing to build as {weights}")
+    _drop_replaced(model.graph, dense | _rewrite_gathers(model.graph))
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model.SerializeToString()
 
 
-def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> int:
-    """Replace the graph's eligible MatMuls in place; drop the float weights no node uses any more."""
+def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> set[str]:
+    """Replace the graph's eligible MatMuls in place; the names of the float weights they used."""
     overridable = {i.name for i in graph.input}  # an initializer that is also an input may be fed at run time
     initializers = {t.name: t for t in graph.initializer if t.name not in overridable}
     rewritten: dict[str, tuple[str, str, int, int]] = {}  # weight -> (packed, scales, K, N)
-    count = 0
     for index, node in enumerate(graph.node):
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2 or weight.dims[0] % BLOCK:
@@ -81,16 +79,17 @@ def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> 
         graph.node[index].CopyFrom(helper.make_node(
             "MatMulNBits", [node.input[0], packed, scales], list(node.output), name=node.name or f"matmul_{index}",
             domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level))
-        count += 1
-    return count
+    return set(rewritten)
 
 
-def _rewrite_gathers(graph: onnx.GraphProto, bits: int = 8) -> None:
+def _rewrite_gathers(graph: onnx.GraphProto, bits: int = 8) -> set[str]:
     """Look-ups in a constant float32 table along its rows (the word embeddings: most of a small
     model's weights) become GatherBlockQuantized over blocks of 32, in 8 bits whatever the dense
-    layers' build: 4-bit word vectors cost all-MiniLM-L6-v2 another 0.03 of cosine at worst."""
+    layers' build: 4-bit word vectors cost all-MiniLM-L6-v2 another 0.03 of cosine at worst. The
+    names of the tables replaced."""
     overridable = {i.name for i in graph.input}
     tables = {t.name: t for t in graph.initializer if t.name not in overridable}
+    converted: set[str] = set()
     for index, node in enumerate(graph.node):
         table = tables.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
@@ -98,22 +97,36 @@ def _rewrite_gathers(graph: onnx.GraphProto, bits: int = 8) -> None:
                 or axis != 0:
             continue
         rows, cols = table.dims
-        data, scales = _blocks(numpy_helper.to_array(table), bits)
-        packed, scale_name = f"{table.name}.q{bits}", f"{table.name}.q{bits}_scales"
-        if packed not in {t.name for t in graph.initializer}:
+        packed, scale_name = f"{table.name}.gather_q{bits}", f"{table.name}.gather_q{bits}_scales"
+        if table.name not in converted:  # a table tied to a MatMul's weight gets its own blocks: another layout
+            data, scales = _blocks(numpy_helper.to_array(table), bits)
             graph.initializer.extend([numpy_helper.from_array(data.reshape(rows, -1), packed),
                                       numpy_helper.from_array(scales.reshape(rows, cols // BLOCK), scale_name)])
+            converted.add(table.name)
         graph.node[index].CopyFrom(helper.make_node(
             "GatherBlockQuantized", [packed, node.input[1], scale_name], list(node.output),
             name=node.name or f"gather_{index}", domain="com.microsoft", gather_axis=0, quantize_axis=1,
             block_size=BLOCK, bits=bits))
+    return converted
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
+def _drop_replaced(graph: onnx.GraphProto, replaced: set[str]) -> None:
+    """Drop the float tensors the rewrite replaced, unless something still reads them: a node of the
+    graph or of a subgraph (If, Loop, Scan bodies read outer names), or the graph's outputs."""
+    used = _names_read(graph) | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name not in replaced or t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                names |= _names_read(body) | {o.name for o in body.output}
+    return names
 
 
 def _blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,5 +150,6 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def probe_texts() -> Sequence[str]:
-    """The texts a 4-bit build is compared on: the evaluation set's queries and passages."""
+    """The texts an integer build is compared on at registration: the evaluation set's queries and
+    passages (short texts: a build may lose more on long ones, as measured in bench/check_minilm.py)."""
     return [text for pair in PAIRS for text in pair]

@@ -33,8 +33,9 @@ from .health import HealthCheck, upstream_problem
 from .hooks import SessionInfo
 from .http import HttpApi, HttpListener
 from .intercept.embeddingtables import EmbeddingTables
-from .intercept.functions import BUILTIN_URI, Backend, parse_model_roots
+from .intercept.functions import BUILTIN_URI, Backend
 from .intercept.hook import InterceptHook
+from .intercept.modelpaths import parse_model_roots
 from .intercept.servercalls import ServerCalls
 from .metrics import Metrics
 from .reload import Reloader

@@ -18,7 +18,8 @@ from . import config as cfg
 from . import logs
 from .health import HealthCheck
 from .http import HttpApi
-from .intercept.functions import Backend, parse_model_roots
+from .intercept.functions import Backend
+from .intercept.modelpaths import parse_model_roots
 from .server import ProxyServer, client_tls_context
 from .service import ServiceConnections
 from .upstream import Upstream

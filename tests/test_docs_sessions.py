@@ -25,7 +25,8 @@ import pytest
 from inference.engine import EmbeddingEngine
 from proxy.health import HealthCheck
 from proxy.http import HttpApi, HttpListener
-from proxy.intercept.functions import Backend, default_model_roots
+from proxy.intercept.functions import Backend
+from proxy.intercept.modelpaths import default_model_roots
 from proxy.metrics import Metrics
 from proxy.stats import STATS
 from proxy.upstream import Upstream

@@ -78,17 +78,19 @@ def test_a_float_model_registered_with_integer_weights(conn, model_data_dir: Pat
                 for uri in (as_is, built)}
     assert "weights" not in metadata[as_is] and metadata[built]["weights"] == "q8"
     assert metadata[built]["model_path"] == f"q8:{metadata[as_is]['model_path']}"
-    texts = ["a sentence to embed", "Die Zugspitze ist der höchste Berg Deutschlands.", "东京是日本的首都"]
 
-    def vectors(uri: str) -> np.ndarray:
+    def vectors(uri: str, texts: list[str]) -> np.ndarray:
         return np.array([conn.execute("SELECT azure_local_ai.create_embeddings(%s, %s)", [uri, text]).fetchone()[0]
                          for text in texts])
 
-    floats, integers = vectors(as_is), vectors(built)
-    similarity = (floats * integers).sum(axis=1) / np.linalg.norm(floats, axis=1) / np.linalg.norm(integers, axis=1)
-    assert similarity.min() > 0.999 and not np.array_equal(floats, integers)
+    def assert_built(texts: list[str]) -> None:
+        floats, integers = vectors(as_is, texts), vectors(built, texts)
+        similarity = (floats * integers).sum(axis=1) / np.linalg.norm(floats, axis=1) / np.linalg.norm(integers, axis=1)
+        assert similarity.min() > 0.999 and not np.array_equal(floats, integers)
+
+    assert_built(["a sentence to embed", "Die Zugspitze ist der höchste Berg Deutschlands.", "东京是日本的首都"])
     conn.execute("SELECT azure_local_ai.model_unload(%s)", [built])
-    assert np.array_equal(vectors(built), integers)  # loaded again from the catalog: as q8 again
+    assert_built(["texts new to the cache", "loaded again from the catalog: as q8 again"])
     for uri in (as_is, built):
         conn.execute("SELECT azure_local_ai.model_unregister(%s)", [uri])
 
@@ -113,6 +115,8 @@ def test_model_paths_must_stay_under_the_roots(conn, model_data_dir: Path, tmp_p
         conn.execute("SELECT azure_local_ai.model_register('x:1', %s)", [str(tmp_path)])
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="models"):
         conn.execute("SELECT azure_local_ai.model_register('x:1', %s)", [f"q4:{tmp_path}"])
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="not one a remote pool does"):
+        conn.execute("SELECT azure_local_ai.model_register('x:1', 'q4:remote:pool')")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT azure_local_ai.model_register('x:1', %s)",
                      [str(model_data_dir / "models" / ".." / "..")])

@@ -33,7 +33,8 @@ from proxy import config as cfg
 from proxy.embeddings_api import ApiError, check_dimensions, embeddings_response, parse_embeddings_request
 from proxy.health import HealthCheck
 from proxy.http import HttpApi, HttpListener
-from proxy.intercept.functions import BUILTIN_URI, Backend, default_model_roots
+from proxy.intercept.functions import BUILTIN_URI, Backend
+from proxy.intercept.modelpaths import default_model_roots
 from proxy.metrics import Metrics
 from proxy.stats import STATS, Histogram
 from proxy.upstream import Upstream

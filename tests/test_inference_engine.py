@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,6 +59,27 @@ async def test_concurrent_callers_share_model_runs(engine: EmbeddingEngine, e5_q
         assert np.abs(result - alone.embed_texts([text])).max() < 1e-4
 
 
+async def keep_company(engine: EmbeddingEngine, files: ModelFiles, callers: int = 8) -> None:
+    """Callers that share a dispatch: the first dispatch is held until all of them are queued or taken
+    (a caller starved on a busy machine would otherwise come after it, alone)."""
+    gate, taken, dispatch = threading.Event(), [], engine._dispatch
+
+    def held(snapshot: list) -> None:
+        taken.append(len(snapshot))
+        gate.wait(10)
+        dispatch(snapshot)
+
+    engine._dispatch = held  # type: ignore[method-assign]
+    calls = asyncio.gather(*(engine.embed(files, [f"query: caller {i}"]) for i in range(callers)))
+    for _ in range(1000):
+        if sum(taken) + engine.queue_depth >= callers:
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    await calls
+    engine._dispatch = dispatch  # type: ignore[method-assign]
+
+
 async def test_the_batching_window_is_waited_only_in_company(e5_q4: ModelFiles) -> None:
     """A lone caller after a lone caller runs at once; after a dispatch that served several callers,
     the next caller waits the window for others (a one-second window makes both plain)."""
@@ -73,7 +95,7 @@ async def test_the_batching_window_is_waited_only_in_company(e5_q4: ModelFiles) 
         assert await seconds("query: the first call") < 0.5
         assert await seconds("query: a lone call after a lone call") < 0.5
         before = engine.stats.runs
-        await seconds(*(f"query: caller {i}" for i in range(8)))
+        await keep_company(engine, e5_q4)
         assert engine.stats.runs - before <= 2  # the first may go alone; the others share a run
         assert await seconds("query: after company") >= 0.9
         assert await seconds("query: alone again") < 0.5
@@ -278,8 +300,7 @@ async def test_a_request_abandoned_in_the_batching_window_leaves_the_engine_serv
     engine = EmbeddingEngine(EngineSettings.default(), BatchingConfig(max_wait_ms=300))
     try:
         engine.load(e5_q4)
-        # callers in company: from now on a lone caller waits the window (a lone one after a lone one would not)
-        await asyncio.gather(*(engine.embed(e5_q4, [f"query: caller {i}"]) for i in range(8)))
+        await keep_company(engine, e5_q4)  # from now on a lone caller waits the window (alone after alone would not)
         for _ in range(3):
             with pytest.raises(EmbeddingTimeout):
                 await engine.embed(e5_q4, ["query: x"], timeout=0.05)

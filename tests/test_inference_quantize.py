@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -126,3 +127,31 @@ def test_outlier_weights_break_4_bits_and_not_8(minilm_fp32: ModelFiles, tmp_pat
                                                      EngineSettings.default(), reference.tokenizer)
                                .embed_texts(probe_texts())).min() for weights in ("q4", "q8")}
     assert lowest["q4"] < MIN_COSINE < 0.98 < lowest["q8"]
+
+
+def test_tied_weights_and_subgraphs_survive_the_rewrite(tmp_path: Path) -> None:
+    """One table both looked up (Gather) and multiplied by (MatMul), and read again inside an If
+    branch: each use gets what it needs, and the float table stays for the branch."""
+    table = np.random.default_rng(7).standard_normal((64, 32)).astype(np.float32)
+    branch = helper.make_graph([helper.make_node("Identity", ["table"], ["picked"])], "branch", [],
+                               [helper.make_tensor_value_info("picked", TensorProto.FLOAT, [64, 32])])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+         helper.make_node("MatMul", ["x", "table"], ["product"]),
+         helper.make_node("If", ["flag"], ["whole"], then_branch=branch, else_branch=branch)],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("rows", "product", "whole")],
+        [numpy_helper.from_array(table, "table")])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feed = {"ids": np.array([0, 5, 63]), "x": np.ones((2, 64), np.float32), "flag": np.array(True)}
+    for weights in WEIGHTS:
+        session = ort.InferenceSession(quantized_model(path, weights), providers=["CPUExecutionProvider"])
+        rows, product, whole = session.run(None, feed)
+        assert np.array_equal(whole, table)
+        assert np.abs(rows - table[[0, 5, 63]]).max() < 0.02 * np.abs(table).max()
+        tolerance = (0.3 if weights.startswith("q4") else 0.03) * np.abs(table.sum(axis=0)).max()
+        assert np.abs(product - np.ones((2, 64)) @ table).max() < tolerance

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +31,7 @@ from ..remote.pool import RemotePool
 from ..tasks import retrieve
 from .embedcache import EmbeddingCache
 from .errors import CallError
+from .modelpaths import files_sha256
 from .remoteembed import embed_remote, pool_named
 from .vectors import LOOKAHEAD_CHUNK, Ready, Vectors
 
@@ -297,6 +296,9 @@ class Backend:
         if remote_pool_name(model_path) is not None:
             return await self._register_remote(uri, model_path)
         weights, model_path = split_weights(model_path)
+        if weights is not None and remote_pool_name(model_path) is not None:
+            raise CallError("22023", f"{weights}: builds a model this proxy computes, not one a remote pool does",
+                            "Register the remote model without the prefix.")
         model = await self._blocking(resolve_model_path, model_path, self.model_roots)
         tokenizer = None
         if tokenizer_path:
@@ -313,7 +315,9 @@ class Backend:
         except CallError:
             raise
         except Exception as exc:
-            raise CallError("22023", f"model {uri} at {model} cannot be loaded: {exc}",
+            built = f" as {weights}" if weights else ""
+            raise CallError("22023", f"model {uri} at {model} cannot be loaded{built}: {exc}",
+                            "Register it without the prefix." if weights else
                             "Give an ONNX text-embedding model with its tokenizer.json.") from exc
         finally:
             await asyncio.to_thread(self.engine.unload, uri)
@@ -338,8 +342,9 @@ class Backend:
         similarity = cosines(reference, await self.engine.embed(built, texts))
         figures = (f"cosine to the model's own float32 vectors over {len(texts)} texts: "
                    f"mean {similarity.mean():.5f}, lowest {similarity.min():.5f}")
-        if similarity.min() < MIN_COSINE:
+        if not np.isfinite(similarity).all() or similarity.min() < MIN_COSINE:
             raise CallError("22023", f"model {files.uri} loses too much as {weights}: {figures} (under {MIN_COSINE})",
+                            "Register it as it is." if weights.startswith("q8") else
                             "Register it with q8: (8-bit weights) or as it is.")
         log.info("model %s registered as %s: %s", files.uri, weights, figures)
 
@@ -378,34 +383,5 @@ class Backend:
 
 
 
-def files_sha256(files: ModelFiles) -> str:
-    """The SHA-256 of a model's files: every file of the ONNX graph's directory (its external data and
-    configuration, whatever their names), by name, and the tokenizer where it lies elsewhere."""
-    directory = files.onnx_path.parent
-    paths = sorted(path for path in directory.iterdir() if path.is_file())
-    if files.tokenizer_path.parent != directory:
-        paths.append(files.tokenizer_path)
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as data:
-            while chunk := data.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _seconds(timeout_ms: int) -> float | None:
     return timeout_ms / 1000 if timeout_ms > 0 else None
-
-
-def default_model_roots(data_dir: Path) -> tuple[Path, ...]:
-    """Where model_register may read models when no roots are configured."""
-    return (data_dir / "models",)
-
-
-def parse_model_roots(value: str, data_dir: Path) -> tuple[Path, ...]:
-    if not value:
-        return default_model_roots(data_dir)
-    return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
-
-
