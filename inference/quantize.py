@@ -6,13 +6,15 @@ on blocks of 32 weights with one scale each. ``q4``: 4-bit Q4_0 blocks (the quan
 built-in build), ``q8``: 8-bit blocks (for models that 4 bits hurt); ``i8`` after either: int8
 activations too (MatMulNBits' accuracy_level 4, the integer kernels of CPUs with VNNI).
 Tables looked up by token (the word embeddings) go to 8-bit blocks in every build; everything
-else (attention's products, layer norms, softmax) stays as exported. The rewrite is
-made in memory each time the model loads, from the registered (and checksummed) files: nothing
-is written beside them, and a model is never quantised unless its registration says so.
+else (attention's products, layer norms, softmax) stays as exported. The rewrite is made each
+time the model loads, by a child process (runtime.integer_build), from the registered (and
+checksummed) files: nothing is written beside them, and a model is never quantised unless its
+registration says so.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,3 +155,18 @@ def probe_texts() -> Sequence[str]:
     """The texts an integer build is compared on at registration: the evaluation set's queries and
     passages (short texts: a build may lose more on long ones, as measured in bench/check_minilm.py)."""
     return [text for pair in PAIRS for text in pair]
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m inference.quantize MODEL.onnx WEIGHTS``: the build on stdout (how runtime.py makes
+    it, in a child process); a ModelFilesError's message as the last line on stderr."""
+    try:
+        sys.stdout.buffer.write(quantized_model(Path(argv[0]), argv[1]))
+    except ModelFilesError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

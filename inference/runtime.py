@@ -7,6 +7,8 @@ fixed per session; the engine makes a new runtime session when they change.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +18,6 @@ import onnxruntime as ort
 
 from .errors import ModelFilesError
 from .model_dir import POOLED_OUTPUT, ModelFiles, pick_output
-from .quantize import quantized_model
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer
 from .tokenizer import load_tokenizer as _load_tokenizer
@@ -50,6 +51,19 @@ def _shrinking_run_options() -> ort.RunOptions:
 SHRINK = _shrinking_run_options()
 
 
+def integer_build(files: ModelFiles) -> bytes:
+    """The model's integer build (quantize.py), made by a child process: parsing and writing a model
+    holds the GIL (for 50-400 ms with all-MiniLM-L6-v2, which would stall the event loop), and the
+    float model it reads, twice the build's size or more, is never in this process's memory."""
+    assert files.weights is not None
+    done = subprocess.run([sys.executable, "-m", "inference.quantize", str(files.onnx_path), files.weights],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise ModelFilesError(lines[-1] if lines else f"building {files.onnx_path} as {files.weights} failed")
+    return done.stdout
+
+
 def load_tokenizer(files: ModelFiles) -> TextTokenizer:
     """The model's tokenizer, truncating to its maximum length (special tokens included), unpadded."""
     return _load_tokenizer(files.tokenizer_path, files.max_seq_length)
@@ -64,7 +78,7 @@ class ModelRuntime:
         self.tokenizer = tokenizer or load_tokenizer(files)
         register_shared_arena()
         started = time.perf_counter()
-        source = quantized_model(files.onnx_path, files.weights) if files.weights else str(files.onnx_path)
+        source = integer_build(files) if files.weights else str(files.onnx_path)
         try:
             self.session = ort.InferenceSession(
                 source, sess_options=settings.session_options(), providers=["CPUExecutionProvider"]

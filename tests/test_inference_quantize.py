@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from inference import ModelFiles, ModelFilesError, build_hf_dir, load_model_dir
 from inference.quantize import MIN_COSINE, WEIGHTS, cosines, probe_texts, quantized_model, split_weights
-from inference.runtime import ModelRuntime
+from inference.runtime import ModelRuntime, integer_build
 from inference.settings import EngineSettings
 
 from . import test_inference_fixtures as shared
@@ -100,6 +100,9 @@ def test_a_model_with_nothing_to_quantise_is_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(ModelFilesError, match="nothing to build as q4"):
         quantized_model(path, "q4")
+    files = ModelFiles("identity", path, path, None, 4, 8, weights="q8")
+    with pytest.raises(ModelFilesError, match="nothing to build as q8"):  # as the runtime meets it: from its child
+        integer_build(files)
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelFilesError, match="cannot be read as ONNX"):
         quantized_model(tmp_path / "broken.onnx", "q8")
