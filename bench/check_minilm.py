@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +91,13 @@ def torch_export(model_dir: Path, target: Path) -> ModelFiles:
     return load_model_dir(target, uri="minilm-export")
 
 
-def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray, st_encode) -> None:
+def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray, st_encode: Callable[[], object]) -> None:
     exported = torch_export(model_dir, runners.BUILD_DIR / "hf-built" / f"{model_dir.name}-torch-export")
     builds = {"as exported": exported} | {
         f"{w}:": dataclasses.replace(exported, uri=f"minilm-{w}", weights=w) for w in WEIGHTS}
     engine = EmbeddingEngine()
     seconds: dict[str, list[float]] = {name: [] for name in [*builds, "sentence-transformers"]}
-    vectors = {}
+    vectors: dict[str, np.ndarray] = {}
     try:
         for files in builds.values():
             engine.load(files)
@@ -110,6 +111,7 @@ def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray, st_
             seconds["sentence-transformers"].append(time.perf_counter() - started)
     finally:
         engine.close_sync()
+
     def texts_per_s(name: str) -> str:
         return f"{len(texts) / min(seconds[name]):.1f}"
 

@@ -61,10 +61,15 @@ def quantized_model(onnx_path: Path, weights: str) -> bytes:
     return model.SerializeToString()
 
 
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's initializers by name, but those that are also inputs: those may be fed at run time."""
+    overridable = {i.name for i in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in overridable}
+
+
 def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> set[str]:
     """Replace the graph's eligible MatMuls in place; the names of the float weights they used."""
-    overridable = {i.name for i in graph.input}  # an initializer that is also an input may be fed at run time
-    initializers = {t.name: t for t in graph.initializer if t.name not in overridable}
+    initializers = _constants(graph)
     rewritten: dict[str, tuple[str, str, int, int]] = {}  # weight -> (packed, scales, K, N)
     for index, node in enumerate(graph.node):
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -89,8 +94,7 @@ def _rewrite_gathers(graph: onnx.GraphProto, bits: int = 8) -> set[str]:
     model's weights) become GatherBlockQuantized over blocks of 32, in 8 bits whatever the dense
     layers' build: 4-bit word vectors cost all-MiniLM-L6-v2 another 0.03 of cosine at worst. The
     names of the tables replaced."""
-    overridable = {i.name for i in graph.input}
-    tables = {t.name: t for t in graph.initializer if t.name not in overridable}
+    tables = _constants(graph)
     converted: set[str] = set()
     for index, node in enumerate(graph.node):
         table = tables.get(node.input[0]) if node.op_type == "Gather" else None

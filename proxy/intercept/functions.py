@@ -288,7 +288,7 @@ class Backend:
             metadata["remote"] = {"pool": pool.spec.name, "model": pool.spec.model,
                                   "endpoints": {e.label: e.state for e in pool.endpoints}}
         weights, _ = split_weights(record.model_path or "")
-        if weights is not None and not record.builtin:
+        if weights is not None:
             metadata["weights"] = weights
         return metadata
 

@@ -35,5 +35,3 @@ def parse_model_roots(value: str, data_dir: Path) -> tuple[Path, ...]:
     if not value:
         return default_model_roots(data_dir)
     return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
-
-
