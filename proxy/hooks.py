@@ -130,7 +130,8 @@ class SessionHook(Protocol):
         relay.OBSERVE_MAX). Called on the relay's path: cheap."""
 
     def cancel(self) -> None:
-        """The client sent a CancelRequest for this session: stop local work."""
+        """The client sent a CancelRequest while a statement of this session runs: stop the local work
+        on it, and end the calls the server evaluates for it."""
 
     def close(self) -> None:
         """The session ended: release what the hook holds."""

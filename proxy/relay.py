@@ -664,8 +664,9 @@ class Relay:
     # ------------------------------------------------------------------ life cycle
 
     def cancel(self) -> None:
-        """A CancelRequest named this session: tell the hook (the upstream gets its own request)."""
-        if self.hook is not None:
+        """A CancelRequest named this session: tell the hook (the upstream gets its own request). Between
+        statements there is nothing to cancel, as for the server: the next statement must not be."""
+        if self.hook is not None and not self.idle:
             self.hook.cancel()
 
     @property
@@ -761,7 +762,7 @@ class Relay:
         for future in (self._answered, self._capture.done if self._capture else None):
             if future is not None and not future.done():
                 future.cancel()
-        if self.hook is not None:
+        if self.hook is not None and not self.idle:
             try:
                 self.hook.close()
             except Exception:

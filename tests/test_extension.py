@@ -282,6 +282,62 @@ def test_timeout_and_cancel_stop_a_back_fill(conn: psycopg.Connection) -> None:
     assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_a_cancel_the_server_loses_still_ends_the_statement(conn: psycopg.Connection) -> None:
+    """PostgreSQL loses a cancel that lands as the function's wait for its answer times out (lock_timeout
+    then wins, and the wait goes on): the proxy, which relayed the cancel, answers the statement's calls
+    with the cancel's error itself. Here a function swallows the server's own cancel, every time."""
+    conn.execute("CREATE TABLE big (body text)")
+    conn.execute("INSERT INTO big SELECT 'lost cancel ' || i FROM generate_series(1, 3000) i")
+    conn.execute(f"""CREATE FUNCTION deaf(body text) RETURNS real[] LANGUAGE plpgsql AS $$
+        DECLARE context text;
+        BEGIN
+            RETURN {CALL.format('body')};
+        EXCEPTION WHEN query_canceled THEN
+            GET STACKED DIAGNOSTICS context = PG_EXCEPTION_CONTEXT;
+            IF context LIKE '%at RAISE%' THEN  -- the proxy's answer
+                RAISE;
+            END IF;
+            RETURN NULL;  -- the server's own cancel, lost
+        END $$""")
+    timer = threading.Timer(0.5, conn.cancel)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement due to user request") as raised:
+        conn.execute("SELECT count(deaf(body)) FROM big")
+    assert time.monotonic() - started < 10
+    assert (raised.value.diag.message_detail, raised.value.diag.message_hint) == (None, None)  # as PostgreSQL's
+    conn.cancel()  # between statements there is nothing to cancel: the next one runs
+    time.sleep(0.3)
+    assert conn.execute("SELECT count(deaf(body)) FROM big WHERE body LIKE '%cancel 7'").fetchone() == (1,)
+
+
+def test_a_statement_timeout_the_server_loses_still_ends_the_statement(conn: psycopg.Connection) -> None:
+    """PostgreSQL loses a statement_timeout that falls due as the function's wait for its answer times
+    out (it reports the wait's timeout, which the wait takes as a turn of its loop): from 1.5 the wait
+    raises the statement's timeout itself once it has passed. Here a function swallows the server's
+    own timeout, every time, and each call waits longer than a turn (8 long texts)."""
+    conn.execute("CREATE TABLE long_texts (body text)")
+    conn.execute("INSERT INTO long_texts SELECT 'lost timeout ' || i || repeat(' word', 500) "
+                 "FROM generate_series(1, 40) i")
+    conn.execute(f"""CREATE FUNCTION deaf(body text) RETURNS real[] LANGUAGE plpgsql AS $$
+        DECLARE context text;
+        BEGIN
+            PERFORM azure_local_ai.create_embeddings('{MODEL}', ARRAY(SELECT g || body FROM generate_series(1, 8) g));
+            RETURN NULL;
+        EXCEPTION WHEN query_canceled THEN
+            GET STACKED DIAGNOSTICS context = PG_EXCEPTION_CONTEXT;
+            IF context LIKE '%at RAISE%' THEN  -- the function's own
+                RAISE;
+            END IF;
+            RETURN NULL;  -- the server's own timeout, lost
+        END $$""")
+    conn.execute("SET statement_timeout = 500")
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement due to statement timeout"):
+        conn.execute("SELECT count(deaf(body)) FROM long_texts")
+    assert time.monotonic() - started < 30  # lost, it runs to its end: ~90 s here
+
+
 def test_prepared_statements_of_asyncpg_and_psycopg(conn: psycopg.Connection, proxy: ProxyProcess,
                                                     database: str) -> None:
     conn.execute(f"CREATE TABLE docs (id int, body text, v real[] GENERATED ALWAYS AS ({CALL.format('body')}) STORED)")

@@ -14,7 +14,7 @@ from .. import protocol as pg
 from ..capture import QueryFailed
 from ..hooks import SessionControl
 from . import azuresettings
-from .errors import CallError
+from .errors import CANCELLED, CallError
 from .functions import BUILTIN_URI, Backend
 from .replies import ReplyWatcher
 from .sqlcalls import CallSite
@@ -30,7 +30,6 @@ PRIVILEGE_CHECK = (
 )
 LONG_STATEMENT = 1 << 20
 T = TypeVar("T")
-_CANCELLED = CallError("57014", "canceling statement due to user request")
 
 
 def denied(function: str) -> CallError:
@@ -115,7 +114,7 @@ class LocalWork:
             if self._cancel_asked:
                 self._cancel_asked = False
                 if task.uncancel() == 0:  # else the session's end cancelled it too
-                    raise _CANCELLED from None
+                    raise CANCELLED from None
             raise
         finally:
             self._work = None

@@ -12,3 +12,7 @@ class CallError(Exception):
         self.sqlstate = sqlstate
         self.message = message
         self.hint = hint
+
+
+#: What a client's CancelRequest ends a statement with, as PostgreSQL words it.
+CANCELLED = CallError("57014", "canceling statement due to user request")

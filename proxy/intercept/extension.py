@@ -21,7 +21,7 @@ from .errors import CallError
 
 NAME = "azure_local_ai"
 #: Every version, oldest first; the last is the default. Each after the first has an update script.
-VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4")
+VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5")
 VERSION = VERSIONS[-1]
 #: The schemas the script creates: the extension's functions, and what they need to reach the proxy.
 SCHEMAS = (NAME, "azure_local_ai_proxy")

@@ -206,8 +206,10 @@ class InterceptHook:
 
     def cancel(self) -> None:
         self.work.cancel()
+        if self.server is not None:
+            self.server.cancel()
 
     def close(self) -> None:
-        self.cancel()
+        self.work.cancel()
         if self.server is not None:
             self.server.close()

@@ -32,7 +32,7 @@ from ..service import ServiceConnections, ServiceLoginFailed, ServiceUnavailable
 from ..stats import STATS
 from ..tasks import retrieve, shielded
 from .embeddingtables import EmbeddingTables
-from .errors import CallError
+from .errors import CANCELLED, CallError
 from .evaluate import as_text, run
 from .functions import Backend
 from .mailboxes import Box, Mailboxes
@@ -76,6 +76,8 @@ class ServerCalls:
         self._unanswered: CallError | None = None
         self.mailboxes = Mailboxes(service, database, backend_pid)
         self._tasks: set[asyncio.Task[None]] = set()  # answers being worked out
+        self._working: set[asyncio.Future[tuple[str, str]]] = set()  # their outcomes, which cancel() stops
+        self._cancelled = False  # a client's CancelRequest came during this statement
         #: The request's advisory lock, and taking it (_hold).
         self._holding: tuple[int, asyncio.Future[bool]] | None = None
         self.ahead = ReadAhead(login, database, backend, service, self._keep_ahead)
@@ -111,23 +113,27 @@ class ServerCalls:
 
     async def _answer(self, request: Request, box: Box) -> None:
         working = asyncio.ensure_future(self._outcome(request))
+        self._working.add(working)
         try:
             await asyncio.sleep(0)  # an answer at hand (a kept vector, a setting) goes at once
             if not working.done():
                 await self._hold(request, box)
-            status, text = await working
+            await asyncio.wait([working])
+            status, text = _refusal(CANCELLED) if working.cancelled() else working.result()
         finally:
             working.cancel()
+            self._working.discard(working)
         # Once begun, a delivery runs to its end even if the statement ends meanwhile (statement_done):
         # cutting a service query short would leave its connection in doubt.
         await shielded(self._deliver_or_cancel(request, box, status, text, self._statement))
 
     async def _outcome(self, request: Request) -> tuple[str, str]:
+        if self._cancelled:
+            return _refusal(CANCELLED)
         try:
             return await self._evaluate(request)
         except CallError as error:
-            STATS.error(error.sqlstate, "server")
-            return "E", json.dumps({"code": error.sqlstate, "message": error.message, "hint": error.hint})
+            return _refusal(error)
         except Exception:
             log.exception("a server call failed", extra={"event": "server_call_error", "function": request.function})
             STATS.error("XX000", "server")
@@ -175,6 +181,16 @@ class ServerCalls:
             except Exception as cancel_failed:  # the server is out of reach too: the session will notice
                 log.warning("a statement could not be cancelled", extra={"event": "cancel_failed",
                                                                           "reason": str(cancel_failed)})
+
+    def cancel(self) -> None:
+        """A client's CancelRequest while the statement runs. The server cancels it, except where the
+        signal lands as the function's wait for its answer times out (lock_timeout): PostgreSQL then
+        reports the lock's timeout, which the wait takes as a turn of its loop, and the cancel is lost.
+        So the answers being worked out, and those asked for until the statement ends, are the cancel's
+        error: the statement ends with 57014 either way."""
+        self._cancelled = True
+        for working in self._working:
+            working.cancel()
 
     def cancelled_error(self, body: bytes) -> bytes | None:
         """What the client gets instead of the server's ErrorResponse `body`: where it is the cancel of a
@@ -306,6 +322,7 @@ class ServerCalls:
         self._statement += 1
         self.asked_in_statement = 0
         self._unanswered = None
+        self._cancelled = False
         self._kept_role = None
         self._unkept.clear()
         self.ahead.statement_done()
@@ -330,3 +347,9 @@ class ServerCalls:
             self.mailboxes.track(self._let_go(*self._holding))
             self._holding = None
         await self.mailboxes.close()
+
+
+def _refusal(error: CallError) -> tuple[str, str]:
+    """The answer that makes the waiting function raise `error`."""
+    STATS.error(error.sqlstate, "server")
+    return "E", json.dumps({"code": error.sqlstate, "message": error.message, "hint": error.hint})

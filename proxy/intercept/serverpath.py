@@ -113,6 +113,13 @@ class ServerPath:
         if task is not None:
             self.track(self.replies.answered, task)
 
+    def cancel(self) -> None:
+        """A client's CancelRequest while a statement runs: what is read ahead for it stops, and its
+        calls are answered with the cancel's error (ServerCalls.cancel)."""
+        for _, task in self.lookaheads:
+            task.cancel()
+        self.calls.cancel()
+
     def cancelled_error(self, body: bytes) -> bytes | None:
         return self.calls.cancelled_error(body)
 
