@@ -448,13 +448,16 @@ class Relay:
                 self._pause_if_quiet()
             if self._draining is not None:  # once this answer has gone to the client
                 asyncio.get_running_loop().call_soon(self._end_if_due)
-        write = self.client.write
+        # What this read brings goes to the client in one write: a write is a system call, and one-row
+        # statements come as several small messages in one read.
         if not framer.inspect:  # nothing is inspected: every piece is a raw run
-            for piece in pieces:
-                write(piece)  # type: ignore[arg-type]
+            if pieces:
+                self.client.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))  # type: ignore[arg-type]
             if self._thread is not None:
                 self._rest()
             return
+        out: list[bytes] = []
+        write = out.append
         for piece in pieces:
             if type(piece) is not pg.Message:
                 write(piece)  # type: ignore[arg-type]
@@ -474,6 +477,8 @@ class Relay:
             watcher = self._watcher
             replacement = watcher(piece.type, piece.body) if watcher is not None else None
             write(piece.encode() if replacement is None else replacement)
+        if out:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
         if self._thread is not None:
             self._rest()
 

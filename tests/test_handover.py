@@ -163,7 +163,7 @@ def test_settings_put_in_front_of_a_refused_query_give_it_the_error(server: RawC
 def test_what_a_string_constant_would_not_hold_as_it_is_is_not_handed_over(bad: bytes) -> None:
     assert settings_sql(MAILBOX.setting, b"{1,2}" + bad) is None
     assert settings_sql(MAILBOX.setting, None) == (
-        f"SELECT pg_catalog.set_config('{SESSION_SETTING}', '{MAILBOX.setting}', true)")
+        f"SELECT pg_catalog.num_nulls(pg_catalog.set_config('{SESSION_SETTING}', '{MAILBOX.setting}', true))")
 
 
 def test_replies_after_the_proxys_are_the_clients() -> None:

@@ -29,9 +29,10 @@ KEPT_SETTING = "azure_local_ai.proxy_kept"
 #: of these was cut short, and after.
 NAME = "azure_local_ai_proxy_hand_over"
 _NAME = NAME.encode() + b"\0"
-#: The proxy's statement before a Bind, its values bound: nothing of them is parsed as SQL.
-BIND_SQL = (f"SELECT pg_catalog.set_config('{SESSION_SETTING}', $1, true), "
-            f"pg_catalog.set_config('{KEPT_SETTING}', $2, true)")
+#: The proxy's statement before a Bind, its values bound: nothing of them is parsed as SQL. Its row
+#: is one small number (num_nulls), not the values set_config echoes: an answer is ~5 kB.
+BIND_SQL = (f"SELECT pg_catalog.num_nulls(pg_catalog.set_config('{SESSION_SETTING}', $1, true), "
+            f"pg_catalog.set_config('{KEPT_SETTING}', $2, true))")
 #: The replies to prepare_before_bind: CloseComplete, ParseComplete; to run_before_bind: BindComplete,
 #: the row and CommandComplete, and two CloseCompletes; to close_before_bind: CloseComplete.
 PREPARE_REPLIES = b"31"
@@ -60,7 +61,8 @@ def settings_sql(session: str, answer: bytes | None = None) -> str | None:
     constants = [(name, _constant(value)) for name, value in values]
     if any(constant is None for _, constant in constants):
         return None
-    return "SELECT " + ", ".join(f"pg_catalog.set_config('{name}', {constant}, true)" for name, constant in constants)
+    calls = ", ".join(f"pg_catalog.set_config('{name}', {constant}, true)" for name, constant in constants)
+    return f"SELECT pg_catalog.num_nulls({calls})"  # a small row, as BIND_SQL's
 
 
 def prepare_before_bind() -> bytes:
