@@ -157,8 +157,11 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 def probe_texts() -> Sequence[str]:
     """The texts an integer build is compared on at registration: the evaluation set's queries and
-    passages (short texts: a build may lose more on long ones, as measured in bench/check_minilm.py)."""
-    return [text for pair in PAIRS for text in pair]
+    passages, and long texts (its passages joined, from every third one on), where a build loses most:
+    all-MiniLM-L6-v2 in 4 bits keeps a cosine of 0.91 on the short texts and falls to 0.88 on these."""
+    passages = [passage for _, passage in PAIRS]
+    joined = [" ".join(passages[start:] + passages[:start]) for start in range(0, len(passages), 3)]
+    return [text for pair in PAIRS for text in pair] + joined
 
 
 def main(argv: Sequence[str]) -> int:

@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from inference import ModelFiles, ModelFilesError, build_hf_dir, load_model_dir
+from inference.evalset import PAIRS
 from inference.quantize import MIN_COSINE, WEIGHTS, cosines, probe_texts, quantized_model, split_weights
 from inference.runtime import ModelRuntime, integer_build
 from inference.settings import EngineSettings
@@ -74,15 +75,19 @@ def test_every_dense_layer_is_rewritten_and_the_float_weights_dropped(minilm_fp3
 
 
 @pytest.mark.parametrize("weights, mean, lowest", [
-    ("q8", 0.9995, 0.999), ("q8i8", 0.999, 0.998), ("q4", 0.95, MIN_COSINE), ("q4i8", 0.95, MIN_COSINE)])
+    ("q8", 0.9995, 0.999), ("q8i8", 0.999, 0.998), ("q4", 0.95, 0.85), ("q4i8", 0.95, 0.85)])
 def test_fidelity_to_the_float_model(minilm_fp32: ModelFiles, float_runtime: ModelRuntime, float_vectors: np.ndarray,
                                      weights: str, mean: float, lowest: float) -> None:
-    """8-bit blocks keep all-MiniLM-L6-v2's vectors; 4-bit ones cost it a few points (the reason q8 exists)."""
+    """8-bit blocks keep all-MiniLM-L6-v2's vectors; 4-bit ones cost it a few points, most on long texts,
+    more than registration accepts there (the reason q8 exists)."""
     built = ModelRuntime(dataclasses.replace(minilm_fp32, weights=weights), EngineSettings.default(),
                          float_runtime.tokenizer)
     similarity = cosines(float_vectors, built.embed_texts(probe_texts()))
     assert similarity.mean() >= mean and similarity.min() >= lowest
     assert similarity.min() < 0.999999  # and they are another model's vectors: the build ran
+    if weights.startswith("q4"):  # over the guard on the short texts, under it on the long ones
+        short = 2 * len(PAIRS)
+        assert similarity[:short].min() >= MIN_COSINE > similarity[short:].min()
 
 
 def test_a_model_is_run_as_exported_unless_asked(minilm_fp32: ModelFiles, float_vectors: np.ndarray) -> None:
