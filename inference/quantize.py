@@ -53,8 +53,8 @@ def quantized_model(onnx_path: Path, weights: str) -> bytes:
     dense = _rewrite_matmuls(model.graph, bits, accuracy_level)
     if not dense:
         raise ModelFilesError(
-            f"{onnx_path} has no MatMul by a constant float32 matrix whose rows are a multiple of {BLOCK} "
-            f"(an initializer that is also a graph input is not a constant): there is nothing to build as {weights}")
+            f"{onnx_path} has no MatMul by a constant float32 matrix whose rows are a multiple of {BLOCK}: "
+            f"there is nothing to build as {weights}")
     _drop_replaced(model.graph, dense | _rewrite_gathers(model.graph))
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -62,9 +62,10 @@ def quantized_model(onnx_path: Path, weights: str) -> bytes:
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """The graph's initializers by name, but those that are also inputs: those may be fed at run time."""
-    overridable = {i.name for i in graph.input}
-    return {t.name: t for t in graph.initializer if t.name not in overridable}
+    """The graph's initializers by name. One that is also a graph input (an export with
+    keep_initializers_as_inputs) is a default the caller may override, but the engine feeds a model
+    its token inputs alone (runtime.py), so it always takes the initializer's value."""
+    return {t.name: t for t in graph.initializer}
 
 
 def _rewrite_matmuls(graph: onnx.GraphProto, bits: int, accuracy_level: int) -> set[str]:
@@ -120,9 +121,13 @@ def _drop_replaced(graph: onnx.GraphProto, replaced: set[str]) -> None:
     """Drop the float tensors the rewrite replaced, unless something still reads them: a node of the
     graph or of a subgraph (If, Loop, Scan bodies read outer names), or the graph's outputs."""
     used = _names_read(graph) | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name not in replaced or t.name in used]
+    dropped = replaced - used
+    kept = [t for t in graph.initializer if t.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    inputs = [i for i in graph.input if i.name not in dropped]  # a dropped weight's default, if it was one
+    del graph.input[:]
+    graph.input.extend(inputs)
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

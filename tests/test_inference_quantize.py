@@ -137,6 +137,30 @@ def test_outlier_weights_break_4_bits_and_not_8(minilm_fp32: ModelFiles, tmp_pat
     assert lowest["q4"] < MIN_COSINE < 0.98 < lowest["q8"]
 
 
+def test_an_export_with_initializers_as_inputs_is_built_alike(minilm_fp32: ModelFiles, float_runtime: ModelRuntime,
+                                                              tmp_path: Path) -> None:
+    """keep_initializers_as_inputs makes every weight an input with a default; the engine never feeds
+    them, so they are weights like any other: the same build, and no input left for a dropped one."""
+    target = tmp_path / "as-inputs"
+    shutil.copytree(minilm_fp32.onnx_path.parent, target)
+    model = onnx.load(str(target / "model.onnx"))
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    onnx.save(model, str(target / "model.onnx"))
+    as_inputs = load_model_dir(target, uri="as-inputs")
+    built = onnx.load_from_string(quantized_model(as_inputs.onnx_path, "q8"))
+    assert sum(n.op_type == "MatMulNBits" for n in built.graph.node) == 36
+    assert {i.name for i in built.graph.input} <= {t.name for t in built.graph.initializer} | {
+        "input_ids", "attention_mask", "token_type_ids"}
+
+    def q8_vectors(files: ModelFiles) -> np.ndarray:
+        return ModelRuntime(dataclasses.replace(files, weights="q8"), EngineSettings.default(),
+                            float_runtime.tokenizer).embed_texts(probe_texts()[:8])
+
+    # the same up to float rounding (ONNX Runtime fuses a little less where weights are inputs)
+    assert np.abs(q8_vectors(as_inputs) - q8_vectors(minilm_fp32)).max() < 1e-5
+
+
 def test_tied_weights_and_subgraphs_survive_the_rewrite(tmp_path: Path) -> None:
     """One table both looked up (Gather) and multiplied by (MatMul), and read again inside an If
     branch: each use gets what it needs, and the float table stays for the branch."""
