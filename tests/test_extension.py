@@ -282,23 +282,30 @@ def test_timeout_and_cancel_stop_a_back_fill(conn: psycopg.Connection) -> None:
     assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def create_deaf_function(conn: psycopg.Connection, body: str) -> None:
+    """deaf(body text) runs `body` and swallows the server's own cancel or statement timeout (a 57014
+    raised anywhere but at a RAISE of the extension's, which the proxy's answers and 1.5's timeout
+    are), as PostgreSQL does where one lands as the extension's wait for its answer times out."""
+    conn.execute(f"""CREATE FUNCTION deaf(body text) RETURNS real[] LANGUAGE plpgsql AS $$
+        DECLARE context text;
+        BEGIN
+            {body}
+        EXCEPTION WHEN query_canceled THEN
+            GET STACKED DIAGNOSTICS context = PG_EXCEPTION_CONTEXT;
+            IF context LIKE '%at RAISE%' THEN
+                RAISE;
+            END IF;
+            RETURN NULL;
+        END $$""")
+
+
 def test_a_cancel_the_server_loses_still_ends_the_statement(conn: psycopg.Connection) -> None:
     """PostgreSQL loses a cancel that lands as the function's wait for its answer times out (lock_timeout
     then wins, and the wait goes on): the proxy, which relayed the cancel, answers the statement's calls
     with the cancel's error itself. Here a function swallows the server's own cancel, every time."""
     conn.execute("CREATE TABLE big (body text)")
     conn.execute("INSERT INTO big SELECT 'lost cancel ' || i FROM generate_series(1, 3000) i")
-    conn.execute(f"""CREATE FUNCTION deaf(body text) RETURNS real[] LANGUAGE plpgsql AS $$
-        DECLARE context text;
-        BEGIN
-            RETURN {CALL.format('body')};
-        EXCEPTION WHEN query_canceled THEN
-            GET STACKED DIAGNOSTICS context = PG_EXCEPTION_CONTEXT;
-            IF context LIKE '%at RAISE%' THEN  -- the proxy's answer
-                RAISE;
-            END IF;
-            RETURN NULL;  -- the server's own cancel, lost
-        END $$""")
+    create_deaf_function(conn, f"RETURN {CALL.format('body')};")
     timer = threading.Timer(0.5, conn.cancel)
     timer.start()
     started = time.monotonic()
@@ -319,18 +326,8 @@ def test_a_statement_timeout_the_server_loses_still_ends_the_statement(conn: psy
     conn.execute("CREATE TABLE long_texts (body text)")
     conn.execute("INSERT INTO long_texts SELECT 'lost timeout ' || i || repeat(' word', 500) "
                  "FROM generate_series(1, 40) i")
-    conn.execute(f"""CREATE FUNCTION deaf(body text) RETURNS real[] LANGUAGE plpgsql AS $$
-        DECLARE context text;
-        BEGIN
-            PERFORM azure_local_ai.create_embeddings('{MODEL}', ARRAY(SELECT g || body FROM generate_series(1, 8) g));
-            RETURN NULL;
-        EXCEPTION WHEN query_canceled THEN
-            GET STACKED DIAGNOSTICS context = PG_EXCEPTION_CONTEXT;
-            IF context LIKE '%at RAISE%' THEN  -- the function's own
-                RAISE;
-            END IF;
-            RETURN NULL;  -- the server's own timeout, lost
-        END $$""")
+    create_deaf_function(conn, f"PERFORM azure_local_ai.create_embeddings('{MODEL}', "
+                               "ARRAY(SELECT g || body FROM generate_series(1, 8) g)); RETURN NULL;")
     conn.execute("SET statement_timeout = 500")
     started = time.monotonic()
     with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement due to statement timeout"):
