@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for length, pool in pools.items():
             for mode, b in modes.items():
                 for name, child in workers.items():
-                    n = int(TEXTS[length, b] * args.scale)
+                    n = max(1, int(TEXTS[length, b] * args.scale))  # a call at least, at any --scale
                     rate, seconds = child.ask((pool.take(max(b, n // b * b) if b else n), b))
                     rates.setdefault((name, length, mode), []).append(rate)
                     latencies.setdefault((name, length, mode), []).extend(s * 1000 for s in seconds)
