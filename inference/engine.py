@@ -116,9 +116,12 @@ class _Item:
 class EmbeddingEngine:
     """Thread-safe embedding service; see the module docstring."""
 
-    def __init__(self, settings: EngineSettings | None = None, batching: BatchingConfig | None = None) -> None:
+    def __init__(self, settings: EngineSettings | None = None, batching: BatchingConfig | None = None,
+                 builds: Path | None = None) -> None:
+        """`builds`: where registered models' integer builds are kept between loads (buildcache.py)."""
         self.settings = settings or EngineSettings.default()
         self.batching = batching or BatchingConfig()
+        self.builds = builds
         self.stats = EngineStats()
         self._runtimes: dict[str, ModelRuntime] = {}
         self._load_lock = threading.Lock()
@@ -198,7 +201,7 @@ class EmbeddingEngine:
                 fresh = self._builder.submit(runtime.with_settings, settings).result()
             else:
                 self._runtimes.pop(model.uri, None)
-                fresh = self._builder.submit(ModelRuntime, model, settings).result()
+                fresh = self._builder.submit(ModelRuntime, model, settings, None, self.builds).result()
             del runtime
             self.stats.session_builds += 1
             self._runtimes[model.uri] = fresh

@@ -6,10 +6,10 @@ on blocks of 32 weights with one scale each. ``q4``: 4-bit Q4_0 blocks (the quan
 built-in build), ``q8``: 8-bit blocks (for models that 4 bits hurt); ``i8`` after either: int8
 activations too (MatMulNBits' accuracy_level 4, the integer kernels of CPUs with VNNI).
 Tables looked up by token (the word embeddings) go to 8-bit blocks in every build; everything
-else (attention's products, layer norms, softmax) stays as exported. The rewrite is made each
-time the model loads, by a child process (runtime.integer_build), from the registered (and
-checksummed) files: nothing is written beside them, and a model is never quantised unless its
-registration says so.
+else (attention's products, layer norms, softmax) stays as exported. The rewrite is made by a
+child process from the registered (and checksummed) files, when the model loads and its build is
+not kept already (buildcache.py): nothing is written beside them, and a model is never quantised
+unless its registration says so.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from .errors import ModelFilesError
 from .evalset import PAIRS
 from .q4 import BLOCK, Q4Matrix
 
+#: Part of a kept build's name (buildcache.py): changed whenever the rewrite writes another graph.
+BUILD_FORMAT = "f1"
 #: The weight builds a registration may ask for: (bits, MatMulNBits accuracy_level).
 WEIGHTS: dict[str, tuple[int, int]] = {"q4": (4, 0), "q4i8": (4, 4), "q8": (8, 0), "q8i8": (8, 4)}
 

@@ -7,15 +7,15 @@ fixed per session; the engine makes a new runtime session when they change.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .buildcache import build_source
 from .errors import ModelFilesError
 from .model_dir import POOLED_OUTPUT, ModelFiles, pick_output
 from .settings import EngineSettings
@@ -51,19 +51,6 @@ def _shrinking_run_options() -> ort.RunOptions:
 SHRINK = _shrinking_run_options()
 
 
-def integer_build(files: ModelFiles) -> bytes:
-    """The model's integer build (quantize.py), made by a child process: parsing and writing a model
-    holds the GIL (for 50-400 ms with all-MiniLM-L6-v2, which would stall the event loop), and the
-    float model it reads, twice the build's size or more, is never in this process's memory."""
-    assert files.weights is not None
-    done = subprocess.run([sys.executable, "-m", "inference.quantize", str(files.onnx_path), files.weights],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise ModelFilesError(lines[-1] if lines else f"building {files.onnx_path} as {files.weights} failed")
-    return done.stdout
-
-
 def load_tokenizer(files: ModelFiles) -> TextTokenizer:
     """The model's tokenizer, truncating to its maximum length (special tokens included), unpadded."""
     return _load_tokenizer(files.tokenizer_path, files.max_seq_length)
@@ -72,13 +59,16 @@ def load_tokenizer(files: ModelFiles) -> TextTokenizer:
 class ModelRuntime:
     """Tokenizer + session for one model; ``run`` embeds already tokenised inputs."""
 
-    def __init__(self, files: ModelFiles, settings: EngineSettings, tokenizer: TextTokenizer | None = None) -> None:
+    def __init__(self, files: ModelFiles, settings: EngineSettings, tokenizer: TextTokenizer | None = None,
+                 builds: Path | None = None) -> None:
+        """`builds`: where integer builds are kept between loads (buildcache.py); None: made at each."""
         self.files = files
         self.settings = settings
+        self.builds = builds
         self.tokenizer = tokenizer or load_tokenizer(files)
         register_shared_arena()
         started = time.perf_counter()
-        source = integer_build(files) if files.weights else str(files.onnx_path)
+        source = build_source(files, builds) if files.weights else str(files.onnx_path)
         try:
             self.session = ort.InferenceSession(
                 source, sess_options=settings.session_options(), providers=["CPUExecutionProvider"]
@@ -96,7 +86,7 @@ class ModelRuntime:
 
     def with_settings(self, settings: EngineSettings) -> ModelRuntime:
         """A runtime with a new session under other settings, sharing the tokenizer."""
-        return ModelRuntime(self.files, settings, self.tokenizer)
+        return ModelRuntime(self.files, settings, self.tokenizer, self.builds)
 
     def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.int64) for ids in self.tokenizer.encode_batch(texts)]

@@ -144,7 +144,8 @@ async def _serve_async(config: cfg.Config, args: argparse.Namespace) -> int:
         embedded is None and config.catalog == "server") else None
     backend = await asyncio.to_thread(
         Backend.open, config.data_path, parse_model_roots(config.model_roots, config.data_path),
-        EmbeddingEngine(batching=batching), config.model_variant, config.cache_mb << 20, shared,
+        EmbeddingEngine(batching=batching, builds=config.data_path / "builds"), config.model_variant,
+        config.cache_mb << 20, shared,
         RemoteModels(parse_pools(config.remote_pools), config.remote_builtin, config.remote_fallback)
         if config.remote_pools else None,
     )

@@ -80,6 +80,7 @@ def test_a_float_model_registered_with_integer_weights(conn, model_data_dir: Pat
     metadata = {uri: conn.execute("SELECT azure_local_ai.model_metadata(%s)", [uri]).fetchone()[0]
                 for uri in (as_is, built)}
     assert "weights" not in metadata[as_is] and metadata[built]["weights"] == "q8"
+    assert list((model_data_dir / "builds").glob("*-q8-*.onnx"))  # kept for the next load (buildcache.py)
     assert metadata[built]["model_path"] == f"q8:{metadata[as_is]['model_path']}"
 
     def vectors(uri: str, texts: list[str]) -> np.ndarray:

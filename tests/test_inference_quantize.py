@@ -5,6 +5,7 @@ and that nothing is quantised unless asked."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from inference import ModelFiles, ModelFilesError, build_hf_dir, load_model_dir
+from inference.buildcache import KEEP, build_source, integer_build
 from inference.evalset import PAIRS
 from inference.quantize import MIN_COSINE, WEIGHTS, cosines, probe_texts, quantized_model, split_weights
-from inference.runtime import ModelRuntime, integer_build
+from inference.runtime import ModelRuntime
 from inference.settings import EngineSettings
 
 from . import test_inference_fixtures as shared
@@ -88,6 +90,31 @@ def test_fidelity_to_the_float_model(minilm_fp32: ModelFiles, float_runtime: Mod
     if weights.startswith("q4"):  # over the guard on the short texts, under it on the long ones
         short = 2 * len(PAIRS)
         assert similarity[:short].min() >= MIN_COSINE > similarity[short:].min()
+
+
+def test_builds_are_kept_between_loads(minilm_fp32: ModelFiles, float_runtime: ModelRuntime, tmp_path: Path) -> None:
+    """The first load makes the build and keeps it; the next reads it (a path: no child process) and
+    gives the same vectors; other files are another build; the builds used last are kept, KEEP of them."""
+    files, builds = dataclasses.replace(minilm_fp32, weights="q8"), tmp_path / "builds"
+    assert isinstance(build_source(files, builds), bytes)
+    kept = build_source(files, builds)
+    assert isinstance(kept, str) and [str(p) for p in builds.glob("*.onnx")] == [kept]
+
+    def vectors(directory: Path | None) -> np.ndarray:
+        runtime = ModelRuntime(files, EngineSettings.default(), float_runtime.tokenizer, directory)
+        return runtime.with_settings(EngineSettings(intra_op_parallelism=1)).embed_texts(probe_texts()[:4])
+
+    assert np.array_equal(vectors(builds), vectors(None))
+    changed = tmp_path / "changed"
+    shutil.copytree(minilm_fp32.onnx_path.parent, changed)
+    (changed / "notes.txt").write_text("another file beside the model")
+    assert isinstance(build_source(dataclasses.replace(files, onnx_path=changed / files.onnx_path.name), builds), bytes)
+    for i in range(KEEP):  # older than any
+        (builds / f"old-{i}.onnx").write_bytes(b"")
+        os.utime(builds / f"old-{i}.onnx", (1, 1))
+    build_source(dataclasses.replace(files, weights="q4"), builds)
+    left = {p.name for p in builds.glob("*.onnx")}
+    assert len(left) == KEEP and sum(name.startswith("old-") for name in left) == KEEP - 3
 
 
 def test_a_model_is_run_as_exported_unless_asked(minilm_fp32: ModelFiles, float_vectors: np.ndarray) -> None:

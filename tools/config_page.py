@@ -42,7 +42,8 @@ NOTES = {
                 "and databases come from each client: the proxy relays authentication (trust, password, md5, "
                 "SCRAM-SHA-256).",
     "data_dir": "Holds `catalog.sqlite3` (models and settings, unless `catalog = \"server\"` keeps them in the "
-                "upstream server), `models/` (the built-in model's build), `service-password` and, with the "
+                "upstream server), `models/` (the built-in model's build), `builds/` (registered models' integer "
+                "builds, the 8 used last), `service-password` and, with the "
                 "embedded server, `postgres/`. As root the embedded server runs as the OS user "
                 "`azure_local_ai_pg`, which must be able to enter this directory "
                 "([security](security.md#the-embedded-server-as-root)).",
