@@ -56,6 +56,17 @@ def load_tokenizer(files: ModelFiles) -> TextTokenizer:
     return _load_tokenizer(files.tokenizer_path, files.max_seq_length)
 
 
+def _session(files: ModelFiles, settings: EngineSettings, builds: Path | None) -> ort.InferenceSession:
+    source = build_source(files, builds) if files.weights else str(files.onnx_path)
+    try:
+        return ort.InferenceSession(source, sess_options=settings.session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for invalid models
+        if files.weights and isinstance(source, str):  # a kept build it cannot read (damaged): made again
+            Path(source).unlink(missing_ok=True)
+            return _session(files, settings, builds)
+        raise ModelFilesError(f"ONNX Runtime cannot load {files.onnx_path}: {exc}") from None
+
+
 class ModelRuntime:
     """Tokenizer + session for one model; ``run`` embeds already tokenised inputs."""
 
@@ -68,13 +79,7 @@ class ModelRuntime:
         self.tokenizer = tokenizer or load_tokenizer(files)
         register_shared_arena()
         started = time.perf_counter()
-        source = build_source(files, builds) if files.weights else str(files.onnx_path)
-        try:
-            self.session = ort.InferenceSession(
-                source, sess_options=settings.session_options(), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own exception types for invalid models
-            raise ModelFilesError(f"ONNX Runtime cannot load {files.onnx_path}: {exc}") from None
+        self.session = _session(files, settings, builds)
         self.load_seconds = time.perf_counter() - started
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = self.session.get_outputs()

@@ -105,6 +105,8 @@ def test_builds_are_kept_between_loads(minilm_fp32: ModelFiles, float_runtime: M
         return runtime.with_settings(EngineSettings(intra_op_parallelism=1)).embed_texts(probe_texts()[:4])
 
     assert np.array_equal(vectors(builds), vectors(None))
+    Path(kept).write_bytes(b"damaged on disk")  # made again, and kept again
+    assert np.array_equal(vectors(builds), vectors(None)) and Path(kept).stat().st_size > 1 << 20
     changed = tmp_path / "changed"
     shutil.copytree(minilm_fp32.onnx_path.parent, changed)
     (changed / "notes.txt").write_text("another file beside the model")
