@@ -4,7 +4,7 @@ between loads where the engine is given a directory for them (the proxy's DATA_D
 A build is kept under the SHA-256 of the files beside the model's ONNX file (its external data
 among them), the build asked for and BUILD_FORMAT: changed files, or a rewrite that writes another
 graph, are built again. A load that finds its build there reads it like a model as exported, without
-the child process (~1.5 s and the float model's memory for all-MiniLM-L6-v2). The builds used last
+the child process (2.4 s and the float model's memory for all-MiniLM-L6-v2). The builds used last
 are kept, KEEP of them."""
 
 from __future__ import annotations
