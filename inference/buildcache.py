@@ -1,7 +1,7 @@
 """Integer builds of registered models (quantize.py): made by a child process, and kept on disk
 between loads where the engine is given a directory for them (the proxy's DATA_DIR/builds).
 
-A build is kept under the SHA-256 of the files beside the model's ONNX file (its external data
+A build is kept under the SHA-256 of the model's files (model_dir.files_sha256: its external data
 among them), the build asked for and BUILD_FORMAT: changed files, or a rewrite that writes another
 graph, are built again. A load that finds its build there reads it like a model as exported, without
 the child process (2.4 s and the float model's memory for all-MiniLM-L6-v2). The builds used last
@@ -9,7 +9,6 @@ are kept, KEEP of them."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -17,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .errors import ModelFilesError
-from .model_dir import ModelFiles
+from .model_dir import ModelFiles, files_sha256
 from .quantize import BUILD_FORMAT
 
 log = logging.getLogger("azure_local_ai_proxy.engine")
@@ -43,7 +42,7 @@ def build_source(files: ModelFiles, directory: Path | None) -> bytes | str:
     `directory`, or the build made now (and kept there, with a directory)."""
     if directory is None:
         return integer_build(files)
-    path = directory / f"{_digest(files.onnx_path.parent)}-{files.weights}-{BUILD_FORMAT}.onnx"
+    path = directory / f"{files_sha256(files)}-{files.weights}-{BUILD_FORMAT}.onnx"
     if path.is_file():
         os.utime(path)  # used last: kept longest
         return str(path)
@@ -53,16 +52,6 @@ def build_source(files: ModelFiles, directory: Path | None) -> bytes | str:
     except OSError as exc:  # only time is lost: the next load builds it again
         log.warning("an integer build was not kept", extra={"event": "build_not_kept", "reason": str(exc)})
     return built
-
-
-def _digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as data:
-            while chunk := data.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _keep(directory: Path, path: Path, built: bytes) -> None:

@@ -201,7 +201,7 @@ class EmbeddingEngine:
                 fresh = self._builder.submit(runtime.with_settings, settings).result()
             else:
                 self._runtimes.pop(model.uri, None)
-                fresh = self._builder.submit(ModelRuntime, model, settings, None, self.builds).result()
+                fresh = self._builder.submit(ModelRuntime, model, settings, builds=self.builds).result()
             del runtime
             self.stats.session_builds += 1
             self._runtimes[model.uri] = fresh

@@ -8,6 +8,7 @@ and probes the embedding dimension and the maximum sequence length.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,3 +182,21 @@ def load_model_dir(
         dimensions=int(dimensions),
         max_seq_length=max_length,
     )
+
+
+def files_sha256(files: ModelFiles) -> str:
+    """The SHA-256 of a model's files: every file of the ONNX graph's directory (its external data and
+    configuration, whatever their names), by name, and the tokenizer where it lies elsewhere. What a
+    catalog shared by many proxies keeps (each checks it loads the files registered), and what names
+    a kept integer build (buildcache.py)."""
+    directory = files.onnx_path.parent
+    paths = sorted(path for path in directory.iterdir() if path.is_file())
+    if files.tokenizer_path.parent != directory:
+        paths.append(files.tokenizer_path)
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -172,7 +172,7 @@ def probe_texts() -> Sequence[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m inference.quantize MODEL.onnx WEIGHTS``: the build on stdout (how runtime.py makes
+    """``python -m inference.quantize MODEL.onnx WEIGHTS``: the build on stdout (how buildcache.py makes
     it, in a child process); a ModelFilesError's message as the last line on stderr."""
     try:
         sys.stdout.buffer.write(quantized_model(Path(argv[0]), argv[1]))

@@ -22,7 +22,7 @@ from inference.engine import EmbeddingEngine, Usage
 from inference.errors import EmbeddingTimeout, ModelFilesError
 from inference.fetch import builtin_files, needs_build
 from inference.graph import Progress
-from inference.model_dir import ModelFiles, load_model_dir
+from inference.model_dir import ModelFiles, files_sha256, load_model_dir
 from inference.quantize import MIN_COSINE, cosines, probe_texts, split_weights
 from inference.settings import EngineSettings
 
@@ -31,7 +31,6 @@ from ..remote.pool import RemotePool
 from ..tasks import retrieve
 from .embedcache import EmbeddingCache
 from .errors import CallError
-from .modelpaths import files_sha256
 from .remoteembed import embed_remote, pool_named
 from .vectors import LOOKAHEAD_CHUNK, Ready, Vectors
 
