@@ -669,9 +669,8 @@ class Relay:
     # ------------------------------------------------------------------ life cycle
 
     def cancel(self) -> None:
-        """A CancelRequest named this session: tell the hook (the upstream gets its own request). Between
-        statements there is nothing to cancel, as for the server: the next statement must not be."""
-        if self.hook is not None and not self.idle:
+        """A CancelRequest named this session: tell the hook (the upstream gets its own request)."""
+        if self.hook is not None:
             self.hook.cancel()
 
     @property

@@ -114,8 +114,13 @@ class ServerPath:
             self.track(self.replies.answered, task)
 
     def cancel(self) -> None:
-        """A client's CancelRequest while a statement runs: what is read ahead for it stops, and its
-        calls are answered with the cancel's error (ServerCalls.cancel)."""
+        """A client's CancelRequest while a statement with calls the server evaluates runs (it has asked,
+        or is read ahead for): what is read ahead for it stops, and its calls are answered with the
+        cancel's error (ServerCalls.cancel). Between statements there is nothing to cancel, as for the
+        server: the next statement must not be. (The relay's own view of idleness would race: a client
+        may send its query and, on another connection, its cancel, which the proxy may read first.)"""
+        if not self.lookaheads and not self.calls.asked_in_statement:
+            return
         for _, task in self.lookaheads:
             task.cancel()
         self.calls.cancel()
