@@ -1,12 +1,13 @@
 """The proxy's /v1/embeddings against the same embeddings through SQL (create_embeddings from asyncpg) and against
 a standalone service a user might run instead (bench/st_server.py, in bench/.venv), side by side in one run.
 
-    .venv/bin/python -m bench.http_embeddings [--single 150] [--concurrent 300] [--clients 8] [--batches 15]
-        [--batch-size 32] [--rounds 3] [--wait-load 0] [--data-dir DIR] [--record]
-
-Unique short texts, one per request from one client (single) and from --clients at once (concurrent), and
---batch-size per request (batch); vectors decoded as a user's client would; --rounds blocks in rotating order.
-Checked once: /v1/embeddings gives SQL's vectors bit for bit; the cosine of the standalone's with ours."""
+The proxy: `serve --http-listen`, default settings. The standalone: sentence-transformers on torch CPU (threads =
+nproc), the same e5 weights dequantised to float32, behind ThreadingHTTPServer, one model call per request, calls
+taking turns. Unique short texts (14-28 tokens): one per request from one client (single) and from --clients at
+once (concurrent), and --batch-size per request (batch); latency per request as the client sees it (vectors
+decoded); texts/s over each workload's wall time; --rounds blocks in a rotating order. The proxy's engine runs
+under SCHED_IDLE, torch at normal priority: on a loaded machine that favours the standalone server. Checked once:
+whether /v1/embeddings gives SQL's vectors bit for bit; the lowest cosine of the standalone's vectors with ours."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ async def agreement(paths: dict[str, Embed], texts: list[str]) -> tuple[bool, fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("http_embeddings", __doc__, shown=".venv/bin/python -m")
+    cli = Cli("http_embeddings", __doc__)
     cli.add_argument("--single", type=int, default=150, help="requests of the single workload")
     cli.add_argument("--concurrent", type=int, default=300, help="requests of the concurrent workload")
     cli.add_argument("--clients", type=int, default=8, help="clients of the concurrent workload")
@@ -131,14 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[workload, path, m.texts, f"{m.texts / m.seconds:.0f}", f"{pct(m.latencies, 50) * 1000:.1f}",
              f"{pct(m.latencies, 99) * 1000:.1f}"] for (workload, path), m in results.items()]
     rig.publish(
-        ["Proxy: `serve --http-listen`, default settings (the q4 built-in model, dynamic batching). Standalone: "
-         "sentence-transformers on torch CPU (threads = nproc), the same e5 weights dequantised to float32, behind "
-         "ThreadingHTTPServer, one model call per request, calls taking turns.",
-         "Unique short texts (14-28 tokens); latency per request as the client sees it (vectors decoded); texts/s "
-         "over each workload's wall time. The proxy's engine runs under SCHED_IDLE, torch at normal priority: on a "
-         "loaded machine (see the load average) that favours the standalone server.",
-         f"/v1/embeddings gives the SQL function's vectors bit for bit: **{'yes' if same else 'NO'}**; "
-         f"lowest cosine standalone vs ours over 20 texts: {cosine:.6f}."],
+        [f"/v1/embeddings gives the SQL function's vectors bit for bit: **{'yes' if same else 'NO'}**; lowest cosine "
+         f"standalone vs ours over 20 texts: {cosine:.6f}."],
         table(["workload", "path", "texts", "texts/s", "p50 ms", "p99 ms"], rows),
         "",
     )

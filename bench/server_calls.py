@@ -22,9 +22,10 @@ import psycopg
 
 from bench import workloads
 from bench.common import Cli, load_corpus, pct, table, throughput
-from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Rig, copy_in, free_port
+from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Rig, copy_in
 from inference.engine import EmbeddingEngine
 from inference.model_dir import ModelFiles
+from tests.pgcluster import free_port
 
 SECTION = "## Calls the server evaluates (bench.server_calls)"
 CALL = f"azure_local_ai.create_embeddings('{MODEL}', body)"
