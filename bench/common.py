@@ -47,6 +47,10 @@ def cos6(value: float) -> str:
     return f"{value:.6f}"
 
 
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "**FAIL**"
+
+
 def pct(samples: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
@@ -72,6 +76,16 @@ async def clients(call: Callable[[T], Awaitable[object]], items: Iterable[T], co
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(count)))
     return time.perf_counter() - started, latencies
+
+
+def timed_ms(call: Callable[[T], object], items: Iterable[T]) -> list[float]:
+    """Each call of `call` on an item, timed, in ms."""
+    out = []
+    for item in items:
+        started = time.perf_counter()
+        call(item)
+        out.append((time.perf_counter() - started) * 1000)
+    return out
 
 
 def throughput(embed: Callable[[list[str]], object], texts: list[str], batch: int) -> float:
@@ -126,27 +140,24 @@ class Cli(argparse.ArgumentParser):
     ``command_line``, the command as its RESULTS section records it, and ``method``, the docstring's second
     paragraph (how it measures), which the section states."""
 
-    def __init__(self, name: str, doc: str | None, prog: str = "") -> None:
+    def __init__(self, name: str, doc: str | None, section: str, prog: str = "") -> None:
         self.paragraphs = [" ".join(p.split()) for p in (doc or "").split("\n\n")]
         super().__init__(prog=prog or f"python -m bench.{name}", description=self.paragraphs[0],
                          epilog=" ".join(self.paragraphs[1:2]))
+        self.name, self.section = name, section
+        self.add_argument("--record", action="store_true", help=f"replace '{section}' in bench/RESULTS.md")
+        self.add_argument("--wait-load", type=float, default=0.0,
+                          help="first wait (up to 10 min) for the 1-minute load average to fall below this; 0: no wait")
 
     def data_dir(self, default: Path | None = DEFAULT_DATA_DIR) -> None:
         self.add_argument("--data-dir", type=Path, default=default, help="where the built model is kept (reused by "
                           f"later runs; default: {default or 'a new one for this run'})")
 
-    def wait_load(self) -> None:
-        self.add_argument("--wait-load", type=float, default=0.0,
-                          help="first wait (up to 10 min) for the 1-minute load average to fall below this; 0: no wait")
-
-    def record(self, section: str) -> None:
-        self.add_argument("--record", action="store_true", help=f"replace '{section}' in bench/RESULTS.md")
-
     def parse(self, argv: list[str] | None) -> argparse.Namespace:
         args = self.parse_args(argv)
         args.command_line = " ".join([self.prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-        args.method = " ".join(self.paragraphs[1:2])
-        if getattr(args, "wait_load", 0):
+        args.method, args.name, args.section = " ".join(self.paragraphs[1:2]), self.name, self.section
+        if args.wait_load:
             wait_for_quiet(args.wait_load)
         return args
 
@@ -181,15 +192,15 @@ class Child:
 
 
 class Section:
-    """A benchmark's RESULTS section: `title` ("## ..."), the command and its minutes, the machine at the start and
-    at the end, the method (Cli's) and facts as a list, then the figures. Printed; with --record, written into
-    RESULTS.md in place of the section of that title (appended if absent), the file re-read right before writing so
-    that sections edited meanwhile are kept."""
+    """A benchmark's RESULTS section: its title (Cli's `section`, "## ..."), the command and its minutes, the machine
+    at the start and at the end, the method (Cli's) and facts as a list, then the figures. Printed; with --record,
+    written into RESULTS.md in place of the section of that title (appended if absent), the file re-read right
+    before writing so that sections edited meanwhile are kept."""
 
-    def __init__(self, args: argparse.Namespace, title: str) -> None:
-        self.args, self.title, self.started = args, title, time.monotonic()
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.title, self.started = args, args.section, time.monotonic()
         self.header = machine_header()
-        print(f"{title}: {self.header}", file=sys.stderr, flush=True)
+        print(f"{self.title}: {self.header}", file=sys.stderr, flush=True)
 
     def publish(self, facts: list[str], *lines: str) -> None:
         minutes = (time.monotonic() - self.started) / 60

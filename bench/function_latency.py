@@ -157,15 +157,13 @@ def report(rig: Rig, series: list[Series]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("function_latency", __doc__)
+    cli = Cli("function_latency", __doc__, SECTION)
     cli.add_argument("--iterations", type=int, default=300, help="timed calls per series")
     cli.add_argument("--warmup", type=int, default=20, help="untimed calls per series first")
     cli.add_argument("--rounds", type=int, default=15, help="interleaved blocks each series is cut into")
-    cli.wait_load()
     cli.data_dir(None)
-    cli.record(SECTION)
     args = cli.parse(argv)
-    with Rig(args, SECTION, "alp-fnlat-") as rig:
+    with Rig(args) as rig:
         print("building the model (if needed), starting PostgreSQL and the proxy...", file=sys.stderr, flush=True)
         files: ModelFiles = rig.model(args.data_dir or rig.workdir / "model-home")
         cluster = rig.cluster()

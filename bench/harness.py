@@ -43,13 +43,13 @@ def dsn(port: int) -> str:
 
 
 class Rig(contextlib.ExitStack, Section):
-    """One benchmark run and its RESULTS section: `args` (from Cli.parse), a work directory (named `prefix`...), the
-    servers it starts, all stopped when it closes."""
+    """One benchmark run and its RESULTS section: `args` (from Cli.parse), a work directory, the servers it starts,
+    all stopped when it closes."""
 
-    def __init__(self, args: argparse.Namespace, section: str, prefix: str) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         contextlib.ExitStack.__init__(self)
-        Section.__init__(self, args, section)
-        self.workdir = make_workdir(prefix)
+        Section.__init__(self, args)
+        self.workdir = make_workdir(f"alp-{args.name}-")
         self.callback(shutil.rmtree, self.workdir, True)
         self.model_home: Path | None = None
         self.pgbouncer_version = ""

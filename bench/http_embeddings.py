@@ -1,5 +1,5 @@
 """The proxy's /v1/embeddings against the same embeddings through SQL (create_embeddings from asyncpg) and against
-a standalone service a user might run instead (bench/st_server.py, in bench/.venv), side by side in one run.
+a standalone service a user might run instead, side by side in one run.
 
 The proxy: `serve --http-listen`, default settings. The standalone: sentence-transformers on torch CPU (threads =
 nproc), the same e5 weights dequantised to float32, behind ThreadingHTTPServer, one model call per request, calls
@@ -12,17 +12,20 @@ whether /v1/embeddings gives SQL's vectors bit for bit; the lowest cosine of the
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import json
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
 
 import aiohttp
 import asyncpg
 import numpy as np
 
-from bench import workloads
-from bench.common import BENCH, Cli, clients, pct, rotated, row_cosines, table
+from bench import runners
+from bench.common import Child, Cli, clients, pct, rotated, row_cosines, table
 from bench.harness import MODEL, Rig
 from tests.pgcluster import free_port
 from tests.proxyproc import wait_for_port
@@ -36,9 +39,40 @@ Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 
 @dataclass
 class Measured:
-    latencies: list[float] = field(default_factory=list)  # seconds
-    texts: int = 0
     seconds: float = 0.0
+    texts: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds
+
+
+def standalone(pipe: Connection, port: int) -> None:
+    """What a user might run instead of /v1/embeddings, in a process of its own: sentence-transformers behind the
+    standard library's HTTP server, one model call per request, calls taking turns (torch already spreads one call
+    over every core)."""
+    encode, turn = runners.st_embedder(), threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the proxy's listener
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with turn:
+                vectors = encode([body["input"]] if isinstance(body["input"], str) else body["input"])
+            answer = json.dumps({"object": "list", "model": body["model"], "data": [
+                {"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pipe.send("ready")
+    pipe.recv()  # None: the end
+    server.shutdown()
 
 
 def http_client(session: aiohttp.ClientSession, url: str) -> Embed:
@@ -63,13 +97,12 @@ def sql_client(pool: asyncpg.Pool) -> Embed:
 
 
 async def measure(paths: dict[str, Embed], plan: list[tuple[str, int, int, int]], rounds: int,
-                  pool: workloads.Pool) -> dict[tuple[str, str], Measured]:
+                  pool: runners.Pool) -> dict[tuple[str, str], Measured]:
     """Every workload (name, requests, texts per request, clients) on every path, in rotating rounds."""
     results = {(workload[0], p): Measured() for workload in plan for p in paths}
     for embed in paths.values():  # warm-up: connections, the first model runs
-        for _ in range(3):
-            await embed(pool.take(1))
-        await embed(pool.take(8))
+        for n in (1, 1, 1, 8):
+            await embed(pool.take(n))
     for round_ in range(rounds):
         for name, requests, per_request, count in plan:
             for path in rotated(list(paths), round_):
@@ -82,28 +115,18 @@ async def measure(paths: dict[str, Embed], plan: list[tuple[str, int, int, int]]
     return results
 
 
-async def agreement(paths: dict[str, Embed], texts: list[str]) -> tuple[bool, float]:
-    """Whether /v1/embeddings gives SQL's bits for each text (one request each, as the SQL calls), and the lowest
-    cosine between the standalone's vectors and ours."""
-    got = {path: np.array([(await paths[path]([t]))[0] for t in texts], np.float32) for path in (HTTP, SQL, STANDALONE)}
-    same = all(a.tobytes() == b.tobytes() for a, b in zip(got[HTTP], got[SQL], strict=True))
-    return same, float(row_cosines(got[STANDALONE], got[SQL]).min())
-
-
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("http_embeddings", __doc__)
+    cli = Cli("http_embeddings", __doc__, SECTION, prog="bench/run.sh http_embeddings")
     cli.add_argument("--single", type=int, default=150, help="requests of the single workload")
     cli.add_argument("--concurrent", type=int, default=300, help="requests of the concurrent workload")
     cli.add_argument("--clients", type=int, default=8, help="clients of the concurrent workload")
     cli.add_argument("--batches", type=int, default=15, help="requests of the batch workload")
     cli.add_argument("--batch-size", type=int, default=32, help="texts per request of the batch workload")
     cli.add_argument("--rounds", type=int, default=3, help="blocks each workload is cut into")
-    cli.wait_load()
     cli.data_dir()
-    cli.record(SECTION)
     args = cli.parse(argv)
-    with Rig(args, SECTION, "alp-http-bench-") as rig:
-        pool = workloads.pool(rig.model(args.data_dir))
+    with Rig(args) as rig:
+        pool = runners.pool(rig.model(args.data_dir))
         plan = [("single", args.single, 1, 1),
                 (f"concurrent ({args.clients} clients)", args.concurrent, 1, args.clients),
                 (f"batch ({args.batch_size} texts)", args.batches, args.batch_size, 1)]
@@ -111,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         http_port, st_port = free_port(), free_port()
         proxy = rig.proxy(cluster.port, "proxy", "--http-listen", f"127.0.0.1:{http_port}")
         wait_for_port(http_port, 30, proxy.proc)
-        subprocess.run([str(BENCH / "setup_venv.sh")], check=True)
-        st_command = [str(BENCH / ".venv" / "bin" / "python"), "-m", "bench.st_server", "--port", str(st_port)]
-        st = rig.started_server(subprocess.Popen(st_command, stdout=subprocess.PIPE, text=True, cwd=BENCH.parent))
-        assert st.stdout is not None and st.stdout.readline().strip() == "ready", "the standalone server failed"
-        wait_for_port(st_port, 30, st)
+        rig.callback(Child(standalone, st_port, name="the standalone server", timeout=300).close)
 
         async def run() -> tuple[dict[tuple[str, str], Measured], bool, float]:
             connector = aiohttp.TCPConnector(limit=args.clients)
@@ -125,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                 paths = {HTTP: http_client(session, f"http://127.0.0.1:{http_port}/v1/embeddings"),
                          SQL: sql_client(sql_pool),
                          STANDALONE: http_client(session, f"http://127.0.0.1:{st_port}/v1/embeddings")}
-                same, cosine = await agreement(paths, pool.take(20))
-                return await measure(paths, plan, args.rounds, pool), same, cosine
+                got = {path: np.array([(await paths[path]([t]))[0] for t in texts], np.float32)
+                       for texts in [pool.take(20)] for path in paths}  # one request a text, as the SQL calls
+                same = got[HTTP].tobytes() == got[SQL].tobytes()
+                return await measure(paths, plan, args.rounds, pool), same, row_cosines(got[STANDALONE], got[SQL]).min()
 
         results, same, cosine = asyncio.run(run())
     rows = [[workload, path, m.texts, f"{m.texts / m.seconds:.0f}", f"{pct(m.latencies, 50) * 1000:.1f}",

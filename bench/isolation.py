@@ -19,8 +19,8 @@ from collections.abc import Callable
 import asyncpg
 import psycopg
 
-from bench import workloads
-from bench.common import Cli, clients, pct, status_mb, table
+from bench import runners
+from bench.common import Cli, clients, pct, status_mb, table, verdict
 from bench.harness import MODEL, Load, Probe, Probed, Rig, check, dsn, fmt, idle
 from proxy import protocol as pg
 from proxy.messages import parse_data_row
@@ -69,7 +69,7 @@ def describe(messages: list[tuple[bytes, bytes]]) -> str:
     return "no row"
 
 
-def callers(url: str, count: int, seconds: float, texts: workloads.Pool) -> Callable[[], Load]:
+def callers(url: str, count: int, seconds: float, texts: runners.Pool) -> Callable[[], Load]:
     """`count` sessions each calling create_embeddings in a loop (asyncpg prepares it once per session); connected
     before the window starts."""
 
@@ -106,8 +106,8 @@ def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str], cro
         mine = pooled.get((scenario, "proxy"), [])
         if scenario in ("big azure_local_ai", crowd) and mine:
             p99, tick = pct(mine, 99), pct(Probe.tick_corrected(mine, args.interval_ms), 99)
-            verdicts[scenario] = (f"p99 {fmt(p99)} ms: {'pass' if p99 < Probe.TARGET_MS else '**FAIL**'} (tick p99 "
-                                  f"{fmt(tick)} ms: {'pass' if tick < Probe.TARGET_MS else '**FAIL**'})")
+            verdicts[scenario] = (f"p99 {fmt(p99)} ms: {verdict(p99 < Probe.TARGET_MS)} (tick p99 "
+                                  f"{fmt(tick)} ms: {verdict(tick < Probe.TARGET_MS)})")
         rows.append([scenario, *(Probe.triple(pooled[scenario, p]) if (scenario, p) in pooled else "—" for p in paths),
                      verdicts.get(scenario, "")])
     detail = []
@@ -129,7 +129,7 @@ def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str], cro
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("isolation", __doc__)
+    cli = Cli("isolation", __doc__, SECTION)
     cli.add_argument("--big-mb", type=int, default=200, help="size of the big Query's literal, MiB")
     cli.add_argument("--big-timeout", type=float, default=120.0, help="give up on a big Query after this, s")
     cli.add_argument("--callers", type=int, default=64, help="concurrent create_embeddings sessions")
@@ -139,12 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--repeats", type=int, default=1, help="runs of every scenario (the probe's queries pooled)")
     cli.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
     cli.data_dir()
-    cli.record(SECTION)
     args = cli.parse(argv)
     paths = ["proxy", *([] if args.no_pgbouncer else ["pgbouncer"]), "direct"]
     crowd = f"{args.callers} callers"
     runs: list[Probed] = []
-    with Rig(args, SECTION, "alp-isolation-") as rig:
+    with Rig(args) as rig:
         print("building the model (if needed), starting PostgreSQL, PgBouncer and the proxy...", file=sys.stderr)
         files = rig.model(args.data_dir)
         cluster = rig.cluster()
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         probe = Probe({path: dsn(port) for path, port in ports.items()}, args.interval_ms / 1000, args.big_timeout)
         rig.callback(probe.close)
-        texts = workloads.pool(files)
+        texts = runners.pool(files)
         plan: list[tuple[str, str, Callable[[], Load]]] = [("idle", path, idle(args.idle)) for path in paths]
         plan += [(kind, path, big_query(ports[path], kind, args.big_mb, args.big_timeout)) for kind in BIG
                  for path in paths]

