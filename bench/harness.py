@@ -148,31 +148,25 @@ class Probed:
 
 
 def _probe(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
-    """Receives a path, probes it until told to stop, sends back (start, end) of every query and any error."""
+    """Receives a path, probes it until told to stop, sends back (start, end) of every query and the first error."""
 
     async def run() -> None:
         statements = {path: await (await asyncpg.connect(url)).prepare("SELECT 1") for path, url in dsns.items()}
         pipe.send("ready")
-        errors: dict[str, str] = {}
         while (path := pipe.recv()) is not None:
-            samples: list[tuple[float, float]] = []
-            due = time.monotonic()
+            samples, error, due = [], None, time.monotonic()
             while not pipe.poll():
-                if path in errors:
-                    await asyncio.sleep(0.01)
-                    continue
                 start = time.monotonic()
                 try:
-                    await statements[path].fetchval()
+                    if error is None:
+                        await statements[path].fetchval()
+                        samples.append((start, time.monotonic()))
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    errors[path] = f"{type(exc).__name__}: {exc}"
-                    continue
-                end = time.monotonic()
-                samples.append((start, end))
-                due = max(due + interval, end)
-                await asyncio.sleep(due - end)
+                    error = f"{type(exc).__name__}: {exc}"
+                due = max(due + interval, time.monotonic())
+                await asyncio.sleep(due - time.monotonic())
             pipe.recv()
-            pipe.send((samples, errors.get(path)))
+            pipe.send((samples, error))
 
     asyncio.run(run())
 
