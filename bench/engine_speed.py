@@ -25,7 +25,6 @@ CONCURRENCY = 32
 SECTION = "## Embedding engine: speed and memory (bench.engine_speed)"
 TEXTS = {("short", 1): 100, ("short", 32): 128, ("short", 128): 256, ("short", 0): 256,
          ("long", 1): 16, ("long", 32): 32, ("long", 128): 128, ("long", 0): 64}  # fmt: skip
-TOKENIZERS = ("ours-tokenizer", "hf-tokenizer")
 BASE = "st-torch"  # the runner the others are compared with
 
 
@@ -51,32 +50,25 @@ def worker(conn: Connection, name: str) -> None:
 
 def resident(name: str) -> dict[str, float]:
     """Resident MB of runner `name` in this fresh process: after its imports, loaded, then after one short text, a
-    batch of 32 long texts and 2 s idle (engines may hand memory back), and the peak (VmHWM). `ours-tokenizer`,
-    `hf-tokenizer`: the built-in model's tokenizer alone, the engine's or read by the ``tokenizers`` library."""
-    if name.startswith("ours") or name in TOKENIZERS:
+    batch of 32 long texts and 2 s idle (engines may hand memory back), and the peak (VmHWM)."""
+    if name.startswith("ours"):
         import inference.engine  # noqa: F401
     elif name == "st-torch":
         import sentence_transformers  # noqa: F401
-    files = runners.builtin_files() if name in TOKENIZERS else None  # built, if need be, before the figures
     figures = {"imports": status_mb("VmRSS")}
-    if files:
-        encode = runners.load_tokenizer(files, hf=name == "hf-tokenizer").encode_batch
-        work = [["short text"] + [r["text"] for r in load_corpus()[:32]]]
-    else:
-        encode = runners.FACTORIES[name]().batch
-        long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
-        work = [["short text (0)"], [f"{long_text} ({i})" for i in range(32)]]
+    encode = runners.FACTORIES[name]().batch
     figures["loaded"] = status_mb("VmRSS")
-    for texts in work:
+    long_text = " ".join(r["text"] for r in load_corpus()[:40])[:1500]
+    for texts in (["short text (0)"], [f"{long_text} ({i})" for i in range(32)]):
         encode(texts)
     time.sleep(2)
     return figures | {"after_embed": status_mb("VmRSS"), "peak": status_mb("VmHWM")}
 
 
 def rss_table(names: list[str]) -> str:
-    """`resident` in a fresh process per runner (and for the tokenizers alone)."""
+    """`resident` in a fresh process per runner."""
     rows = []
-    for name in [*names, *(TOKENIZERS if any(name.startswith("ours-") for name in names) else ())]:
+    for name in names:
         with multiprocessing.get_context("spawn").Pool(1) as fresh:
             rows.append((name, *(round(v, 1) for v in fresh.apply(resident, (name,)).values())))
     return table(("resident MB", "imports", "loaded", "after_embed", "peak"), rows)

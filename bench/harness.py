@@ -85,13 +85,13 @@ class Rig(contextlib.ExitStack, Section):
         self.callback(bouncer.stop)
         return bouncer
 
-    def proxy(self, upstream: int | str, name: str = "proxy", *extra: str, source: Path | None = None) -> ProxyProcess:
-        """The proxy (tests/proxyproc.py: its CLI, or that of the source tree `source`), its model loaded at start,
-        with the defaults users have (`--catalog server`), `--log-level warning` and `extra`, in front of the
-        server on port `upstream` or of the URL `upstream`; its data directory is data_dir(NAME)."""
+    def proxy(self, upstream: int | str, name: str = "proxy", *extra: str) -> ProxyProcess:
+        """The proxy (tests/proxyproc.py: its CLI in a process of its own), its model loaded at start, with the
+        defaults users have (`--catalog server`), `--log-level warning` and `extra`, in front of the server on port
+        `upstream` or of the URL `upstream`; its data directory is data_dir(NAME)."""
         url = upstream if isinstance(upstream, str) else f"postgresql://127.0.0.1:{upstream}/postgres?sslmode=disable"
         proxy = start_proxy(self.data_dir(name), "--log-level", "warning", "--catalog", "server", *extra, upstream=url,
-                            preload=True, source=source)
+                            preload=True)
         self.callback(proxy.stop)
         return proxy
 

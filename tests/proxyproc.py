@@ -77,11 +77,10 @@ class ProxyProcess:
 
 
 def start_proxy(data_dir: Path, *args: str, upstream: str | None, port: int | None = None,
-                env: dict[str, str] | None = None, preload: bool = False, source: Path | None = None) -> ProxyProcess:
-    """Start the proxy's CLI (this tree's, or that of the source tree `source`) on a free loopback port;
-    `upstream` None means the embedded server. Unless `preload`, the built-in model is left for its first
-    use (most tests of the relay never embed, and a fresh data directory would build the model in the
-    background)."""
+                env: dict[str, str] | None = None, preload: bool = False) -> ProxyProcess:
+    """Start the proxy's CLI on a free loopback port; `upstream` None means the embedded server.
+    Unless `preload`, the built-in model is left for its first use (most tests of the relay never
+    embed, and a fresh data directory would build the model in the background)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"proxy-{port}.log"
@@ -94,6 +93,6 @@ def start_proxy(data_dir: Path, *args: str, upstream: str | None, port: int | No
     full_env = {**os.environ, **(env or {})}
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=source or Path(__file__).resolve().parent.parent)
+                                cwd=Path(__file__).resolve().parent.parent)
     wait_for_port(port, 120, proc)
     return ProxyProcess(proc, port, log_path, env or {})
