@@ -1,6 +1,6 @@
-"""What every benchmark shares: the corpus, statistics, machine facts, tables, the command line, child processes
-and RESULTS sections. Light on purpose (numpy alone): engine_speed's runner processes import it, and its memory
-figures count a runner's imports on top of it. The servers' harness is bench.harness."""
+"""What every benchmark shares: the corpus, statistics, machine facts, tables, the command line, processes of
+their own and RESULTS sections. Light on purpose (numpy alone): engine_speed's runner processes import it, and
+its memory figures count a runner's imports on top of it. The servers' harness is bench.harness."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import platform
 import re
@@ -19,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -162,33 +163,10 @@ class Cli(argparse.ArgumentParser):
         return args
 
 
-class Child:
-    """A function run in a process of its own (spawned: no thread pool or event loop shared with this one), talked
-    to over a pipe: it gets its end of the pipe and ``args``, and first sends "ready"."""
-
-    def __init__(self, target: Callable[..., None], *args: object, name: str = "child", timeout: float = 600) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
-        self.proc.start()
-        if not self.pipe.poll(timeout) or self.pipe.recv() != "ready":
-            raise RuntimeError(f"{name} did not start")
-
-    def ask(self, request: object, timeout: float | None = None) -> Any:
-        """Send `request`, return the answer (TimeoutError after `timeout` seconds)."""
-        self.pipe.send(request)
-        if timeout is not None and not self.pipe.poll(timeout):
-            raise TimeoutError(f"no answer within {timeout:.0f} s")
-        return self.pipe.recv()
-
-    def close(self) -> None:
-        """Tell it to end (None), then make sure it has."""
-        with contextlib.suppress(OSError):
-            self.pipe.send(None)
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join()
+def spawned(initializer: Callable[..., None] | None = None, *args: object) -> multiprocessing.pool.Pool:
+    """A process of its own (spawned: no thread pool or event loop shared with this one), set up by
+    `initializer(*args)`; functions run in it by `apply`."""
+    return multiprocessing.get_context("spawn").Pool(1, initializer, args)
 
 
 class Section:

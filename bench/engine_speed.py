@@ -10,42 +10,36 @@ each runner's resident memory in a fresh process, in MB."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import statistics
 import sys
 import time
-from multiprocessing.connection import Connection
 
 from bench import runners
-from bench.common import Child, Cli, Section, clients, load_corpus, pct, status_mb, table
+from bench.common import Cli, Section, clients, load_corpus, pct, spawned, status_mb, table, timed_ms
 
+SECTION = "## Embedding engine: speed and memory (bench.engine_speed)"
 BATCHES = (1, 32, 128)
 CONCURRENCY = 32
 # texts per measurement, by (length, batch size; 0: the concurrent callers)
-SECTION = "## Embedding engine: speed and memory (bench.engine_speed)"
 TEXTS = {("short", 1): 100, ("short", 32): 128, ("short", 128): 256, ("short", 0): 256,
          ("long", 1): 16, ("long", 32): 32, ("long", 128): 128, ("long", 0): 64}  # fmt: skip
 BASE = "st-torch"  # the runner the others are compared with
+RUNNER: list[runners.Runner] = []  # in a worker process: its runner
 
 
-def worker(conn: Connection, name: str) -> None:
-    """A runner in a process of its own: answers (texts, batch size; 0: concurrent callers) with texts/s and the
-    seconds of every call."""
-    runner = runners.FACTORIES[name]()
-    conn.send("ready")
-    while (request := conn.recv()) is not None:
-        texts, batch = request
-        if not batch:
-            seconds, latencies = asyncio.run(clients(runner.single, texts, CONCURRENCY))
-        else:
-            latencies, start = [], time.perf_counter()
-            for i in range(0, len(texts), batch):
-                t0 = time.perf_counter()
-                runner.batch(texts[i : i + batch])
-                latencies.append(time.perf_counter() - t0)
-            seconds = time.perf_counter() - start
-        conn.send((len(texts) / seconds, latencies))
-    runner.close()
+def load(name: str) -> None:
+    RUNNER.append(runners.FACTORIES[name]())
+
+
+def measure(texts: list[str], batch: int) -> tuple[float, list[float]]:
+    """In a worker process: texts/s of its runner over `texts`, in calls of `batch` (0: CONCURRENCY async callers
+    of one text each), and the ms of every call."""
+    runner, started = RUNNER[0], time.perf_counter()
+    if not batch:
+        latencies = [s * 1000 for s in asyncio.run(clients(runner.single, texts, CONCURRENCY))[1]]
+    else:
+        latencies = timed_ms(runner.batch, (texts[i : i + batch] for i in range(0, len(texts), batch)))
+    return len(texts) / (time.perf_counter() - started), latencies
 
 
 def resident(name: str) -> dict[str, float]:
@@ -69,7 +63,7 @@ def rss_table(names: list[str]) -> str:
     """`resident` in a fresh process per runner."""
     rows = []
     for name in names:
-        with multiprocessing.get_context("spawn").Pool(1) as fresh:
+        with spawned() as fresh:
             rows.append((name, *(round(v, 1) for v in fresh.apply(resident, (name,)).values())))
     return table(("resident MB", "imports", "loaded", "after_embed", "peak"), rows)
 
@@ -88,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     files = runners.builtin_files()
     pools = {length: runners.pool(files, length, n) for length, n in (("short", 512), ("long", 256))}
-    workers = {name: Child(worker, name, name=name, timeout=3600) for name in args.runners}
-    for child in workers.values():  # warm-up: each batch size once (long texts up to 32: 128 alone takes ~15 s)
+    workers = {name: spawned(load, name) for name in args.runners}  # a process each: their thread pools apart
+    for worker in workers.values():  # warm-up: each batch size once (long texts up to 32: 128 alone takes ~15 s)
         for length, pool in pools.items():
             for b in BATCHES if length == "short" else BATCHES[:2]:
-                child.ask((pool.take(b), b))
+                worker.apply(measure, (pool.take(b), b))
     modes = {f"batch {b}": b for b in BATCHES} | {f"{CONCURRENCY} callers": 0}
     rates: dict[tuple[str, str, str], list[float]] = {}  # texts/s, one per repeat
     latencies: dict[tuple[str, str, str], list[float]] = {}  # ms per call, all repeats
@@ -100,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
         for length, pool in pools.items():
             for mode, b in modes.items():
-                for name, child in workers.items():
+                for name, worker in workers.items():
                     n = max(1, int(TEXTS[length, b] * args.scale))  # a call at least, at any --scale
-                    rate, seconds = child.ask((pool.take(max(b, n // b * b) if b else n), b))
+                    rate, ms = worker.apply(measure, (pool.take(max(b, n // b * b) if b else n), b))
                     rates.setdefault((name, length, mode), []).append(rate)
-                    latencies.setdefault((name, length, mode), []).extend(s * 1000 for s in seconds)
-    for child in workers.values():
-        child.close()
+                    latencies.setdefault((name, length, mode), []).extend(ms)
+    for worker in workers.values():
+        worker.terminate()
     lines = []
     for length in pools:
         rows = []

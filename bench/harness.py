@@ -8,19 +8,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from bench.common import Child, Section, pct
+from bench.common import Section, pct, spawned
 from inference import builtin_model
 from inference.model_dir import ModelFiles
 from tests.daemon import debian_binary, stop
@@ -147,31 +148,40 @@ class Probed:
     probe_error: str | None = None
 
 
-def _probe(pipe: Connection, dsns: dict[str, str], interval: float) -> None:
-    """Receives a path, probes it until told to stop, sends back (start, end) of every query and the first error."""
-
-    async def run() -> None:
-        statements = {path: await (await asyncpg.connect(url)).prepare("SELECT 1") for path, url in dsns.items()}
-        pipe.send("ready")
-        while (path := pipe.recv()) is not None:
-            samples, error, due = [], None, time.monotonic()
-            while not pipe.poll():
-                start = time.monotonic()
-                try:
-                    if error is None:
-                        await statements[path].fetchval()
-                        samples.append((start, time.monotonic()))
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                due = max(due + interval, time.monotonic())
-                await asyncio.sleep(due - time.monotonic())
-            pipe.recv()
-            pipe.send((samples, error))
-
-    asyncio.run(run())
+PROBE: dict[str, Any] = {}  # in the probe's process: its event loop, statements, schedule and stop signal
 
 
-class Probe(Child):
+def _probe_setup(dsns: dict[str, str], interval: float, stop: Event) -> None:
+    loop = asyncio.new_event_loop()
+
+    async def prepared(url: str) -> asyncpg.prepared_stmt.PreparedStatement:
+        return await (await asyncpg.connect(url)).prepare("SELECT 1")
+
+    PROBE.update(loop=loop, interval=interval, stop=stop,
+                 statements={path: loop.run_until_complete(prepared(url)) for path, url in dsns.items()})
+
+
+def _probe_path(path: str) -> tuple[list[tuple[float, float]], str | None]:
+    """Probes `path` until told to stop: (start, end) of every query and the first error."""
+
+    async def run() -> tuple[list[tuple[float, float]], str | None]:
+        samples, error, due = [], None, time.monotonic()
+        while not PROBE["stop"].is_set():
+            start = time.monotonic()
+            try:
+                if error is None:
+                    await PROBE["statements"][path].fetchval()
+                    samples.append((start, time.monotonic()))
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            due = max(due + PROBE["interval"], time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
+        return samples, error
+
+    return PROBE["loop"].run_until_complete(run())
+
+
+class Probe:
     """A session per path (asyncpg, in a process of its own) running a prepared `SELECT 1` every `interval` seconds
     on one path at a time: `measure` a load beside it. A session sends its next query only when the previous one is
     answered, so a freeze of 3 s costs the probe one sample (see `tick_corrected`)."""
@@ -180,21 +190,26 @@ class Probe(Child):
     TARGET_MS = 10.0  # its p99 through the proxy under load (bench.isolation's target)
 
     def __init__(self, dsns: dict[str, str], interval: float, timeout: float) -> None:
-        super().__init__(_probe, dsns, interval, name="the probe process", timeout=60)
-        self.timeout = timeout
+        self.stop, self.timeout = multiprocessing.get_context("spawn").Event(), timeout
+        self.process = spawned(_probe_setup, dsns, interval, self.stop)
 
     def measure(self, scenario: str, path: str, load: Callable[[], Load]) -> Probed:
         """Probe `path` while `load` runs."""
-        self.pipe.send(path)
+        self.stop.clear()
+        probing = self.process.apply_async(_probe_path, (path,))
         time.sleep(self.LEAD_S)
         got = load()
         time.sleep(self.TAIL_S)
+        self.stop.set()
         try:
-            samples, error = self.ask("stop", self.timeout)
-        except TimeoutError:
+            samples, error = probing.get(self.timeout)
+        except multiprocessing.TimeoutError:
             raise RuntimeError(f"the probe's query has not been answered for {self.timeout:.0f} s") from None
         latencies = [(end - start) * 1000 for start, end in samples if start < got.end and end > got.start]
         return Probed(scenario, path, latencies, got, error)
+
+    def close(self) -> None:
+        self.process.terminate()
 
     @staticmethod
     def tick_corrected(latencies: list[float], interval_ms: float) -> list[float]:

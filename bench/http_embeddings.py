@@ -18,14 +18,13 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from multiprocessing.connection import Connection
 
 import aiohttp
 import asyncpg
 import numpy as np
 
 from bench import runners
-from bench.common import Child, Cli, clients, pct, rotated, row_cosines, table
+from bench.common import Cli, clients, pct, rotated, row_cosines, spawned, table
 from bench.harness import MODEL, Rig
 from tests.pgcluster import free_port
 from tests.proxyproc import wait_for_port
@@ -44,8 +43,8 @@ class Measured:
     latencies: list[float] = field(default_factory=list)  # seconds
 
 
-def standalone(pipe: Connection, port: int) -> None:
-    """What a user might run instead of /v1/embeddings, in a process of its own: sentence-transformers behind the
+def standalone(port: int) -> None:
+    """What a user might run instead of /v1/embeddings, set up in a process of its own: sentence-transformers behind the
     standard library's HTTP server, one model call per request, calls taking turns (torch already spreads one call
     over every core)."""
     encode, turn = runners.st_embedder(), threading.Lock()
@@ -68,11 +67,7 @@ def standalone(pipe: Connection, port: int) -> None:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    pipe.send("ready")
-    pipe.recv()  # None: the end
-    server.shutdown()
+    threading.Thread(target=ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever, daemon=True).start()
 
 
 def http_client(session: aiohttp.ClientSession, url: str) -> Embed:
@@ -134,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         http_port, st_port = free_port(), free_port()
         proxy = rig.proxy(cluster.port, "proxy", "--http-listen", f"127.0.0.1:{http_port}")
         wait_for_port(http_port, 30, proxy.proc)
-        rig.callback(Child(standalone, st_port, name="the standalone server", timeout=300).close)
+        rig.callback(spawned(standalone, st_port).terminate)
+        wait_for_port(st_port, 300)
 
         async def run() -> tuple[dict[tuple[str, str], Measured], bool, float]:
             connector = aiohttp.TCPConnector(limit=args.clients)
