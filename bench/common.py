@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import multiprocessing
@@ -108,10 +107,8 @@ def status_mb(field: str, pid: int | str = "self") -> float:
 
 def machine_header() -> str:
     """The date, the core count, the CPU and the current load."""
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
     return f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, nproc={os.cpu_count()}, {cpu}, {load_average()}"
 
 
@@ -119,14 +116,6 @@ def load_average() -> str:
     """Other work on a shared machine shows here."""
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min) {five:.1f} (5 min)"
-
-
-def wait_for_quiet(limit: float, patience: float = 600.0) -> None:
-    """Wait (up to `patience` seconds) for the 1-minute load average to fall below `limit`."""
-    deadline = time.monotonic() + patience
-    while os.getloadavg()[0] >= limit and time.monotonic() < deadline:
-        print(f"waiting for the load to drop below {limit} ({load_average()})", file=sys.stderr, flush=True)
-        time.sleep(15)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -158,8 +147,10 @@ class Cli(argparse.ArgumentParser):
         args = self.parse_args(argv)
         args.command_line = " ".join([self.prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
         args.method, args.name, args.section = " ".join(self.paragraphs[1:2]), self.name, self.section
-        if args.wait_load:
-            wait_for_quiet(args.wait_load)
+        deadline = time.monotonic() + 600
+        while os.getloadavg()[0] >= args.wait_load > 0 and time.monotonic() < deadline:
+            print(f"waiting for the load to drop below {args.wait_load} ({load_average()})", file=sys.stderr)
+            time.sleep(15)
         return args
 
 

@@ -28,7 +28,6 @@ import psycopg
 from bench.common import Cli, load_average, pct, rotated, table
 from bench.harness import MODEL, Rig, check
 from inference import EmbeddingEngine
-from inference.model_dir import ModelFiles
 from tests.proxyproc import PSQL
 
 SECTION = "## azure_local_ai call latency"
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse(argv)
     with Rig(args) as rig:
         print("building the model (if needed), starting PostgreSQL and the proxy...", file=sys.stderr, flush=True)
-        files: ModelFiles = rig.model(args.data_dir or rig.workdir / "model-home")
+        files = rig.model()
         cluster = rig.cluster()
         proxy = rig.proxy(cluster.port)
         engine = EmbeddingEngine()

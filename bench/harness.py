@@ -32,7 +32,6 @@ from tests.proxyproc import ProxyProcess, start_proxy
 if TYPE_CHECKING:
     import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "multilingual-e5-small:v1"
 SERVICE_LOGIN = "bench_service"  # a proxy's service login: no superuser, granted pg_read_all_data
 #: The back-fill: every row of a table `src` of texts embedded by an UPDATE.
@@ -55,11 +54,12 @@ class Rig(contextlib.ExitStack, Section):
         self.model_home: Path | None = None
         self.pgbouncer_version = ""
 
-    def model(self, home: Path) -> ModelFiles:
-        """The built-in model, built into `home` unless it is there (about 10 s, once); shared by `data_dir`'s."""
-        home.mkdir(parents=True, exist_ok=True)
-        self.model_home = home
-        return builtin_model(home)
+    def model(self) -> ModelFiles:
+        """The built-in model, built into --data-dir (default: one of this run's) unless it is there (about 10 s,
+        once); shared by `data_dir`'s."""
+        self.model_home = self.args.data_dir or self.workdir / "model-home"
+        self.model_home.mkdir(parents=True, exist_ok=True)
+        return builtin_model(self.model_home)
 
     def data_dir(self, name: str) -> Path:
         """A proxy's data directory in the work directory, sharing the built model if there is one."""
@@ -102,10 +102,10 @@ class Rig(contextlib.ExitStack, Section):
         return proc
 
 
-def check(proxy: ProxyProcess, name: str = "the proxy") -> None:
+def check(proxy: ProxyProcess) -> None:
     """Fail, with its log, if it has exited during the benchmark."""
     if not proxy.alive():
-        raise RuntimeError(f"{name} exited ({proxy.proc.returncode}) during the benchmark:\n{proxy.log}")
+        raise RuntimeError(f"the proxy exited ({proxy.proc.returncode}) during the benchmark:\n{proxy.log}")
 
 
 def version_of(*command: str) -> str:

