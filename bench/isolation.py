@@ -105,7 +105,8 @@ def report(rig: Rig, runs: list[Probed], paths: list[str], facts: list[str], cro
             target = (f"p99 {fmt(p99)} ms: {verdict(p99 < Probe.TARGET_MS)} (tick p99 {fmt(tick)} ms: "
                       f"{verdict(tick < Probe.TARGET_MS)})")
         probed = (Probe.triple(by[scenario, p].latencies) if (scenario, p) in by else "—" for p in paths)
-        rows.append([scenario, *probed, target, f"{mine.load.did}; {mine.load.outcome} {mine.probe_error or ''}".strip("; ")])
+        load = f"{mine.load.did}; {mine.load.outcome} {mine.probe_error or ''}".strip("; ")
+        rows.append([scenario, *probed, target, load])
     rig.publish(facts, table(["scenario", *(f"{p} p50 / p99 / max" for p in paths),
                               f"target: proxy p99 < {Probe.TARGET_MS:g} ms", "the load through the proxy"], rows), "")
 
