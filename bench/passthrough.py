@@ -5,8 +5,7 @@ proxy, in one run against one upstream.
 -i` once. The paths are interleaved inside every repeat, in an order that rotates from one configuration to the
 next; each figure is the median of the repeats (the runs listed in repeat order). "Middle CPU": the CPU time of
 the PgBouncer or proxy process per transaction, user + system, in µs (from /proc): far less noisy than TPS on a
-shared machine. `--variant LABEL=DIR` adds the path "proxy-LABEL": the proxy run from another source tree, to
-measure a change in one run. Targets: at 8 and 32 clients the proxy reaches PgBouncer's TPS, and at 1 client its
+shared machine. Targets: at 8 and 32 clients the proxy reaches PgBouncer's TPS, and at 1 client its
 latency is at most 1.1 of PgBouncer's, in both modes."""
 
 from __future__ import annotations
