@@ -5,14 +5,17 @@ A build is kept under the SHA-256 of the model's files (model_dir.files_sha256: 
 among them), the build asked for and BUILD_FORMAT: changed files, or a rewrite that writes another
 graph, are built again. A load that finds its build there reads it like a model as exported, without
 the child process (2.4 s and the float model's memory for all-MiniLM-L6-v2). The builds used last
-are kept, KEEP of them."""
+are kept, KEEP of them; a partial build older than STALE_S was left by a proxy that died writing it,
+and goes too."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .errors import ModelFilesError
@@ -22,6 +25,7 @@ from .quantize import BUILD_FORMAT
 log = logging.getLogger("azure_local_ai_proxy.engine")
 
 KEEP = 8
+STALE_S = 600  # writing a build takes under a second
 
 
 def integer_build(files: ModelFiles) -> bytes:
@@ -62,3 +66,7 @@ def _keep(directory: Path, path: Path, built: bytes) -> None:
     kept = sorted(directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in kept[KEEP:]:
         old.unlink(missing_ok=True)
+    for left in directory.glob(".*.onnx.*"):
+        with contextlib.suppress(FileNotFoundError):  # another proxy sharing the directory pruned it first
+            if time.time() - left.stat().st_mtime > STALE_S:
+                left.unlink()

@@ -114,9 +114,15 @@ def test_builds_are_kept_between_loads(minilm_fp32: ModelFiles, float_runtime: M
     for i in range(KEEP):  # older than any
         (builds / f"old-{i}.onnx").write_bytes(b"")
         os.utime(builds / f"old-{i}.onnx", (1, 1))
+    # What a proxy killed while writing a build leaves, and what one writing now has written so far.
+    stale, writing = builds / ".dead-q8-1.onnx.4242", builds / ".live-q8-1.onnx.4343"
+    stale.write_bytes(b"half a build")
+    os.utime(stale, (1, 1))
+    writing.write_bytes(b"half a build")
     build_source(dataclasses.replace(files, weights="q4"), builds)
     left = {p.name for p in builds.glob("*.onnx")}
     assert len(left) == KEEP and sum(name.startswith("old-") for name in left) == KEEP - 3
+    assert not stale.exists() and writing.exists()
 
 
 def test_a_model_is_run_as_exported_unless_asked(minilm_fp32: ModelFiles, float_vectors: np.ndarray) -> None:
