@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print("building the model (if needed), starting PostgreSQL and the proxy...", file=sys.stderr, flush=True)
         files = rig.model()
         cluster = rig.cluster()
-        proxy = rig.proxy(cluster.port)
+        proxy = rig.proxy(cluster.url())
         engine = EmbeddingEngine()
         rig.callback(engine.close_sync)
         texts = (f"{BASE_TEXT} {n}" for n in itertools.count(1))  # a new input at every call: no cache helps

@@ -38,10 +38,6 @@ SERVICE_LOGIN = "bench_service"  # a proxy's service login: no superuser, grante
 BACK_FILL = f"UPDATE {{src}} SET v = azure_local_ai.create_embeddings('{MODEL}', body)"
 
 
-def dsn(port: int) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
-
-
 class Rig(contextlib.ExitStack, Section):
     """One benchmark run and its RESULTS section: `args` (from Cli.parse), a work directory, the servers it starts,
     all stopped when it closes."""
@@ -86,13 +82,12 @@ class Rig(contextlib.ExitStack, Section):
         self.callback(bouncer.stop)
         return bouncer
 
-    def proxy(self, upstream: int | str, name: str = "proxy", *extra: str) -> ProxyProcess:
+    def proxy(self, upstream: str, name: str = "proxy", *extra: str) -> ProxyProcess:
         """The proxy (tests/proxyproc.py: its CLI in a process of its own), its model loaded at start, with the
-        defaults users have (`--catalog server`), `--log-level warning` and `extra`, in front of the server on port
-        `upstream` or of the URL `upstream`; its data directory is data_dir(NAME)."""
-        url = upstream if isinstance(upstream, str) else f"postgresql://127.0.0.1:{upstream}/postgres?sslmode=disable"
-        proxy = start_proxy(self.data_dir(name), "--log-level", "warning", "--catalog", "server", *extra, upstream=url,
-                            preload=True)
+        defaults users have (`--catalog server`), `--log-level warning` and `extra`, in front of the server at the
+        URL `upstream`; its data directory is data_dir(NAME)."""
+        proxy = start_proxy(self.data_dir(name), "--log-level", "warning", "--catalog", "server", *extra,
+                            upstream=upstream, preload=True)
         self.callback(proxy.stop)
         return proxy
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 (f"batch ({args.batch_size} texts)", args.batches, args.batch_size, 1)]
         cluster = rig.cluster()
         http_port, st_port = free_port(), free_port()
-        proxy = rig.proxy(cluster.port, "proxy", "--http-listen", f"127.0.0.1:{http_port}")
+        proxy = rig.proxy(cluster.url(), "proxy", "--http-listen", f"127.0.0.1:{http_port}")
         wait_for_port(http_port, 30, proxy.proc)
         rig.callback(spawned(standalone, st_port).terminate)
         wait_for_port(st_port, 300)

